@@ -1,0 +1,1 @@
+"""torch -> canonical ONNX (moetrt::TopKRouting + moetrt::SparseMoE), I/O spec, metadata."""

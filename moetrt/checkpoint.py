@@ -1,0 +1,426 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (single or sharded).
+
+Supported ``model_type``: mixtral, qwen2_moe, qwen3_moe, olmoe. Both the on-disk layout
+(one tensor per expert projection: ``experts.{e}.w1`` or ``experts.{e}.gate_proj``) and the
+transformers v5 in-memory layout (``experts.gate_up_proj`` ``[E, 2F, D]``) are read. Every
+checkpoint tensor is either used or reported: an unknown tensor is an error, a derived buffer
+(``rotary_emb.inv_freq``) a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetrt.config import PRESETS, MoEConfig
+from moetrt.errors import CheckpointError, UnsupportedModelError
+from moetrt.model import MoETransformer
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "from_pretrained",
+    "config_from_hf",
+    "hf_config_from_config",
+    "save_pretrained",
+    "PRESET_DIR",
+]
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+PRESET_DIR = Path(__file__).parent / "presets"
+# presets whose trained weights ship inside the package
+SHIPPED_PRESETS = ("tiny",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+_SUPPORTED_MSG = "supported model_type values: " + ", ".join(SUPPORTED_MODEL_TYPES)
+
+
+# --- config ----------------------------------------------------------------------------------
+def _rope_theta(hf: dict[str, Any], default: float) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise UnsupportedModelError(
+            f"RoPE type {rope_type!r} is not supported (only plain RoPE, rope_type 'default'); "
+            "remove rope_scaling from config.json only if the model was trained without it"
+        )
+    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def config_from_hf(hf: dict[str, Any]) -> MoEConfig:
+    """Translate a transformers ``config.json`` dict into a :class:`MoEConfig`."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported; {_SUPPORTED_MSG}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported (experts must be SwiGLU: 'silu')")
+    heads = hf["num_attention_heads"]
+    common = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim"),
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        model_type=model_type,
+    )
+    if model_type == "mixtral":
+        return MoEConfig(
+            **common, num_experts=hf["num_local_experts"], intermediate_size=hf["intermediate_size"],
+            normalize_topk=True, sliding_window=hf.get("sliding_window"),
+            rope_theta=_rope_theta(hf, 1e6),
+        )
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(
+                f"{model_type} with use_sliding_window=true (per-layer windows) is not supported"
+            )
+        qwen2 = model_type == "qwen2_moe"
+        bias = hf.get("qkv_bias", True) if qwen2 else hf.get("attention_bias", False)
+        return MoEConfig(
+            **common, num_experts=hf["num_experts"], intermediate_size=hf["moe_intermediate_size"],
+            normalize_topk=bool(hf.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
+            decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+            dense_intermediate_size=hf.get("intermediate_size"),
+            attention_bias=bool(bias), attention_out_bias=False if qwen2 else bool(bias),
+            qk_norm=None if qwen2 else "head", rope_theta=_rope_theta(hf, 1e6),
+        )
+    # olmoe
+    bias = bool(hf.get("attention_bias", False))
+    return MoEConfig(
+        **common, num_experts=hf["num_experts"], intermediate_size=hf["intermediate_size"],
+        normalize_topk=bool(hf.get("norm_topk_prob", False)), qk_norm="full", clip_qkv=hf.get("clip_qkv"),
+        attention_bias=bias, attention_out_bias=bias, rope_theta=_rope_theta(hf, 10000.0),
+    )
+
+
+def hf_config_from_config(cfg: MoEConfig) -> dict[str, Any]:
+    """The transformers ``config.json`` for ``cfg`` in its own family; errors if the family cannot say it."""
+    model_type = cfg.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"cannot save model_type {model_type!r}; {_SUPPORTED_MSG}")
+    problems = []
+    if cfg.scoring != "softmax" or cfg.routed_scaling_factor != 1.0:
+        problems.append("sigmoid scoring or routed_scaling_factor != 1")
+    if model_type == "mixtral":
+        if not cfg.normalize_topk:
+            problems.append("normalize_topk=False (Mixtral always renormalises)")
+        if cfg.shared_expert_intermediate_size or cfg.qk_norm or cfg.attention_bias or cfg.attention_out_bias:
+            problems.append("shared experts, q/k norm or attention bias")
+        if cfg.moe_layers != list(range(cfg.num_hidden_layers)):
+            problems.append("dense layers among MoE layers")
+    if model_type != "qwen2_moe" and cfg.shared_expert_intermediate_size:
+        problems.append("a shared expert")
+    if problems:
+        raise UnsupportedModelError(f"a {model_type} config cannot express: {'; '.join(problems)}")
+    hf: dict[str, Any] = dict(
+        model_type=model_type, architectures=[_ARCH[model_type]], vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", num_experts_per_tok=cfg.num_experts_per_tok,
+        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        torch_dtype="float32",
+    )
+    if model_type == "mixtral":
+        hf.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size,
+                  sliding_window=cfg.sliding_window)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        hf.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.intermediate_size,
+                  intermediate_size=cfg.dense_ffn_size, norm_topk_prob=cfg.normalize_topk,
+                  decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
+                  use_sliding_window=False)
+        if model_type == "qwen2_moe":
+            hf.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size, qkv_bias=cfg.attention_bias)
+        else:
+            hf.update(attention_bias=cfg.attention_bias)
+    else:
+        hf.update(num_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size,
+                  norm_topk_prob=cfg.normalize_topk, clip_qkv=cfg.clip_qkv, attention_bias=cfg.attention_bias)
+    return hf
+
+
+_ARCH = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+
+# --- tensor names ------------------------------------------------------------------------------
+# one projection of one expert, as stored on disk
+_PER_EXPERT = re.compile(
+    r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_DERIVED = re.compile(r"rotary_emb\.inv_freq$|\.rotary_emb\.original_inv_freq$")
+
+
+def _canonical_name(name: str) -> str:
+    if name.startswith("model."):
+        name = name[len("model.") :]
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+# --- reading -----------------------------------------------------------------------------------
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-download the checkpoint") from exc
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} is missing shard(s) named in model.safetensors.index.json: {', '.join(missing)}; "
+                "re-download the checkpoint"
+            )
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise CheckpointError(
+            f"{folder} holds PyTorch pickle weights (*.bin/*.pt) but no *.safetensors; moetrt reads only "
+            "safetensors: convert with transformers (model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise CheckpointError(f"{folder} has no model.safetensors (or sharded *.safetensors + index)")
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one tensor at a time from every shard of a checkpoint folder."""
+    from safetensors import safe_open
+
+    for path in _shard_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"cannot read {path}: {exc}; the file is corrupt or truncated, re-download it"
+            ) from exc
+
+
+def _read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json; point at a Hugging Face checkpoint folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _empty_model(cfg: MoEConfig, dtype: torch.dtype) -> MoETransformer:
+    """A model with allocated but uninitialised weights (the loader fills every one)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.rotary = type(model.rotary)(cfg.head_dim, cfg.rope_theta)  # buffers are derived, not loaded
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
+    """Copy checkpoint tensors into ``model``; every parameter must be filled, every tensor used."""
+    cfg = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    filled_parts: set[tuple[str, int, str]] = set()
+    unused: list[str] = []
+    derived: list[str] = []
+    ffn = cfg.intermediate_size
+
+    def copy(dst_name: str, dst: torch.Tensor, src: torch.Tensor, src_name: str) -> None:
+        if tuple(dst.shape) != tuple(src.shape):
+            raise CheckpointError(
+                f"{source}: tensor {src_name!r} has shape {tuple(src.shape)}, the config implies "
+                f"{tuple(dst.shape)} for {dst_name}; config.json and the weights disagree"
+            )
+        if not src.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: tensor {src_name!r} has dtype {src.dtype}; expected floating point")
+        with torch.no_grad():
+            dst.copy_(src)
+
+    for raw_name, tensor in tensors:
+        name = _canonical_name(raw_name)
+        match = _PER_EXPERT.match(name)
+        if match:
+            layer, expert, proj = int(match[1]), int(match[2]), _PART[match[3]]
+            base = f"layers.{layer}.mlp.experts"
+            key = f"{base}.down_proj" if proj == "down" else f"{base}.gate_up_proj"
+            if key not in params or expert >= cfg.num_experts:
+                unused.append(raw_name)
+                continue
+            dst = params[key][expert]  # [D, F] or [2F, D]
+            if proj == "gate":
+                dst = dst[:ffn]
+            elif proj == "up":
+                dst = dst[ffn:]
+            copy(f"{key}[{expert}] ({proj})", dst, tensor, raw_name)
+            filled_parts.add((key, expert, proj))
+            continue
+        if name in params:
+            copy(name, params[name], tensor, raw_name)
+            filled.add(name)
+        elif _DERIVED.search(name):
+            derived.append(raw_name)
+        else:
+            unused.append(raw_name)
+
+    for key in [k for k in params if k.endswith(".experts.gate_up_proj") or k.endswith(".experts.down_proj")]:
+        parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
+        if key not in filled and all((key, e, p) in filled_parts for e in range(cfg.num_experts) for p in parts):
+            filled.add(key)
+    if cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
+        filled.add("lm_head.weight")
+    missing = sorted(set(params) - filled)
+    if unused:
+        raise CheckpointError(
+            f"{source}: {len(unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model with this "
+            f"config (first: {', '.join(unused[:5])}); config.json and the weights disagree"
+        )
+    if missing:
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensor(s) the config needs are missing from the checkpoint "
+            f"(first: {', '.join(missing[:5])}); the checkpoint is incomplete or of another architecture"
+        )
+    if derived:
+        warnings.warn(f"{source}: ignored {len(derived)} derived buffer(s) recomputed from the config (rotary inv_freq)")
+    nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if nonfinite:
+        warnings.warn(f"{source}: non-finite values (NaN/Inf) in {', '.join(nonfinite[:5])}; outputs will be NaN")
+
+
+def _from_transformers(hf_model: Any, dtype: torch.dtype | None) -> MoETransformer:
+    hf_cfg = hf_model.config.to_dict()
+    cfg = config_from_hf(hf_cfg)
+    model = _empty_model(cfg, dtype or torch.float32)
+    state = hf_model.state_dict()
+    load_state(model, iter(state.items()), f"transformers model {type(hf_model).__name__}")
+    return model.eval()
+
+
+def from_pretrained(
+    source: str | os.PathLike | Any, dtype: torch.dtype | None = None, seed: int = 0
+) -> MoETransformer:
+    """Load a model in eval mode from a checkpoint folder, a preset name, or a transformers model.
+
+    - a folder: Hugging Face ``config.json`` + ``*.safetensors`` (sharded index too) of a
+      supported family (mixtral, qwen2_moe, qwen3_moe, olmoe);
+    - ``"tiny"``: the small trained model shipped with moetrt; any other preset name
+      (``MoEConfig.from_name``) gives a randomly initialised model (seeded by ``seed``);
+    - an in-memory ``transformers`` model of a supported family.
+
+    ``dtype`` defaults to float32, the reference precision.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        if hasattr(source, "config") and hasattr(source, "state_dict"):
+            return _from_transformers(source, dtype)
+        raise TypeError(
+            f"from_pretrained takes a checkpoint folder, a preset name or a transformers model, got {type(source).__name__}"
+        )
+    folder = Path(source)
+    if not folder.exists():
+        name = str(source)
+        if name in SHIPPED_PRESETS:
+            folder = PRESET_DIR / name
+        elif name in PRESETS:
+            warnings.warn(f"preset {name!r} ships no trained weights: initialised randomly with seed {seed}")
+            return MoETransformer.from_config(MoEConfig.from_name(name), seed=seed).to(dtype or torch.float32)
+        else:
+            raise CheckpointError(
+                f"{name!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
+            )
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; point at a Hugging Face checkpoint folder")
+    cfg = config_from_hf(_read_config_json(folder))
+    model = _empty_model(cfg, dtype or torch.float32)
+    load_state(model, iter_safetensors(folder), str(folder))
+    model.source_dir = folder  # where tokenizer files may be found
+    return model.eval()
+
+
+# --- writing -----------------------------------------------------------------------------------
+def _hf_tensors(model: MoETransformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors under the on-disk names of its family (one tensor per expert projection)."""
+    cfg = model.config
+    mixtral = cfg.model_type == "mixtral"
+    names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {p: f"{p}_proj" for p in ("gate", "up", "down")}
+    ffn = cfg.intermediate_size
+    for name, tensor in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        prefix = "" if name == "lm_head.weight" else "model."
+        if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
+            base = name.rsplit(".", 1)[0]
+            if mixtral:
+                base = base.replace(".mlp.", ".block_sparse_moe.")
+            for e in range(cfg.num_experts):
+                if name.endswith("down_proj"):
+                    yield f"model.{base}.{e}.{names['down']}.weight", tensor[e]
+                else:
+                    yield f"model.{base}.{e}.{names['gate']}.weight", tensor[e, :ffn]
+                    yield f"model.{base}.{e}.{names['up']}.weight", tensor[e, ffn:]
+            continue
+        if mixtral:
+            name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        yield prefix + name, tensor
+
+
+def save_pretrained(model: MoETransformer, folder: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint folder (config.json + model.safetensors).
+
+    ``extra_files`` maps file names to text (a tokenizer.json, say). The folder must not exist.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    hf = hf_config_from_config(model.config)
+    if folder.exists():
+        raise CheckpointError(f"{folder} already exists; choose a new folder (moetrt never overwrites a checkpoint)")
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        raise CheckpointError(f"{tmp} exists (left by an interrupted save?); remove it and retry")
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {name: t.detach().contiguous().clone() for name, t in _hf_tensors(model)}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        tmp.rename(folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

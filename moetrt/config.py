@@ -1,0 +1,216 @@
+"""Model configuration: one dataclass, validated, with named presets.
+
+Field names follow Hugging Face transformers where a family agrees on one (``hidden_size``,
+``num_key_value_heads``); the MoE fields are the union of what Mixtral, Qwen2-MoE, Qwen3-MoE
+and OLMoE need, named after what they do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS"]
+
+SCORINGS = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu",)
+# None: no q/k norm; "head": RMSNorm over head_dim per head (Qwen3-MoE);
+# "full": RMSNorm over the whole projection before the head split (OLMoE).
+QK_NORMS = (None, "head", "full")
+
+
+@dataclass
+class MoEConfig:
+    """A decoder-only MoE transformer.
+
+    Shape letters used across the project: ``T`` tokens, ``E`` experts, ``D`` model dim
+    (``hidden_size``), ``F`` expert dim (``intermediate_size``), ``K`` routed experts per token.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    # experts
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    intermediate_size: int = 14336  # F of each routed expert
+    activation: str = "silu"
+    # router (the moetrt::TopKRouting attributes)
+    scoring: str = "softmax"
+    normalize_topk: bool = True
+    routed_scaling_factor: float = 1.0
+    # shared expert beside the routed ones (Qwen2-MoE); 0 = none
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = True  # sigmoid(Linear(D, 1)) gate on the shared expert
+    # dense layers among MoE layers (Qwen2/3-MoE): layer i is MoE iff
+    # i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    dense_intermediate_size: int | None = None  # F of dense layers; None: intermediate_size
+    # attention
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # OLMoE
+    attention_bias: bool = False  # bias on q, k, v projections
+    attention_out_bias: bool = False  # bias on o_proj
+    sliding_window: int | None = None
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # the Hugging Face family the weights are laid out as (used when saving)
+    model_type: str = "mixtral"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
+        positive = (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_experts", "num_experts_per_tok", "intermediate_size",
+            "decoder_sparse_step", "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"MoEConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"MoEConfig.hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"MoEConfig.head_dim must be an even integer >= 2 (RoPE), got {self.head_dim!r}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"MoEConfig.num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"MoEConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"MoEConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError("MoEConfig.shared_expert_intermediate_size must be >= 0 (0: no shared expert)")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"MoEConfig.mlp_only_layers has layer indices outside 0..{self.num_hidden_layers - 1}: {bad}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"MoEConfig.sliding_window must be None or >= 1, got {self.sliding_window!r}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ValueError(f"MoEConfig.clip_qkv must be None or > 0, got {self.clip_qkv!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"MoEConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+            raise ValueError(
+                "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"
+                "decoder_sparse_step); moetrt is for Mixture-of-Experts models"
+            )
+
+    # --- derived -------------------------------------------------------------------------
+    def is_moe_layer(self, i: int) -> bool:
+        return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def dense_ffn_size(self) -> int:
+        return self.dense_intermediate_size or self.intermediate_size
+
+    # --- presets and (de)serialisation -----------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "MoEConfig":
+        """A named preset (``MoEConfig.from_name("mixtral-8x7b")``), with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MoEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig fields {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, MoEConfig] = {
+    # the trained model shipped with the package (moetrt/presets/tiny): byte-level BPE
+    "tiny": MoEConfig(
+        vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, intermediate_size=192,
+        rope_theta=10000.0, max_position_embeddings=512, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="mixtral",
+    ),
+    # CPU benchmark configuration used across benchmarks/
+    "bench-small": MoEConfig(
+        vocab_size=32000, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, intermediate_size=3584,
+        rope_theta=1e6, max_position_embeddings=4096, model_type="mixtral",
+    ),
+    "mixtral-8x7b": MoEConfig(
+        vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_experts=8, num_experts_per_tok=2, intermediate_size=14336,
+        rope_theta=1e6, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+        model_type="mixtral",
+    ),
+    "mixtral-8x22b": MoEConfig(
+        vocab_size=32768, hidden_size=6144, num_hidden_layers=56, num_attention_heads=48,
+        num_key_value_heads=8, num_experts=8, num_experts_per_tok=2, intermediate_size=16384,
+        rope_theta=1e6, max_position_embeddings=65536, bos_token_id=1, eos_token_id=2,
+        model_type="mixtral",
+    ),
+    "qwen1.5-moe-a2.7b": MoEConfig(
+        vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, intermediate_size=1408,
+        normalize_topk=False, shared_expert_intermediate_size=5632, dense_intermediate_size=5632,
+        attention_bias=True, rope_theta=1e6, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        model_type="qwen2_moe",
+    ),
+    "qwen3-30b-a3b": MoEConfig(
+        vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        intermediate_size=768, normalize_topk=True, qk_norm="head", rope_theta=1e6,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, model_type="qwen3_moe",
+    ),
+    "olmoe-1b-7b": MoEConfig(
+        vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, intermediate_size=1024,
+        normalize_topk=False, qk_norm="full", rope_theta=10000.0, max_position_embeddings=4096,
+        eos_token_id=50279, pad_token_id=1, model_type="olmoe",
+    ),
+    # Grok-1 routing (softmax, top-2, no renormalisation) on Mixtral-style blocks
+    "grok-1-style-small": MoEConfig(
+        vocab_size=32000, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, intermediate_size=2048,
+        normalize_topk=False, model_type="mixtral",
+    ),
+}

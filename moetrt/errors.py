@@ -1,0 +1,31 @@
+"""Error types.
+
+``MoetrtError`` is what the user can fix (a wrong path, an unsupported model, a shape
+mismatch); its message says what is wrong and how to fix it, and the CLI prints it without a
+traceback. Internal invariants use ``assert``: a failed assert is our bug, not the user's.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MoetrtError", "UnsupportedModelError", "CheckpointError", "BackendMissingError"]
+
+
+class MoetrtError(Exception):
+    """A problem the user can fix; the message says how."""
+
+    #: exit code of the CLI for this kind of error (2: usage / input error)
+    exit_code = 2
+
+
+class UnsupportedModelError(MoetrtError):
+    """The model (architecture, option, dtype) is not one moetrt supports."""
+
+
+class CheckpointError(MoetrtError):
+    """A checkpoint folder is missing files, has missing/extra/misshaped tensors, or is corrupt."""
+
+
+class BackendMissingError(MoetrtError):
+    """An optional back end (onnxruntime, tensorrt, triton, polygraphy) is not installed."""
+
+    exit_code = 3

@@ -1,0 +1,296 @@
+"""The reference MoE transformer in plain PyTorch: the fp32 truth every artifact is checked against.
+
+Shape legend: B batch, S new tokens, P past tokens, T = B*S tokens, D model dim, H query heads,
+G key/value heads, Hd head dim, E experts, F expert dim, K routed experts per token, V vocab.
+
+The router is the ``moetrt::TopKRouting`` op and the experts are the ``moetrt::SparseMoE`` op,
+so exporting this model emits exactly those nodes and nothing else carries MoE semantics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrt.config import MoEConfig
+from moetrt.errors import MoetrtError
+from moetrt.ops import sparse_moe, topk_routing
+
+__all__ = ["MoETransformer", "MoEOutput", "KVCache"]
+
+# one (key, value) pair per layer, each [B, G, P, Hd]
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class MoEOutput:
+    logits: torch.Tensor  # [B, S, V]
+    past_key_values: KVCache | None = None  # present keys/values, [B, G, P+S, Hd] per layer
+    hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output [B, S, D]
+    router_logits: list[torch.Tensor] | None = None  # per MoE layer, fp32 [T, E]
+    router_weights: list[torch.Tensor] | None = None  # per MoE layer, fp32 [T, K]
+    router_indices: list[torch.Tensor] | None = None  # per MoE layer, int32 [T, K]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Hd/2]
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[:, :, None].float() * self.inv_freq  # [B, S, Hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, Hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, S, Hd]; cos/sin [B, S, Hd]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+        self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
+        batch, seq, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Hd], [B, S, G*Hd] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, seq, self.n_heads, self.head_dim)  # [B, S, H, Hd]
+        k = k.view(batch, seq, self.n_kv, self.head_dim)  # [B, S, G, Hd]
+        v = v.view(batch, seq, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|G, S, Hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # [B, G, P+S, Hd]
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        groups = self.n_heads // self.n_kv
+        k = k.repeat_interleave(groups, dim=1)  # [B, H, P+S, Hd]
+        v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask  # [B, H, S, P+S]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, H*Hd]
+        return self.o_proj(out), present
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and shared experts."""
+
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn, bias=False)
+        self.up_proj = nn.Linear(dim, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All routed experts of a layer as two stacked tensors (transformers v5 layout)."""
+
+    def __init__(self, num_experts: int, dim: int, ffn: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn, dim))  # [E, 2F, D] gate rows, then up
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn))  # [E, D, F]
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
+        self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # router
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            if cfg.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor):
+        batch, seq, dim = x.shape
+        tokens = x.reshape(-1, dim)  # [T, D]
+        router_logits = F.linear(tokens.float(), self.gate.weight.float())  # [T, E], fp32 in every dtype
+        weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
+        y = sparse_moe(tokens, weights, indices, self.experts.gate_up_proj, self.experts.down_proj)  # [T, D]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)  # [T, D]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            y = y + shared
+        return y.view(batch, seq, dim), (router_logits, weights, indices)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size)
+
+    def forward(self, x, cos, sin, mask, past):
+        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attn
+        if self.is_moe:
+            ffn, router = self.mlp(self.post_attention_layernorm(x))
+        else:
+            ffn, router = self.mlp(self.post_attention_layernorm(x)), None
+        return x + ffn, present, router
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE transformer; ``model(input_ids, ...)`` returns a :class:`MoEOutput`."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, seed: int | None = 0, std: float = 0.02) -> "MoETransformer":
+        """A randomly initialised model (normal(0, std) weights, unit norms), seeded for reproducibility."""
+        model = cls(config)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, std, generator=generator)
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def _mask(self, attention_mask, batch, seq, past, dtype, device) -> torch.Tensor:
+        """Additive mask [B, 1, S, P+S]: causal over cache positions, padding, sliding window."""
+        total = past + seq
+        q_pos = torch.arange(seq, device=device)[:, None] + past  # [S, 1]
+        k_pos = torch.arange(total, device=device)[None, :]  # [1, P+S]
+        allowed = k_pos <= q_pos  # [S, P+S]
+        if self.config.sliding_window is not None:
+            allowed = allowed & (k_pos > q_pos - self.config.sliding_window)
+        allowed = allowed[None, None]  # [1, 1, S, P+S]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :].bool()  # [B, 1, S, P+S]
+        zero = torch.zeros((), dtype=dtype, device=device)
+        neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+        return torch.where(allowed, zero, neg).expand(batch, 1, seq, total)
+
+    def _validate(self, input_ids, attention_mask, position_ids, past_key_values, past) -> None:
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise MoetrtError(
+                f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        batch, seq = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise MoetrtError(
+                f"token ids must lie in 0..{cfg.vocab_size - 1} (the vocabulary), got "
+                f"{int(input_ids.min())}..{int(input_ids.max())}; check the tokenizer matches the model"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
+            raise MoetrtError(
+                f"attention_mask must be [batch, past + seq] = [{batch}, {past + seq}], got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is not None and tuple(position_ids.shape) != (batch, seq):
+            raise MoetrtError(f"position_ids must be [batch, seq] = [{batch}, {seq}], got {tuple(position_ids.shape)}")
+        if past + seq > cfg.max_position_embeddings:
+            raise MoetrtError(
+                f"{past + seq} positions exceed the model's maximum of {cfg.max_position_embeddings} "
+                f"(max_position_embeddings); shorten the prompt or max_new_tokens"
+            )
+        if past_key_values is not None and len(past_key_values) != cfg.num_hidden_layers:
+            raise MoetrtError(
+                f"past_key_values must hold one (key, value) pair per layer ({cfg.num_hidden_layers}), "
+                f"got {len(past_key_values)}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = True,
+        output_hidden_states: bool = False,
+        output_router: bool = False,
+    ) -> MoEOutput:
+        # input_ids [B, S]; attention_mask [B, P+S] (1 = real token); position_ids [B, S]
+        batch, seq = input_ids.shape
+        past = past_key_values[0][0].shape[2] if past_key_values else 0
+        if not torch.compiler.is_compiling():
+            self._validate(input_ids, attention_mask, position_ids, past_key_values, past)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, seq)
+        x = self.embed_tokens(input_ids)  # [B, S, D]
+        cos, sin = self.rotary(position_ids, x.dtype)  # [B, S, Hd] x2
+        mask = self._mask(attention_mask, batch, seq, past, x.dtype, x.device)  # [B, 1, S, P+S]
+        presents: KVCache = []
+        hidden = [x] if output_hidden_states else None
+        routers = []
+        for i, layer in enumerate(self.layers):
+            x, present, router = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+            if router is not None:
+                routers.append(router)
+            if hidden is not None:
+                hidden.append(x)
+        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        out = MoEOutput(logits=logits, past_key_values=presents if use_cache else None, hidden_states=hidden)
+        if output_router:
+            out.router_logits = [r[0] for r in routers]
+            out.router_weights = [r[1] for r in routers]
+            out.router_indices = [r[2] for r in routers]
+        return out

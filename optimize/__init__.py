@@ -1,0 +1,1 @@
+"""Graph passes and per-target lowering (ONNX Runtime, TensorRT)."""

@@ -1,0 +1,1 @@
+"""Parity: comparisons against the fp32 PyTorch reference, tolerance table, reports."""

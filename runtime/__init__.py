@@ -1,0 +1,1 @@
+"""Session over back ends (torch, ort, trt), the generate loop, KV cache, expert statistics."""
