@@ -161,3 +161,125 @@ def sparse_moe_reference(
             hidden = gate / (1.0 + np.exp(-gate)) * up
             y[t] += weights[t, j] * (w_down[e] @ hidden)
     return y.astype(out_dtype)
+
+
+# --- ONNX face ---------------------------------------------------------------------------------
+def onnx_schema():
+    """The ``OpSchema`` of ``moetrt::SparseMoE`` (version 1), registered only while exporting."""
+    from onnx import helper
+    from onnx.defs import OpSchema
+
+    from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE
+
+    def param(name, type_str, doc):
+        return OpSchema.FormalParameter(name, type_str, doc)
+
+    def default(name, value, doc):
+        return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
+
+    return OpSchema(
+        OP_NAME, DOMAIN, DOMAIN_VERSION, doc=__doc__,
+        inputs=[
+            param("x", "T", "tokens [T, D]"),
+            param("weights", "W", "routing weights [T, K], float32"),
+            param("indices", "I", "expert indices [T, K]"),
+            param("w_gate_up", "T", "[E, 2F, D], gate rows then up rows"),
+            param("w_down", "T", "[E, D, F]"),
+        ],
+        outputs=[param("y", "T", "[T, D]")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "model dtype"),
+            ("W", ["tensor(float)"], "router math is float32"),
+            ("I", ["tensor(int32)", "tensor(int64)"], ""),
+        ],
+        attributes=[
+            default("activation", "silu", "silu: SwiGLU experts"),
+            default("plugin_namespace", PLUGIN_NAMESPACE, "makes TensorRT's parser pick the plugin"),
+        ],
+    )
+
+
+def _expert_mlp(b, x, w_gu_t, w_down_t, routing_w):
+    """SwiGLU of rows ``x`` [n, D] through one expert's (transposed) weights, times the routing weight [n]."""
+    gate_up = b.op("MatMul", x, w_gu_t)  # [n, 2F]
+    gate, up = b.op("Split", gate_up, axis=1, num_outputs=2, outputs=2)  # [n, F] x2
+    hidden = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # [n, F]
+    out = b.op("MatMul", hidden, w_down_t)  # [n, D]
+    from moetrt.ops._onnx import FLOAT
+
+    weighted = b.op("Mul", b.op("Cast", out, to=FLOAT), b.op("Unsqueeze", routing_w, b.const([1])))
+    return b.op("CastLike", weighted, x)  # weight in fp32, back to the model dtype, as the torch op
+
+
+def onnx_function(opset: int, num_experts: int):
+    """The model-local ``FunctionProto`` for models with ``num_experts`` experts.
+
+    Work grows with T*K, not T*E. Two paths, chosen at run time by an If on N = T*K:
+
+    - N < E (decode): gather only the routed experts' weights, one batched MatMul per
+      projection over the N (token, slot) pairs;
+    - otherwise (prefill): sort the pairs once by expert (TopK, stable for equal ids), count
+      per expert (CumSum offsets) and run each expert on its Slice of rows. The per-expert
+      weight slices come from Gather/Transpose of the weight inputs with constant indices,
+      which runtimes fold into initializers at load time.
+    Pairs return to (token, slot) order through the inverse permutation (a second TopK), and
+    the K slots of a token are summed: no ScatterND, so TensorRT's parser accepts the body too.
+    """
+    from moetrt.ops._onnx import FLOAT, INT64, Body, make_function
+
+    E = num_experts
+    b = Body("smoe_")
+    flat_e = b.op("Reshape", b.op("Cast", "indices", to=INT64), b.const([-1]))  # [N]
+    flat_w = b.op("Reshape", "weights", b.const([-1]))  # [N]
+    n_1d = b.op("Shape", flat_e)  # [1]
+    k_1d = b.op("Shape", "indices", start=1, end=2)  # [1]
+    d_1d = b.op("Shape", "x", start=1, end=2)  # [1]
+    pair_shape = b.op("Concat", b.const([-1]), k_1d, d_1d, axis=0)  # [-1, K, D]
+    token_of_pair = b.op("Div", b.op("Range", b.const(0), b.op("Squeeze", n_1d), b.const(1)), b.op("Squeeze", k_1d))
+    decode = b.op("Less", b.op("Squeeze", n_1d), b.const(E))
+
+    # per-expert weights, transposed for MatMul; constant indices let runtimes fold them
+    w_gu_t, w_down_t = [], []
+    for e in range(E):
+        w_gu_t.append(b.op("Transpose", b.op("Gather", "w_gate_up", b.const(e), axis=0), perm=[1, 0]))  # [D, 2F]
+        w_down_t.append(b.op("Transpose", b.op("Gather", "w_down", b.const(e), axis=0), perm=[1, 0]))  # [F, D]
+
+    # decode path: gather the routed experts' weights
+    g = Body("smoe_gather_")
+    x_pairs = g.op("Unsqueeze", g.op("Gather", "x", token_of_pair, axis=0), g.const([2]))  # [N, D, 1]
+    gate_up = g.op("MatMul", g.op("Gather", "w_gate_up", flat_e, axis=0), x_pairs)  # [N, 2F, 1]
+    gate, up = g.op("Split", g.op("Squeeze", gate_up, g.const([2])), axis=1, num_outputs=2, outputs=2)  # [N, F]
+    hidden = g.op("Unsqueeze", g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), g.const([2]))  # [N, F, 1]
+    out = g.op("Squeeze", g.op("MatMul", g.op("Gather", "w_down", flat_e, axis=0), hidden), g.const([2]))  # [N, D]
+    weighted = g.op("Mul", g.op("Cast", out, to=FLOAT), g.op("Unsqueeze", flat_w, g.const([1])))
+    g_pairs = g.op("CastLike", weighted, "x")  # [N, D] in (token, slot) order
+    g_y = g.op("ReduceSum", g.op("Reshape", g_pairs, pair_shape), g.const([1]), keepdims=0)  # [T, D]
+
+    # prefill path: sort pairs by expert, a Slice of rows per expert
+    s = Body("smoe_sorted_")
+    _, order = s.op("TopK", s.op("Cast", flat_e, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
+    x_sorted = s.op("Gather", "x", s.op("Div", order, s.op("Squeeze", k_1d)), axis=0)  # [N, D]
+    w_sorted = s.op("Gather", flat_w, order, axis=0)  # [N]
+    one_hot = s.op("Equal", s.op("Unsqueeze", flat_e, s.const([1])), s.const([list(range(E))]))  # [N, E]
+    counts = s.op("ReduceSum", s.op("Cast", one_hot, to=INT64), s.const([0]), keepdims=0)  # [E]
+    ends = s.op("CumSum", counts, s.const(0))  # [E]
+    starts = s.op("Sub", ends, counts)  # [E]
+    outs = []
+    for e in range(E):
+        lo = s.op("Slice", starts, s.const([e]), s.const([e + 1]))  # [1]
+        hi = s.op("Slice", ends, s.const([e]), s.const([e + 1]))  # [1]
+        rows = s.op("Slice", x_sorted, lo, hi, s.const([0]))  # [n_e, D]
+        row_w = s.op("Slice", w_sorted, lo, hi, s.const([0]))  # [n_e]
+        outs.append(_expert_mlp(s, rows, w_gu_t[e], w_down_t[e], row_w))  # [n_e, D]
+    sorted_out = s.op("Concat", *outs, axis=0)  # [N, D] in expert order
+    _, inverse = s.op("TopK", s.op("Cast", order, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
+    s_pairs = s.op("Gather", sorted_out, inverse, axis=0)  # [N, D] in (token, slot) order
+    s_y = s.op("ReduceSum", s.op("Reshape", s_pairs, pair_shape), s.const([1]), keepdims=0)  # [T, D]
+
+    y = b.op("If", decode, then_branch=g.graph("decode_gather", [g_y]), else_branch=s.graph("prefill_sorted", [s_y]))
+    b.rename_output(y, "y")
+    return make_function(
+        OP_NAME, b, ["x", "weights", "indices", "w_gate_up", "w_down"], ["y"], opset,
+        attribute_defaults={"activation": "silu", "plugin_namespace": "moetrt"},
+        doc=f"moetrt::SparseMoE in standard ONNX ops, for {E} experts",
+    )

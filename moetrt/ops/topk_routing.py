@@ -115,3 +115,57 @@ def topk_routing_reference(
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return (weights * scale).astype(np.float32), order.astype(np.int32)
+
+
+# --- ONNX face ---------------------------------------------------------------------------------
+def onnx_schema():
+    """The ``OpSchema`` of ``moetrt::TopKRouting`` (version 1), registered only while exporting."""
+    from onnx import helper
+    from onnx.defs import OpSchema
+
+    from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE
+
+    def default(name, value, doc):
+        return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
+
+    return OpSchema(
+        OP_NAME, DOMAIN, DOMAIN_VERSION, doc=__doc__,
+        inputs=[OpSchema.FormalParameter("logits", "T", "router logits [T, E]")],
+        outputs=[
+            OpSchema.FormalParameter("weights", "T", "routing weights [T, k]"),
+            OpSchema.FormalParameter("indices", "I", "expert indices [T, k], best first"),
+        ],
+        type_constraints=[("T", ["tensor(float)"], "router math is float32"), ("I", ["tensor(int32)"], "")],
+        attributes=[
+            OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token, 1..E"),
+            default("scoring", "softmax", "softmax | sigmoid"),
+            default("normalize", 0, "1: divide the k weights by their sum"),
+            default("scale", 1.0, "multiplies the weights last"),
+            default("plugin_namespace", PLUGIN_NAMESPACE, "makes TensorRT's parser pick the plugin"),
+        ],
+    )
+
+
+def onnx_function(opset: int):
+    """The model-local ``FunctionProto``: the op in standard ONNX ops, honouring every attribute."""
+    from moetrt.ops._onnx import BOOL, INT32, PLUGIN_NAMESPACE, Body, make_function
+
+    b = Body("tkr_")
+    softmax = b.op("Softmax", "logits", axis=-1)  # [T, E]
+    sigmoid = b.op("Sigmoid", "logits")  # [T, E]
+    use_sigmoid = b.op("Equal", b.attr_const("scoring", "string"), b.const("sigmoid", dtype=object))
+    scores = b.op("Where", use_sigmoid, sigmoid, softmax)  # [T, E]
+    k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
+    # ONNX TopK: sorted descending, equal values keep the lower index first
+    top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
+    normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
+    weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
+    b.rename_output(weights, "weights")
+    b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
+    return make_function(
+        OP_NAME, b, ["logits"], ["weights", "indices"], opset,
+        attributes=["k"],
+        attribute_defaults={"scoring": "softmax", "normalize": 0, "scale": 1.0, "plugin_namespace": PLUGIN_NAMESPACE},
+        doc="moetrt::TopKRouting in standard ONNX ops",
+    )

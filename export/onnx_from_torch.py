@@ -1,0 +1,265 @@
+"""torch -> canonical ONNX: the reference model traced with the dynamo exporter.
+
+The two MoE torch ops translate to single nodes of domain ``moetrt`` (with ``plugin_namespace``
+so TensorRT's parser picks our plugins); their model-local FunctionProtos are attached after
+export (the dynamo exporter would inline onnxscript functions), so any ONNX runtime runs the
+canonical model with no library of ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moetrt.artifact import Progress, atomic_output_dir, check_output_dir, package_versions, sha256_file, write_metadata
+from moetrt.checkpoint import TOKENIZER_FILES, from_pretrained
+from moetrt.errors import MoetrtError, UnsupportedModelError
+from moetrt.model import MoETransformer
+from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, registered_schemas
+from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
+from moetrt.ops.sparse_moe import onnx_schema as sparse_moe_schema
+from moetrt.ops.topk_routing import onnx_function as topk_routing_function
+from moetrt.ops.topk_routing import onnx_schema as topk_routing_schema
+
+from .io_spec import BATCH, DTYPES, PAST, SEQ, TOKENS, TOTAL, IOSpec, io_spec
+
+__all__ = ["onnx_from_torch", "FORMAT", "FORMAT_VERSION", "MIN_OPSET", "DEFAULT_OPSET"]
+
+FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
+MIN_OPSET = 19  # Equal on strings (TopKRouting's scoring attribute), Split num_outputs
+DEFAULT_OPSET = 20
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STAGES = ["load", "trace", "attach functions", "save"]
+
+
+class _ExportWrapper(nn.Module):
+    """Flat tensors in, flat tensors out, in the order of :func:`io_spec`."""
+
+    def __init__(self, model: MoETransformer, router_outputs: bool):
+        super().__init__()
+        self.model, self.router_outputs = model, router_outputs
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        out = self.model(input_ids, attention_mask, position_ids, past, output_router=self.router_outputs)
+        flat = [out.logits.float()]  # logits are float32 in every export dtype
+        for key, value in out.past_key_values:
+            flat += [key, value]
+        if self.router_outputs:
+            for weights, indices in zip(out.router_weights, out.router_indices):
+                flat += [weights, indices]
+        return tuple(flat)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence a chatty library logger (the exporter warns about unrelated torchvision ops)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _translation_table() -> dict:
+    """torch op -> one ONNX node of domain moetrt (traced by the exporter with onnxscript)."""
+    import onnxscript
+
+    moetrt_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+    def topk_routing(logits, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0):
+        return moetrt_opset.TopKRouting(
+            logits, k=k, scoring=scoring, normalize=int(normalize), scale=float(scale),
+            plugin_namespace=PLUGIN_NAMESPACE, _outputs=2,
+        )
+
+    def sparse_moe(x, weights, indices, w_gate_up, w_down, activation: str = "silu"):
+        return moetrt_opset.SparseMoE(
+            x, weights, indices, w_gate_up, w_down, activation=activation, plugin_namespace=PLUGIN_NAMESPACE,
+        )
+
+    return {
+        torch.ops.moetrt.TopKRouting.default: topk_routing,
+        torch.ops.moetrt.SparseMoE.default: sparse_moe,
+    }
+
+
+def _example_inputs(model: MoETransformer, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    # sizes >= 2 and pairwise distinct, so the tracer keeps every axis symbolic
+    cfg = model.config
+    batch, seq, past = 2, 5, 3
+    input_ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
+    kv = [torch.zeros(batch, cfg.num_key_value_heads, past, cfg.head_dim, dtype=dtype)
+          for _ in range(2 * cfg.num_hidden_layers)]
+    return (input_ids, attention_mask, position_ids, *kv)
+
+
+def _resolve_model(source: Any, progress: Progress) -> tuple[MoETransformer, str | None, Path | None]:
+    """A model object, preset name or checkpoint folder -> (model, source description, folder)."""
+    if isinstance(source, MoETransformer):
+        return source, None, getattr(source, "source_dir", None)
+    if isinstance(source, (str, os.PathLike)):
+        with progress.stage("load", str(source)):
+            model = from_pretrained(source)
+        folder = getattr(model, "source_dir", None)
+        return model, str(Path(source).resolve()) if Path(source).exists() else str(source), folder
+    if hasattr(source, "config") and hasattr(source, "state_dict"):
+        with progress.stage("load", type(source).__name__):
+            return from_pretrained(source), None, None
+    raise UnsupportedModelError(
+        f"cannot export a {type(source).__name__}: pass a moetrt.MoETransformer, a transformers model of a "
+        "supported family, a checkpoint folder or a preset name"
+    )
+
+
+def _rename_dims(ir_model, spec: IOSpec) -> None:
+    """Give the graph's dynamic axes the onnxruntime-genai names (batch_size, ...)."""
+    import onnx_ir as ir
+
+    values = {v.name: v for v in list(ir_model.graph.inputs) + list(ir_model.graph.outputs)}
+    for tensor in spec.inputs + spec.outputs:
+        value = values[tensor.name]
+        dims = [d if isinstance(d, int) else ir.SymbolicDim(d) for d in tensor.shape]
+        old = value.shape
+        if old is not None and len(old) != len(dims):
+            raise AssertionError(f"exported {tensor.name} has rank {len(old)}, expected {len(dims)}")
+        for got, want in zip(old or (), tensor.shape):
+            if isinstance(want, int) and isinstance(got, int) and got != want:
+                raise AssertionError(f"exported {tensor.name} has dim {got}, expected {want}")
+            if isinstance(want, str) and isinstance(got, int):
+                raise AssertionError(f"the tracer specialised dynamic axis {want} of {tensor.name} to {got}")
+        value.shape = ir.Shape(dims)
+
+
+def _attach_functions(ir_model, num_experts: int) -> dict[str, int]:
+    """Attach the model-local FunctionProtos; their opset equals the model's default-domain opset."""
+    import onnx_ir as ir
+
+    opset = ir_model.opset_imports[""]
+    counts = {"TopKRouting": 0, "SparseMoE": 0}
+    for node in ir_model.graph:
+        if node.domain == DOMAIN:
+            counts[node.op_type] += 1
+    for proto in (topk_routing_function(opset), sparse_moe_function(opset, num_experts)):
+        function = ir.serde.deserialize_function(proto)
+        ir_model.functions[function.identifier()] = function
+    ir_model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    return counts
+
+
+def onnx_from_torch(
+    source: Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    router_outputs: bool = False,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Export ``source`` to the canonical ONNX folder ``out_dir`` and return its path.
+
+    ``source``: a :class:`MoETransformer`, a transformers model of a supported family, a
+    checkpoint folder or a preset name. ``dtype``: fp32 | fp16 | bf16 (router math and logits
+    stay float32). ``router_outputs`` adds ``router_weights.{i}`` / ``router_indices.{i}`` per MoE
+    layer. ``external_data``: weights in ``model.onnx.data`` (default: when over 1 GiB). The
+    folder is written atomically: on any failure nothing is left behind.
+    """
+    if dtype not in DTYPES:
+        raise UnsupportedModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not MIN_OPSET <= opset <= 23:
+        raise UnsupportedModelError(f"opset must be in {MIN_OPSET}..23 (the function bodies need Equal on strings), got {opset}")
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    steps = Progress(STAGES, enabled=progress, title="export")
+    model, source_desc, source_dir = _resolve_model(source, steps)
+    if not isinstance(model, MoETransformer):
+        raise UnsupportedModelError(f"expected a moetrt.MoETransformer, got {type(model).__name__}")
+    cfg = model.config
+    torch_dtype = TORCH_DTYPES[dtype]
+    if model.dtype != torch_dtype:
+        model = copy.deepcopy(model).to(torch_dtype)  # the caller's model is left as it was
+    model.eval()
+    spec = io_spec(cfg, dtype, router_outputs)
+
+    with steps.stage("trace", f"{cfg.num_hidden_layers} layers, {cfg.num_experts} experts, {dtype}"):
+        wrapper = _ExportWrapper(model, router_outputs).eval()
+        dynamic = torch.export.Dim.DYNAMIC
+        dynamic_shapes = (
+            {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic},
+            tuple({0: dynamic, 2: dynamic} for _ in range(2 * cfg.num_hidden_layers)),  # *past_flat
+        )
+        with registered_schemas([topk_routing_schema(), sparse_moe_schema()]), warnings.catch_warnings(), \
+                _quiet_logger("torch.onnx"):
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    wrapper, _example_inputs(model, torch_dtype), dynamo=True, dynamic_shapes=dynamic_shapes,
+                    custom_translation_table=_translation_table(), input_names=spec.input_names,
+                    output_names=spec.output_names, opset_version=opset, optimize=True, verbose=False,
+                )
+    ir_model = program.model
+
+    with steps.stage("attach functions"):
+        _rename_dims(ir_model, spec)
+        counts = _attach_functions(ir_model, cfg.num_experts)
+        expected = len(cfg.moe_layers)
+        if counts != {"TopKRouting": expected, "SparseMoE": expected}:
+            raise AssertionError(f"expected {expected} TopKRouting and SparseMoE nodes, the export has {counts}")
+        ir_model.producer_name, ir_model.producer_version = "moetrt", package_versions("moetrt").get("moetrt", "")
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    with steps.stage("save", str(out_dir)), atomic_output_dir(out_dir, overwrite) as tmp:
+        import onnx_ir as ir
+
+        model_path = tmp / "model.onnx"
+        ir.save(ir_model, model_path, external_data="model.onnx.data" if use_external else None)
+        if check:
+            import onnx
+
+            try:
+                onnx.checker.check_model(str(model_path), full_check=True)
+            except onnx.checker.ValidationError as exc:
+                raise AssertionError(f"the exported model fails onnx.checker: {exc}") from exc
+        copied = []
+        for name in TOKENIZER_FILES:
+            if source_dir is not None and (Path(source_dir) / name).exists():
+                shutil.copy2(Path(source_dir) / name, tmp / name)
+                copied.append(name)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_metadata(tmp, {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "export": {
+                "target": "canonical", "dtype": dtype, "opset": ir_model.opset_imports[""],
+                "domain": {DOMAIN: DOMAIN_VERSION}, "router_outputs": router_outputs,
+                "external_data": use_external, "nodes": counts,
+            },
+            "io": spec.to_dict(),
+            "dynamic_axes": {"batch": BATCH, "sequence": SEQ, "past": PAST, "total": TOTAL, "tokens": TOKENS},
+            "source": source_desc,
+            "tokenizer_files": copied,
+            "versions": package_versions(),
+            "files": files,
+        })
+    steps.done(f"exported to {out_dir}")
+    return out_dir
+
