@@ -199,16 +199,21 @@ def onnx_schema():
     )
 
 
-def _expert_mlp(b, x, w_gu_t, w_down_t, routing_w):
-    """SwiGLU of rows ``x`` [n, D] through one expert's (transposed) weights, times the routing weight [n]."""
+def _expert_mlp(b, x, w_gu_t, w_down_t):
+    """SwiGLU of rows ``x`` [n, D] through one expert's (transposed) weights: [n, D]."""
     gate_up = b.op("MatMul", x, w_gu_t)  # [n, 2F]
     gate, up = b.op("Split", gate_up, axis=1, num_outputs=2, outputs=2)  # [n, F] x2
     hidden = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # [n, F]
-    out = b.op("MatMul", hidden, w_down_t)  # [n, D]
+    return b.op("MatMul", hidden, w_down_t)  # [n, D]
+
+
+def _weighted_sum(b, pairs, flat_w, pair_shape):
+    """sum_j weights[t, j] * pairs[t*K + j]: weight in float32, cast back to the model dtype, then summed."""
     from moetrt.ops._onnx import FLOAT
 
-    weighted = b.op("Mul", b.op("Cast", out, to=FLOAT), b.op("Unsqueeze", routing_w, b.const([1])))
-    return b.op("CastLike", weighted, x)  # weight in fp32, back to the model dtype, as the torch op
+    weighted = b.op("Mul", b.op("Cast", pairs, to=FLOAT), b.op("Unsqueeze", flat_w, b.const([1])))  # [N, D]
+    weighted = b.op("CastLike", weighted, "x")
+    return b.op("ReduceSum", b.op("Reshape", weighted, pair_shape), b.const([1]), keepdims=0)  # [T, D]
 
 
 def onnx_function(opset: int, num_experts: int):
@@ -251,30 +256,26 @@ def onnx_function(opset: int, num_experts: int):
     gate, up = g.op("Split", g.op("Squeeze", gate_up, g.const([2])), axis=1, num_outputs=2, outputs=2)  # [N, F]
     hidden = g.op("Unsqueeze", g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), g.const([2]))  # [N, F, 1]
     out = g.op("Squeeze", g.op("MatMul", g.op("Gather", "w_down", flat_e, axis=0), hidden), g.const([2]))  # [N, D]
-    weighted = g.op("Mul", g.op("Cast", out, to=FLOAT), g.op("Unsqueeze", flat_w, g.const([1])))
-    g_pairs = g.op("CastLike", weighted, "x")  # [N, D] in (token, slot) order
-    g_y = g.op("ReduceSum", g.op("Reshape", g_pairs, pair_shape), g.const([1]), keepdims=0)  # [T, D]
+    g_y = _weighted_sum(g, out, flat_w, pair_shape)  # [T, D]
 
     # prefill path: sort pairs by expert, a Slice of rows per expert
     s = Body("smoe_sorted_")
     _, order = s.op("TopK", s.op("Cast", flat_e, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
     x_sorted = s.op("Gather", "x", s.op("Div", order, s.op("Squeeze", k_1d)), axis=0)  # [N, D]
-    w_sorted = s.op("Gather", flat_w, order, axis=0)  # [N]
     one_hot = s.op("Equal", s.op("Unsqueeze", flat_e, s.const([1])), s.const([list(range(E))]))  # [N, E]
     counts = s.op("ReduceSum", s.op("Cast", one_hot, to=INT64), s.const([0]), keepdims=0)  # [E]
     ends = s.op("CumSum", counts, s.const(0))  # [E]
     starts = s.op("Sub", ends, counts)  # [E]
+    lo = s.op("Split", starts, axis=0, num_outputs=E, outputs=E) if E > 1 else [starts]  # E x [1]
+    hi = s.op("Split", ends, axis=0, num_outputs=E, outputs=E) if E > 1 else [ends]  # E x [1]
     outs = []
     for e in range(E):
-        lo = s.op("Slice", starts, s.const([e]), s.const([e + 1]))  # [1]
-        hi = s.op("Slice", ends, s.const([e]), s.const([e + 1]))  # [1]
-        rows = s.op("Slice", x_sorted, lo, hi, s.const([0]))  # [n_e, D]
-        row_w = s.op("Slice", w_sorted, lo, hi, s.const([0]))  # [n_e]
-        outs.append(_expert_mlp(s, rows, w_gu_t[e], w_down_t[e], row_w))  # [n_e, D]
-    sorted_out = s.op("Concat", *outs, axis=0)  # [N, D] in expert order
+        rows = s.op("Slice", x_sorted, lo[e], hi[e], s.const([0]))  # [n_e, D]
+        outs.append(_expert_mlp(s, rows, w_gu_t[e], w_down_t[e]))  # [n_e, D]
+    sorted_out = s.op("Concat", *outs, axis=0) if E > 1 else outs[0]  # [N, D] in expert order
     _, inverse = s.op("TopK", s.op("Cast", order, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
     s_pairs = s.op("Gather", sorted_out, inverse, axis=0)  # [N, D] in (token, slot) order
-    s_y = s.op("ReduceSum", s.op("Reshape", s_pairs, pair_shape), s.const([1]), keepdims=0)  # [T, D]
+    s_y = _weighted_sum(s, s_pairs, flat_w, pair_shape)  # [T, D]
 
     y = b.op("If", decode, then_branch=g.graph("decode_gather", [g_y]), else_branch=s.graph("prefill_sorted", [s_y]))
     b.rename_output(y, "y")
