@@ -1,6 +1,6 @@
 """torch -> canonical ONNX (moetrt::TopKRouting + moetrt::SparseMoE), I/O spec, metadata."""
 
 from .io_spec import DTYPES, IOSpec, TensorSpec, io_spec
-from .onnx_from_torch import FORMAT, FORMAT_VERSION, onnx_from_torch
+from .onnx_from_torch import FORMAT, FORMAT_VERSION, attach_functions, onnx_from_torch, trace_to_onnx
 
-__all__ = ["onnx_from_torch", "io_spec", "IOSpec", "TensorSpec", "DTYPES", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["onnx_from_torch", "trace_to_onnx", "attach_functions", "io_spec", "IOSpec", "TensorSpec", "DTYPES", "FORMAT", "FORMAT_VERSION"]

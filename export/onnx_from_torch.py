@@ -32,7 +32,7 @@ from moetrt.ops.topk_routing import onnx_schema as topk_routing_schema
 
 from .io_spec import BATCH, DTYPES, PAST, SEQ, TOKENS, TOTAL, IOSpec, io_spec
 
-__all__ = ["onnx_from_torch", "FORMAT", "FORMAT_VERSION", "MIN_OPSET", "DEFAULT_OPSET"]
+__all__ = ["onnx_from_torch", "trace_to_onnx", "attach_functions", "FORMAT", "FORMAT_VERSION", "MIN_OPSET", "DEFAULT_OPSET"]
 
 FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
 MIN_OPSET = 19  # Equal on strings (TopKRouting's scoring attribute), Split num_outputs
@@ -145,7 +145,23 @@ def _rename_dims(ir_model, spec: IOSpec) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _attach_functions(ir_model, num_experts: int) -> dict[str, int]:
+def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_names, opset: int):
+    """Trace ``module`` with the dynamo exporter; moetrt ops become single custom-domain nodes.
+
+    Returns the ``onnx_ir`` model, before the function bodies are attached.
+    """
+    with registered_schemas([topk_routing_schema(), sparse_moe_schema()]), warnings.catch_warnings(), \
+            _quiet_logger("torch.onnx"), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=_translation_table(), input_names=list(input_names),
+            output_names=list(output_names), opset_version=opset, optimize=True, verbose=False,
+        )
+    return program.model
+
+
+def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
     """Attach the model-local FunctionProtos; their opset equals the model's default-domain opset."""
     import onnx_ir as ir
 
@@ -199,26 +215,19 @@ def onnx_from_torch(
     spec = io_spec(cfg, dtype, router_outputs)
 
     with steps.stage("trace", f"{cfg.num_hidden_layers} layers, {cfg.num_experts} experts, {dtype}"):
-        wrapper = _ExportWrapper(model, router_outputs).eval()
         dynamic = torch.export.Dim.DYNAMIC
         dynamic_shapes = (
             {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic},
             tuple({0: dynamic, 2: dynamic} for _ in range(2 * cfg.num_hidden_layers)),  # *past_flat
         )
-        with registered_schemas([topk_routing_schema(), sparse_moe_schema()]), warnings.catch_warnings(), \
-                _quiet_logger("torch.onnx"):
-            warnings.simplefilter("ignore")
-            with torch.no_grad():
-                program = torch.onnx.export(
-                    wrapper, _example_inputs(model, torch_dtype), dynamo=True, dynamic_shapes=dynamic_shapes,
-                    custom_translation_table=_translation_table(), input_names=spec.input_names,
-                    output_names=spec.output_names, opset_version=opset, optimize=True, verbose=False,
-                )
-    ir_model = program.model
+        ir_model = trace_to_onnx(
+            _ExportWrapper(model, router_outputs).eval(), _example_inputs(model, torch_dtype), dynamic_shapes,
+            spec.input_names, spec.output_names, opset,
+        )
 
     with steps.stage("attach functions"):
         _rename_dims(ir_model, spec)
-        counts = _attach_functions(ir_model, cfg.num_experts)
+        counts = attach_functions(ir_model, cfg.num_experts)
         expected = len(cfg.moe_layers)
         if counts != {"TopKRouting": expected, "SparseMoE": expected}:
             raise AssertionError(f"expected {expected} TopKRouting and SparseMoE nodes, the export has {counts}")
