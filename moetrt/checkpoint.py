@@ -43,34 +43,60 @@ _SUPPORTED_MSG = "supported model_type values: " + ", ".join(SUPPORTED_MODEL_TYP
 
 # --- config ----------------------------------------------------------------------------------
 def _rope_theta(hf: dict[str, Any], default: float) -> float:
+    # transformers v5 writes rope_parameters, v4 checkpoints rope_scaling (+ top-level
+    # rope_theta); a scaled RoPE in either one must not be silently dropped
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise UnsupportedModelError(
-            f"RoPE type {rope_type!r} is not supported (only plain RoPE, rope_type 'default'); "
-            "remove rope_scaling from config.json only if the model was trained without it"
-        )
+    for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if rope_type not in (None, "default"):
+            raise UnsupportedModelError(
+                f"RoPE type {rope_type!r} is not supported (only plain RoPE, rope_type 'default'); "
+                "remove rope_scaling from config.json only if the model was trained without it"
+            )
     return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def _field(hf: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` present in config.json (families alias some fields)."""
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    raise CheckpointError(
+        f"config.json of this {hf.get('model_type')} checkpoint lacks the field {' / '.join(names)}; "
+        "the config is incomplete, re-download it or add the field"
+    )
 
 
 def config_from_hf(hf: dict[str, Any]) -> MoEConfig:
     """Translate a transformers ``config.json`` dict into a :class:`MoEConfig`."""
+    try:
+        return _config_from_hf(hf)
+    except ValueError as exc:  # MoEConfig's validation: the file holds an impossible config
+        raise CheckpointError(f"config.json of this {hf.get('model_type')} checkpoint is invalid: {exc}") from exc
+
+
+def _config_from_hf(hf: dict[str, Any]) -> MoEConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported; {_SUPPORTED_MSG}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported (experts must be SwiGLU: 'silu')")
-    heads = hf["num_attention_heads"]
+    heads = _field(hf, "num_attention_heads")
+    # transformers' attribute_map aliases the expert count: Mixtral and Qwen3-MoE configs
+    # serialise "num_local_experts", Hub checkpoints of Qwen2/3-MoE and OLMoE say "num_experts"
+    num_experts = _field(hf, "num_local_experts", "num_experts") if model_type == "mixtral" else (
+        _field(hf, "num_experts", "num_local_experts")
+    )
     common = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
+        vocab_size=_field(hf, "vocab_size"),
+        hidden_size=_field(hf, "hidden_size"),
+        num_hidden_layers=_field(hf, "num_hidden_layers"),
         num_attention_heads=heads,
         num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim"),
-        num_experts_per_tok=hf["num_experts_per_tok"],
+        num_experts=num_experts,
+        num_experts_per_tok=_field(hf, "num_experts_per_tok"),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -81,7 +107,7 @@ def config_from_hf(hf: dict[str, Any]) -> MoEConfig:
     )
     if model_type == "mixtral":
         return MoEConfig(
-            **common, num_experts=hf["num_local_experts"], intermediate_size=hf["intermediate_size"],
+            **common, intermediate_size=_field(hf, "intermediate_size"),
             normalize_topk=True, sliding_window=hf.get("sliding_window"),
             rope_theta=_rope_theta(hf, 1e6),
         )
@@ -93,22 +119,65 @@ def config_from_hf(hf: dict[str, Any]) -> MoEConfig:
         qwen2 = model_type == "qwen2_moe"
         bias = hf.get("qkv_bias", True) if qwen2 else hf.get("attention_bias", False)
         return MoEConfig(
-            **common, num_experts=hf["num_experts"], intermediate_size=hf["moe_intermediate_size"],
+            **common, intermediate_size=_field(hf, "moe_intermediate_size"),
             normalize_topk=bool(hf.get("norm_topk_prob", False)),
             shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
             decoder_sparse_step=hf.get("decoder_sparse_step", 1),
             mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-            dense_intermediate_size=hf.get("intermediate_size"),
+            # intermediate_size is the dense layers' F; equal to the experts' F it says nothing new
+            dense_intermediate_size=(
+                None if hf.get("intermediate_size") == hf["moe_intermediate_size"] else hf.get("intermediate_size")
+            ),
             attention_bias=bool(bias), attention_out_bias=False if qwen2 else bool(bias),
             qk_norm=None if qwen2 else "head", rope_theta=_rope_theta(hf, 1e6),
         )
     # olmoe
     bias = bool(hf.get("attention_bias", False))
     return MoEConfig(
-        **common, num_experts=hf["num_experts"], intermediate_size=hf["intermediate_size"],
+        **common, intermediate_size=_field(hf, "intermediate_size"),
         normalize_topk=bool(hf.get("norm_topk_prob", False)), qk_norm="full", clip_qkv=hf.get("clip_qkv"),
         attention_bias=bias, attention_out_bias=bias, rope_theta=_rope_theta(hf, 10000.0),
     )
+
+
+# the q/k norm each family's attention always has
+_FAMILY_QK_NORM = {"mixtral": None, "qwen2_moe": None, "qwen3_moe": "head", "olmoe": "full"}
+
+
+def _inexpressible(cfg: MoEConfig) -> list[str]:
+    """What of ``cfg`` its family's config.json cannot say (saving it would write another model)."""
+    model_type = cfg.model_type
+    problems = []
+    if cfg.scoring != "softmax" or cfg.routed_scaling_factor != 1.0:
+        problems.append("sigmoid scoring or routed_scaling_factor != 1")
+    if model_type == "mixtral" and not cfg.normalize_topk:
+        problems.append("normalize_topk=False (Mixtral always renormalises)")
+    if cfg.qk_norm != _FAMILY_QK_NORM[model_type]:
+        problems.append(f"qk_norm={cfg.qk_norm!r} (the family has {_FAMILY_QK_NORM[model_type]!r})")
+    if cfg.clip_qkv is not None and model_type != "olmoe":
+        problems.append("clip_qkv (OLMoE only)")
+    if cfg.sliding_window is not None and model_type != "mixtral":
+        problems.append("a sliding window (Mixtral only)")
+    if model_type == "qwen2_moe":
+        if not (cfg.shared_expert_intermediate_size and cfg.shared_expert_gate):
+            problems.append("no gated shared expert (every Qwen2-MoE MoE layer has one)")
+    elif cfg.shared_expert_intermediate_size:
+        problems.append("a shared expert")
+    if model_type in ("mixtral", "olmoe") and cfg.moe_layers != list(range(cfg.num_hidden_layers)):
+        problems.append("dense layers among MoE layers")
+    bias_ok = {
+        "mixtral": not cfg.attention_bias and not cfg.attention_out_bias,
+        "qwen2_moe": not cfg.attention_out_bias,  # bias on q/k/v (qkv_bias), never on o_proj
+        "qwen3_moe": cfg.attention_bias == cfg.attention_out_bias,  # one flag for all four projections
+        "olmoe": cfg.attention_bias == cfg.attention_out_bias,
+    }[model_type]
+    if not bias_ok:
+        problems.append(
+            f"attention_bias={cfg.attention_bias}, attention_out_bias={cfg.attention_out_bias} together"
+        )
+    if model_type == "olmoe" and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        problems.append("head_dim != hidden_size / num_attention_heads (OLMoE's k_norm assumes it)")
+    return problems
 
 
 def hf_config_from_config(cfg: MoEConfig) -> dict[str, Any]:
@@ -116,20 +185,13 @@ def hf_config_from_config(cfg: MoEConfig) -> dict[str, Any]:
     model_type = cfg.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(f"cannot save model_type {model_type!r}; {_SUPPORTED_MSG}")
-    problems = []
-    if cfg.scoring != "softmax" or cfg.routed_scaling_factor != 1.0:
-        problems.append("sigmoid scoring or routed_scaling_factor != 1")
-    if model_type == "mixtral":
-        if not cfg.normalize_topk:
-            problems.append("normalize_topk=False (Mixtral always renormalises)")
-        if cfg.shared_expert_intermediate_size or cfg.qk_norm or cfg.attention_bias or cfg.attention_out_bias:
-            problems.append("shared experts, q/k norm or attention bias")
-        if cfg.moe_layers != list(range(cfg.num_hidden_layers)):
-            problems.append("dense layers among MoE layers")
-    if model_type != "qwen2_moe" and cfg.shared_expert_intermediate_size:
-        problems.append("a shared expert")
+    problems = _inexpressible(cfg)
     if problems:
-        raise UnsupportedModelError(f"a {model_type} config cannot express: {'; '.join(problems)}")
+        raise UnsupportedModelError(
+            f"a {model_type} config cannot express: {'; '.join(problems)}; set MoEConfig.model_type to a "
+            f"family that has these options ({', '.join(SUPPORTED_MODEL_TYPES)}), or export the model to ONNX "
+            "without a Hugging Face checkpoint"
+        )
     hf: dict[str, Any] = dict(
         model_type=model_type, architectures=[_ARCH[model_type]], vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -303,6 +365,12 @@ def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]
     if cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
         filled.add("lm_head.weight")
     missing = sorted(set(params) - filled)
+    for i, key in enumerate(missing):  # a stacked expert tensor filled in part: say which parts lack
+        if key.endswith(".experts.gate_up_proj") or key.endswith(".experts.down_proj"):
+            parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
+            lacking = [f"expert {e} {p}" for e in range(cfg.num_experts) for p in parts if (key, e, p) not in filled_parts]
+            if len(lacking) < cfg.num_experts * len(parts):
+                missing[i] = f"{key} ({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''})"
     if unused:
         raise CheckpointError(
             f"{source}: {len(unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model with this "

@@ -119,6 +119,19 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.clip_qkv must be None or > 0, got {self.clip_qkv!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"MoEConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"MoEConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not 0 < self.routed_scaling_factor < float("inf"):
+            raise ValueError(
+                f"MoEConfig.routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor!r}"
+            )
+        if self.dense_intermediate_size is not None and (
+            not isinstance(self.dense_intermediate_size, int) or self.dense_intermediate_size < 1
+        ):
+            raise ValueError(
+                "MoEConfig.dense_intermediate_size must be None (use intermediate_size) or a positive integer, "
+                f"got {self.dense_intermediate_size!r}"
+            )
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"

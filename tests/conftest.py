@@ -1,0 +1,73 @@
+"""Fixtures shared by every test folder.
+
+This folder is not a package, so pytest puts it on ``sys.path`` when it loads this file: test
+modules can ``from hf_tiny import FAMILIES, VARIANTS, hf_tiny_model`` to parametrize over the
+tiny Hugging Face models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.hf_tiny import FAMILIES, VARIANTS, hf_tiny_model as _hf_tiny_model
+
+__all__ = ["FAMILIES", "VARIANTS"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    """Every test starts from the same global torch seed."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_model():
+    """Factory ``hf_tiny_model(variant, seed=0, std=0.1, **config_overrides)`` -> a tiny transformers model.
+
+    Needs ``transformers`` (the ``dev`` extra); tests using it skip where it is missing.
+    """
+    pytest.importorskip("transformers")
+    return _hf_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory ``tiny_checkpoint(variant, seed=0, **overrides)`` -> (transformers model, saved folder), cached."""
+    pytest.importorskip("transformers")
+    cache: dict = {}
+
+    def make(variant: str, seed: int = 0, **overrides):
+        key = (variant, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            model = _hf_tiny_model(variant, seed=seed, **overrides)
+            folder = tmp_path_factory.mktemp(f"hf-{variant}")
+            model.save_pretrained(folder)
+            cache[key] = (model, folder)
+        return cache[key]
+
+    return make
+
+
+# --- measured numbers, printed at the end of the run ------------------------------------------
+_METRICS: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="session")
+def record_max():
+    """``record_max(table, key, value)`` keeps the largest value per key; the tables print after the run."""
+
+    def record(table: str, key: str, value: float) -> None:
+        row = _METRICS.setdefault(table, {})
+        row[key] = max(value, row.get(key, float("-inf")))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    for table, rows in sorted(_METRICS.items()):
+        terminalreporter.section(table)
+        width = max(len(k) for k in rows)
+        for key, value in sorted(rows.items()):
+            terminalreporter.write_line(f"{key:<{width}}  {value:.3e}")

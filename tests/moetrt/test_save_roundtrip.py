@@ -1,0 +1,124 @@
+"""``moetrt.save_pretrained`` writes checkpoints transformers loads as-is, and moetrt reads back exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moetrt
+from moetrt import MoEConfig, MoETransformer, UnsupportedModelError
+from tests.hf_tiny import hf_forward, rel_err
+
+pytest.importorskip("transformers")
+
+# NOTE: the same fp32 math in transformers' order of operations
+REL_TOL = 1e-5
+
+BASE = dict(vocab_size=80, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=5, num_experts_per_tok=2, intermediate_size=24, rope_theta=10000.0,
+            max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# every family with the options it can express
+CONFIGS = {
+    "mixtral": dict(model_type="mixtral"),
+    "mixtral-tied-window": dict(model_type="mixtral", tie_word_embeddings=True, sliding_window=6, head_dim=16),
+    "qwen2_moe": dict(model_type="qwen2_moe", normalize_topk=False, shared_expert_intermediate_size=40,
+                      attention_bias=True, decoder_sparse_step=1, mlp_only_layers=(1,), dense_intermediate_size=56),
+    "qwen2_moe-step2": dict(model_type="qwen2_moe", normalize_topk=True, shared_expert_intermediate_size=16,
+                            attention_bias=True, decoder_sparse_step=2, num_hidden_layers=4),
+    "qwen3_moe": dict(model_type="qwen3_moe", qk_norm="head", head_dim=20, normalize_topk=True),
+    "qwen3_moe-bias": dict(model_type="qwen3_moe", qk_norm="head", attention_bias=True, attention_out_bias=True,
+                           normalize_topk=False, mlp_only_layers=(0,), dense_intermediate_size=30),
+    "olmoe": dict(model_type="olmoe", qk_norm="full", clip_qkv=0.7, normalize_topk=False),
+    "olmoe-bias": dict(model_type="olmoe", qk_norm="full", attention_bias=True, attention_out_bias=True,
+                       normalize_topk=True, num_experts_per_tok=3),
+}
+# options a family's config.json cannot say: saving must refuse rather than write a wrong checkpoint
+INEXPRESSIBLE = {
+    "sigmoid scoring": ("mixtral", dict(scoring="sigmoid")),
+    "routed scale": ("qwen3_moe", dict(qk_norm="head", routed_scaling_factor=2.0)),
+    "mixtral without renormalisation": ("mixtral", dict(normalize_topk=False)),
+    "mixtral with a shared expert": ("mixtral", dict(shared_expert_intermediate_size=16)),
+    "mixtral with dense layers": ("mixtral", dict(mlp_only_layers=(0,))),
+    "mixtral with q/k norm": ("mixtral", dict(qk_norm="head")),
+    "qwen3 without q/k norm": ("qwen3_moe", dict()),
+    "qwen3 with full q/k norm": ("qwen3_moe", dict(qk_norm="full")),
+    "qwen3 with a shared expert": ("qwen3_moe", dict(qk_norm="head", shared_expert_intermediate_size=16)),
+    "qwen3 with clip_qkv": ("qwen3_moe", dict(qk_norm="head", clip_qkv=1.0)),
+    "qwen3 with a sliding window": ("qwen3_moe", dict(qk_norm="head", sliding_window=8)),
+    "qwen3 bias on q/k/v only": ("qwen3_moe", dict(qk_norm="head", attention_bias=True)),
+    "qwen2 without a shared expert": ("qwen2_moe", dict(attention_bias=True)),
+    "qwen2 shared expert without gate": ("qwen2_moe", dict(attention_bias=True, shared_expert_intermediate_size=16,
+                                                           shared_expert_gate=False)),
+    "qwen2 with q/k norm": ("qwen2_moe", dict(qk_norm="head", attention_bias=True, shared_expert_intermediate_size=16)),
+    "qwen2 with o_proj bias": ("qwen2_moe", dict(attention_bias=True, attention_out_bias=True,
+                                                 shared_expert_intermediate_size=16)),
+    "olmoe without q/k norm": ("olmoe", dict()),
+    "olmoe with dense layers": ("olmoe", dict(qk_norm="full", mlp_only_layers=(1,))),
+    "olmoe with head_dim != hidden/heads": ("olmoe", dict(qk_norm="full", head_dim=16)),
+    "olmoe with a sliding window": ("olmoe", dict(qk_norm="full", sliding_window=8)),
+    "unknown family": ("llama", dict()),
+}
+
+
+def _model(name: str) -> MoETransformer:
+    model = MoETransformer.from_config(MoEConfig(**{**BASE, **CONFIGS[name]}), seed=1, std=0.12)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                param.uniform_(0.8, 1.2)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_transformers_loads_the_saved_checkpoint(name, tmp_path, record_max):
+    import transformers
+
+    model = _model(name)
+    folder = moetrt.save_pretrained(model, tmp_path / "ckpt")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, output_loading_info=True, attn_implementation="eager", dtype=torch.float32
+    )
+    hf.eval()
+    assert type(hf).__name__ == moetrt.checkpoint._ARCH[model.config.model_type]
+    problems = {key: value for key, value in info.items() if value}
+    assert not problems, f"transformers loading info: {problems}"
+    ids = torch.randint(0, BASE["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(0))
+    ref, _ = hf_forward(hf, ids)
+    with torch.no_grad():
+        err = rel_err(model(ids).logits, ref)
+    record_max("save_pretrained -> transformers: max |ours - hf| / max |hf| (fp32)", model.config.model_type, err)
+    assert err <= REL_TOL
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_moetrt_round_trip_is_exact(name, tmp_path):
+    model = _model(name)
+    folder = moetrt.save_pretrained(model, tmp_path / "ckpt", extra_files={"tokenizer.json": "{}"})
+    assert (folder / "tokenizer.json").read_text() == "{}"
+    assert not (tmp_path / "ckpt.partial").exists()
+    loaded = moetrt.from_pretrained(folder)
+    assert loaded.config == model.config
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    if model.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    ids = torch.randint(0, BASE["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("name", sorted(INEXPRESSIBLE))
+def test_inexpressible_options_refuse_to_save(name, tmp_path):
+    family, changes = INEXPRESSIBLE[name]
+    model = MoETransformer(MoEConfig(**{**BASE, "model_type": family, **changes}))
+    with pytest.raises(UnsupportedModelError, match=family):
+        moetrt.save_pretrained(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.partial").exists()
+
+
+def test_save_refuses_an_existing_folder(tmp_path):
+    model = _model("mixtral")
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(moetrt.CheckpointError, match="already exists"):
+        moetrt.save_pretrained(model, tmp_path / "ckpt")
