@@ -97,7 +97,7 @@ def _config_from_hf(hf: dict[str, Any]) -> MoEConfig:
         head_dim=hf.get("head_dim"),
         num_experts=num_experts,
         num_experts_per_tok=_field(hf, "num_experts_per_tok"),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if model_type.startswith("qwen") else 1e-5),  # transformers defaults
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
