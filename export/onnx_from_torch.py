@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrt.artifact import Progress, atomic_output_dir, check_output_dir, package_versions, sha256_file, write_metadata
+from moetrt.artifact import FORMAT, FORMAT_VERSION, Progress, atomic_output_dir, check_output_dir, package_versions, sha256_file, write_metadata
 from moetrt.checkpoint import TOKENIZER_FILES, from_pretrained
 from moetrt.errors import MoetrtError, UnsupportedModelError
 from moetrt.model import MoETransformer
@@ -34,7 +34,6 @@ from .io_spec import BATCH, DTYPES, PAST, SEQ, TOKENS, TOTAL, IOSpec, io_spec
 
 __all__ = ["onnx_from_torch", "trace_to_onnx", "attach_functions", "FORMAT", "FORMAT_VERSION", "MIN_OPSET", "DEFAULT_OPSET"]
 
-FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
 MIN_OPSET = 19  # Equal on strings (TopKRouting's scoring attribute), Split num_outputs
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data

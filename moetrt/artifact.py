@@ -23,6 +23,8 @@ from moetrt.errors import MoetrtError
 
 __all__ = [
     "METADATA_FILE",
+    "FORMAT",
+    "FORMAT_VERSION",
     "atomic_output_dir",
     "check_output_dir",
     "sha256_file",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 METADATA_FILE = "moetrt.json"
+# the exported / optimized ONNX folder written by the export and optimize stages
+FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:

@@ -1,0 +1,182 @@
+"""The ``moetrt`` command line. Each subcommand parses, calls the library function a Python user
+would call, and prints; it is registered with :func:`command` as one function plus the function
+that declares its arguments.
+
+User mistakes (:class:`moetrt.MoetrtError`) print ``error: <message>`` on stderr and exit with
+the error's ``exit_code`` (2, or 3 for a missing back-end package), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moetrt.errors import MoetrtError
+
+__all__ = ["main", "build_parser", "command"]
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register ``run(args) -> exit code`` as ``moetrt <name>``; its docstring is the long description."""
+
+    def register(run: Callable[[argparse.Namespace], int | None]):
+        _COMMANDS[name] = _Command(name, help, inspect.cleandoc(run.__doc__ or help), arguments, run)
+        return run
+
+    return register
+
+
+# --- moetrt generate ---------------------------------------------------------------------------
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source", metavar="SRC",
+        help="an exported folder (moetrt export), a Hugging Face checkpoint folder, or a preset name (e.g. tiny)",
+    )
+    p.add_argument(
+        "--prompt", "-p", action="append", required=True, metavar="TEXT",
+        help="prompt text; repeat for a batch. For a model without tokenizer.json, token ids: '1 5 9'",
+    )
+    p.add_argument("--backend", "-b", default="torch", choices=("torch", "ort", "trt"),
+                   help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; trt: cuda)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="precision of the torch back end (default: the checkpoint's, fp32); exports fix their own")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=32, metavar="N", help="default: %(default)s")
+    g.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="0 is greedy (default); > 0 samples, e.g. 0.8")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: smallest set reaching P")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same tokens)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's eos token")
+    s = p.add_argument_group("expert statistics")
+    s.add_argument("--expert-stats", action="store_true",
+                   help="print tokens per expert and load imbalance (max/mean) per MoE layer")
+    s.add_argument("--heatmap", metavar="PNG", default=None,
+                   help="save a layers x experts heat map of the expert load (needs matplotlib)")
+
+
+@command("generate", "generate text (or token ids) from a model", _generate_arguments)
+def _generate(args: argparse.Namespace) -> int:
+    """Generate from a model: greedy by default, sampling with --temperature.
+
+    One prompt streams its text to stdout as it is generated; several prompts run as one
+    batch and print one after another. Timing goes to stderr.
+
+    examples:
+      moetrt generate tiny --prompt "Once upon a time"
+      moetrt generate exported/tiny --backend ort -p "The cat" -p "A dog" -n 64 -t 0.8 --seed 0
+      moetrt generate exported/tiny --backend ort -p "Hello" --expert-stats --heatmap experts.png
+    """
+    from moetrt.runtime import Session
+
+    session = Session(args.source, backend=args.backend, device=args.device, dtype=args.dtype)
+    prompts = [_parse_prompt(session, text) for text in args.prompt]
+    stats = args.expert_stats or args.heatmap is not None
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop_tokens=() if args.ignore_eos else None, expert_stats=stats,
+    )
+    text = isinstance(prompts[0], str)
+    out = sys.stdout
+    if len(prompts) == 1:
+        stream = session.stream(prompts[0], **options)
+        for piece in stream:
+            out.write(piece.text if text else f"{piece.token} ")
+            out.flush()
+        out.write("\n")
+        result = stream.result
+    else:
+        result = session.generate(prompts, **options)
+        for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
+            shown = prompt if text else " ".join(map(str, prompt))
+            generated = result.texts[i] if text else " ".join(map(str, tokens))
+            out.write(f"--- [{i + 1}] {shown}\n{generated}\n")
+    assert result is not None
+    out.flush()  # the text before the timing line on a shared terminal
+    steps = result.decode_steps
+    rate = f", decode {steps} steps at {result.decode_tokens_per_second:.1f} steps/s" if steps else ""
+    print(
+        f"[{session.backend.name}/{session.backend.device}] {len(prompts)} prompt(s), "
+        f"prefill {result.prefill_seconds * 1e3:.1f} ms{rate}",
+        file=sys.stderr,
+    )
+    if result.stats is not None:
+        if args.expert_stats:
+            out.write("\n" + result.stats.table() + "\n")
+        if args.heatmap:
+            path = result.stats.heatmap(args.heatmap)
+            print(f"wrote expert heat map to {path}", file=sys.stderr)
+    return 0
+
+
+def _parse_prompt(session, text: str) -> str | list[int]:
+    """Text for a model with a tokenizer; token ids ('1 5 9' or '1,5,9') for one without."""
+    if session.tokenizer is not None:
+        return text
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise MoetrtError(
+            f"this model has no tokenizer.json, so --prompt takes token ids (e.g. --prompt '1 5 9'), got {text!r}"
+        ) from None
+
+
+# --- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from moetrt import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="moetrt",
+        description="Export Mixture-of-Experts transformers to ONNX with sparse top-k routing, "
+        "run them on PyTorch / ONNX Runtime / TensorRT, and check numerical parity.",
+    )
+    parser.add_argument("--version", action="version", version=f"moetrt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in _COMMANDS.values():
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args) or 0
+    except MoetrtError as exc:
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `moetrt generate ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The ONNX Runtime back end: an exported folder's ``model.onnx`` on the CPU or CUDA execution provider.
+
+Every step goes through ORT's IO binding (``InferenceSession.io_binding``,
+``run_with_iobinding``): ``present.*`` outputs are bound to the session's device and ORT
+allocates them there, and the returned ``OrtValue``s are bound as the next step's
+``past_key_values.*``, so on CUDA the KV cache never crosses PCIe. ``logits`` and router
+outputs are bound to the host, where sampling happens. The CPU provider takes the same path
+with device ``"cpu"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError
+from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, past_names, present_names, router_names
+from moetrt.runtime.model_folder import read_exported
+
+__all__ = ["OrtBackend", "import_onnxruntime"]
+
+# ONNX TensorProto element types of the KV cache (bfloat16 has no NumPy dtype)
+_ONNX_ELEM_TYPE = {"float32": 1, "float16": 10, "bfloat16": 16}
+
+
+def import_onnxruntime(device_type: str = "cpu") -> Any:
+    """``import onnxruntime``, or a :class:`BackendMissingError` naming the package to install."""
+    package = "onnxruntime-gpu" if device_type == "cuda" else "onnxruntime"
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendMissingError(
+            f"the ort back end needs ONNX Runtime, which is not installed: pip install {package}"
+        ) from exc
+    return onnxruntime
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise MoetrtError(f"device {device!r} is not supported by the ort back end; use 'cpu', 'cuda' or 'cuda:N'")
+    return kind, int(index or 0)
+
+
+class OrtBackend:
+    """Runs an exported folder with ``onnxruntime.InferenceSession``; KV cache as ``OrtValue``s on ``device``."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        device: str = "cpu",
+        session_options: Any = None,
+        provider_options: dict[str, Any] | None = None,
+    ):
+        device_type, device_id = _parse_device(device)
+        exported = read_exported(folder)
+        ort = import_onnxruntime(device_type)
+        if device_type == "cuda":
+            available = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise BackendMissingError(
+                    f"device {device!r} needs ONNX Runtime's CUDA execution provider, which the installed "
+                    f"onnxruntime {ort.__version__} lacks (it has {', '.join(available)}): "
+                    "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+                )
+            providers: list[Any] = [
+                ("CUDAExecutionProvider", {"device_id": device_id, **(provider_options or {})}),
+                "CPUExecutionProvider",
+            ]
+        else:
+            providers = ["CPUExecutionProvider"]
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # errors only: node placement notes are not news to the user
+        try:
+            self.session = ort.InferenceSession(str(exported.onnx_path), sess_options=session_options, providers=providers)
+        except Exception as exc:  # ORT raises its own pybind error types (Fail, InvalidGraph, NoSuchFile, ...)
+            raise CheckpointError(
+                f"ONNX Runtime {ort.__version__} cannot load {exported.onnx_path}: {exc}; re-export the model, "
+                "or update onnxruntime if the export used a newer opset"
+            ) from exc
+        if device_type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise MoetrtError(
+                f"device {device!r} is not available: ONNX Runtime could not start its CUDA execution provider "
+                "(no NVIDIA GPU, or the CUDA/cuDNN libraries onnxruntime-gpu needs are missing); use device='cpu'"
+            )
+        self._ort = ort
+        self.exported = exported
+        self.config = exported.config
+        self.device = f"cuda:{device_id}" if device_type == "cuda" else "cpu"
+        self._device_type, self._device_id = device_type, device_id
+
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        router = all(
+            name in graph_outputs for layer in exported.config.moe_layers for name in router_names(layer)
+        )
+        self.spec = ModelSpec.from_config(exported.config, KV_DTYPES[exported.dtype], router_outputs=router)
+        wanted_outputs = [n for n in self.spec.output_names if not n.startswith("router_")]
+        missing = [n for n in self.spec.input_names if n not in graph_inputs]
+        missing += [n for n in wanted_outputs if n not in graph_outputs]
+        if missing:
+            raise CheckpointError(
+                f"{exported.onnx_path} lacks the graph inputs/outputs moetrt expects ({', '.join(missing[:6])}); "
+                "it was not written by `moetrt export` or comes from another version: re-export it"
+            )
+
+    def empty_past(self, batch: int) -> Feeds:
+        elem_type = _ONNX_ELEM_TYPE[self.spec.kv_dtype]
+        feeds: Feeds = {}
+        for i in range(self.spec.num_layers):
+            for name in past_names(i):
+                feeds[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(self.spec.kv_shape(batch, 0)), elem_type, self._device_type, self._device_id
+                )  # [B, G, 0, Hd]
+        return feeds
+
+    def forward(self, feeds: Feeds, want_router: bool = False) -> Feeds:
+        if want_router and not self.spec.router_outputs:
+            raise MoetrtError(
+                f"{self.exported.folder} was exported without router outputs, so expert statistics cannot be "
+                "collected from it; re-export with router outputs (moetrt export --router-outputs) or use the "
+                "torch back end"
+            )
+        binding = self.session.io_binding()
+        for name in ("input_ids", "attention_mask", "position_ids"):
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name], dtype=np.int64))
+        for i in range(self.spec.num_layers):
+            for name in past_names(i):
+                value = feeds[name]
+                if isinstance(value, self._ort.OrtValue):
+                    binding.bind_ortvalue_input(name, value)  # the previous step's present, already on the device
+                else:
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+
+        host = ["logits"]
+        if want_router:
+            for layer in self.spec.moe_layers:
+                host += router_names(layer)
+        device = [name for i in range(self.spec.num_layers) for name in present_names(i)]
+        for name in host:
+            binding.bind_output(name, "cpu")
+        for name in device:
+            binding.bind_output(name, self._device_type, self._device_id)
+
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in binding order
+        outputs: Feeds = {}
+        for name, value in zip(host + device, values, strict=True):
+            outputs[name] = value.numpy() if name in host else value
+        return outputs

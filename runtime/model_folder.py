@@ -1,0 +1,117 @@
+"""What a model source is (exported folder, checkpoint folder, preset) and what an exported folder holds.
+
+An exported folder (DESIGN.md) holds ``model.onnx`` (+ ``model.onnx.data``), ``moetrt.json`` and
+the tokenizer files of its source. ``moetrt.json``::
+
+    {"format": "moetrt-onnx", "format_version": 1, "config": {...MoEConfig...},
+     "export": {"dtype": "fp32"|"fp16"|"bf16", "opset": int, "router_outputs": bool, "target": ...},
+     "io": {"inputs": [...], "outputs": [...]}, "source": str | null, "versions": {...},
+     "files": {"model.onnx": "<sha256>", ...}}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moetrt.artifact import FORMAT, FORMAT_VERSION, METADATA_FILE, read_metadata, sha256_file
+from moetrt.config import PRESETS, MoEConfig
+from moetrt.errors import CheckpointError
+
+__all__ = ["ExportedModel", "read_exported", "source_kind", "FORMAT", "FORMAT_VERSION", "METADATA_FILE"]
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def source_kind(source: str | os.PathLike) -> str:
+    """``"exported"`` (a folder with moetrt.json), ``"checkpoint"`` (a folder with config.json) or ``"preset"``."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / METADATA_FILE).exists():
+            return "exported"
+        if (path / "config.json").exists():
+            return "checkpoint"
+        if (path / "model.onnx").exists():
+            raise CheckpointError(
+                f"{path} has model.onnx but no {METADATA_FILE}; moetrt needs the folder written by "
+                "`moetrt export` (re-export it, or copy moetrt.json beside model.onnx)"
+            )
+        raise CheckpointError(
+            f"{path} is neither an exported model (no {METADATA_FILE}) nor a Hugging Face checkpoint "
+            "(no config.json); point at the folder `moetrt export` wrote or at a checkpoint folder"
+        )
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; point at a model folder (or give a preset name)")
+    if str(source) in PRESETS:
+        return "preset"
+    raise CheckpointError(
+        f"{str(source)!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
+    )
+
+
+@dataclass
+class ExportedModel:
+    """The parsed ``moetrt.json`` of an exported folder."""
+
+    folder: Path
+    config: MoEConfig
+    dtype: str  # "fp32" | "fp16" | "bf16"
+    router_outputs: bool
+    source: str | None  # the checkpoint folder or preset it was exported from
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / "model.onnx"
+
+    def verify_checksums(self) -> None:
+        """Recompute the sha256 of every file listed in ``moetrt.json``; raise on a mismatch."""
+        for name, expected in self.meta.get("files", {}).items():
+            if sha256_file(self.folder / name) != expected:
+                raise CheckpointError(
+                    f"{self.folder / name} does not match the checksum in {METADATA_FILE}; the file was changed "
+                    "or truncated after export: re-export the model"
+                )
+
+
+def read_exported(folder: str | os.PathLike) -> ExportedModel:
+    """Read and check an exported folder's ``moetrt.json``; every file it lists must be present."""
+    folder = Path(folder)
+    meta_path = folder / METADATA_FILE
+    meta = read_metadata(folder)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{meta_path} describes a {meta.get('format')!r} artifact; this back end runs {FORMAT!r} folders "
+            "(written by `moetrt export`)"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path} has format_version {version!r}; this moetrt reads version {FORMAT_VERSION}: "
+            "re-export the model with this moetrt, or install the moetrt that wrote it"
+        )
+    try:
+        config = MoEConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path} holds no valid model config ({exc}); re-export the model") from exc
+    export = meta.get("export") or {}
+    dtype = export.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{meta_path}: export.dtype {dtype!r} is not one of {DTYPES}; re-export the model")
+    expected = {"model.onnx", *meta.get("files", {})}
+    missing = sorted(name for name in expected if not (folder / name).exists())
+    if missing:
+        raise CheckpointError(
+            f"{folder} is missing {', '.join(missing)} (listed in {METADATA_FILE}); the folder is incomplete: "
+            "copy the whole folder or re-export the model"
+        )
+    return ExportedModel(
+        folder=folder,
+        config=config,
+        dtype=dtype,
+        router_outputs=bool(export.get("router_outputs", False)),
+        source=meta.get("source"),
+        meta=meta,
+    )

@@ -1,0 +1,269 @@
+"""``Session``: a model on a back end, with text in/out, generation, streaming and expert statistics.
+
+    session = Session("exported/tiny", backend="ort")
+    result = session.generate(["Once upon a time", "The cat"], max_new_tokens=32)
+    print(result.texts)
+    for piece in session.stream("Once upon a time", temperature=0.8, seed=0):
+        print(piece.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetrt.config import MoEConfig
+from moetrt.errors import MoetrtError
+from moetrt.runtime.backend import Backend
+from moetrt.runtime.expert_stats import ExpertStats
+from moetrt.runtime.generate import Generation, SamplingOptions
+from moetrt.runtime.text import IncrementalDecoder, Tokenizer, read_generation_config, token_id_list
+
+__all__ = ["Session", "GenerationResult", "StreamPiece", "Stream", "BACKENDS"]
+
+BACKENDS = ("torch", "ort", "trt")
+
+# a prompt: text, or token ids; or a batch of either
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationResult:
+    prompts: list[list[int]]  # token ids of each prompt
+    tokens: list[list[int]]  # new token ids per prompt, the stop token included
+    texts: list[str] | None  # new text per prompt (special tokens skipped); None without a tokenizer
+    finish_reasons: list[str]  # "stop" (a stop token) | "length" (max_new_tokens)
+    stats: ExpertStats | None  # when generate(..., expert_stats=True)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Decode steps per second, each producing one token per prompt still running."""
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+@dataclass
+class StreamPiece:
+    index: int  # which prompt of the batch
+    token: int  # the new token id
+    text: str  # the text this token made printable ("" without a tokenizer, or while a character is incomplete)
+    finished: bool  # this prompt generates nothing more
+
+
+class Stream:
+    """Iterates :class:`StreamPiece` as tokens are produced; ``result`` is ready once it is exhausted."""
+
+    def __init__(self, session: Session, generation: Generation, text: bool):
+        self._session, self._generation, self._text = session, generation, text
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[StreamPiece]:
+        tokenizer = self._session.tokenizer if self._text else None
+        decoders = [IncrementalDecoder(tokenizer) for _ in self._generation.prompts] if tokenizer else None
+        for step in self._generation:
+            for row in np.flatnonzero(step.active):
+                token = int(step.tokens[row])
+                finished = bool(step.stopped[row]) or step.last
+                text = ""
+                if decoders is not None:
+                    text = decoders[row].push(token)
+                    if finished:
+                        text += decoders[row].flush()
+                yield StreamPiece(index=int(row), token=token, text=text, finished=finished)
+        self.result = self._session._result(self._generation, self._text)
+
+
+class Session:
+    """A model ready to run: ``Session(source, backend="torch" | "ort" | "trt", device="cpu" | "cuda")``.
+
+    ``source``:
+    - ``backend="torch"``: a :class:`moetrt.MoETransformer`, a transformers model, a preset name
+      (``"tiny"``), a Hugging Face checkpoint folder, or an exported folder whose recorded source
+      exists here;
+    - ``backend="ort"`` / ``"trt"``: an exported folder (``moetrt export``);
+    - or a ready :class:`Backend` object.
+
+    A model object is moved to ``device`` (and ``dtype``) in place.
+
+    Text prompts need ``tokenizer.json`` in the model folder; token ids work everywhere. Stop
+    tokens default to the folder's ``generation_config.json`` eos ids, else the config's.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Any,
+        backend: str = "torch",
+        device: str | None = None,
+        dtype: str | None = None,
+        **backend_options: Any,
+    ):
+        folder: Path | None = None
+        if isinstance(source, Backend):
+            self.backend = source
+        else:
+            self.backend, folder = _load_backend(source, backend, device, dtype, backend_options)
+        self.config: MoEConfig = self.backend.config
+        self.spec = self.backend.spec
+        self.folder = folder  # where tokenizer / generation config files come from; None for in-memory models
+        self.tokenizer = Tokenizer.from_folder(folder)
+        generation_config = read_generation_config(folder)
+        eos = generation_config.get("eos_token_id", self.config.eos_token_id)
+        self.stop_tokens: tuple[int, ...] = tuple(token_id_list(eos))
+        pad = self.config.pad_token_id
+        if pad is None:
+            pad = generation_config.get("pad_token_id")
+        if pad is None:
+            pad = self.stop_tokens[0] if self.stop_tokens else 0
+        self.pad_token_id = int(pad)
+
+    def __repr__(self) -> str:
+        return (
+            f"Session(backend={self.backend.name!r}, device={self.backend.device!r}, "
+            f"layers={self.spec.num_layers}, experts={self.spec.num_experts}, "
+            f"tokenizer={'yes' if self.tokenizer else 'no'})"
+        )
+
+    # --- text ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            where = f"{self.folder}" if self.folder else "this in-memory model"
+            raise MoetrtError(
+                f"{where} has no tokenizer.json, so text prompts cannot be encoded; pass token ids instead "
+                "(e.g. [1, 5, 9]), or use a model folder that ships its tokenizer"
+            )
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise MoetrtError("this model has no tokenizer.json, so tokens cannot be decoded to text")
+        return self.tokenizer.decode(list(ids))
+
+    # --- running ---------------------------------------------------------------------------
+    def forward(self, feeds: dict[str, Any], want_router: bool = False) -> dict[str, Any]:
+        """One raw step of the model graph (names and shapes in :mod:`moetrt.runtime.backend`)."""
+        return self.backend.forward(feeds, want_router=want_router)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 32,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        expert_stats: bool = False,
+    ) -> GenerationResult:
+        """Generate for one prompt or a batch; greedy unless ``temperature > 0``.
+
+        ``stop_tokens=None`` uses the model's eos ids; ``()`` generates ``max_new_tokens`` always.
+        """
+        generation, text = self._generation(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, expert_stats)
+        return self._result(generation.run(), text)
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 32,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        expert_stats: bool = False,
+    ) -> Stream:
+        """Like :meth:`generate`, yielding a :class:`StreamPiece` per new token as it comes."""
+        generation, text = self._generation(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, expert_stats)
+        return Stream(self, generation, text)
+
+    def _generation(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, expert_stats):
+        ids, text = self._prompt_ids(prompts)
+        options = SamplingOptions(
+            max_new_tokens=max_new_tokens,
+            temperature=0.0 if temperature is None else temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_tokens=self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens),
+        )
+        generation = Generation(self.backend, ids, options, pad_token_id=self.pad_token_id, expert_stats=expert_stats)
+        return generation, text
+
+    def _prompt_ids(self, prompts: Any) -> tuple[list[list[int]], bool]:
+        """(token ids per prompt, whether the prompts were text)."""
+        if isinstance(prompts, str):
+            return [self.encode(prompts)], True
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+            raise MoetrtError(f"prompts must be text, token ids, or a list of either; got {type(prompts).__name__}")
+        if not prompts:
+            raise MoetrtError("no prompt given; pass at least one prompt")
+        if all(isinstance(p, (int, np.integer)) for p in prompts):
+            return [[int(t) for t in prompts]], False
+        if all(isinstance(p, str) for p in prompts):
+            return [self.encode(p) for p in prompts], True
+        if all(isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, str) for p in prompts):
+            rows = [list(p) for p in prompts]
+            if all(isinstance(t, (int, np.integer)) for row in rows for t in row):
+                return [[int(t) for t in row] for row in rows], False
+        raise MoetrtError("prompts must be one text, one list of token ids, or a list of texts / token-id lists (not mixed)")
+
+    def _result(self, generation: Generation, text: bool) -> GenerationResult:
+        texts = [self.decode(t) for t in generation.tokens] if text and self.tokenizer else None
+        return GenerationResult(
+            prompts=generation.prompts,
+            tokens=generation.tokens,
+            texts=texts,
+            finish_reasons=[r or "length" for r in generation.finish_reasons],
+            stats=generation.stats,
+            prefill_seconds=generation.prefill_seconds,
+            decode_seconds=generation.decode_seconds,
+            decode_steps=generation.decode_steps,
+        )
+
+
+def _load_backend(
+    source: Any, backend: str, device: str | None, dtype: str | None, options: dict[str, Any]
+) -> tuple[Backend, Path | None]:
+    """The back end for ``source`` and the folder holding its tokenizer files (or None)."""
+    from moetrt.runtime.model_folder import source_kind
+
+    if backend not in BACKENDS:
+        raise MoetrtError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    path_like = isinstance(source, (str, os.PathLike))
+    kind = source_kind(source) if path_like else "object"
+
+    if backend == "torch":
+        from moetrt.runtime.backend_torch import TorchBackend
+
+        loaded = TorchBackend.load(source, device=device or "cpu", dtype=dtype, **options)
+        if kind in ("exported", "checkpoint"):
+            folder = Path(source)
+        else:
+            folder = getattr(loaded.model, "source_dir", None)  # set by from_pretrained for folders and "tiny"
+        return loaded, folder
+
+    if kind != "exported":
+        what = {"checkpoint": "a checkpoint folder", "preset": "a preset name", "object": "an in-memory model"}[kind]
+        shown = source if path_like else "<model>"
+        raise MoetrtError(
+            f"backend={backend!r} runs an exported model folder, but {shown} is {what}; export it first "
+            f"(moetrt export {shown} OUT_DIR, or moetrt.export.onnx_from_torch(model, out_dir)), or use backend='torch'"
+        )
+    if dtype is not None:
+        raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)")
+    if backend == "ort":
+        from moetrt.runtime.backend_ort import OrtBackend
+
+        return OrtBackend(source, device=device or "cpu", **options), Path(source)
+    from moetrt.runtime.backend_trt import TrtBackend
+
+    return TrtBackend(source, device=device or "cuda", **options), Path(source)
