@@ -137,6 +137,156 @@ def _parse_prompt(session, text: str) -> str | list[int]:
         ) from None
 
 
+# --- moetrt export -----------------------------------------------------------------------------
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC", help="a Hugging Face checkpoint folder or a preset name (e.g. tiny)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="the folder to write (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="weights and activations; router math and logits stay fp32 (default: %(default)s)")
+    p.add_argument("--router-outputs", action="store_true",
+                   help="add router_weights.{i} / router_indices.{i} outputs per MoE layer (parity, expert stats)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 20)")
+    p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="weights in model.onnx.data (auto: when over 1 GiB; needed past 2 GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it is an earlier moetrt artifact")
+    p.add_argument("--no-check", action="store_true", help="skip onnx.checker's full check of the result")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+
+
+@command("export", "export a model to the canonical ONNX folder", _export_arguments)
+def _export(args: argparse.Namespace) -> int:
+    """Export to ONNX with one moetrt::TopKRouting and one moetrt::SparseMoE node per MoE layer.
+
+    The folder holds model.onnx (+ model.onnx.data for large models), moetrt.json (config,
+    export options, I/O spec, versions, checksums) and the tokenizer files of the source. One
+    graph serves prefill and decode (dynamic batch, sequence and past length). The write is
+    atomic: a failed export leaves nothing behind.
+
+    examples:
+      moetrt export tiny -o exported/tiny
+      moetrt export path/to/Mixtral-checkpoint -o exported/mixtral --dtype fp16
+    """
+    from moetrt.export import onnx_from_torch
+    from moetrt.export.onnx_from_torch import DEFAULT_OPSET
+
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    out = onnx_from_torch(
+        args.source, args.output, dtype=args.dtype, router_outputs=args.router_outputs,
+        opset=args.opset or DEFAULT_OPSET, external_data=external, overwrite=args.overwrite,
+        check=not args.no_check, progress=not args.quiet,
+    )
+    print(out)
+    return 0
+
+
+# --- moetrt demo -------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="preset or checkpoint folder (default: %(default)s)")
+    p.add_argument("--output", "-o", default=None, metavar="DIR",
+                   help="keep the artifacts in DIR (default: a temporary folder, removed at the end)")
+    p.add_argument("--prompt", "-p", default="Return the number of ", help="default: %(default)r")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=48, metavar="N", help="default: %(default)s")
+
+
+@command("demo", "run the whole pipeline on the built-in tiny model", _demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    """The main job end to end: export -> optimize (when available) -> generate on each back end
+    -> parity against the fp32 PyTorch model, with a short summary.
+
+    examples:
+      moetrt demo
+      moetrt demo --output demo-artifacts -p "Create a new " -n 64
+    """
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    import moetrt
+    from moetrt.export import onnx_from_torch
+
+    work = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="moetrt-demo-"))
+    summary: list[tuple[str, str]] = []
+    try:
+        print(f"== 1. load {args.model}", file=sys.stderr)
+        model = moetrt.from_pretrained(args.model)
+        cfg = model.config
+        params = sum(p.numel() for p in model.parameters())
+        summary.append(("model", f"{args.model}: {params / 1e6:.2f} M parameters, {cfg.num_hidden_layers} layers, "
+                                 f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}"))
+
+        print("== 2. export to ONNX", file=sys.stderr)
+        exported = onnx_from_torch(model, work / "onnx", router_outputs=True, overwrite=True)
+        summary.append(("export", f"{exported} ({(exported / 'model.onnx').stat().st_size / 1e6:.1f} MB)"))
+
+        folders = {"ort": exported}
+        if importlib.util.find_spec("moetrt.optimize.lower") is not None:
+            from moetrt.optimize import optimize
+
+            print("== 3. optimize for ONNX Runtime (CPU)", file=sys.stderr)
+            folders["ort-optimized"] = optimize(exported, work / "ort-cpu", target="ort-cpu", overwrite=True)
+            summary.append(("optimize", str(folders["ort-optimized"])))
+        else:
+            summary.append(("optimize", "skipped: the optimize stage is not in this version"))
+
+        print(f"== 4. generate {args.max_new_tokens} tokens greedily on each back end", file=sys.stderr)
+        from moetrt.runtime import Session
+
+        runs = {"torch": Session(model, backend="torch")}
+        runs.update({name: Session(folder, backend="ort") for name, folder in folders.items()})
+        tokens = {}
+        for name, session in runs.items():
+            session.generate([args.prompt], max_new_tokens=2)  # warm-up: one-off library initialisation
+            result = session.generate([args.prompt], max_new_tokens=args.max_new_tokens, expert_stats=True)
+            tokens[name] = result.tokens[0]
+            rate = result.decode_tokens_per_second
+            summary.append((f"generate [{name}]", f"{rate:.0f} tokens/s decode, prefill {result.prefill_seconds * 1e3:.1f} ms"))
+            if name == "torch":
+                print(f"\n{args.prompt}{result.texts[0]}\n", flush=True)
+                print(result.stats.table(), flush=True)
+        same = all(t == tokens["torch"] for t in tokens.values())
+        summary.append(("greedy tokens", "identical on every back end" if same else f"DIFFER: {tokens}"))
+
+        print("== 5. parity against the fp32 PyTorch model", file=sys.stderr)
+        ok = same
+        for name, folder in folders.items():
+            verdict = _quick_parity(model, folder)
+            ok = ok and verdict.ok
+            summary.append((f"parity [{name}]", str(verdict)))
+    finally:
+        if args.output is None:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    width = max(len(k) for k, _ in summary)
+    print("\nsummary")
+    for key, value in summary:
+        print(f"  {key:<{width}}  {value}")
+    print("\n" + ("PASS: every artifact matches the PyTorch model" if ok else "FAIL: see above"))
+    return 0 if ok else 1
+
+
+def _quick_parity(model, folder):
+    """Logits of the ONNX folder vs the fp32 model on a left-padded batch it was not exported with."""
+    import numpy as np
+    import torch
+
+    from moetrt.parity import check_close, tolerance
+    from moetrt.runtime import Session
+
+    backend = Session(folder, backend="ort").backend
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 37), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(ids, mask, positions).logits.numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    feeds.update(backend.empty_past(3))
+    got = backend.forward(feeds)["logits"]
+    return check_close(np.asarray(got), ref, tolerance("fp32", "logits"))
+
+
 # --- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from moetrt import __version__

@@ -85,6 +85,10 @@ class TorchBackend:
         if not isinstance(model, MoETransformer):
             raise TypeError(f"TorchBackend wraps a moetrt.MoETransformer, got {type(model).__name__}")
         dev = torch_device(device)
+        if dev.type == "cuda":  # the MoE ops run as the Triton kernels on NVIDIA GPUs
+            from moetrt.ops.kernels import maybe_register_cuda_kernels
+
+            maybe_register_cuda_kernels()
         self.model = model.to(dev).eval()
         self.device = str(dev)
         self.config = model.config

@@ -1,0 +1,123 @@
+"""Block sizes of the Triton kernels, chosen per problem size from a small table.
+
+No triton import here: the table is plain data, read by the kernels, the offline compiler and
+the benchmark alike.
+
+SparseMoE runs two grouped GEMMs whose M dimension is the number of (token, slot) rows an
+expert receives. What decides the best tile is therefore the average rows per expert,
+``T * K / E`` (for Mixtral, ``E = 8, K = 2``: ``T / 4``; a decode step with ``T <= 16`` tokens
+gives at most 4 rows per expert), so the table is keyed on that.
+
+Rationale for the entries (H200 / sm_90: 132 SMs, ~4.8 TB/s HBM3e, ~990 dense bf16 TFLOP/s,
+so a GEMM is bandwidth-bound below ~200 rows per expert):
+
+* decode, <= 16 rows per expert: the work is streaming expert weights once. ``BLOCK_M = 16`` is
+  the smallest MMA tile, so at most 15 padded rows are wasted; narrow N tiles (64 for gate|up,
+  whose tile is really 2 x 64 wide, and 32 for down) give ``F / 64 = 224`` and
+  ``D / 32 = 128`` programs per routed expert, several per SM, and a long ``BLOCK_K`` with 4
+  pipeline stages keeps ~100 KB of weight loads in flight per program.
+* 16 to 64 rows: the same, with ``BLOCK_M`` grown to the rows an expert really gets.
+* 64 to 256 rows: the GEMMs turn compute-bound; 64 x 128 tiles match one Hopper warpgroup MMA
+  and halve the re-reads of ``x`` relative to 64-wide tiles.
+* above 256 rows: 128-row tiles with 8 warps for the highest arithmetic intensity. gate|up keeps
+  ``BLOCK_N = 64`` because it holds two accumulators (gate and up), so its tile is 128 x 128 of
+  fp32 (128 registers a thread at 8 warps), and 3 stages fit 96 KB of shared memory.
+
+These are starting values derived as above, not yet measured on a GPU;
+``benchmarks/bench_kernels_h200.py --tune`` times candidate configs per token count and prints
+the rows to paste here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = [
+    "GemmConfig",
+    "SparseMoEConfig",
+    "SPARSE_MOE_CONFIGS",
+    "sparse_moe_config",
+    "topk_routing_blocks",
+    "next_power_of_2",
+]
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile of one grouped GEMM (its M tile is the alignment block shared by both GEMMs)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemmConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+@dataclass(frozen=True)
+class SparseMoEConfig:
+    """Blocks of the SparseMoE kernels: the alignment block (M tile) and each GEMM's N/K tiles."""
+
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+    combine_block_d: int = 1024
+
+    def __post_init__(self):
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"SparseMoEConfig.block_m must be a power of two >= 16, got {self.block_m}")
+        if self.combine_block_d < 16 or self.combine_block_d & (self.combine_block_d - 1):
+            raise ValueError(
+                f"SparseMoEConfig.combine_block_d must be a power of two >= 16, got {self.combine_block_d}"
+            )
+
+
+# (largest average rows per expert T*K/E of the bucket, config); the last bucket has no bound.
+SPARSE_MOE_CONFIGS: tuple[tuple[float | None, SparseMoEConfig], ...] = (
+    (16, SparseMoEConfig(16, gate_up=GemmConfig(64, 128, 4, 4), down=GemmConfig(32, 256, 4, 4))),
+    (64, SparseMoEConfig(32, gate_up=GemmConfig(64, 128, 4, 4), down=GemmConfig(64, 128, 4, 4))),
+    (256, SparseMoEConfig(64, gate_up=GemmConfig(64, 64, 4, 4), down=GemmConfig(128, 64, 4, 4))),
+    (None, SparseMoEConfig(128, gate_up=GemmConfig(64, 64, 8, 3), down=GemmConfig(128, 64, 8, 3))),
+)
+
+
+def sparse_moe_config(num_tokens: int, num_experts: int, k: int, element_size: int = 2) -> SparseMoEConfig:
+    """The table's config for ``num_tokens`` tokens routed to ``k`` of ``num_experts`` experts.
+
+    The table is for 2-byte inputs (bf16, fp16); 4-byte inputs (fp32, for testing) get K tiles
+    of the same bytes, so their pipelines fit the same shared memory.
+    """
+    rows_per_expert = num_tokens * k / max(num_experts, 1)
+    config = next(c for bound, c in SPARSE_MOE_CONFIGS if bound is None or rows_per_expert <= bound)
+    if element_size <= 2:
+        return config
+    shrink = lambda g: replace(g, block_k=max(16, g.block_k * 2 // element_size))  # noqa: E731
+    return replace(config, gate_up=shrink(config.gate_up), down=shrink(config.down))
+
+
+def topk_routing_blocks(num_tokens: int | None, num_experts: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_E, num_warps)`` of the routing kernel.
+
+    One program holds ``BLOCK_T`` rows of all ``E`` scores (``BLOCK_E``, the next power of two):
+    about 2048 scores a program, 16 a thread at 4 warps, so E = 256 still fits in registers.
+    ``num_tokens=None`` (ahead-of-time compiles, where T is only known at run time) gives the
+    largest block; a known small T shrinks it so a decode step is one small program.
+    """
+    block_e = next_power_of_2(num_experts)
+    block_t = max(1, min(64, 2048 // block_e))
+    if num_tokens is not None:
+        block_t = min(block_t, next_power_of_2(max(num_tokens, 1)))
+    num_warps = 4 if block_t * block_e >= 1024 else (2 if block_t * block_e >= 256 else 1)
+    return block_t, block_e, num_warps

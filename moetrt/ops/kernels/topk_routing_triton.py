@@ -1,0 +1,112 @@
+"""Triton kernel of ``moetrt::TopKRouting``: scores, top-k, normalize and scale in one pass.
+
+Semantics are the op's (``moetrt/ops/topk_routing.py``): ``scores = softmax(logits)`` or
+``sigmoid(logits)`` in float32, the ``k`` largest scores sorted descending with ties to the
+lower expert index, ``weights = scores[indices]``, optionally divided by their sum, times
+``scale``. One program handles ``BLOCK_T`` tokens and all ``E`` experts of each (``E`` up to a
+few hundred fits in registers); the top-k is ``k`` rounds of "take the row maximum, lowest index
+among equals, then knock it out", which gives exactly the stable-sort order the op defines.
+
+NaN scores rank above every number (as ``torch.sort`` ranks them) and keep their NaN weight, so
+a NaN logit shows up in the output instead of turning into an out-of-range expert index.
+
+Importing this module imports triton; ``moetrt`` itself never does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moetrt.ops.kernels._util import check_device
+from moetrt.ops.kernels.configs import next_power_of_2, topk_routing_blocks
+from moetrt.ops.topk_routing import _check
+
+__all__ = ["topk_routing_triton", "topk_routing_kernel"]
+
+
+@triton.jit
+def topk_routing_kernel(
+    logits_ptr,  # [T, E] float32, rows contiguous
+    weights_ptr,  # [T, K] float32 out
+    indices_ptr,  # [T, K] int32 out
+    num_tokens,  # T
+    num_experts,  # E
+    scale,  # float32
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,  # False: softmax
+    NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,  # next power of two >= E
+    BLOCK_K: tl.constexpr,  # next power of two >= K
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    offs_e = tl.arange(0, BLOCK_E)  # [BE]
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    t_ok = offs_t < num_tokens
+    e_ok = offs_e < num_experts
+    rows = offs_t.to(tl.int64)
+
+    logits = tl.load(
+        logits_ptr + rows[:, None] * num_experts + offs_e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0
+    )  # [BT, BE]
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        logits = tl.where(e_ok[None, :], logits, float("-inf"))
+        shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = shifted / tl.sum(shifted, axis=1)[:, None]  # [BT, BE]
+
+    # Selection key: the score, NaN ranked first, padding lanes last.
+    key = tl.where(scores == scores, scores, float("inf"))
+    key = tl.where(e_ok[None, :], key, float("-inf"))
+    top_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_indices = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.max(key, axis=1)  # [BT]
+        idx = tl.min(tl.where(key == best[:, None], offs_e[None, :], BLOCK_E), axis=1)  # [BT] lowest index among ties
+        chosen = offs_e[None, :] == idx[:, None]  # [BT, BE] one lane per row
+        weight = tl.sum(tl.where(chosen, scores, 0.0), axis=1)  # [BT] the score itself (adding zeros is exact)
+        top_weights = tl.where(offs_k[None, :] == j, weight[:, None], top_weights)
+        top_indices = tl.where(offs_k[None, :] == j, idx[:, None], top_indices)
+        key = tl.where(chosen, float("-inf"), key)
+
+    if NORMALIZE:
+        top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]  # lanes >= K hold 0
+    top_weights = top_weights * scale
+
+    out_offs = rows[:, None] * K + offs_k[None, :]
+    out_ok = t_ok[:, None] & (offs_k[None, :] < K)
+    tl.store(weights_ptr + out_offs, top_weights, mask=out_ok)
+    tl.store(indices_ptr + out_offs, top_indices, mask=out_ok)
+
+
+def topk_routing_triton(
+    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moetrt::TopKRouting`` on the Triton kernel: ``(weights f32 [T, k], indices i32 [T, k])``.
+
+    Runs on CUDA tensors, or on CPU tensors when triton runs in its interpreter
+    (``TRITON_INTERPRET=1`` set before triton is imported). Arguments are checked as the op
+    checks them; nothing here synchronizes with the host, so a CUDA graph can capture it.
+    """
+    _check(logits, k, scoring)
+    check_device(logits)
+    num_tokens, num_experts = logits.shape
+
+    logits = logits.contiguous()
+    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(num_tokens, k, dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, indices
+    block_t, block_e, num_warps = topk_routing_blocks(num_tokens, num_experts)
+    grid = (triton.cdiv(num_tokens, block_t),)
+    topk_routing_kernel[grid](
+        logits, weights, indices, num_tokens, num_experts, float(scale),
+        K=k, SIGMOID=scoring == "sigmoid", NORMALIZE=bool(normalize),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_power_of_2(k),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return weights, indices

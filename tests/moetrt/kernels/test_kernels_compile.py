@@ -1,0 +1,148 @@
+"""Offline compilation of every kernel for sm_90 on a machine without a GPU.
+
+The compile runs in a child process without ``TRITON_INTERPRET`` (an interpreter-mode triton,
+as the interpreter tests set up, cannot compile), exactly as a plugin build would call it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+
+# (op, attributes): Mixtral-8x7B's experts at a decode and a prefill row of the config table,
+# fp16 at small sizes, and routers from Mixtral's to a 256-expert sigmoid router
+BUILDS = {
+    "router_e8": ("topk_routing", {"num_experts": 8, "k": 2, "scoring": "softmax", "normalize": True}),
+    "router_e256": ("topk_routing", {"num_experts": 256, "k": 8, "scoring": "sigmoid", "normalize": True}),
+    "mixtral_decode": (
+        "sparse_moe",
+        {"dtype": "bf16", "hidden_size": 4096, "ffn": 14336, "num_experts": 8, "k": 2, "num_tokens": 1},
+    ),
+    "mixtral_prefill": (
+        "sparse_moe",
+        {"dtype": "bf16", "hidden_size": 4096, "ffn": 14336, "num_experts": 8, "k": 2, "num_tokens": 4096},
+    ),
+    "small_fp16": (
+        "sparse_moe",
+        {"dtype": "fp16", "hidden_size": 1000, "ffn": 360, "num_experts": 60, "k": 4, "num_tokens": 64},
+    ),
+}
+KERNELS = {"topk_routing": ["topk_routing"], "sparse_moe": ["moe_align", "moe_gate_up", "moe_down", "moe_combine"]}
+ENTRY = {"topk_routing": "topk_routing_kernel", "moe_align": "moe_align_kernel", "moe_gate_up": "moe_gate_up_kernel",
+         "moe_down": "moe_down_kernel", "moe_combine": "moe_combine_kernel"}  # fmt: skip
+MAX_SHARED = 227 * 1024  # bytes of shared memory one sm_90 block may use
+CASES = [(build, name) for build, (op, _) in BUILDS.items() for name in KERNELS[op]]
+
+_SCRIPT = """
+import json, sys
+from moetrt.ops.kernels.compile import compile_for_sm90
+builds = json.loads(sys.argv[1])
+out = {}
+for key, (op, attrs) in builds.items():
+    result = compile_for_sm90(op, **attrs)
+    for kernel in result["kernels"]:
+        cubin = kernel.pop("cubin")
+        kernel["cubin_head"] = cubin[:4].hex() if cubin else None
+    out[key] = result
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def _child_env() -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return env
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sm90") / "compiled.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(BUILDS), str(path)],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(path.read_text())
+
+
+def _kernel(compiled, build, name):
+    return next(k for k in compiled[build]["kernels"] if k["name"] == name)
+
+
+def _grid(formula: str, tokens: int) -> int:
+    return eval(formula, {"__builtins__": {}}, {"cdiv": lambda a, b: -(-a // b), "min": min, "T": tokens})
+
+
+@pytest.mark.parametrize("build,name", CASES)
+def test_kernel_compiles_to_sm90_ptx(compiled, build, name):
+    kernel = _kernel(compiled, build, name)
+    assert compiled[build]["target"] == kernel["target"] == "sm_90"
+    assert kernel["entry"] == ENTRY[name]
+    ptx = kernel["ptx"]
+    assert re.search(r"^\.target sm_90a?\b", ptx, re.M), ptx[:400]
+    entry = re.search(rf"\.visible \.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
+    assert entry, f"no entry {kernel['entry']} in the PTX"
+    # the launch parameters the manifest lists (own ones + the two scratch pointers) are the PTX's
+    assert entry.group(1).count(".param") == len(kernel["params"])
+    assert [p[0] for p in kernel["params"][-2:]] == ["global_scratch", "profile_scratch"]
+    assert kernel["global_scratch_size"] == 0 and kernel["profile_scratch_size"] == 0
+    assert f".reqntid {kernel['num_warps'] * 32}" in ptx
+    assert 0 <= kernel["shared"] <= MAX_SHARED
+    if kernel["cubin_head"] is not None:  # ptxas ships with triton wheels
+        assert kernel["cubin_head"] == "7f454c46"  # ELF
+        assert kernel["registers"] is None or 0 < kernel["registers"] <= 255
+        assert kernel["local_bytes"] in (None, 0), "registers spill to local memory"
+    for tokens in (1, 7, 4096):
+        grid = [_grid(g, tokens) for g in kernel["grid"]]
+        assert all(g >= 1 for g in grid) and grid[1] < 65536 and grid[2] < 65536, grid
+
+
+def test_sparse_moe_workspace_and_tensor_core_paths(compiled):
+    workspace = compiled["mixtral_decode"]["workspace"]
+    assert set(workspace) == {"sorted_ids", "expert_ids", "num_padded", "h", "slots"}
+    assert _grid(workspace["h"]["elements"], 3) == 3 * 2 * 14336
+    # decode tiles (BLOCK_M 16) use mma.sync; prefill tiles (BLOCK_M 128, 8 warps) use Hopper's wgmma
+    decode, prefill = (_kernel(compiled, b, "moe_gate_up")["ptx"] for b in ("mixtral_decode", "mixtral_prefill"))
+    assert "mma.sync" in decode
+    assert "wgmma" in prefill
+    for build in ("mixtral_decode", "mixtral_prefill"):
+        gate_up = _kernel(compiled, build, "moe_gate_up")
+        assert gate_up["constants"]["D"] == 4096 and gate_up["constants"]["F"] == 14336
+        assert "cp.async" in gate_up["ptx"]  # pipelined loads
+
+
+def test_cli_writes_ptx_cubin_and_manifest(tmp_path):
+    command = [sys.executable, "-m", "moetrt.ops.kernels.compile", "topk_routing", "--experts", "8", "--k", "2"]
+    command += ["--normalize", "--out", str(tmp_path)]
+    result = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [k["name"] for k in manifest["kernels"]] == ["topk_routing"]
+    assert "ptx" not in manifest["kernels"][0]
+    assert ".entry topk_routing_kernel" in (tmp_path / "topk_routing.ptx").read_text()
+    assert "topk_routing" in result.stdout
+
+
+def test_compile_refuses_interpreter_mode():
+    script = (
+        "from moetrt.ops.kernels.compile import compile_for_sm90; compile_for_sm90('topk_routing', num_experts=8, k=2)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "without TRITON_INTERPRET" in result.stderr

@@ -1,0 +1,187 @@
+"""The Triton kernels compiled, on a CUDA GPU, at real sizes (marker ``gpu``).
+
+Same checks as the interpreter tests, at Mixtral-8x7B's expert sizes (D 4096, F 14336, E 8,
+top-2) and at Qwen3-MoE-like routing (E 128, top-8), against a float64 reference computed on
+the GPU from the same inputs; plus the dispatch of ``torch.ops.moetrt.*`` after
+``maybe_register_cuda_kernels()``, CUDA-graph capture, and run-to-run determinism.
+
+The compiled mode is fixed when triton is imported. When this process already imported triton in
+the interpreter (the interpreter tests ran first), the whole file reruns in a fresh process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moetrt.ops import sparse_moe_eager, topk_routing_reference
+from moetrt.ops.kernels import triton_mode
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+IN_PROCESS = triton_mode() != "interpret"
+in_process = pytest.mark.skipif(
+    not IN_PROCESS, reason="triton is in interpreter mode here: test_rerun_compiled runs this file"
+)
+
+if IN_PROCESS:
+    from moetrt.ops.kernels import maybe_register_cuda_kernels
+    from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
+    from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
+
+CUDA = torch.device("cuda")
+# (tokens T, experts E, k, scoring, normalize)
+ROUTING_CASES = [
+    (1, 8, 2, "softmax", True),
+    (4096, 8, 2, "softmax", True),
+    (4093, 64, 6, "softmax", False),
+    (4096, 256, 8, "sigmoid", True),
+]
+# (tokens T, model dim D, expert dim F, experts E, k, dtype)
+MOE_CASES = [
+    (1, 4096, 14336, 8, 2, torch.bfloat16),  # Mixtral decode
+    (7, 4096, 14336, 8, 2, torch.bfloat16),
+    (64, 4096, 14336, 8, 2, torch.bfloat16),
+    (513, 4096, 14336, 8, 2, torch.bfloat16),  # Mixtral prefill
+    (33, 4096, 14336, 4, 2, torch.float16),  # 4 of Mixtral's experts
+    (257, 2048, 768, 128, 8, torch.bfloat16),  # Qwen3-MoE-30B-A3B-like
+    (100, 1024, 2048, 8, 2, torch.float32),
+]
+# NOTE: relative Frobenius error against float64 on the same inputs. The kernels round three
+# times to the model dtype (h, each slot's output, y); bf16 keeps 8 significant bits (unit
+# roundoff 2^-8 = 3.9e-3, about 1.6e-3 rms per rounding of random values), so about 3e-3 is
+# expected and 1e-2 leaves 3x margin; fp32 accumulation over 4096 or 14336 terms adds ~1e-5.
+# fp16 has 11 bits (2^-11); fp32 inputs multiply exactly (input_precision="ieee").
+RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def _rel_fro(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.double(), ref.double()
+    return float(torch.linalg.norm(ours - ref) / torch.linalg.norm(ref).clamp(min=1e-300))
+
+
+def _moe_inputs(tokens, dim, ffn, experts, k, dtype, seed=0):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    x = torch.randn(tokens, dim, device=CUDA, generator=g).to(dtype)
+    w_gate_up = (torch.randn(experts, 2 * ffn, dim, device=CUDA, generator=g) * dim**-0.5).to(dtype)
+    w_down = (torch.randn(experts, dim, ffn, device=CUDA, generator=g) * ffn**-0.5).to(dtype)
+    logits = torch.randn(tokens, experts, device=CUDA, generator=g)
+    weights, indices = torch.ops.moetrt.TopKRouting(logits, k, "softmax", True, 1.0)
+    return x, weights, indices, w_gate_up, w_down
+
+
+def _reference_fp64(x, weights, indices, w_gate_up, w_down) -> torch.Tensor:
+    ffn = w_down.shape[2]
+    y = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    flat = indices.reshape(-1).long()
+    for e in flat.unique().tolist():
+        pairs = (flat == e).nonzero().squeeze(1)  # [n]
+        tokens = pairs // indices.shape[1]
+        gate_up = x[tokens].double() @ w_gate_up[e].double().t()  # [n, 2F]
+        hidden = torch.nn.functional.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+        out = (hidden @ w_down[e].double().t()) * weights.reshape(-1)[pairs, None].double()
+        y.index_add_(0, tokens, out)
+    return y
+
+
+@in_process
+@pytest.mark.parametrize("tokens,experts,k,scoring,normalize", ROUTING_CASES)
+def test_topk_routing_matches_reference(tokens, experts, k, scoring, normalize):
+    logits = torch.randn(tokens, experts, device=CUDA) * 2
+    weights, indices = topk_routing_triton(logits, k, scoring, normalize, 1.0)
+    ref_w, ref_i = topk_routing_reference(logits.cpu().numpy(), k, scoring, normalize, 1.0)
+    ours_i, ours_w = indices.cpu().numpy(), weights.cpu().numpy()
+    same = (ours_i == ref_i).all(axis=1)
+    # a differing row must be a near-tie: the reference's k-th and (k+1)-th scores within 1e-6
+    # (tl.exp and the division round differently from float64 numpy)
+    if not same.all():
+        scores = torch.softmax(logits.double(), -1) if scoring == "softmax" else torch.sigmoid(logits.double())
+        top = scores.sort(dim=-1, descending=True).values.cpu().numpy()
+        gaps = top[:, k - 1] - (top[:, k] if k < experts else -np.inf)
+        bad = np.nonzero(~same & (gaps > 1e-6))[0]
+        assert bad.size == 0, f"rows {bad[:10]} differ without a near-tie"
+    # NOTE: weights in float32 via the GPU's approximate exp/divide, vs float64: a few ulps
+    np.testing.assert_allclose(ours_w[same], ref_w[same], rtol=1e-5, atol=1e-7)
+
+
+@in_process
+@pytest.mark.parametrize("tokens,dim,ffn,experts,k,dtype", MOE_CASES)
+def test_sparse_moe_matches_float64(tokens, dim, ffn, experts, k, dtype, record_max):
+    x, weights, indices, w_gate_up, w_down = _moe_inputs(tokens, dim, ffn, experts, k, dtype)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down)
+    ref = _reference_fp64(x, weights, indices, w_gate_up, w_down)
+    err = _rel_fro(y, ref)
+    eager_err = _rel_fro(sparse_moe_eager(x, weights, indices, w_gate_up, w_down), ref)
+    key = f"T={tokens} D={dim} F={ffn} E={experts} k={k} {dtype}"
+    record_max("Triton kernels (GPU): relative Frobenius error vs float64", key, err)
+    record_max("torch op eager (GPU): relative Frobenius error vs float64", key, eager_err)
+    assert err <= RTOL[dtype], err
+    # one rounding of the fused SwiGLU instead of three in the eager op: never much worse
+    assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+
+
+@in_process
+def test_align_methods_give_bitwise_equal_outputs():
+    x, weights, indices, w_gate_up, w_down = _moe_inputs(257, 2048, 768, 128, 8, torch.bfloat16, seed=1)
+    a = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, align="triton")
+    b = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, align="torch")
+    assert torch.equal(a, b)
+    assert torch.equal(a, sparse_moe_triton(x, weights, indices, w_gate_up, w_down, align="triton"))
+
+
+@in_process
+def test_registered_ops_dispatch_to_the_kernels():
+    assert maybe_register_cuda_kernels()
+    x, weights, indices, w_gate_up, w_down = _moe_inputs(9, 1024, 512, 8, 2, torch.bfloat16, seed=2)
+    logits = torch.randn(9, 8, device=CUDA)
+    op_w, op_i = torch.ops.moetrt.TopKRouting(logits, 2, "softmax", True, 1.0)
+    ker_w, ker_i = topk_routing_triton(logits, 2, "softmax", True, 1.0)
+    assert torch.equal(op_i, ker_i) and torch.equal(op_w, ker_w)
+    y_op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
+    assert torch.equal(y_op, sparse_moe_triton(x, weights, indices, w_gate_up, w_down))
+
+
+@in_process
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_decode_step_captures_in_a_cuda_graph(tokens):
+    dim, ffn, experts, k = 1024, 2048, 8, 2
+    x, _, _, w_gate_up, w_down = _moe_inputs(tokens, dim, ffn, experts, k, torch.bfloat16, seed=3)
+    router = torch.randn(experts, dim, device=CUDA) * dim**-0.5
+
+    def step():
+        logits = x.float() @ router.t()  # [T, E]
+        weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
+        return sparse_moe_triton(x, weights, indices, w_gate_up, w_down)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step()
+    for seed in range(3):
+        x.copy_(torch.randn(tokens, dim, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, step()), seed
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="triton is compiled in this process: the tests above ran here")
+def test_rerun_compiled():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

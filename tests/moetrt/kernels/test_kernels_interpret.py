@@ -1,0 +1,340 @@
+"""The Triton kernels on the CPU, in Triton's interpreter (``TRITON_INTERPRET=1``), on tiny shapes.
+
+``TopKRouting``: softmax and sigmoid, k = 1..8, E up to 256, several programs, exact ties, NaN.
+``SparseMoE``: odd token counts, experts no token picks, k = 1..4, masked (non-multiple-of-16)
+D and F, several blocks per expert, fp32/fp16/bf16, the default config table, T = 0, dropped
+out-of-range experts, both alignment methods, degenerate equivalences, determinism; and the
+wrappers that ``maybe_register_cuda_kernels`` installs for CUDA.
+
+The interpreter mode is fixed when triton is imported. When this process already imported triton
+compiled (another test module did, on a GPU machine), the whole file reruns in a fresh process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetrt.ops import sparse_moe_reference, topk_routing_reference
+from moetrt.ops.kernels import triton_mode
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+if triton_mode() is None:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
+IN_PROCESS = triton_mode() != "compiled"
+in_process = pytest.mark.skipif(
+    not IN_PROCESS, reason="triton is compiled here: test_rerun_in_interpreter runs this file"
+)
+
+if IN_PROCESS:
+    from moetrt.ops.kernels import _sparse_moe_cuda, _topk_routing_cuda, maybe_register_cuda_kernels
+    from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig
+    from moetrt.ops.kernels.sparse_moe_triton import moe_align, sparse_moe_triton
+    from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
+
+    SMALL = SparseMoEConfig(16, gate_up=GemmConfig(16, 16), down=GemmConfig(16, 16), combine_block_d=16)
+
+# (tokens T, experts E, k, scoring, normalize, scale); E=128/256 rows use several programs
+ROUTING_CASES = [
+    (1, 8, 2, "softmax", True, 1.0),
+    (7, 8, 1, "softmax", False, 1.0),
+    (5, 6, 3, "sigmoid", False, 2.5),
+    (13, 60, 4, "softmax", True, 1.0),
+    (40, 128, 8, "sigmoid", True, 1.0),
+    (19, 256, 8, "softmax", False, 0.5),
+]
+# (logits row, k, expected indices): exact ties go to the lower expert index
+TIE_CASES = [
+    ([1.0, 3.0, 3.0, 0.0, 3.0, 2.0], 3, [1, 2, 4]),
+    ([2.0, 2.0, 2.0, 2.0], 2, [0, 1]),
+    ([0.0, 5.0, 1.0, 5.0], 1, [1]),
+    ([-1.0, -1.0, 4.0, -1.0, 4.0], 4, [2, 4, 0, 1]),
+]
+# (tokens T, model dim D, expert dim F, experts E, k, dtype); D, F not multiples of 16 mask the K loop
+MOE_CASES = [
+    (1, 32, 16, 4, 1, torch.float32),
+    (7, 40, 24, 5, 2, torch.float32),
+    (13, 32, 48, 8, 3, torch.float32),
+    (5, 48, 20, 6, 4, torch.float32),
+    (33, 24, 32, 3, 2, torch.float32),  # 22 rows per expert: two blocks each
+    (11, 32, 48, 8, 2, torch.float16),
+    (9, 48, 32, 5, 2, torch.bfloat16),
+]
+# NOTE: float32 kernels against a float64 reference of the same inputs; sums of <= 48 products.
+FP32_RTOL = 1e-5
+# NOTE: relative Frobenius error of half-precision outputs against the float64 reference of the
+# same (rounded) inputs: the kernel rounds h, each slot's output and y to the dtype, 3 roundings of
+# 2^-11 (fp16). The interpreter converts fp32 to bf16 by truncation, not round-to-nearest as the
+# GPU does, so each of the 3 bf16 roundings costs up to 2^-8 = 3.9e-3, biased one way.
+HALF_RTOL = {torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def _rel_fro(ours: np.ndarray, ref: np.ndarray) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _distinct_logits(tokens: int, experts: int, seed: int) -> torch.Tensor:
+    """Scores at least 4/E apart in logit space: no near-ties, so the index order is certain."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(experts, generator=g) for _ in range(tokens)]).float() * (4.0 / experts) - 2.0
+
+
+def _routing(tokens: int, experts: int, k: int, seed: int, skip=lambda e: e % 3 == 1):
+    """Distinct experts per token drawn from those ``skip`` leaves, and random fp32 weights."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(experts) if not skip(e)] if experts > k + 1 else list(range(experts)))
+    indices = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:k]] for _ in range(tokens)])
+    return torch.rand(tokens, k, generator=g), indices.to(torch.int32)
+
+
+def _experts(num_experts, dim, ffn, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gu_scale, d_scale = dim**-0.5, ffn**-0.5  # unit-variance outputs of each projection
+    w_gate_up = (torch.randn(num_experts, 2 * ffn, dim, generator=g) * gu_scale).to(dtype)
+    w_down = (torch.randn(num_experts, dim, ffn, generator=g) * d_scale).to(dtype)
+    return w_gate_up, w_down
+
+
+def _reference(x, weights, indices, w_gate_up, w_down) -> np.ndarray:
+    return sparse_moe_reference(
+        x.double().numpy(), weights.numpy(), indices.numpy(), w_gate_up.double().numpy(), w_down.double().numpy()
+    )
+
+
+# --- TopKRouting ---------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("tokens,experts,k,scoring,normalize,scale", ROUTING_CASES)
+def test_topk_routing_matches_reference_and_op(tokens, experts, k, scoring, normalize, scale):
+    logits = _distinct_logits(tokens, experts, seed=tokens * experts)
+    weights, indices = topk_routing_triton(logits, k, scoring, normalize, scale)
+    ref_w, ref_i = topk_routing_reference(logits.numpy(), k, scoring, normalize, scale)
+    op_w, op_i = torch.ops.moetrt.TopKRouting(logits, k, scoring, normalize, scale)
+    assert weights.dtype == torch.float32 and indices.dtype == torch.int32
+    assert weights.shape == indices.shape == (tokens, k)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    assert torch.equal(indices, op_i)
+    # NOTE: float32 exp/divide/sum against float64; weights <= scale
+    np.testing.assert_allclose(weights.numpy(), ref_w, rtol=2e-6, atol=1e-7 * scale)
+    torch.testing.assert_close(weights, op_w, rtol=2e-6, atol=1e-7 * scale)
+
+
+@in_process
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("row,k,expected", TIE_CASES)
+def test_topk_routing_ties_go_to_the_lower_index(row, k, expected, scoring):
+    logits = torch.tensor([row, row[::-1]], dtype=torch.float32)
+    _, indices = topk_routing_triton(logits, k, scoring, True, 1.0)
+    assert indices[0].tolist() == expected
+    _, ref_i = topk_routing_reference(logits.numpy(), k, scoring, True, 1.0)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+
+
+@in_process
+def test_topk_routing_nan_logits_rank_first_and_stay_nan():
+    logits = torch.tensor([[0.0, 1.0, float("nan"), 2.0], [float("nan")] * 4])
+    weights, indices = topk_routing_triton(logits, 2, "sigmoid", False, 1.0)
+    op_w, op_i = torch.ops.moetrt.TopKRouting(logits, 2, "sigmoid", False, 1.0)
+    assert indices.tolist() == op_i.tolist() == [[2, 3], [0, 1]]
+    assert torch.isnan(weights[0, 0]) and not torch.isnan(weights[0, 1]) and torch.isnan(weights[1]).all()
+    torch.testing.assert_close(weights, op_w, equal_nan=True)
+
+
+@in_process
+def test_topk_routing_non_contiguous_and_empty():
+    logits = _distinct_logits(8, 5, seed=3).t().contiguous().t()  # [8, 5] stored column-major
+    strided = _distinct_logits(6, 10, seed=4)[:, ::2]  # [6, 5], row stride 10
+    for x in (logits, strided):
+        w, i = topk_routing_triton(x, 2, "softmax", True, 1.0)
+        ref_w, ref_i = topk_routing_reference(x.numpy(), 2, "softmax", True, 1.0)
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_allclose(w.numpy(), ref_w, rtol=2e-6, atol=1e-7)
+    w, i = topk_routing_triton(torch.zeros(0, 8), 2)
+    assert w.shape == i.shape == (0, 2)
+
+
+@in_process
+def test_topk_routing_rejects_what_the_op_rejects():
+    with pytest.raises(ValueError, match="float32"):
+        topk_routing_triton(torch.zeros(3, 8, dtype=torch.float16), 2)
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_routing_triton(torch.zeros(3, 8), 9)
+    with pytest.raises(ValueError, match="scoring"):
+        topk_routing_triton(torch.zeros(3, 8), 2, "relu")
+
+
+# --- alignment -----------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("tokens,experts,k,block_m", [(1, 4, 1, 16), (7, 5, 2, 16), (33, 3, 2, 16), (50, 40, 4, 32)])
+def test_align_layout(tokens, experts, k, block_m):
+    _, indices = _routing(tokens, experts, k, seed=tokens + experts)
+    indices[0, 0] = experts  # out of range: dropped
+    num_pairs = tokens * k
+    layouts = {method: moe_align(indices, experts, block_m, method) for method in ("triton", "torch")}
+    for method, (sorted_ids, expert_ids, num_padded) in layouts.items():
+        used = int(num_padded)
+        flat = indices.reshape(-1).long()
+        counts = torch.bincount(flat[(flat >= 0) & (flat < experts)], minlength=experts)
+        assert used == int(((counts + block_m - 1) // block_m * block_m).sum()), method
+        slots, blocks = sorted_ids[:used].long(), expert_ids[: used // block_m].long()
+        assert used // block_m <= expert_ids.numel() and used <= sorted_ids.numel()
+        real = slots < num_pairs
+        # every valid pair exactly once, in a block of its own expert, in pair order within the expert
+        assert sorted(slots[real].tolist()) == [p for p in range(num_pairs) if 0 <= flat[p] < experts], method
+        assert torch.equal(flat[slots[real]], blocks.repeat_interleave(block_m)[real]), method
+        for e in range(experts):
+            mine = slots[real][flat[slots[real]] == e]
+            assert torch.equal(mine, mine.sort().values), method
+        assert bool((slots[~real] == num_pairs).all()), method
+    (a_ids, a_exp, a_n), (b_ids, b_exp, b_n) = layouts["triton"], layouts["torch"]
+    used = int(a_n)
+    assert int(b_n) == used
+    assert torch.equal(a_ids[:used], b_ids[:used]) and torch.equal(a_exp[: used // block_m], b_exp[: used // block_m])
+
+
+# --- SparseMoE -----------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("tokens,dim,ffn,experts,k,dtype", MOE_CASES)
+def test_sparse_moe_matches_reference(tokens, dim, ffn, experts, k, dtype, record_max):
+    weights, indices = _routing(tokens, experts, k, seed=tokens)
+    picked = set(indices.reshape(-1).tolist())
+    assert len(picked) < experts or experts <= k + 1  # some expert gets no token
+    x = torch.randn(tokens, dim).to(dtype)
+    w_gate_up, w_down = _experts(experts, dim, ffn, dtype, seed=dim)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, config=SMALL)
+    assert y.dtype == dtype and y.shape == (tokens, dim)
+    err = _rel_fro(y.double().numpy(), _reference(x, weights, indices, w_gate_up, w_down))
+    record_max("Triton kernels (interpreter): relative Frobenius error vs float64", f"SparseMoE {dtype}", err)
+    assert err <= (FP32_RTOL if dtype == torch.float32 else HALF_RTOL[dtype]), err
+    if dtype == torch.float32:
+        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
+        torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+
+
+@in_process
+@pytest.mark.parametrize("align", ["triton", "torch"])
+def test_sparse_moe_default_config_int64_indices_and_align_methods(align):
+    tokens, dim, ffn, experts, k = 6, 32, 24, 4, 2
+    weights, indices = _routing(tokens, experts, k, seed=1)
+    x = torch.randn(tokens, dim)
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float32, seed=2)
+    y = sparse_moe_triton(x, weights, indices.long(), w_gate_up, w_down, align=align)  # config from the table
+    assert _rel_fro(y.numpy(), _reference(x, weights, indices, w_gate_up, w_down)) <= FP32_RTOL
+
+
+@in_process
+def test_sparse_moe_drops_out_of_range_experts():
+    tokens, dim, ffn, experts, k = 5, 16, 16, 4, 2
+    weights, indices = _routing(tokens, experts, k, seed=5)
+    x = torch.randn(tokens, dim)
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float32, seed=6)
+    bad = indices.clone()
+    bad[1, 0], bad[3, 1] = experts, -1
+    kept = weights.clone()
+    kept[1, 0] = kept[3, 1] = 0.0
+    ref = _reference(x, kept, indices, w_gate_up, w_down)
+    for align in ("triton", "torch"):
+        y = sparse_moe_triton(x, weights, bad, w_gate_up, w_down, config=SMALL, align=align)
+        assert _rel_fro(y.numpy(), ref) <= FP32_RTOL, align
+
+
+@in_process
+def test_one_expert_top1_is_a_dense_swiglu_ffn():
+    tokens, dim, ffn = 9, 24, 40
+    x = torch.randn(tokens, dim)
+    w_gate_up, w_down = _experts(1, dim, ffn, torch.float32, seed=7)
+    y = sparse_moe_triton(
+        x, torch.ones(tokens, 1), torch.zeros(tokens, 1, dtype=torch.int32), w_gate_up, w_down, config=SMALL
+    )
+    gate, up = (x @ w_gate_up[0].t()).chunk(2, dim=-1)
+    dense = (F.silu(gate) * up) @ w_down[0].t()
+    torch.testing.assert_close(y, dense, rtol=FP32_RTOL, atol=FP32_RTOL * float(dense.abs().max()))
+
+
+@in_process
+def test_k_equal_e_is_the_dense_mixture():
+    tokens, dim, ffn, experts = 7, 16, 24, 4
+    x = torch.randn(tokens, dim)
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float32, seed=8)
+    probs = torch.softmax(torch.randn(tokens, experts), dim=-1)
+    indices = torch.stack([torch.randperm(experts) for _ in range(tokens)]).to(torch.int32)  # all experts, any order
+    y = sparse_moe_triton(x, probs.gather(1, indices.long()), indices, w_gate_up, w_down, config=SMALL)
+    dense = torch.zeros(tokens, dim)
+    for e in range(experts):
+        gate, up = (x @ w_gate_up[e].t()).chunk(2, dim=-1)
+        dense += probs[:, e : e + 1] * ((F.silu(gate) * up) @ w_down[e].t())
+    torch.testing.assert_close(y, dense, rtol=FP32_RTOL, atol=FP32_RTOL * float(dense.abs().max()))
+
+
+@in_process
+def test_batch_equals_rows_one_by_one_and_runs_are_bitwise_equal():
+    tokens, dim, ffn, experts, k = 5, 32, 16, 4, 2
+    weights, indices = _routing(tokens, experts, k, seed=9)
+    x = torch.randn(tokens, dim).to(torch.float16)
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float16, seed=10)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, config=SMALL)
+    assert torch.equal(y, sparse_moe_triton(x, weights, indices, w_gate_up, w_down, config=SMALL))
+    rows = [
+        sparse_moe_triton(x[t : t + 1], weights[t : t + 1], indices[t : t + 1], w_gate_up, w_down, config=SMALL)
+        for t in range(tokens)
+    ]
+    assert torch.equal(y, torch.cat(rows))
+
+
+@in_process
+def test_sparse_moe_empty_and_errors():
+    w_gate_up, w_down = _experts(4, 16, 8, torch.float32, seed=11)
+    y = sparse_moe_triton(
+        torch.zeros(0, 16), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int32), w_gate_up, w_down
+    )
+    assert y.shape == (0, 16)
+    with pytest.raises(ValueError, match="share one dtype"):
+        sparse_moe_triton(
+            torch.zeros(2, 16, dtype=torch.float16),
+            torch.zeros(2, 2),
+            torch.zeros(2, 2, dtype=torch.int32),
+            w_gate_up,
+            w_down,
+        )
+    with pytest.raises(ValueError, match="activation"):
+        sparse_moe_triton(
+            torch.zeros(2, 16), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int32), w_gate_up, w_down, "gelu"
+        )
+
+
+# --- what maybe_register_cuda_kernels installs ------------------------------------------------------
+@in_process
+def test_registered_wrappers_take_the_op_arguments():
+    assert maybe_register_cuda_kernels() and maybe_register_cuda_kernels()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("moetrt::TopKRouting", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("moetrt::SparseMoE", "CUDA")
+    # the dispatcher passes the schema's arguments in order; here on CPU tensors, in the interpreter
+    logits = _distinct_logits(7, 8, seed=12)
+    weights, indices = _topk_routing_cuda(logits, 2, "softmax", True, 1.0)
+    op_w, op_i = torch.ops.moetrt.TopKRouting(logits, 2, "softmax", True, 1.0)  # CPU: still the torch op
+    assert torch.equal(indices, op_i)
+    torch.testing.assert_close(weights, op_w, rtol=2e-6, atol=1e-7)
+    x = torch.randn(7, 16)
+    w_gate_up, w_down = _experts(8, 16, 16, torch.float32, seed=13)
+    y = _sparse_moe_cuda(x, weights, indices, w_gate_up, w_down, "silu")
+    op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
+    torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+
+
+# --- when this process runs triton compiled ------------------------------------------------------
+@pytest.mark.skipif(IN_PROCESS, reason="triton runs in the interpreter in this process: the tests above ran here")
+def test_rerun_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
