@@ -482,6 +482,9 @@ def save_pretrained(model: MoETransformer, folder: str | os.PathLike, extra_file
     try:
         tensors = {name: t.detach().contiguous().clone() for name, t in _hf_tensors(model)}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it private
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
