@@ -110,12 +110,11 @@ def _example_inputs(model: MoETransformer, dtype: torch.dtype) -> tuple[torch.Te
 def _resolve_model(source: Any, progress: Progress) -> tuple[MoETransformer, str | None, Path | None]:
     """A model object, preset name or checkpoint folder -> (model, source description, folder)."""
     if isinstance(source, MoETransformer):
-        return source, None, getattr(source, "source_dir", None)
+        return source, getattr(source, "source", None), getattr(source, "source_dir", None)
     if isinstance(source, (str, os.PathLike)):
         with progress.stage("load", str(source)):
             model = from_pretrained(source)
-        folder = getattr(model, "source_dir", None)
-        return model, str(Path(source).resolve()) if Path(source).exists() else str(source), folder
+        return model, getattr(model, "source", None), getattr(model, "source_dir", None)
     if hasattr(source, "config") and hasattr(source, "state_dict"):
         with progress.stage("load", type(source).__name__):
             return from_pretrained(source), None, None

@@ -423,7 +423,9 @@ def from_pretrained(
             folder = PRESET_DIR / name
         elif name in PRESETS:
             warnings.warn(f"preset {name!r} ships no trained weights: initialised randomly with seed {seed}")
-            return MoETransformer.from_config(MoEConfig.from_name(name), seed=seed).to(dtype or torch.float32)
+            model = MoETransformer.from_config(MoEConfig.from_name(name), seed=seed).to(dtype or torch.float32)
+            model.source = name if seed == 0 else None  # what from_pretrained(source) rebuilds exactly
+            return model
         else:
             raise CheckpointError(
                 f"{name!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
@@ -434,6 +436,7 @@ def from_pretrained(
     model = _empty_model(cfg, dtype or torch.float32)
     load_state(model, iter_safetensors(folder), str(folder))
     model.source_dir = folder  # where tokenizer files may be found
+    model.source = str(source) if str(source) in SHIPPED_PRESETS else str(folder.resolve())
     return model.eval()
 
 
