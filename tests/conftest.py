@@ -22,6 +22,16 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The test models are tiny: one intra-op thread is fastest, and on a busy 2-core machine two
+    threads competing with ONNX Runtime's made reference passes 5-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hf_tiny_model():
     """Factory ``hf_tiny_model(variant, seed=0, std=0.1, **config_overrides)`` -> a tiny transformers model.

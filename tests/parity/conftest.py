@@ -7,19 +7,8 @@ import warnings
 
 import onnx
 import pytest
-import torch
 
 import moetrt
-
-
-@pytest.fixture(autouse=True, scope="package")
-def one_torch_thread():
-    """The reference's per-expert kernels are tiny: one intra-op thread is fastest, and on a busy
-    2-core machine two threads competing with ONNX Runtime made each reference pass ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

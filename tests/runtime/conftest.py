@@ -7,21 +7,10 @@ import json
 import warnings
 
 import pytest
-import torch
 
 import moetrt
 from tests.hf_tiny import hf_tiny_model
 from tests.runtime.tiny_models import BOS, EOS, PAD, WORDS, word_tokenizer_json
-
-
-@pytest.fixture(autouse=True, scope="package")
-def one_torch_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a busy 2-core CI machine
-    two threads spinning against other processes made steps 5-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
