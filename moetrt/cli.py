@@ -271,6 +271,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# --- moetrt optimize ---------------------------------------------------------------------------
+def _optimize_arguments(p: argparse.ArgumentParser) -> None:
+    from moetrt.optimize import cli as optimize_cli
+
+    optimize_cli.add_arguments(p)
+
+
+@command("optimize", "optimize an exported folder for ONNX Runtime (CPU/CUDA) or build a TensorRT engine",
+         _optimize_arguments)
+def _optimize(args: argparse.Namespace) -> int:
+    """Optimize an exported folder for one target.
+
+    ort-cpu / ort-cuda: lower the MoE ops to ONNX Runtime's fused MoE/QMoE where it measurably
+    helps, optionally quantize the experts (int8/int4, weight-only) and convert precision
+    (router, softmax and logits stay fp32); the folder keeps the export's inputs and outputs.
+    trt: build a TensorRT engine folder with the moetrt plugins (needs TensorRT and a GPU).
+
+    examples:
+      moetrt optimize exported/tiny --target ort-cpu -o optimized/tiny
+      moetrt optimize exported/tiny -t ort-cpu -o optimized/tiny-int4 --quantize-experts int4
+      moetrt optimize exported/model -t trt -o engines/model --precision fp16
+    """
+    from moetrt.optimize import cli as optimize_cli
+
+    return optimize_cli.run(args)
+
+
 # --- moetrt parity -----------------------------------------------------------------------------
 def _parity_arguments(p: argparse.ArgumentParser) -> None:
     from moetrt.parity import cli as parity_cli

@@ -1,1 +1,42 @@
-"""Graph passes and per-target lowering (ONNX Runtime, TensorRT)."""
+"""Graph passes and per-target lowering (ONNX Runtime; TensorRT comes with its own stage).
+
+``optimize(src_dir, out_dir, target="ort-cpu", precision=..., quantize_experts=...)`` turns a
+canonical export into a folder for one target; each pass is a function of an ``onnx_ir.Model``
+returning a :class:`PassResult`, usable on its own.
+
+The names below load on first use, so ``moetrt.optimize.cli`` (imported by every ``moetrt``
+command to build its parser) does not import onnx-ir and onnxscript.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .targets import PRECISIONS, QUANTIZE_EXPERTS, TARGETS
+
+__all__ = [
+    "optimize",
+    "check_requirements",
+    "TARGETS",
+    "PRECISIONS",
+    "QUANTIZE_EXPERTS",
+    "PassResult",
+    "lower_moe",
+    "quantize_experts",
+    "convert_precision",
+]
+
+_LAZY = {
+    "optimize": ".lower",
+    "check_requirements": ".lower",
+    "PassResult": "._common",
+    "lower_moe": ".moe_lowering",
+    "quantize_experts": ".expert_quantization",
+    "convert_precision": ".precision",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,162 @@
+"""TensorRT plugins of the two MoE ops, as ``tensorrt.plugin`` (quickly deployable Python plugins).
+
+    from moetrt.ops.plugins import register_plugins
+    register_plugins()          # before parsing an ONNX model with moetrt nodes or loading a JIT-plugin engine
+
+Nothing here imports tensorrt, triton or polygraphy until :func:`register_plugins` is called;
+the definitions themselves live in ``moetrt.ops.plugins._trt`` (imports tensorrt), the AOT
+kernels in :mod:`moetrt.ops.plugins.aot` (plain Python) and ``aot_kernels`` (imports triton).
+
+Plugins (namespace ``moetrt``, version 1), with their attributes in registration order (the
+ONNX nodes carry them; TensorRT's parser hands a ``tensorrt.plugin`` creator exactly the node
+attributes it declares, converting INT attributes to int32):
+
+========================  =====================================================  =========
+plugin                    attributes                                             impl
+========================  =====================================================  =========
+``TopKRouting``           k, scoring, normalize, scale                           AOT + JIT
+``SparseMoE``             activation                                             JIT
+``MoEAlign``              num_experts, k, block_m                                AOT
+``MoEGateUp``             num_experts, hidden_size, ffn, k, block_m, block_n,    AOT
+                          block_k, num_warps, num_stages
+``MoEDown``               (as MoEGateUp)                                         AOT
+``MoECombine``            num_experts, hidden_size, k, block_d                   AOT
+========================  =====================================================  =========
+
+An AOT plugin launches one kernel, so an engine built with ``plugins="aot"`` runs each
+``SparseMoE`` as the four single-kernel plugins ``MoEAlign -> MoEGateUp -> MoEDown ->
+MoECombine`` (the graph rewrite is ``moetrt.optimize.trt``); its PTX is baked into the engine,
+which then runs without Python (``trtexec`` included). With ``plugins="jit"`` the engine keeps
+``TopKRouting`` / ``SparseMoE`` nodes whose Python implementations launch the same Triton
+kernels through torch; such an engine needs :func:`register_plugins` (and torch and triton) in
+the process that loads it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from moetrt.errors import BackendMissingError, MoetrtError
+
+__all__ = [
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_ATTRIBUTES",
+    "AOT_PLUGINS",
+    "JIT_PLUGINS",
+    "PLUGIN_MODES",
+    "MIN_TENSORRT",
+    "ENGINE_FORMAT",
+    "ENGINE_FORMAT_VERSION",
+    "ENGINE_FILE",
+    "import_tensorrt",
+    "tensorrt_version",
+    "version_tuple",
+    "register_plugins",
+    "plugins_registered",
+    "device_info",
+]
+
+PLUGIN_NAMESPACE = "moetrt"
+PLUGIN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "TopKRouting": ("k", "scoring", "normalize", "scale"),
+    "SparseMoE": ("activation",),
+    "MoEAlign": ("num_experts", "k", "block_m"),
+    "MoEGateUp": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages"),
+    "MoEDown": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages"),
+    "MoECombine": ("num_experts", "hidden_size", "k", "block_d"),
+}
+AOT_PLUGINS = ("TopKRouting", "MoEAlign", "MoEGateUp", "MoEDown", "MoECombine")
+JIT_PLUGINS = ("TopKRouting", "SparseMoE")
+PLUGIN_MODES = ("aot", "jit")
+# tensorrt.plugin with aot_impl (trt.QuickPluginCreationRequest) and the ONNX parser's per-node "aot" attribute
+MIN_TENSORRT = (10, 9)
+
+# the engine folder written by moetrt.optimize.trt.engine_from_onnx and read by the trt back end
+ENGINE_FORMAT, ENGINE_FORMAT_VERSION = "moetrt-trt", 1
+ENGINE_FILE = "model.engine"
+
+_INSTALL_HINT = (
+    "pip install tensorrt (10.9 or newer: NVIDIA's wheels, for a machine with an NVIDIA GPU and a recent driver; "
+    "see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html)"
+)
+_registered = False
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"10.13.0.35"`` -> ``(10, 13, 0, 35)``; non-numeric parts end the tuple."""
+    out = []
+    for part in str(version).split("."):
+        match = re.match(r"\d+", part)
+        if not match:
+            break
+        out.append(int(match.group()))
+    return tuple(out)
+
+
+def import_tensorrt(what: str = "this") -> Any:
+    """``import tensorrt`` (at least :data:`MIN_TENSORRT`), or a :class:`BackendMissingError` saying what to install."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as exc:  # also a wheel whose NVIDIA libraries do not load
+        raise BackendMissingError(f"{what} needs TensorRT, which is not installed (or fails to import: {exc}): "
+                                  f"{_INSTALL_HINT}") from exc
+    version = getattr(tensorrt, "__version__", "0")
+    if version_tuple(version)[:2] < MIN_TENSORRT:
+        need = ".".join(map(str, MIN_TENSORRT))
+        raise BackendMissingError(
+            f"{what} needs TensorRT >= {need} (Python plugins with ahead-of-time kernels); this machine has "
+            f"{version}: pip install -U 'tensorrt>={need}'"
+        )
+    return tensorrt
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT version, or None when it does not import."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):
+        return None
+    return str(getattr(tensorrt, "__version__", None))
+
+
+def register_plugins() -> list[str]:
+    """Register the moetrt plugins with TensorRT's plugin registry (once per process).
+
+    Returns the plugin ids (``"moetrt::TopKRouting"``, ...). Raises :class:`BackendMissingError`
+    when TensorRT (>= 10.9) does not import. Needs torch; the kernels need triton only when an
+    engine is built (AOT) or a JIT plugin runs.
+    """
+    global _registered
+    import_tensorrt("registering the moetrt TensorRT plugins")
+    if not _registered:
+        from moetrt.ops.plugins import _trt  # noqa: F401  the decorators register on import
+
+        _registered = True
+    return [f"{PLUGIN_NAMESPACE}::{name}" for name in PLUGIN_ATTRIBUTES]
+
+
+def plugins_registered() -> bool:
+    """Whether :func:`register_plugins` ran in this process."""
+    return _registered
+
+
+def device_info(index: int | None = None) -> dict[str, Any]:
+    """Name and compute capability of CUDA device ``index`` (default: torch's current device).
+
+    The TensorRT stage keeps its buffers in torch CUDA tensors, so it reads the device from torch.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+        raise MoetrtError(
+            f"TensorRT needs an NVIDIA GPU, and torch {torch.__version__} (built {built}) sees none; install a CUDA "
+            "build of torch on a machine with an NVIDIA GPU"
+        )
+    index = torch.cuda.current_device() if index is None else index
+    if not 0 <= index < torch.cuda.device_count():
+        raise MoetrtError(f"CUDA device {index} does not exist: torch sees {torch.cuda.device_count()} device(s)")
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"index": index, "name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
+            "capability": (major, minor)}

@@ -1,0 +1,82 @@
+"""``moetrt optimize DIR --target ort-cpu|ort-cuda -o OUT``: the subcommand's arguments and its run.
+
+The CLI registers it with ``command("optimize", HELP, add_arguments)(run)``; ``run`` calls
+:func:`moetrt.optimize.optimize`, as a Python user would, and prints where the folder went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_arguments", "run", "HELP"]
+
+HELP = "optimize an exported folder for ONNX Runtime (lowered MoE ops, fp16/bf16, int8/int4 experts)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .targets import (
+        DEFAULT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, PRECISIONS, QUANTIZE_EXPERTS, TARGETS,
+    )
+
+    p.add_argument("source", metavar="DIR", help="a folder written by `moetrt export` (the canonical ONNX)")
+    p.add_argument("--target", "-t", required=True, choices=(*TARGETS, *ENGINE_TARGETS),
+                   help="ort-cpu: ONNX Runtime CPU; ort-cuda: ONNX Runtime CUDA; trt: a TensorRT engine folder")
+    p.add_argument("--output", "-o", required=True, metavar="OUT", help="the optimized folder to write")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="activations and weights; fp16/bf16 convert an fp32 export, keeping router, softmax "
+                        "and logits fp32 (default: the export's dtype)")
+    p.add_argument("--quantize-experts", choices=QUANTIZE_EXPERTS, default=None,
+                   help="weight-only block-wise quantization of the routed experts (com.microsoft::QMoE)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+                   help="weights per quantization scale, a power of two >= 16 (default: %(default)s)")
+    p.add_argument("--expert-activations", choices=tuple(EXPERT_ACTIVATIONS), default="int8",
+                   help="ort-cpu, quantized experts: int8 activations inside the expert GEMMs (faster decode; "
+                        "int8 experts always use them) or fp32 (default: %(default)s)")
+    p.add_argument("--moe-lowering", choices=MOE_LOWERING, default=None,
+                   help="auto: com.microsoft::MoE for decode steps, the function body for prefill; always; off "
+                        "(default: auto on ort-cpu, always on ort-cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a moetrt folder")
+    p.add_argument("--no-check-runtime", action="store_true",
+                   help="do not require the target's ONNX Runtime on this machine (build for another one)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    t = p.add_argument_group("TensorRT (--target trt; needs tensorrt >= 10.9 and a GPU)")
+    t.add_argument("--profile", default=None, metavar="RANGES",
+                   help="optimization profile(s), e.g. batch=1:4:8,seq=1:512:4096,past=0:1024:4096 "
+                        "(min:opt:max per axis; ';' separates profiles; default: that one, cut to the model)")
+    t.add_argument("--timing-cache", default=None, metavar="FILE",
+                   help="TensorRT timing cache to reuse and update (default: one per GPU and TensorRT version "
+                        "under ~/.cache/moetrt)")
+    t.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
+    t.add_argument("--plugins", choices=("aot", "jit"), default="aot",
+                   help="aot: engines run without Python (Triton PTX embedded); jit: Python plugins (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Optimize an exported folder for one ONNX Runtime target.
+
+    The output keeps the export's inputs and outputs (the runtime runs it unchanged) and lists
+    the passes applied, with their counts, in its moetrt.json.
+
+    examples:
+      moetrt optimize exported/tiny --target ort-cpu -o optimized/tiny
+      moetrt optimize exported/tiny -t ort-cpu -o optimized/tiny-int4 --quantize-experts int4
+      moetrt optimize exported/model -t ort-cuda -o optimized/model-fp16 --precision fp16
+      moetrt optimize exported/model -t trt -o engines/model --precision fp16 --profile batch=1:1:4,seq=1:256:2048
+    """
+    from .lower import optimize
+
+    if args.target == "trt":
+        timing_cache = False if args.no_timing_cache else args.timing_cache
+        out = optimize(args.source, args.output, "trt", precision=args.precision,
+                       quantize_experts=args.quantize_experts, overwrite=args.overwrite, progress=not args.quiet,
+                       profile=args.profile, timing_cache=timing_cache, plugins=args.plugins)
+    else:
+        out = optimize(
+            args.source, args.output, args.target, precision=args.precision, quantize_experts=args.quantize_experts,
+            block_size=args.block_size, expert_activations=args.expert_activations, moe_lowering=args.moe_lowering,
+            overwrite=args.overwrite, check_runtime=not args.no_check_runtime, progress=not args.quiet,
+        )
+    print(out)
+    sys.stdout.flush()
+    return 0

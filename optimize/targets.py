@@ -1,0 +1,47 @@
+"""The targets and options of ``optimize``, importable without onnx or ONNX Runtime (the CLI
+builds its parser from them on every ``moetrt`` command)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "MOE_LOWERING",
+           "EXPERT_ACTIVATIONS",
+           "DEFAULT_BLOCK_SIZE"]
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+QUANTIZE_EXPERTS = ("int8", "int4")
+MOE_LOWERING = ("auto", "always", "off")
+EXPERT_ACTIVATIONS = {"int8": 4, "fp32": 0}  # -> QMoE accuracy_level (MatMulNBits' meaning)
+DEFAULT_BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a target needs from ONNX Runtime and which activation dtypes its fused MoE ops take."""
+
+    name: str
+    provider: str  # the execution provider the folder is built for
+    package: str  # the pip package that brings that provider
+    min_ort: tuple[int, int, int]  # the release whose fused MoE op computes SwiGLU experts correctly
+    why_min_ort: str
+    moe_dtypes: tuple[str, ...]  # activation dtypes (onnx_ir.DataType names) of the fused MoE/QMoE ops
+    moe_policy: str  # the default policy of lower_moe for this target
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "ort-cpu": TargetSpec(
+        "ort-cpu", "CPUExecutionProvider", "onnxruntime", (1, 23, 1),
+        "the CPU com.microsoft::MoE kernel with interleaved SwiGLU experts (swiglu_fusion=1)",
+        ("FLOAT",),
+        "auto",  # the fused op for decode steps, the function body for prefill (measured: lower_moe)
+    ),
+    "ort-cuda": TargetSpec(
+        "ort-cuda", "CUDAExecutionProvider", "onnxruntime-gpu", (1, 28, 0),
+        "the CUDA com.microsoft::MoE kernel with a correct SwiGLU (activation_alpha/beta honoured)",
+        ("FLOAT16", "BFLOAT16"),
+        "always",  # one fused kernel at every T; an If on T would also sync the host each step
+    ),
+}
+# built by optimize.trt.engine_from_onnx rather than by ONNX graph passes
+ENGINE_TARGETS = ("trt",)

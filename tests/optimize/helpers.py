@@ -1,0 +1,122 @@
+"""Shared by the optimize tests: apply a pass to an exported graph, count nodes, run ONNX
+Runtime on it and compare with the PyTorch reference on the positions that hold real tokens."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from moetrt.parity import Closeness, Tolerance, check_close, tolerance
+
+KV_NUMPY = {"fp32": np.float32, "fp16": np.float16}
+
+
+def apply_pass(source: Path, out: Path, pass_fn, *args, **kwargs):
+    """Load ``source`` (a model file, or a folder's model.onnx), run ``pass_fn(model, *args, **kwargs)``, save
+    to ``out``; returns (result, model)."""
+    source = Path(source)
+    model = ir.load(source / "model.onnx" if source.is_dir() else source)
+    result = pass_fn(model, *args, **kwargs)
+    ir.save(model, out)
+    return result, model
+
+
+def node_counts(model: ir.Model, recursive: bool = True) -> Counter:
+    """``"domain::op"`` (``"op"`` for the default domain) -> count, in subgraphs too."""
+    nodes = ir.traversal.RecursiveGraphIterator(model.graph) if recursive else model.graph
+    return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in nodes)
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def batch_inputs(model, batch: int, seq: int, past: int, seed: int = 0, pad: bool = True):
+    """ids [B, P+S], mask [B, P+S] (row 1 left-padded by up to 3 tokens), positions [B, P+S]."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, past + seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    if pad and batch > 1:
+        mask[1, : min(3, past + seq - 1)] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def feeds(model, ids, mask, positions, past, kv_dtype=np.float32) -> dict:
+    cfg = model.config
+    out = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    for i in range(cfg.num_hidden_layers):
+        for j, kind in enumerate(("key", "value")):
+            value = (past[i][j].numpy() if past is not None
+                     else np.zeros((ids.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim), np.float32))
+            out[f"past_key_values.{i}.{kind}"] = value.astype(kv_dtype)
+    return out
+
+
+def compare(model, sess, batch: int, seq: int, past: int, dtype: str = "fp32", seed: int = 0, pad: bool = True,
+            tol: Tolerance | None = None) -> tuple[Closeness, Closeness, dict]:
+    """Run the reference and ``sess`` on a batch with a KV cache of ``past`` tokens.
+
+    Returns the closeness of the logits and of the worst present KV, on real (unpadded) positions
+    only: padded query rows attend to nothing, so their values are arbitrary in every dtype.
+    ``tol`` replaces the table's entries for ``dtype`` (logits and KV).
+    """
+    ids, mask, positions = batch_inputs(model, batch, seq, past, seed, pad)
+    with torch.no_grad():
+        prefix = model(ids[:, :past], mask[:, :past], positions[:, :past]) if past else None
+        cache = prefix.past_key_values if prefix else None
+        ref = model(ids[:, past:], mask, positions[:, past:], cache)
+    names = [o.name for o in sess.get_outputs()]
+    outputs = sess.run(None, feeds(model, ids[:, past:], mask, positions[:, past:], cache, KV_NUMPY[dtype]))
+    got = dict(zip(names, outputs))
+    real_q = mask[:, past:].bool().numpy()  # [B, S]
+    real_kv = mask.bool().numpy()  # [B, P+S]
+    logits = check_close(got["logits"][real_q], ref.logits.numpy()[real_q], tol or tolerance(dtype, "logits"))
+    kv = []
+    for i in range(model.config.num_hidden_layers):
+        for j, kind in enumerate(("key", "value")):
+            a = got[f"present.{i}.{kind}"].astype(np.float32).transpose(0, 2, 1, 3)[real_kv]  # [n, G, Hd]
+            e = ref.past_key_values[i][j].numpy().transpose(0, 2, 1, 3)[real_kv]
+            kv.append(check_close(a, e, tol or tolerance(dtype, "kv")))
+    return logits, max(kv, key=lambda c: c.max_abs), got
+
+
+def export_moe_layer(path: Path, num_experts: int = 8, dim: int = 128, ffn: int = 192, k: int = 2,
+                     normalize: bool = True, seed: int = 0):
+    """One MoE layer, x [T, D] -> y [T, D] (router Gemm + TopKRouting + SparseMoE), exported as
+    full models are; returns the torch MoEBlock it came from."""
+    import moetrt
+    from moetrt.export import attach_functions, trace_to_onnx
+    from moetrt.model import MoEBlock
+
+    cfg = moetrt.MoEConfig(vocab_size=16, hidden_size=dim, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=4, num_experts=num_experts, num_experts_per_tok=k, intermediate_size=ffn,
+                           normalize_topk=normalize)
+    block = MoEBlock(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.1, generator=generator)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):  # [T, D] -> [T, D]
+            return self.block(x[None])[0][0]
+
+    model = trace_to_onnx(Layer().eval(), (torch.randn(7, dim),), ({0: torch.export.Dim.DYNAMIC},), ["x"], ["y"],
+                          opset=20)
+    attach_functions(model, num_experts)
+    ir.save(model, path)
+    return block.eval()
