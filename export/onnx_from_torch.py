@@ -22,7 +22,7 @@ from torch import nn
 
 from moetrt.artifact import FORMAT, FORMAT_VERSION, Progress, atomic_output_dir, check_output_dir, package_versions, sha256_file, write_metadata
 from moetrt.checkpoint import TOKENIZER_FILES, from_pretrained
-from moetrt.errors import MoetrtError, UnsupportedModelError
+from moetrt.errors import UnsupportedModelError
 from moetrt.model import MoETransformer
 from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, registered_schemas
 from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
