@@ -25,6 +25,7 @@ from moetrt.checkpoint import TOKENIZER_FILES, from_pretrained
 from moetrt.errors import UnsupportedModelError
 from moetrt.model import MoETransformer
 from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, registered_schemas
+from moetrt.ops.sparse_moe import gather_threshold
 from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
 from moetrt.ops.sparse_moe import onnx_schema as sparse_moe_schema
 from moetrt.ops.topk_routing import onnx_function as topk_routing_function
@@ -168,7 +169,16 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
     for node in ir_model.graph:
         if node.domain == DOMAIN:
             counts[node.op_type] += 1
-    for proto in (topk_routing_function(opset), sparse_moe_function(opset, num_experts)):
+    gather_below = None
+    for node in ir_model.graph:
+        if node.domain == DOMAIN and node.op_type == "SparseMoE":
+            w_gate_up = node.inputs[3]  # [E, 2F, D]
+            shape, dtype = w_gate_up.shape, w_gate_up.dtype
+            if shape is not None and dtype is not None and all(isinstance(d, int) for d in shape):
+                expert_bytes = (3 * shape[1] // 2) * shape[2] * dtype.itemsize  # gate, up and down
+                gather_below = gather_threshold(num_experts, expert_bytes)
+            break
+    for proto in (topk_routing_function(opset), sparse_moe_function(opset, num_experts, gather_below)):
         function = ir.serde.deserialize_function(proto)
         ir_model.functions[function.identifier()] = function
     ir_model.opset_imports[DOMAIN] = DOMAIN_VERSION

@@ -216,14 +216,32 @@ def _weighted_sum(b, pairs, flat_w, pair_shape):
     return b.op("ReduceSum", b.op("Reshape", weighted, pair_shape), b.const([1]), keepdims=0)  # [T, D]
 
 
-def onnx_function(opset: int, num_experts: int):
+# One expert slice of the prefill path costs a few node launches (~30 us on a CPU); copying an
+# expert's weights costs its bytes at ~10 GB/s. Gathering N experts beats running all E slices
+# while N * expert_bytes < E * this many bytes.
+GATHER_BYTES_PER_EXPERT_SLICE = 256 * 1024
+
+
+def gather_threshold(num_experts: int, expert_bytes: int) -> int:
+    """Pairs (T*K) below which the decode path gathers the routed experts' weights.
+
+    Small experts (d 256, ffn 512: 1.5 MB in fp32) gather for single-token steps of many-expert
+    models; large ones (Mixtral: 352 MB in bf16) never do: copying them costs more than the
+    per-expert slices, which read the weights in place.
+    """
+    return (num_experts * GATHER_BYTES_PER_EXPERT_SLICE) // max(expert_bytes, 1)
+
+
+def onnx_function(opset: int, num_experts: int, gather_below: int | None = None):
     """The model-local ``FunctionProto`` for models with ``num_experts`` experts.
 
     Work grows with T*K, not T*E. Two paths, chosen at run time by an If on N = T*K:
 
-    - N < E (decode): gather only the routed experts' weights, one batched MatMul per
-      projection over the N (token, slot) pairs;
-    - otherwise (prefill): sort the pairs once by expert (TopK, stable for equal ids), count
+    - N < ``gather_below`` (decode steps of models with small experts; default E, see
+      :func:`gather_threshold`): gather only the routed experts' weights, one batched MatMul
+      per projection over the N (token, slot) pairs; with ``gather_below <= 1`` this path and
+      the If are left out;
+    - otherwise: sort the pairs once by expert (TopK, stable for equal ids), count
       per expert (CumSum offsets) and run each expert on its Slice of rows. The per-expert
       weight slices come from Gather/Transpose of the weight inputs with constant indices,
       which runtimes fold into initializers at load time.
@@ -233,6 +251,7 @@ def onnx_function(opset: int, num_experts: int):
     from moetrt.ops._onnx import FLOAT, INT64, Body, make_function
 
     E = num_experts
+    gather_below = E if gather_below is None else gather_below
     b = Body("smoe_")
     flat_e = b.op("Reshape", b.op("Cast", "indices", to=INT64), b.const([-1]))  # [N]
     flat_w = b.op("Reshape", "weights", b.const([-1]))  # [N]
@@ -241,7 +260,6 @@ def onnx_function(opset: int, num_experts: int):
     d_1d = b.op("Shape", "x", start=1, end=2)  # [1]
     pair_shape = b.op("Concat", b.const([-1]), k_1d, d_1d, axis=0)  # [-1, K, D]
     token_of_pair = b.op("Div", b.op("Range", b.const(0), b.op("Squeeze", n_1d), b.const(1)), b.op("Squeeze", k_1d))
-    decode = b.op("Less", b.op("Squeeze", n_1d), b.const(E))
 
     # per-expert weights, transposed for MatMul; constant indices let runtimes fold them
     w_gu_t, w_down_t = [], []
@@ -277,7 +295,12 @@ def onnx_function(opset: int, num_experts: int):
     s_pairs = s.op("Gather", sorted_out, inverse, axis=0)  # [N, D] in (token, slot) order
     s_y = _weighted_sum(s, s_pairs, flat_w, pair_shape)  # [T, D]
 
-    y = b.op("If", decode, then_branch=g.graph("decode_gather", [g_y]), else_branch=s.graph("prefill_sorted", [s_y]))
+    if gather_below > 1:
+        decode = b.op("Less", b.op("Squeeze", n_1d), b.const(gather_below))
+        y = b.op("If", decode, then_branch=g.graph("decode_gather", [g_y]), else_branch=s.graph("prefill_sorted", [s_y]))
+    else:  # the experts are too large to copy: every step slices them in place
+        b.nodes.extend(s.nodes)
+        y = s_y
     b.rename_output(y, "y")
     return make_function(
         OP_NAME, b, ["x", "weights", "indices", "w_gate_up", "w_down"], ["y"], opset,
