@@ -27,35 +27,9 @@ import torch
 
 
 def export_moe_layer(num_experts: int, dim: int, ffn: int, k: int, path: Path) -> None:
-    import onnx_ir as ir
+    from moetrt.export import onnx_moe_layer
 
-    import moetrt
-    from moetrt.export import attach_functions, trace_to_onnx
-    from moetrt.model import MoEBlock
-
-    cfg = moetrt.MoEConfig(
-        vocab_size=16, hidden_size=dim, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-        num_experts=num_experts, num_experts_per_tok=k, intermediate_size=ffn,
-    )
-    block = MoEBlock(cfg)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.05, generator=generator)
-
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x):  # [T, D] -> [T, D]
-            return self.block(x[None])[0][0]
-
-    model = trace_to_onnx(
-        Layer().eval(), (torch.randn(7, dim),), ({0: torch.export.Dim.DYNAMIC},), ["x"], ["y"], opset=20
-    )
-    attach_functions(model, num_experts)
-    ir.save(model, path)
+    onnx_moe_layer(path, num_experts, dim, ffn, k, std=0.05)
 
 
 def time_session(path: Path, tokens: int, dim: int, repeat: int, threads: int) -> float:

@@ -35,14 +35,14 @@ import onnx_ir as ir
 from moetrt.artifact import (
     Progress, atomic_output_dir, check_output_dir, package_versions, read_metadata, sha256_file, write_metadata,
 )
-from moetrt.errors import BackendMissingError, MoetrtError, UnsupportedModelError
+from moetrt.errors import BackendMissingError, MoetrtError
 
 from ._common import PassResult
 from .moe_lowering import lower_moe
 from .precision import convert_precision
 from .expert_quantization import quantize_experts as quantize_experts_pass  # the keyword argument takes the name
 from .targets import (
-    DEFAULT_BLOCK_SIZE, EXPERT_ACTIVATIONS, MOE_LOWERING, PRECISIONS, QUANTIZE_EXPERTS, TARGETS,
+    DEFAULT_BLOCK_SIZE, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision, PRECISIONS, QUANTIZE_EXPERTS, TARGETS,
     TargetSpec,
 )
 
@@ -205,12 +205,7 @@ def optimize(
             "canonical export: pass the folder written by `moetrt export`"
         )
     source_dtype = export.get("dtype", "fp32")
-    precision = precision or source_dtype
-    if precision != source_dtype and source_dtype != "fp32":
-        raise UnsupportedModelError(
-            f"{src_dir} was exported in {source_dtype}; optimize converts precision from fp32 exports only: "
-            f"re-export with `moetrt export --dtype fp32` (or keep --precision {source_dtype})"
-        )
+    precision = resolve_precision(src_dir, export, precision)
     if src_dir.resolve() == out_dir.resolve():
         raise MoetrtError(f"the output folder must differ from the source folder {src_dir}")
     check_output_dir(out_dir, overwrite)

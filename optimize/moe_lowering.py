@@ -32,6 +32,9 @@ same initializer that ONNX Runtime folds at session creation, so the file holds 
 Measured the same way, ``auto`` runs one layer 1.8-2.1x faster than the body at T=1 and within
 noise of it (0.85-1.16x) from T=64 up; on bench-small a whole 1x256 prefill takes the same time
 with and without it (1092 vs 1112 ms, interleaved) while ``always`` takes 1172 ms.
+Since then the body stopped gathering large experts (it slices them in place at decode too), and
+there it beats the fused op: ``auto`` lowers only layers whose body still gathers at decode
+(``_body_wins_at_decode``).
 ``policy="always"`` emits the fused op alone (smaller graph, for runtimes where it wins at
 every T, such as CUDA).
 """
@@ -43,6 +46,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from moetrt.ops._onnx import DOMAIN
+from moetrt.ops.sparse_moe import gather_threshold
 
 from ._common import ORT_DOMAIN, MoELayer, PassResult, read_moe_layer, remove_dead_code
 
@@ -120,7 +124,10 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
         if context.graph_or_function is not context.model.graph:
             return check.fail("SparseMoE inside a subgraph or function (the kept branch of a lowered layer)")
         node = y.producer()
-        reason = lowering_blocker(read_moe_layer(node), self.dtypes)
+        layer = read_moe_layer(node)
+        reason = lowering_blocker(layer, self.dtypes)
+        if reason is None and self.policy == "auto":
+            reason = _body_wins_at_decode(layer)
         if reason is not None:
             self.result.skipped[node.name or "SparseMoE"] = reason
             return check.fail(reason)
@@ -157,6 +164,21 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
         then_branch = ir.Graph([], [fused[-1].outputs[0]], nodes=fused, name=f"{layer.name}_fused")
         else_branch = ir.Graph([], [kept.outputs[0]], nodes=[kept], name=f"{layer.name}_function_body")
         return op.If(decode, then_branch=then_branch, else_branch=else_branch)
+
+
+def _body_wins_at_decode(layer: MoELayer) -> str | None:
+    """``auto`` keeps the body where it reads the experts in place at decode too (large experts).
+
+    The measurements above compared the fused op with the body's gather path. The body gathers
+    only small experts now (``moetrt.ops.sparse_moe.gather_threshold``); larger ones it slices in
+    place, and there it beat the fused op at decode: bench-small, 2 cores, ORT 1.32, 74 vs 61
+    tok/s over 10 paired rounds (benchmarks/results/runtime_cpu.md).
+    """
+    expert_bytes = (layer.w_gate_up[0].nbytes + layer.w_down[0].nbytes)
+    if gather_threshold(layer.num_experts, expert_bytes) <= 1:
+        return ("the function body reads these large experts in place at decode, which measured faster than "
+                "com.microsoft::MoE on the CPU (bench-small 74 vs 61 tok/s); policy 'always' lowers anyway")
+    return None
 
 
 def lower_moe(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 __all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "MOE_LOWERING",
            "EXPERT_ACTIVATIONS",
-           "DEFAULT_BLOCK_SIZE"]
+           "DEFAULT_BLOCK_SIZE", "resolve_precision"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 QUANTIZE_EXPERTS = ("int8", "int4")
@@ -45,3 +45,17 @@ TARGETS: dict[str, TargetSpec] = {
 }
 # built by optimize.trt.engine_from_onnx rather than by ONNX graph passes
 ENGINE_TARGETS = ("trt",)
+
+
+def resolve_precision(src_dir, export: dict, precision: str | None) -> str:
+    """The precision to build in: ``precision``, or the export's; converting is from fp32 exports only."""
+    from moetrt.errors import UnsupportedModelError
+
+    source_dtype = export.get("dtype", "fp32")
+    precision = precision or source_dtype
+    if precision != source_dtype and source_dtype != "fp32":
+        raise UnsupportedModelError(
+            f"{src_dir} was exported in {source_dtype}; precision is converted from fp32 exports only: "
+            f"re-export with `moetrt export --dtype fp32` (or keep --precision {source_dtype})"
+        )
+    return precision

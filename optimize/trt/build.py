@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from moetrt.artifact import Progress, atomic_output_dir, check_output_dir, package_versions, read_metadata, sha256_file, write_metadata
 from moetrt.config import MoEConfig
-from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError, UnsupportedModelError
+from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError
 from moetrt.ops.plugins import (
     ENGINE_FILE,
     ENGINE_FORMAT,
@@ -47,6 +47,7 @@ from moetrt.ops.plugins import (
     version_tuple,
 )
 
+from ..targets import resolve_precision
 from .profiles import parse_profiles
 
 __all__ = ["engine_from_onnx", "PRECISIONS", "precision_flags", "default_timing_cache", "ProgressLog", "io_from_graph"]
@@ -233,12 +234,7 @@ def engine_from_onnx(
     meta = _check_source(onnx_dir)
     export = dict(meta.get("export") or {})
     source_dtype = export.get("dtype", "fp32")
-    precision = precision or source_dtype
-    if precision != source_dtype and source_dtype != "fp32":
-        raise UnsupportedModelError(
-            f"{onnx_dir} was exported in {source_dtype}; precision is converted from fp32 exports only: re-export with "
-            f"`moetrt export --dtype fp32`, or build with precision={source_dtype!r}"
-        )
+    precision = resolve_precision(onnx_dir, export, precision)
     config = MoEConfig.from_dict(meta["config"])
     specs = parse_profiles(profile, config.max_position_embeddings)
     if onnx_dir.resolve() == out_dir.resolve():

@@ -92,31 +92,7 @@ def compare(model, sess, batch: int, seq: int, past: int, dtype: str = "fp32", s
 
 def export_moe_layer(path: Path, num_experts: int = 8, dim: int = 128, ffn: int = 192, k: int = 2,
                      normalize: bool = True, seed: int = 0):
-    """One MoE layer, x [T, D] -> y [T, D] (router Gemm + TopKRouting + SparseMoE), exported as
-    full models are; returns the torch MoEBlock it came from."""
-    import moetrt
-    from moetrt.export import attach_functions, trace_to_onnx
-    from moetrt.model import MoEBlock
+    """One MoE layer, x [T, D] -> y [T, D], exported as full models are; returns its torch MoEBlock."""
+    from moetrt.export import onnx_moe_layer
 
-    cfg = moetrt.MoEConfig(vocab_size=16, hidden_size=dim, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=4, num_experts=num_experts, num_experts_per_tok=k, intermediate_size=ffn,
-                           normalize_topk=normalize)
-    block = MoEBlock(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.1, generator=generator)
-
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x):  # [T, D] -> [T, D]
-            return self.block(x[None])[0][0]
-
-    model = trace_to_onnx(Layer().eval(), (torch.randn(7, dim),), ({0: torch.export.Dim.DYNAMIC},), ["x"], ["y"],
-                          opset=20)
-    attach_functions(model, num_experts)
-    ir.save(model, path)
-    return block.eval()
+    return onnx_moe_layer(path, num_experts, dim, ffn, k, normalize=normalize, seed=seed, std=0.1)

@@ -197,7 +197,7 @@ def test_sources_it_refuses(optimized, canonical, tmp_path):
     with pytest.raises(MoetrtError, match="has no moetrt.json"):
         optimize(tmp_path, tmp_path / "x", progress=False)
     _, fp16 = canonical("tiny", dtype="fp16")
-    with pytest.raises(UnsupportedModelError, match="converts precision from fp32 exports only"):
+    with pytest.raises(UnsupportedModelError, match="converted from fp32 exports only"):
         optimize(fp16, tmp_path / "bf16", precision="bf16", progress=False)
 
 
