@@ -49,6 +49,16 @@ def test_readme_cli_examples(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stderr}"
 
 
+def test_readme_first_command_runs_the_demo(tmp_path):
+    """`moetrt demo`: export -> optimize -> generate on every back end -> parity, ending in PASS."""
+    result = subprocess.run([sys.executable, "-m", "moetrt.cli", "demo", "-n", "16"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "PASS: every artifact matches the PyTorch model" in result.stdout
+    assert "identical on every back end" in result.stdout
+    assert list(tmp_path.iterdir()) == [], "the demo leaves nothing behind without --output"
+
+
 def test_readme_python_example(tmp_path):
     (code,) = _blocks("python")
     code = code.replace("path/to/checkpoint", "tiny")
