@@ -1,8 +1,8 @@
 """Fixtures shared by every test folder.
 
-This folder is not a package, so pytest puts it on ``sys.path`` when it loads this file: test
-modules can ``from hf_tiny import FAMILIES, VARIANTS, hf_tiny_model`` to parametrize over the
-tiny Hugging Face models.
+``tests`` is a package (every subfolder too, so same-named test files cannot clash); test
+modules import the helpers as ``from tests.hf_tiny import FAMILIES, VARIANTS, hf_tiny_model`` to
+parametrize over the tiny Hugging Face models.
 """
 
 from __future__ import annotations

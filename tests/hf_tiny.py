@@ -6,8 +6,7 @@ norm weights away from 1, so routing is not near-uniform and a swapped norm or a
 shows in the logits. ``VARIANTS`` lists the named configurations; each exercises options of
 its family (shared expert, dense layers, q/k norm, clip_qkv, tied embeddings, ...).
 
-Import it from a test as ``from hf_tiny import ...`` (``tests/conftest.py`` puts ``tests/`` on
-the import path) or use the ``hf_tiny_model`` fixture.
+Import it from a test as ``from tests.hf_tiny import ...`` or use the ``hf_tiny_model`` fixture.
 """
 
 from __future__ import annotations
