@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sparsity import export_moe_layer  # noqa: E402  (one exporter for the layer benchmarks)
+from bench_sparsity import environment, export_moe_layer  # noqa: E402  (shared by the layer benchmarks)
 
 # name -> (D, F, E, K): the shipped tiny model, bench-small, the prototype, many small experts
 SHAPE_CLASSES = {
@@ -104,9 +103,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "one MoE layer on ONNX Runtime CPU: exported SparseMoE function body vs com.microsoft::MoE",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": args.threads},
-        "versions": {"python": sys.version.split()[0], "onnxruntime": ort.__version__, "torch": torch.__version__},
+        **environment(args.threads),
         "repeat": args.repeat,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),

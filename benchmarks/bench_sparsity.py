@@ -23,13 +23,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def export_moe_layer(num_experts: int, dim: int, ffn: int, k: int, path: Path) -> None:
     from moetrt.export import onnx_moe_layer
 
     onnx_moe_layer(path, num_experts, dim, ffn, k, std=0.05)
+
+
+def environment(threads: int) -> dict:
+    """The machine and package versions a layer benchmark records beside its numbers."""
+    from moetrt.artifact import package_versions
+
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "threads": threads},
+        "versions": package_versions("moetrt", "torch", "onnx", "onnxruntime"),
+    }
 
 
 def time_session(path: Path, tokens: int, dim: int, repeat: int, threads: int) -> float:
@@ -74,9 +84,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "sparsity of the exported SparseMoE function body (one MoE layer, ONNX Runtime CPU)",
         "shape": {"dim": args.dim, "ffn": args.ffn, "k": 2},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": args.threads},
-        "versions": {"python": sys.version.split()[0], "onnxruntime": ort.__version__, "torch": torch.__version__},
+        **environment(args.threads),
         "repeat": args.repeat,
         "rows": rows,
         "targets": {"ratio_T512": 2.5, "ratio_T1": 1.5},
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
         "# Sparsity of the exported SparseMoE body",
         "",
         f"One MoE layer, d {args.dim}, ffn {args.ffn}, top-2, ONNX Runtime {ort.__version__} CPU EP, "
-        f"{args.threads} threads, {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+        f"{args.threads} threads, {result['machine']['processor']} ({os.cpu_count()} cores), "
         f"median of {args.repeat} runs, {result['date']}.",
         "64 vs 2 experts is equal active compute: a sparse body gives ~1x, a dense one ~32x.",
         "",
