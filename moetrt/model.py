@@ -19,10 +19,54 @@ from moetrt.config import MoEConfig
 from moetrt.errors import MoetrtError
 from moetrt.ops import sparse_moe, topk_routing
 
-__all__ = ["MoETransformer", "MoEOutput", "KVCache"]
+__all__ = ["MoETransformer", "MoEOutput", "KVCache", "StaticKVCache"]
 
 # one (key, value) pair per layer, each [B, G, P, Hd]
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured (the checks, which read values on the host, are skipped then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class StaticKVCache:
+    """Preallocated key/value buffers ``[B, G, C, Hd]`` per layer, written in place.
+
+    ``C`` is the capacity in positions. A step writes its keys/values at ``cache_position`` and
+    attends over all ``C`` positions under a mask, so every step of a given batch and capacity
+    has the same shapes and tensor addresses: a CUDA graph captured once replays every decode
+    step. Positions past the ones written are masked, never read as data.
+    """
+
+    def __init__(self, config: MoEConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
+        if batch < 1 or capacity < 1:
+            raise MoetrtError(f"StaticKVCache needs batch >= 1 and capacity >= 1, got batch {batch}, capacity {capacity}")
+        if capacity > config.max_position_embeddings:
+            raise MoetrtError(
+                f"StaticKVCache capacity {capacity} exceeds the model's max_position_embeddings "
+                f"({config.max_position_embeddings}); ask for at most that many positions"
+            )
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)  # [B, G, C, Hd]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i], self.values[i]
+
+    def load(self, past: KVCache) -> None:
+        """Copy a dynamic cache (``[B, G, P, Hd]`` per layer) into positions ``0..P-1``."""
+        for (key, value), k_buf, v_buf in zip(past, self.keys, self.values, strict=True):
+            k_buf[:, :, : key.shape[2]].copy_(key)
+            v_buf[:, :, : value.shape[2]].copy_(value)
 
 
 @dataclass
@@ -86,7 +130,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
+        # past: the dynamic cache [B, G, P, Hd] x2, or with cache_position [S] the static buffers [B, G, C, Hd] x2
         batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Hd], [B, S, G*Hd] x2
         if self.qk_norm == "full":
@@ -100,7 +145,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|G, S, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is not None:
+        if cache_position is not None:  # static: write in place, attend over all C positions
+            past[0].index_copy_(2, cache_position, k)
+            past[1].index_copy_(2, cache_position, v)
+            k, v = past  # [B, G, C, Hd]
+        elif past is not None:
             k = torch.cat((past[0], k), dim=2)  # [B, G, P+S, Hd]
             v = torch.cat((past[1], v), dim=2)
         present = (k, v)
@@ -172,8 +221,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size)
 
-    def forward(self, x, cos, sin, mask, past):
-        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+    def forward(self, x, cos, sin, mask, past, cache_position=None):
+        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, cache_position)
         x = x + attn
         if self.is_moe:
             ffn, router = self.mlp(self.post_attention_layernorm(x))
@@ -213,11 +262,14 @@ class MoETransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def _mask(self, attention_mask, batch, seq, past, dtype, device) -> torch.Tensor:
-        """Additive mask [B, 1, S, P+S]: causal over cache positions, padding, sliding window."""
-        total = past + seq
-        q_pos = torch.arange(seq, device=device)[:, None] + past  # [S, 1]
-        k_pos = torch.arange(total, device=device)[None, :]  # [1, P+S]
+    def _mask(self, attention_mask, batch, seq, past, dtype, device, cache_position=None, total=None) -> torch.Tensor:
+        """Additive mask [B, 1, S, P+S] (static cache: [B, 1, S, C]): causal over cache positions, padding, sliding window."""
+        if cache_position is None:
+            total = past + seq
+            q_pos = torch.arange(seq, device=device)[:, None] + past  # [S, 1]
+        else:
+            q_pos = cache_position[:, None]  # [S, 1]
+        k_pos = torch.arange(total, device=device)[None, :]  # [1, P+S] or [1, C]
         allowed = k_pos <= q_pos  # [S, P+S]
         if self.config.sliding_window is not None:
             allowed = allowed & (k_pos > q_pos - self.config.sliding_window)
@@ -228,7 +280,7 @@ class MoETransformer(nn.Module):
         neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
         return torch.where(allowed, zero, neg).expand(batch, 1, seq, total)
 
-    def _validate(self, input_ids, attention_mask, position_ids, past_key_values, past) -> None:
+    def _validate(self, input_ids, attention_mask, position_ids, past_key_values, past, static_cache=None) -> None:
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise MoetrtError(
@@ -240,7 +292,9 @@ class MoETransformer(nn.Module):
                 f"token ids must lie in 0..{cfg.vocab_size - 1} (the vocabulary), got "
                 f"{int(input_ids.min())}..{int(input_ids.max())}; check the tokenizer matches the model"
             )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
+        if static_cache is not None:
+            self._validate_static(batch, seq, attention_mask, past_key_values, static_cache)
+        elif attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
             raise MoetrtError(
                 f"attention_mask must be [batch, past + seq] = [{batch}, {past + seq}], got {tuple(attention_mask.shape)}"
             )
@@ -257,6 +311,22 @@ class MoETransformer(nn.Module):
                 f"got {len(past_key_values)}"
             )
 
+    def _validate_static(self, batch, seq, attention_mask, past_key_values, cache: StaticKVCache) -> None:
+        if past_key_values is not None:
+            raise MoetrtError("pass either past_key_values (a dynamic cache) or static_cache, not both")
+        if cache.batch != batch or len(cache.keys) != self.config.num_hidden_layers:
+            raise MoetrtError(
+                f"static_cache holds batch {cache.batch} and {len(cache.keys)} layers; this model and input need "
+                f"batch {batch} and {self.config.num_hidden_layers} layers: build it with StaticKVCache(config, {batch}, ...)"
+            )
+        if seq > cache.capacity:
+            raise MoetrtError(f"{seq} new positions exceed the static cache's capacity of {cache.capacity}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, cache.capacity):
+            raise MoetrtError(
+                f"with a static cache, attention_mask must be [batch, capacity] = [{batch}, {cache.capacity}] "
+                f"(1 = a real token written in the cache), got {tuple(attention_mask.shape)}"
+            )
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -266,22 +336,50 @@ class MoETransformer(nn.Module):
         use_cache: bool = True,
         output_hidden_states: bool = False,
         output_router: bool = False,
+        static_cache: StaticKVCache | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> MoEOutput:
         # input_ids [B, S]; attention_mask [B, P+S] (1 = real token); position_ids [B, S]
+        # With static_cache: cache_position int64 [S] says where this step's keys/values go (all rows
+        # alike), attention_mask is [B, C] over the whole capacity, and the returned past_key_values
+        # are the cache's own buffers [B, G, C, Hd]. Nothing syncs with the host (a CUDA graph can
+        # capture a step) when the checks are skipped, i.e. while a CUDA graph is being captured.
         batch, seq = input_ids.shape
-        past = past_key_values[0][0].shape[2] if past_key_values else 0
-        if not torch.compiler.is_compiling():
-            self._validate(input_ids, attention_mask, position_ids, past_key_values, past)
+        static = static_cache is not None
+        if static:
+            if cache_position is None:
+                raise MoetrtError("static_cache needs cache_position: the int64 positions [S] this step writes")
+            past = 0  # unknown on the host; positions come from cache_position
+        else:
+            past = past_key_values[0][0].shape[2] if past_key_values else 0
+        if not torch.compiler.is_compiling() and not _capturing():
+            self._validate(input_ids, attention_mask, position_ids, past_key_values, past, static_cache)
+            if static and (int(cache_position.min()) < 0 or int(cache_position.max()) >= static_cache.capacity):
+                raise MoetrtError(
+                    f"cache_position must lie in 0..{static_cache.capacity - 1} (the static cache's capacity), got "
+                    f"{int(cache_position.min())}..{int(cache_position.max())}"
+                )
         if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, seq)
+            if static:
+                position_ids = cache_position[None].expand(batch, seq)
+            else:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)  # [B, S, D]
         cos, sin = self.rotary(position_ids, x.dtype)  # [B, S, Hd] x2
-        mask = self._mask(attention_mask, batch, seq, past, x.dtype, x.device)  # [B, 1, S, P+S]
+        if static:
+            mask = self._mask(
+                attention_mask, batch, seq, 0, x.dtype, x.device, cache_position, static_cache.capacity
+            )  # [B, 1, S, C]
+        else:
+            mask = self._mask(attention_mask, batch, seq, past, x.dtype, x.device)  # [B, 1, S, P+S]
         presents: KVCache = []
         hidden = [x] if output_hidden_states else None
         routers = []
         for i, layer in enumerate(self.layers):
-            x, present, router = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+            if static:
+                x, present, router = layer(x, cos, sin, mask, static_cache.layer(i), cache_position)
+            else:
+                x, present, router = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
             presents.append(present)
             if router is not None:
                 routers.append(router)

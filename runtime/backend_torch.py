@@ -2,6 +2,16 @@
 
 It runs from a model object, a preset name, a Hugging Face checkpoint folder, or an exported
 folder whose ``moetrt.json`` names a source (checkpoint folder or preset) that exists here.
+
+On CUDA the MoE ops run as the Triton kernels, the KV cache is a :class:`StaticKVCache`
+(buffers allocated once per batch and capacity, written in place) and each decode step replays
+a CUDA graph captured once per (batch, capacity): a step costs one graph launch instead of
+hundreds of kernel launches from Python. ``present.*`` outputs are then views of the cache
+buffers, valid until the next prefill on this back end (the generate loop feeds them straight
+back, which is all it needs). ``static_cache`` / ``cuda_graphs`` turn either off (both default
+to on for CUDA, off for the CPU, where ``static_cache=True`` runs the same path without graphs).
+``compile_decode=True`` also runs the captured step through ``torch.compile`` (fewer, fused
+kernels; it costs a compile of some seconds at the first decode step of each batch size).
 """
 
 from __future__ import annotations
@@ -16,12 +26,13 @@ import torch
 
 from moetrt.checkpoint import from_pretrained
 from moetrt.errors import CheckpointError, MoetrtError
-from moetrt.model import MoETransformer
+from moetrt.model import MoETransformer, StaticKVCache
 from moetrt.runtime.backend import Feeds, ModelSpec, past_names, present_names, router_names
 
 __all__ = ["TorchBackend", "torch_device", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CAPACITY_STEP = 256  # static caches hold a multiple of this many positions: few distinct graphs
 _KV_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -81,34 +92,63 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: MoETransformer, device: str = "cpu"):
+    def __init__(
+        self,
+        model: MoETransformer,
+        device: str = "cpu",
+        *,
+        static_cache: bool | None = None,
+        cuda_graphs: bool | None = None,
+        compile_decode: bool = False,
+    ):
         if not isinstance(model, MoETransformer):
             raise TypeError(f"TorchBackend wraps a moetrt.MoETransformer, got {type(model).__name__}")
         dev = torch_device(device)
-        if dev.type == "cuda":  # the MoE ops run as the Triton kernels on NVIDIA GPUs
+        on_cuda = dev.type == "cuda"
+        if on_cuda:  # the MoE ops run as the Triton kernels on NVIDIA GPUs
             from moetrt.ops.kernels import maybe_register_cuda_kernels
 
             maybe_register_cuda_kernels()
+        self.static_cache = (on_cuda or bool(cuda_graphs)) if static_cache is None else bool(static_cache)
+        self.cuda_graphs = (on_cuda and self.static_cache) if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and not self.static_cache:
+            raise MoetrtError("cuda_graphs=True needs static_cache=True: a graph replays fixed KV-cache buffers")
+        if self.cuda_graphs and not on_cuda:
+            raise MoetrtError(f"cuda_graphs=True needs device='cuda', got device={device!r}")
+        if compile_decode and not self.cuda_graphs:
+            raise MoetrtError("compile_decode=True compiles the captured decode step: it needs cuda_graphs=True")
+        self.compile_decode = bool(compile_decode)
         self.model = model.to(dev).eval()
         self.device = str(dev)
         self.config = model.config
         self._device = dev
         kv_dtype = _KV_DTYPE_NAMES[model.dtype]
         self.spec = ModelSpec.from_config(model.config, kv_dtype, router_outputs=True)
+        self._cache: StaticKVCache | None = None
+        self._handed_out: torch.Tensor | None = None  # present.0.key of the last step: a view of self._cache
+        self._graphs: dict[int, _DecodeGraph] = {}  # per batch size, for the current cache
+        self._graph_pool = None
 
     @classmethod
     def load(
-        cls, source: str | os.PathLike | Any, device: str = "cpu", dtype: str | torch.dtype | None = None
+        cls,
+        source: str | os.PathLike | Any,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        **options: Any,
     ) -> TorchBackend:
-        """From a model object, a transformers model, a preset name, a checkpoint folder or an exported folder."""
+        """From a model object, a transformers model, a preset name, a checkpoint folder or an exported folder.
+
+        ``options`` go to the constructor (``static_cache``, ``cuda_graphs``).
+        """
         from moetrt.runtime.model_folder import read_exported, source_kind
 
         torch_dtype = _torch_dtype(dtype)
         if isinstance(source, MoETransformer):
             model = source if torch_dtype is None else source.to(torch_dtype)
-            return cls(model, device)
+            return cls(model, device, **options)
         if not isinstance(source, (str, os.PathLike)):
-            return cls(from_pretrained(source, dtype=torch_dtype), device)  # a transformers model
+            return cls(from_pretrained(source, dtype=torch_dtype), device, **options)  # a transformers model
         if source_kind(source) == "exported":
             exported = read_exported(source)
             origin = _resolve_export_source(exported)
@@ -120,8 +160,8 @@ class TorchBackend:
                     f"{exported.folder} was exported from {origin!r}, whose config now differs from the one "
                     "recorded in moetrt.json; the checkpoint changed after export: re-export it"
                 )
-            return cls(model, device)
-        return cls(from_pretrained(source, dtype=torch_dtype), device)
+            return cls(model, device, **options)
+        return cls(from_pretrained(source, dtype=torch_dtype), device, **options)
 
     def empty_past(self, batch: int) -> Feeds:
         empty = torch.empty(self.spec.kv_shape(batch, 0), dtype=self.model.dtype, device=self._device)  # [B, G, 0, Hd]
@@ -140,6 +180,8 @@ class TorchBackend:
         input_ids = self._tensor(feeds["input_ids"], torch.int64)  # [B, S]
         attention_mask = self._tensor(feeds["attention_mask"], torch.int64)  # [B, P+S]
         position_ids = self._tensor(feeds["position_ids"], torch.int64)  # [B, S]
+        if self.static_cache:
+            return self._forward_static(feeds, input_ids, attention_mask, position_ids, want_router)
         past = []
         for i in range(self.spec.num_layers):
             key, value = past_names(i)
@@ -147,14 +189,129 @@ class TorchBackend:
         out = self.model(
             input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past, use_cache=True, output_router=want_router,
-        )
-        outputs: Feeds = {"logits": out.logits.float().cpu().numpy()}  # [B, S, V]
-        for i, (k, v) in enumerate(out.past_key_values):
+        )  # fmt: skip
+        return self._outputs(out.logits, out.past_key_values, out if want_router else None)
+
+    def _outputs(self, logits: torch.Tensor, presents, router_out) -> Feeds:
+        outputs: Feeds = {"logits": logits.float().cpu().numpy()}  # [B, S, V]
+        for i, (k, v) in enumerate(presents):
             key, value = present_names(i)
             outputs[key], outputs[value] = k, v  # [B, G, P+S, Hd], stay on the device
-        if want_router:
-            for layer, weights, indices in zip(self.spec.moe_layers, out.router_weights, out.router_indices, strict=True):
+        if router_out is not None:
+            routers = zip(self.spec.moe_layers, router_out.router_weights, router_out.router_indices, strict=True)
+            for layer, weights, indices in routers:
                 w_name, i_name = router_names(layer)
                 outputs[w_name] = weights.float().cpu().numpy()  # [B*S, K]
                 outputs[i_name] = indices.to(torch.int32).cpu().numpy()  # [B*S, K]
         return outputs
+
+    # --- static KV cache and CUDA graphs -----------------------------------------------------------
+    def _forward_static(self, feeds, input_ids, attention_mask, position_ids, want_router) -> Feeds:
+        batch, seq = input_ids.shape
+        past = int(attention_mask.shape[1]) - seq
+        total = past + seq
+        cache = self._prepare_cache(feeds, batch, past, total)
+        graph = None
+        if self.cuda_graphs and seq == 1 and not want_router:
+            graph = self._graphs.get(batch) or self._capture(batch, input_ids, attention_mask, position_ids, past)
+            graph.run(input_ids, attention_mask, position_ids, past)
+            logits, router_out = graph.logits, None  # [B, 1, V]
+        else:
+            mask = torch.zeros(batch, cache.capacity, dtype=torch.int64, device=self._device)  # [B, C]
+            mask[:, :total] = attention_mask
+            cache_position = torch.arange(past, total, device=self._device)  # [S]
+            out = self.model(
+                input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                output_router=want_router, static_cache=cache, cache_position=cache_position,
+            )  # fmt: skip
+            logits, router_out = out.logits, (out if want_router else None)
+        presents = [(k[:, :, :total], v[:, :, :total]) for k, v in zip(cache.keys, cache.values)]  # [B, G, P+S, Hd]
+        outputs = self._outputs(logits, presents, router_out)
+        self._handed_out = outputs[present_names(0)[0]]
+        return outputs
+
+    def _prepare_cache(self, feeds: Feeds, batch: int, past: int, total: int) -> StaticKVCache:
+        """The cache this step writes into: the current one when the past is what we handed out last step."""
+        cache, key0 = self._cache, feeds[past_names(0)[0]]
+        if tuple(key0.shape) != self.spec.kv_shape(batch, past):
+            raise MoetrtError(
+                f"past_key_values.0.key must be {list(self.spec.kv_shape(batch, past))} "
+                f"(batch, kv heads, past, head dim), got {list(key0.shape)}"
+            )
+        ours = past > 0 and key0 is self._handed_out and cache is not None and cache.batch == batch
+        if ours and total <= cache.capacity:
+            return cache
+        if cache is None or cache.batch != batch or cache.capacity < total or ours:
+            if ours:  # grow: keep the written positions
+                past_kv = [(k[:, :, :past], v[:, :, :past]) for k, v in zip(cache.keys, cache.values)]
+            capacity = max(total, 2 * cache.capacity if ours else 0)
+            capacity = min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.spec.max_positions)
+            self._cache, self._graphs = None, {}  # free the old buffers (and the graphs that write them) first
+            new = StaticKVCache(self.config, batch, max(capacity, total), self.model.dtype, self._device)
+            if ours:
+                new.load(past_kv)
+            cache = self._cache = new
+        if not ours and past > 0:  # a past that came from elsewhere: copy it in
+            cache.load(
+                [(self._tensor(feeds[k], self.model.dtype), self._tensor(feeds[v], self.model.dtype))
+                 for k, v in map(past_names, range(self.spec.num_layers))]
+            )  # fmt: skip
+        return cache
+
+    def _capture(self, batch, input_ids, attention_mask, position_ids, past) -> _DecodeGraph:
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = _DecodeGraph(self.model, self._cache, batch, self._device, self._graph_pool, self.compile_decode)
+        graph.capture(input_ids, attention_mask, position_ids, past)
+        self._graphs[batch] = graph
+        return graph
+
+
+class _DecodeGraph:
+    """One decode step (S = 1) over a static cache, captured in a CUDA graph; inputs go through fixed buffers."""
+
+    def __init__(self, model, cache: StaticKVCache, batch: int, device: torch.device, pool, compile_step: bool):
+        self.model, self.cache, self.pool = model, cache, pool
+        # torch.compile fuses the small element-wise kernels (norms, rotary, mask, softmax) between
+        # the GEMMs and the MoE kernels, which it calls as they are; it compiles during the warm-up.
+        self.step = torch.compile(self._step, dynamic=False) if compile_step else self._step
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1]
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1]
+        self.mask = torch.zeros(batch, cache.capacity, dtype=torch.int64, device=device)  # [B, C]
+        self.cache_position = torch.zeros(1, dtype=torch.int64, device=device)  # [1]
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor | None = None  # [B, 1, V], written by each replay
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(
+            self.input_ids, attention_mask=self.mask, position_ids=self.position_ids, use_cache=True,
+            static_cache=self.cache, cache_position=self.cache_position,
+        )  # fmt: skip
+        return out.logits.float()  # [B, 1, V], cast inside the graph
+
+    def _feed(self, input_ids, attention_mask, position_ids, past: int) -> None:
+        self.input_ids.copy_(input_ids)
+        self.position_ids.copy_(position_ids)
+        self.mask.zero_()
+        self.mask[:, : past + 1].copy_(attention_mask)
+        self.cache_position.fill_(past)
+
+    def capture(self, input_ids, attention_mask, position_ids, past: int) -> None:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture one step.
+
+        The warm-up steps run on this step's real inputs, so the cache positions they write hold
+        the right values either way.
+        """
+        self._feed(input_ids, attention_mask, position_ids, past)
+        side = torch.cuda.Stream(self.input_ids.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            self.logits = self.step()
+
+    def run(self, input_ids, attention_mask, position_ids, past: int) -> None:
+        self._feed(input_ids, attention_mask, position_ids, past)
+        self.graph.replay()

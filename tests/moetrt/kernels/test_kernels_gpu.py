@@ -177,6 +177,64 @@ def test_decode_step_captures_in_a_cuda_graph(tokens):
         assert torch.equal(y_static, step()), seed
 
 
+def _decode_model(dtype):
+    import moetrt
+
+    config = moetrt.MoEConfig(
+        vocab_size=1000, hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, intermediate_size=1024, max_position_embeddings=2048,
+    )  # fmt: skip
+    return moetrt.MoETransformer.from_config(config, std=0.05).to(dtype)
+
+
+@in_process
+def test_torch_backend_decode_graphs_match_eager_steps(monkeypatch):
+    """The runtime's CUDA-graph decode gives the eager static-cache tokens and logits, across cache growth."""
+    import moetrt.runtime.backend_torch as backend_module
+    from moetrt.runtime.backend_torch import TorchBackend
+    from moetrt.runtime.generate import Generation, SamplingOptions
+
+    monkeypatch.setattr(sys.modules[backend_module.__name__], "CAPACITY_STEP", 16)  # grows (and re-captures) twice
+    model = _decode_model(torch.bfloat16)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 1000, size=n).tolist() for n in (13, 5)]
+    options = SamplingOptions(max_new_tokens=40)
+    graphs = TorchBackend(model, "cuda", cuda_graphs=True)
+    eager = TorchBackend(model, "cuda", static_cache=True, cuda_graphs=False)
+    got = Generation(graphs, prompts, options).run()
+    ref = Generation(eager, prompts, options).run()
+    assert got.tokens == ref.tokens
+    assert graphs._cache.capacity >= 13 + 40 - 1 and graphs._graphs  # grew, and decode ran from a graph
+    again = Generation(graphs, prompts, options).run()  # reuses cache and graph
+    assert again.tokens == ref.tokens
+
+
+@in_process
+def test_torch_backend_cuda_fp32_matches_the_cpu_model():
+    """fp32 on CUDA (Triton kernels with ieee dots, static cache, graphs) against the CPU reference model."""
+    from moetrt.runtime.backend_torch import TorchBackend
+
+    model = _decode_model(torch.float32)
+    cuda, cpu = TorchBackend(model, "cuda"), TorchBackend(_decode_model(torch.float32), "cpu")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 1000, size=(2, 9))
+    mask = np.ones((2, 9), dtype=np.int64)
+    mask[1, :4] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.where(mask == 1, mask.cumsum(1) - 1, 1)}
+    outs = [b.forward({**feeds, **b.empty_past(2)}) for b in (cuda, cpu)]
+    for step in range(4):
+        real = feeds["attention_mask"][:, -feeds["input_ids"].shape[1] :].astype(bool)  # [B, S]
+        np.testing.assert_allclose(outs[0]["logits"][real], outs[1]["logits"][real], rtol=0, atol=2e-4)
+        next_ids = outs[1]["logits"][:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([feeds["attention_mask"], np.ones((2, 1), dtype=np.int64)], 1)
+        feeds = {"input_ids": next_ids, "attention_mask": mask, "position_ids": mask.sum(1, keepdims=True) - 1}
+        outs = [
+            b.forward({**feeds, **{k.replace("present", "past_key_values"): v for k, v in o.items() if "present" in k}})
+            for b, o in zip((cuda, cpu), outs)
+        ]
+    assert cuda._graphs  # the decode steps ran from a graph
+
+
 @pytest.mark.skipif(IN_PROCESS, reason="triton is compiled in this process: the tests above ran here")
 def test_rerun_compiled():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
