@@ -44,7 +44,7 @@ def test_table_buckets_grow_with_rows_per_expert():
     # Mixtral (E=8, K=2): decode steps get the 16-row tile, long prefills the 128-row one
     assert sparse_moe_config(1, 8, 2).block_m == 16
     assert sparse_moe_config(64, 8, 2).block_m == 16
-    assert sparse_moe_config(512, 8, 2).block_m == 64
+    assert sparse_moe_config(512, 8, 2).block_m == 128
     assert sparse_moe_config(4096, 8, 2).block_m == 128
     # 128 experts, top-8 (Qwen3-MoE): 512 tokens are only 32 rows per expert
     assert sparse_moe_config(512, 128, 8).block_m == 32
