@@ -17,18 +17,22 @@ One run measures, in this order, writing results after each part:
    - accuracy: relative Frobenius error against an fp32 computation from the same bf16
      weights, for the whole block and for the experts alone given the reference routing;
 3. greedy decode of a 4-layer model of those sizes (vocab 32000, 32 heads, 8 KV heads, prompt
-   512, 64 new tokens): moetrt's model with the Triton kernels (and without) against
-   transformers' ``generate`` with ``grouped_mm`` and ``eager`` experts; the floor is the copy
-   bandwidth over the bytes one decode step must read (all non-expert weights but the
-   embedding table, the k routed experts of each layer, the KV cache);
-4. with ``--tune``: block configs per T for the SparseMoE kernels, printed as rows for
-   ``moetrt/ops/kernels/configs.py``.
+   512, 64 new tokens): moetrt's torch back end on CUDA (Triton kernels, static KV cache, one
+   CUDA graph per decode step, through the runtime's generate loop), moetrt's model in a plain
+   eager loop with and without the kernels, against transformers' ``generate`` with
+   ``grouped_mm`` and ``eager`` experts; the floor is the copy bandwidth over the bytes one
+   decode step must read (all non-expert weights but the embedding table, the k routed experts
+   of each layer, the KV cache);
+4. with ``--tune`` (run first, before parts 2 and 3): block configs of the SparseMoE kernels per T
+   in ``--tune-tokens``, printed as rows for ``moetrt/ops/kernels/configs.py``; parts 2 and 3
+   then run with the tuned configs (the T nearest in log scale), and the table's own configs are
+   timed beside them in part 2 as "ours block (table)".
 
 Usage (repository root; the GPU machine needs torch with CUDA, triton, transformers; no network)::
 
     python benchmarks/bench_kernels_h200.py                  # all of it, a few minutes
     python benchmarks/bench_kernels_h200.py --quick          # T in {1, 64, 4096}, shorter decode
-    python benchmarks/bench_kernels_h200.py --tune --skip-e2e --tokens 1,64,512,4096
+    python benchmarks/bench_kernels_h200.py --tune                     # tune, then all of it with the tuned configs
     python benchmarks/bench_kernels_h200.py --smoke          # tiny sizes; runs on a CPU (interpreter)
 
 Results go to ``--out``, else ``$OUT``, else ``benchmarks/_work/``: ``bench_kernels_h200.json``
@@ -67,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-block", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="skip CUDA-graph timings")
-    p.add_argument("--tune", action="store_true", help="sweep SparseMoE block configs per T")
+    p.add_argument("--tune", action="store_true", help="sweep SparseMoE block configs per T first, then use them")
+    p.add_argument("--tune-tokens", default="1,64,512,4096", help="token counts to tune (with --tune)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check this script (CPU: Triton interpreter)")
@@ -79,6 +84,9 @@ def parse_args(argv=None):
         args.tokens = "1,5,33" if args.tokens == "1,8,64,512,4096" else args.tokens
         args.prompt, args.new_tokens = min(args.prompt, 16), min(args.new_tokens, 6)
     args.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    args.tune_tokens = [int(t) for t in args.tune_tokens.split(",") if t.strip()]
+    if args.smoke:
+        args.tune_tokens = [1, 33]
     args.out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks" / "_work")
     return args
 
@@ -321,14 +329,16 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
     """Time and check every implementation at one token count; fills ``row``."""
     import torch.nn.functional as F
 
+    import moetrt.ops.kernels.sparse_moe_triton as kernels_module
     from moetrt.ops import sparse_moe_eager
-    from moetrt.ops.kernels.configs import sparse_moe_config
+    from moetrt.ops.kernels import configs
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
     tokens, (d, f, e, k) = row["tokens"], (dims["hidden"], dims["ffn"], dims["experts"], dims["k"])
     w_gate_up, w_down, gate32, block = ctx.w_gate_up, ctx.w_down, ctx.gate32, ctx.block
-    row["config"] = repr(sparse_moe_config(tokens, e, k))
+    row["config"] = repr(kernels_module.sparse_moe_config(tokens, e, k))  # the tuned one under --tune
+    table_config = configs.sparse_moe_config(tokens, e, k)
     x = torch.randn(tokens, d, device=ctx.dev, generator=ctx.g, dtype=torch.bfloat16)  # [T, D]
     x3 = x[None]  # [1, T, D]
     y_ref, w_ref, i_ref = reference_block_fp32(torch, x, gate32, w_gate_up, w_down, k)
@@ -358,6 +368,13 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
     errors["ours experts"] = rel_fro(torch, ours_experts(), y_ref)
     times["ours block"] = bench(ours_block)
     times["ours experts"] = bench(ours_experts)
+    if repr(table_config) != row["config"]:
+        times["ours block (table)"] = bench(
+            lambda: sparse_moe_triton(
+                x, *topk_routing_triton(F.linear(x.float(), gate32), k, "softmax", True, 1.0), w_gate_up, w_down,
+                config=table_config,
+            )
+        )
     if cuda and not args.no_graphs:
         try:
             graph, out = capture_graph(torch, ours_block)
@@ -456,7 +473,7 @@ def record_generate(result, name, t1, tn, tokens):
     print(f"{name:34s} prefill+1 {t1 * 1e3:8.1f} ms  decode {rate:8.1f} tok/s", flush=True)
 
 
-def run_transformers(result, torch, cuda, hf, prompt):
+def run_transformers(result, torch, cuda, hf, prompt, reference):
     @torch.no_grad()
     def generate(n):
         out = hf.generate(
@@ -468,9 +485,10 @@ def run_transformers(result, torch, cuda, hf, prompt):
     for impl in ("grouped_mm", "eager"):
         try:
             hf.set_experts_implementation(impl)
-            record_generate(
-                result, f"transformers generate ({impl})", *timed_generate(torch, cuda, generate, result["new_tokens"])
-            )
+            name = f"transformers generate ({impl})"
+            record_generate(result, name, *timed_generate(torch, cuda, generate, result["new_tokens"]))
+            with torch.no_grad():
+                record_error(result, torch, name, hf(prompt).logits, reference)
         except Exception as exc:
             result["notes"][f"transformers {impl}"] = f"{type(exc).__name__}: {exc}"[:300]
         free_memory(torch, cuda)
@@ -479,8 +497,10 @@ def run_transformers(result, torch, cuda, hf, prompt):
     )
 
 
-def run_moetrt(result, torch, cuda, ours, prompt):
+def run_moetrt(result, torch, cuda, ours, prompt, reference):
     from moetrt.ops.kernels import maybe_register_cuda_kernels
+    from moetrt.runtime.backend_torch import TorchBackend
+    from moetrt.runtime.generate import Generation, SamplingOptions
 
     @torch.no_grad()
     def generate(n):
@@ -495,13 +515,45 @@ def run_moetrt(result, torch, cuda, ours, prompt):
 
     new = result["new_tokens"]
     record_generate(result, "moetrt torch ops (no Triton)", *timed_generate(torch, cuda, generate, new))
+    with torch.no_grad():
+        record_error(result, torch, "moetrt torch ops (no Triton)", ours(prompt).logits, reference)
     registered = maybe_register_cuda_kernels()
     result["notes"]["moetrt kernels"] = (
-        "Triton kernels registered for CUDA; eager decode loop (CUDA graphs need the runtime's static KV cache)"
+        "Triton kernels registered for CUDA (the eager loops call them op by op; the back end replays graphs)"
         if registered and cuda
         else "Triton kernels not in use (no CUDA or no triton): same as the torch ops"
     )
-    record_generate(result, "moetrt + Triton kernels (eager)", *timed_generate(torch, cuda, generate, new))
+    record_generate(result, "moetrt + Triton kernels (eager loop)", *timed_generate(torch, cuda, generate, new))
+    with torch.no_grad():
+        record_error(result, torch, "moetrt + Triton kernels (eager loop)", ours(prompt).logits, reference)
+    prompt_ids = [prompt[0].tolist()]
+    variants = [  # (name, CUDA graphs, torch.compile of the captured step)
+        ("moetrt torch back end (Triton + CUDA graphs + torch.compile)", True, True),
+        ("moetrt torch back end (Triton + CUDA graphs)", True, False),
+        ("moetrt torch back end (no graphs)", False, False),
+    ]
+    for name, graphs, compiled in variants if cuda else variants[2:]:
+        try:
+            backend = TorchBackend(
+                ours, device="cuda" if cuda else "cpu", static_cache=True, cuda_graphs=graphs, compile_decode=compiled
+            )
+
+            def run_backend(n, backend=backend):
+                generation = Generation(backend, prompt_ids, SamplingOptions(max_new_tokens=n))
+                return torch.tensor(generation.run().tokens)
+
+            started = time.perf_counter()
+            run_backend(2)  # the first decode step captures (and compiles) the graph
+            result["notes"][f"{name}: first call"] = f"{time.perf_counter() - started:.1f} s (capture, compile)"
+            record_generate(result, name, *timed_generate(torch, cuda, run_backend, new))
+            feeds = {"input_ids": prompt.cpu().numpy(), "attention_mask": torch.ones_like(prompt).cpu().numpy(),
+                     "position_ids": torch.arange(prompt.shape[1])[None].numpy()}  # fmt: skip
+            record_error(result, torch, name, backend.forward({**feeds, **backend.empty_past(1)})["logits"], reference)
+        except Exception as exc:
+            result["notes"][name] = f"failed: {type(exc).__name__}: {exc}"[:400]
+            print(f"!!! {name}: {type(exc).__name__}: {exc}", flush=True)
+        backend = None
+        free_memory(torch, cuda)
 
 
 def e2e_decode(run, torch, cuda, args, dims, hw):
@@ -526,51 +578,109 @@ def e2e_decode(run, torch, cuda, args, dims, hw):
     finally:
         torch.set_default_dtype(default_dtype)
     hf = hf.to(bf16).eval()
+    with torch.no_grad():  # a well-conditioned random model: O(1) activations, so bf16 errors mean something
+        g = torch.Generator(device=dev).manual_seed(0)
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:  # unit variance for embeddings, 1/sqrt(fan in) for projections and experts
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[-1] ** -0.5, generator=g)
     generator = torch.Generator(device=dev).manual_seed(1)
     prompt = torch.randint(3, dims["vocab"], (1, args.prompt), device=dev, generator=generator)  # [1, P]
     result: dict = {"prompt": args.prompt, "new_tokens": args.new_tokens, "runs": {}, "notes": {}}
     run.data["e2e"] = result
 
-    run_transformers(result, torch, cuda, hf, prompt)
+    reference = fp32_reference(result, torch, hf, prompt, args.new_tokens)  # the same bf16 weights, upcast
+    run_transformers(result, torch, cuda, hf, prompt, reference)
     ours = from_pretrained(hf, dtype=bf16).to(dev).eval()  # the same weights
     hf = None
     free_memory(torch, cuda)
     result.update(decode_floor(ours, hw, args.prompt, args.new_tokens))
     print(f"decode floor: {result['bytes_per_step'] / 1e9:.3f} GB a step -> {result['floor_tokens_per_s']:.0f} tok/s")
-    run_moetrt(result, torch, cuda, ours, prompt)
+    run_moetrt(result, torch, cuda, ours, prompt, reference)
 
-    reference = result["runs"].get("transformers generate (grouped_mm)", {}).get("tokens")
     for entry in result["runs"].values():
         entry["decode_of_floor"] = entry["decode_tokens_per_s"] / result["floor_tokens_per_s"]
         entry["meets_target"] = entry["decode_of_floor"] >= TARGET_DECODE_OF_FLOOR
-        if reference is not None:
-            same = 0
-            while same < min(len(reference), len(entry["tokens"])) and entry["tokens"][same] == reference[same]:
-                same += 1
-            entry["leading_tokens_equal_to_hf_grouped_mm"] = same
+        same = 0
+        while same < min(len(reference["tokens"]), len(entry["tokens"])) and entry["tokens"][same] == reference["tokens"][same]:
+            same += 1
+        entry["leading_tokens_equal_to_fp32"] = same
+
+
+def fp32_reference(result, torch, hf, prompt, new_tokens) -> dict:
+    """moetrt's model in fp32 from the same (bf16) weights: prefill logits and greedy tokens, the truth."""
+    from moetrt.checkpoint import from_pretrained
+
+    model = from_pretrained(hf, dtype=torch.float32).to(prompt.device).eval()
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        logits = out.logits.float()  # [1, P, V]
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [int(token)]
+        for _ in range(new_tokens - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+    model = out = past = None
+    free_memory(torch, prompt.is_cuda)
+    result["notes"]["reference"] = (
+        "moetrt's model in fp32 (upcast from the same bf16 weights, fp32 matmuls): prefill logits and greedy tokens"
+    )
+    result["reference_tokens"] = tokens
+    return {"logits": logits, "tokens": tokens}
+
+
+def record_error(result, torch, name, logits, reference):
+    """Relative Frobenius error of one implementation's prefill logits against the fp32 reference."""
+    logits = torch.as_tensor(logits, device=reference["logits"].device).float().reshape(reference["logits"].shape)
+    result.setdefault("prefill_logits_error", {})[name] = rel_fro(torch, logits, reference["logits"])
 
 
 # --- 4. tuning -------------------------------------------------------------------------------------
-# (block_n, block_k, num_warps, num_stages); 3 stages let more programs share an SM at decode
-GATE_UP_OPTIONS = (
-    (32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3),
-    (128, 64, 8, 3), (64, 64, 8, 3),
-)  # fmt: skip
-DOWN_OPTIONS = ((32, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4))
+# (block_n, block_k, num_warps, num_stages) per regime, a few each so a sweep fits a short lease.
+# Decode (<= 16 rows per expert) streams weights: narrow N tiles, long K, deep pipelines.
+DECODE_GATE_UP = ((32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3))
+DECODE_DOWN = ((32, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (64, 256, 4, 3))
+# Prefill (more rows) is compute-bound: wide tiles, 8 warps for the two gate|up accumulators.
+PREFILL_GATE_UP = ((64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 32, 8, 4))
+PREFILL_DOWN = ((128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4), (128, 128, 8, 3))
 
 
-def tune(run, torch, cuda, bench, args, dims):
+def tune(run, torch, cuda, bench, args, dims) -> dict:
+    """Sweep configs per T of ``--tune-tokens``; returns {T: best SparseMoEConfig}."""
     dev = "cuda" if cuda else "cpu"
     d, f, e = dims["hidden"], dims["ffn"], dims["experts"]
     g = torch.Generator(device=dev).manual_seed(0)
     w_gate_up = torch.randn(e, 2 * f, d, device=dev, generator=g, dtype=torch.bfloat16).mul_(d**-0.5)
     w_down = torch.randn(e, d, f, device=dev, generator=g, dtype=torch.bfloat16).mul_(f**-0.5)
-    for tokens in args.tokens:
-        entry = tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g)
+    best = {}
+    for tokens in args.tune_tokens:
+        entry, best[tokens] = tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g)
         run.data["tune"].append(entry)
         print(f"T={tokens}: table {entry['default_ms']:.4f} ms -> best {entry['best_ms']:.4f} ms  {entry['best']}")
         run.save()
         free_memory(torch, cuda)
+    return best
+
+
+def use_tuned(run, tuned: dict) -> None:
+    """Make the kernels pick, for any T, the tuned config of the nearest tuned T (in log scale)."""
+    import math
+
+    import moetrt.ops.kernels.sparse_moe_triton as kernels_module
+
+    table = kernels_module.sparse_moe_config
+
+    def tuned_config(num_tokens, num_experts, k, element_size=2):
+        if element_size != 2 or not tuned:
+            return table(num_tokens, num_experts, k, element_size)
+        nearest = min(tuned, key=lambda t: abs(math.log(max(num_tokens, 1)) - math.log(t)))
+        return tuned[nearest]
+
+    kernels_module.sparse_moe_config = tuned_config
+    run.data["meta"]["configs"] = {str(t): repr(c) for t, c in tuned.items()}
+    print("parts 2 and 3 use the tuned configs:", run.data["meta"]["configs"], flush=True)
 
 
 def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
@@ -584,7 +694,10 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     logits = torch.randn(tokens, e, device=w_gate_up.device, generator=g)
     weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
     rows = tokens * k / e
-    block_ms = [16] if rows <= 16 else [16, 32, 64] if rows <= 64 else [32, 64, 128] if rows <= 256 else [64, 128]
+    # past 64 rows also 256-row tiles: at ~128 rows per expert a 128-row tile splits every expert
+    # that gets a few more rows than that into two blocks, each reading the expert's weights
+    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 64 else [128, 256]
+    gate_up_options, down_options = (DECODE_GATE_UP, DECODE_DOWN) if rows <= 64 else (PREFILL_GATE_UP, PREFILL_DOWN)
     timings = []
 
     def time_config(config) -> float:
@@ -600,12 +713,12 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     best = (time_config(default), default)
     for bm in block_ms:
         gate_up = min(
-            (GemmConfig(*c) for c in GATE_UP_OPTIONS), key=lambda c: time_config(SparseMoEConfig(bm, c, default.down))
+            (GemmConfig(*c) for c in gate_up_options), key=lambda c: time_config(SparseMoEConfig(bm, c, default.down))
         )
-        down = min((GemmConfig(*c) for c in DOWN_OPTIONS), key=lambda c: time_config(SparseMoEConfig(bm, gate_up, c)))
+        down = min((GemmConfig(*c) for c in down_options), key=lambda c: time_config(SparseMoEConfig(bm, gate_up, c)))
         candidate = SparseMoEConfig(bm, gate_up, down)
         best = min(best, (time_config(candidate), candidate), key=lambda t: t[0])
-    return {
+    entry = {
         "tokens": tokens,
         "rows_per_expert": rows,
         "default": repr(default),
@@ -614,6 +727,7 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
         "best_ms": best[0],
         "all": timings,
     }
+    return entry, best[1]
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -680,14 +794,16 @@ def markdown(data) -> str:
             lines.append("")
         lines.append(
             "| implementation | prefill + 1 token (ms) | decode tokens/s | of floor "
-            "| leading tokens equal to transformers grouped_mm |"
+            "| prefill logits error vs fp32 | leading tokens equal to fp32 |"
         )
-        lines.append("|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|")
+        errors = e2e.get("prefill_logits_error", {})
         for name, entry in e2e["runs"].items():
             of = f"{entry['decode_of_floor']:.1%}" if "decode_of_floor" in entry else "-"
+            err = f"{errors[name]:.2e}" if name in errors else "-"
             lines.append(
                 f"| {name} | {entry['prefill_plus_1_s'] * 1e3:.1f} | {entry['decode_tokens_per_s']:.1f} | {of} | "
-                f"{entry.get('leading_tokens_equal_to_hf_grouped_mm', '-')} |"
+                f"{err} | {entry.get('leading_tokens_equal_to_fp32', '-')} |"
             )
         lines += [""] + [f"- {n}: {v}" for n, v in e2e.get("notes", {}).items()]
     if data.get("tune"):
@@ -726,12 +842,14 @@ def main(argv=None) -> int:
     hw = run.part("device", measure_hardware, run, torch, cuda, bench, args.smoke)
     if hw is None:
         return 1
+    if args.tune:
+        tuned = run.part("tune", tune, run, torch, cuda, bench, args, dims)
+        if tuned:
+            use_tuned(run, tuned)
     if not args.skip_block:
         run.part("moe block", moe_block, run, torch, cuda, bench, args, dims, hw)
     if not args.skip_e2e:
         run.part("greedy decode", e2e_decode, run, torch, cuda, args, dims, hw)
-    if args.tune:
-        run.part("tune", tune, run, torch, cuda, bench, args, dims)
     run.data["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     run.save()
     print("\n" + markdown(run.data))
