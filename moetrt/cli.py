@@ -2,17 +2,32 @@
 would call, and prints; it is registered with :func:`command` as one function plus the function
 that declares its arguments.
 
-User mistakes (:class:`moetrt.MoetrtError`) print ``error: <message>`` on stderr and exit with
-the error's ``exit_code`` (2, or 3 for a missing back-end package), without a traceback.
+Exit codes:
+
+- 0: done (``parity``: every check passed);
+- 1: ``parity`` found a mismatch, or moetrt crashed: a crash prints its traceback and a line
+  saying it is a bug to report;
+- 2: the input or the environment needs fixing: a usage error (argparse), a
+  :class:`moetrt.MoetrtError` (bad path, corrupt file, unsupported model, ...) or an ``OSError``
+  (disk full, permission denied); one line ``error: <what is wrong>; <what to do>`` on stderr,
+  no traceback;
+- 3: an optional back end is not installed (:class:`moetrt.BackendMissingError`);
+- 130: interrupted (Ctrl-C).
+
+Warnings (e.g. NaN weights in a checkpoint) print as one line ``warning: <message>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import sys
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from moetrt.errors import MoetrtError
 
@@ -294,8 +309,18 @@ def _optimize(args: argparse.Namespace) -> int:
       moetrt optimize exported/model -t trt -o engines/model --precision fp16
     """
     from moetrt.optimize import cli as optimize_cli
+    from moetrt.runtime.model_folder import METADATA_FILE, check_artifact_files, explain_broken_artifact
 
-    return optimize_cli.run(args)
+    source = Path(args.source)
+    if (source / METADATA_FILE).is_file():
+        check_artifact_files(source, checksums=False)  # an incomplete folder fails now, not after minutes of work
+    try:
+        return optimize_cli.run(args)
+    except MoetrtError:
+        raise
+    except Exception as exc:  # a corrupt or truncated model.onnx(.data) fails deep inside the ONNX reader
+        explain_broken_artifact(source, exc)
+        raise
 
 
 # --- moetrt parity -----------------------------------------------------------------------------
@@ -341,23 +366,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``moetrt ARGV``; returns the exit code (see the module docstring)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits with 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    try:
-        return args.run(args) or 0
-    except MoetrtError as exc:
-        sys.stdout.flush()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `moetrt generate ... | head`
-        sys.stderr.close()
-        return 0
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args) or 0
+        except MoetrtError as exc:
+            return _error(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            sys.stdout.flush()
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `moetrt generate ... | head`
+            sys.stderr.close()
+            return 0
+        except OSError as exc:  # the environment, not moetrt: a full disk, a read-only folder, ...
+            return _error(_os_error_message(exc), 2)
+        except Exception:  # noqa: BLE001 (a crash: print the traceback, exit 1)
+            sys.stdout.flush()
+            traceback.print_exc()
+            from moetrt import __version__
+
+            print(
+                f"moetrt {__version__} crashed: this is a bug in moetrt, not in your input; please report it "
+                "with the command line and the traceback above",
+                file=sys.stderr,
+            )
+            return 1
+
+
+def _error(message: str, code: int) -> int:
+    sys.stdout.flush()  # what was printed so far comes before the error on a shared terminal
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message holds
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
+_OS_ERROR_HINTS = {
+    getattr(errno, name): hint
+    for name, hint in [
+        ("ENOSPC", "free some disk space or write to another folder, then run again"),
+        ("EDQUOT", "free some space within your disk quota or write to another folder, then run again"),
+        ("EACCES", "check the permissions, or choose another folder"),
+        ("EPERM", "check the permissions, or choose another folder"),
+        ("EROFS", "the file system is read-only: choose another folder"),
+        ("ENOENT", "check the path"),
+        ("ENOMEM", "close other programs or use a machine with more memory"),
+    ]
+    if hasattr(errno, name)
+}
+
+
+def _os_error_message(exc: OSError) -> str:
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = _OS_ERROR_HINTS.get(exc.errno, "check the paths and the disk, then run again")
+    return f"{what}{where}; {hint}"
 
 
 if __name__ == "__main__":

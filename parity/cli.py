@@ -91,12 +91,23 @@ def run(args: argparse.Namespace) -> int:
         overrides = dict(parse_tolerance(t) for t in args.tol)
     except ValueError as exc:
         raise MoetrtError(str(exc)) from exc
-    report = compare(
-        args.source, args.artifact, backends=tuple(args.backend or ("ort",)), dtype=args.dtype,
-        tolerances=overrides or None, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens, seed=args.seed,
-        steps=args.steps, prompt=_prompt(args.prompt, args.artifact), localize=not args.no_localize,
-        report_dir=args.report, verbose=args.verbose,
-    )
+    from moetrt.runtime.model_folder import METADATA_FILE, check_artifact_files, explain_broken_artifact
+
+    artifact = Path(args.artifact)
+    if (artifact / METADATA_FILE).is_file():
+        check_artifact_files(artifact, checksums=False, model_only=True)  # fail before the reference runs
+    try:
+        report = compare(
+            args.source, args.artifact, backends=tuple(args.backend or ("ort",)), dtype=args.dtype,
+            tolerances=overrides or None, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens, seed=args.seed,
+            steps=args.steps, prompt=_prompt(args.prompt, args.artifact), localize=not args.no_localize,
+            report_dir=args.report, verbose=args.verbose,
+        )
+    except MoetrtError:
+        raise
+    except Exception as exc:  # a corrupt or truncated model.onnx(.data) fails deep inside the ONNX reader
+        explain_broken_artifact(artifact, exc)
+        raise
     if args.json:
         print(report.to_json())
     else:

@@ -75,12 +75,16 @@ class OrtBackend:
             providers = ["CPUExecutionProvider"]
         if session_options is None:
             session_options = ort.SessionOptions()
-            session_options.log_severity_level = 3  # errors only: node placement notes are not news to the user
+            # fatal only: node placement notes are not news to the user, and ORT's errors come back as
+            # exceptions that we turn into one-line messages (its log would print them twice, in colour)
+            session_options.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(str(exported.onnx_path), sess_options=session_options, providers=providers)
         except Exception as exc:  # ORT raises its own pybind error types (Fail, InvalidGraph, NoSuchFile, ...)
+            exported.verify_checksums()  # a truncated or changed file: say that rather than ORT's parse error
+            reason = " ".join(str(exc).split())  # ORT's messages span lines; the CLI prints one
             raise CheckpointError(
-                f"ONNX Runtime {ort.__version__} cannot load {exported.onnx_path}: {exc}; re-export the model, "
+                f"ONNX Runtime {ort.__version__} cannot load {exported.onnx_path}: {reason}; re-export the model, "
                 "or update onnxruntime if the export used a newer opset"
             ) from exc
         if device_type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":

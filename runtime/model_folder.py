@@ -18,9 +18,12 @@ from typing import Any
 
 from moetrt.artifact import FORMAT, FORMAT_VERSION, METADATA_FILE, read_metadata, sha256_file
 from moetrt.config import PRESETS, MoEConfig
-from moetrt.errors import CheckpointError
+from moetrt.errors import CheckpointError, MoetrtError
 
-__all__ = ["ExportedModel", "read_exported", "source_kind", "FORMAT", "FORMAT_VERSION", "METADATA_FILE"]
+__all__ = [
+    "ExportedModel", "read_exported", "source_kind", "check_artifact_files", "explain_broken_artifact",
+    "FORMAT", "FORMAT_VERSION", "METADATA_FILE",
+]
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -68,12 +71,7 @@ class ExportedModel:
 
     def verify_checksums(self) -> None:
         """Recompute the sha256 of every file listed in ``moetrt.json``; raise on a mismatch."""
-        for name, expected in self.meta.get("files", {}).items():
-            if sha256_file(self.folder / name) != expected:
-                raise CheckpointError(
-                    f"{self.folder / name} does not match the checksum in {METADATA_FILE}; the file was changed "
-                    "or truncated after export: re-export the model"
-                )
+        check_artifact_files(self.folder, self.meta, checksums=True)
 
 
 def read_exported(folder: str | os.PathLike) -> ExportedModel:
@@ -100,13 +98,7 @@ def read_exported(folder: str | os.PathLike) -> ExportedModel:
     dtype = export.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise CheckpointError(f"{meta_path}: export.dtype {dtype!r} is not one of {DTYPES}; re-export the model")
-    expected = {"model.onnx", *meta.get("files", {})}
-    missing = sorted(name for name in expected if not (folder / name).exists())
-    if missing:
-        raise CheckpointError(
-            f"{folder} is missing {', '.join(missing)} (listed in {METADATA_FILE}); the folder is incomplete: "
-            "copy the whole folder or re-export the model"
-        )
+    check_artifact_files(folder, meta, checksums=False, required=("model.onnx",))
     return ExportedModel(
         folder=folder,
         config=config,
@@ -115,3 +107,64 @@ def read_exported(folder: str | os.PathLike) -> ExportedModel:
         source=meta.get("source"),
         meta=meta,
     )
+
+
+def check_artifact_files(
+    folder: str | os.PathLike,
+    meta: dict[str, Any] | None = None,
+    checksums: bool = True,
+    required: tuple[str, ...] = (),
+    model_only: bool = False,
+) -> None:
+    """Raise a :class:`CheckpointError` naming the files of an artifact folder that are missing, or
+    (with ``checksums``) that changed since they were written; ``meta`` is its ``moetrt.json``.
+    ``model_only`` looks at the model's own files (``model.*``) only, not the tokenizer's.
+
+    Without ``checksums`` it only looks at which files exist, which costs nothing; the checksums
+    read every byte, so callers run them when something already failed, to say why.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder) if meta is None else meta
+    listed: dict[str, str] = meta.get("files") or {}
+    if model_only:
+        listed = {name: digest for name, digest in listed.items() if name.startswith("model.")}
+    missing = sorted(name for name in {*required, *listed} if not (folder / name).exists())
+    if missing:
+        raise CheckpointError(
+            f"{folder} is missing {', '.join(missing)} (listed in {METADATA_FILE}); the folder is incomplete: "
+            "copy the whole folder or re-export the model"
+        )
+    if not checksums:
+        return
+    for name, expected in listed.items():
+        path = folder / name
+        if sha256_file(path) != expected:
+            size = path.stat().st_size
+            raise CheckpointError(
+                f"{path} ({size} bytes) does not match the checksum in {METADATA_FILE}; the file was changed or "
+                "truncated after it was written (an interrupted copy or a full disk?): copy it again or re-export "
+                "the model"
+            )
+
+
+def explain_broken_artifact(path: str | os.PathLike, error: BaseException) -> None:
+    """After ``error`` was raised while reading the artifact at ``path``: raise a :class:`CheckpointError`
+    naming what is wrong with the artifact (a missing, changed or unparsable file), chained to ``error``;
+    return quietly when the artifact looks intact (then ``error`` is not the artifact's fault).
+    """
+    path = Path(path)
+    if path.is_dir() and (path / METADATA_FILE).exists():
+        try:
+            check_artifact_files(path, checksums=True, required=("model.onnx",) if (path / "model.onnx").exists() else ())
+        except CheckpointError as exc:
+            raise exc from error
+        except MoetrtError:  # an unreadable moetrt.json: read_metadata's message says so
+            raise
+        onnx_file = path / "model.onnx"
+    else:
+        onnx_file = path
+    if onnx_file.suffix == ".onnx" and onnx_file.is_file() and type(error).__name__ == "DecodeError":
+        raise CheckpointError(
+            f"{onnx_file} is not a readable ONNX model ({' '.join(str(error).split())}); the file is corrupt or "
+            "truncated: copy it again or re-export the model"
+        ) from error

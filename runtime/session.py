@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from moetrt.runtime.expert_stats import ExpertStats
 from moetrt.runtime.generate import Generation, SamplingOptions
 from moetrt.runtime.text import IncrementalDecoder, Tokenizer, read_generation_config, token_id_list
 
-__all__ = ["Session", "GenerationResult", "StreamPiece", "Stream", "BACKENDS"]
+__all__ = ["Session", "GenerationResult", "StreamPiece", "Stream", "BACKENDS", "RunLock"]
 
 BACKENDS = ("torch", "ort", "trt")
 
@@ -58,26 +61,101 @@ class StreamPiece:
 
 
 class Stream:
-    """Iterates :class:`StreamPiece` as tokens are produced; ``result`` is ready once it is exhausted."""
+    """Iterates :class:`StreamPiece` as tokens are produced; ``result`` is ready once it is exhausted.
+
+    While it is being iterated the stream holds its session's back end (see :class:`Session`);
+    it lets go when exhausted, on :meth:`close`, or when it is garbage-collected.
+    """
 
     def __init__(self, session: Session, generation: Generation, text: bool):
         self._session, self._generation, self._text = session, generation, text
+        self._pieces: Iterator[StreamPiece] | None = None
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[StreamPiece]:
-        tokenizer = self._session.tokenizer if self._text else None
-        decoders = [IncrementalDecoder(tokenizer) for _ in self._generation.prompts] if tokenizer else None
-        for step in self._generation:
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> StreamPiece:
+        if self._pieces is None:
+            # the generator holds no reference to this Stream (a weak one only), so dropping an
+            # unfinished stream frees the generator at once, and with it the back end
+            self._pieces = _stream_pieces(self._session, self._generation, self._text, weakref.ref(self))
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating and let other callers use the back end (``result`` stays ``None``)."""
+        if self._pieces is None:
+            self._pieces = iter(())
+        else:
+            self._pieces.close()  # runs the generator's cleanup: the back end is released
+
+
+def _stream_pieces(session: Session, generation: Generation, text: bool, stream: weakref.ref) -> Iterator[StreamPiece]:
+    tokenizer = session.tokenizer if text else None
+    decoders = [IncrementalDecoder(tokenizer) for _ in generation.prompts] if tokenizer else None
+    with session._lock.hold("stream"):
+        for step in generation:
             for row in np.flatnonzero(step.active):
                 token = int(step.tokens[row])
                 finished = bool(step.stopped[row]) or step.last
-                text = ""
+                piece_text = ""
                 if decoders is not None:
-                    text = decoders[row].push(token)
+                    piece_text = decoders[row].push(token)
                     if finished:
-                        text += decoders[row].flush()
-                yield StreamPiece(index=int(row), token=token, text=text, finished=finished)
-        self.result = self._session._result(self._generation, self._text)
+                        piece_text += decoders[row].flush()
+                yield StreamPiece(index=int(row), token=token, text=piece_text, finished=finished)
+    owner = stream()
+    if owner is not None:
+        owner.result = session._result(generation, text)
+
+
+class RunLock:
+    """One generation (or forward step) at a time on a back end; other threads wait their turn.
+
+    The back ends keep state between the steps of a generation: the torch back end's static KV
+    cache (and CUDA graphs) is one buffer per back end that every step writes into, a TensorRT
+    execution context holds its input shapes and buffers. Two generations interleaving their
+    steps on one back end would overwrite each other's cache, so a generation holds the back end
+    from its first step to its last. The same thread asking again while it holds the back end
+    (a second stream started before the first one finished) would wait for itself forever, so
+    that raises a :class:`MoetrtError` instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread id of the holder; only the holder sets it to itself
+        self._what = ""
+
+    @contextlib.contextmanager
+    def hold(self, what: str) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise MoetrtError(
+                f"this thread is still running a {self._what} on this back end, so a {what} cannot start: "
+                "exhaust or close() the stream first (or run the two prompts as one batch)"
+            )
+        with self._lock:
+            self._owner, self._what = me, what
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    @classmethod
+    def of(cls, backend: Any) -> RunLock:
+        """The lock of ``backend``, shared by every Session built on that back-end object."""
+        with _LOCKS_LOCK:
+            lock = getattr(backend, "_moetrt_run_lock", None)
+            if lock is None:
+                lock = cls()
+                try:
+                    backend._moetrt_run_lock = lock
+                except AttributeError:  # a back end with __slots__: the lock is this Session's alone
+                    pass
+            return lock
+
+
+_LOCKS_LOCK = threading.Lock()
 
 
 class Session:
@@ -94,6 +172,14 @@ class Session:
 
     Text prompts need ``tokenizer.json`` in the model folder; token ids work everywhere. Stop
     tokens default to the folder's ``generation_config.json`` eos ids, else the config's.
+
+    Threads: a Session may be shared by several threads. It runs one generation at a time per
+    back end (:class:`RunLock`): ``generate``, ``stream`` and ``forward`` called from other
+    threads wait until the running one finishes, and give exactly the tokens they would give
+    run one after another (each call has its own random generator, seeded by ``seed``). A
+    stream holds the back end from its first token until it is exhausted or closed. For
+    throughput, pass the prompts as one batch rather than from several threads; for parallel
+    generation, make one Session per thread (each loads its own back end).
     """
 
     def __init__(
@@ -109,6 +195,7 @@ class Session:
             self.backend = source
         else:
             self.backend, folder = _load_backend(source, backend, device, dtype, backend_options)
+        self._lock = RunLock.of(self.backend)
         self.config: MoEConfig = self.backend.config
         self.spec = self.backend.spec
         self.folder = folder  # where tokenizer / generation config files come from; None for in-memory models
@@ -148,7 +235,8 @@ class Session:
     # --- running ---------------------------------------------------------------------------
     def forward(self, feeds: dict[str, Any], want_router: bool = False) -> dict[str, Any]:
         """One raw step of the model graph (names and shapes in :mod:`moetrt.runtime.backend`)."""
-        return self.backend.forward(feeds, want_router=want_router)
+        with self._lock.hold("forward"):
+            return self.backend.forward(feeds, want_router=want_router)
 
     def generate(
         self,
@@ -166,7 +254,9 @@ class Session:
         ``stop_tokens=None`` uses the model's eos ids; ``()`` generates ``max_new_tokens`` always.
         """
         generation, text = self._generation(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, expert_stats)
-        return self._result(generation.run(), text)
+        with self._lock.hold("generate"):
+            generation.run()
+        return self._result(generation, text)
 
     def stream(
         self,
