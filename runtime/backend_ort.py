@@ -1,11 +1,17 @@
 """The ONNX Runtime back end: an exported folder's ``model.onnx`` on the CPU or CUDA execution provider.
 
 Every step goes through ORT's IO binding (``InferenceSession.io_binding``,
-``run_with_iobinding``): ``present.*`` outputs are bound to the session's device and ORT
-allocates them there, and the returned ``OrtValue``s are bound as the next step's
-``past_key_values.*``, so on CUDA the KV cache never crosses PCIe. ``logits`` and router
-outputs are bound to the host, where sampling happens. The CPU provider takes the same path
-with device ``"cpu"``.
+``run_with_iobinding``): ``present.*`` outputs are written into buffers on the session's
+device, and the returned ``OrtValue``s are bound as the next step's ``past_key_values.*``, so
+on CUDA the KV cache never crosses PCIe. ``logits`` and router outputs are bound to the host,
+where sampling happens. The CPU provider takes the same path with device ``"cpu"``.
+
+The back end owns two buffers per ``present`` output and writes them in turn (step t reads its
+past from one and writes its present into the other), grown by doubling: a long generation
+allocates a handful of times instead of every step, so memory stays flat instead of filling
+ONNX Runtime's arena with freed caches one position too short. A ``present`` value is therefore
+valid until the second ``forward`` after the one that returned it, which is all the generate
+loop needs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ __all__ = ["OrtBackend", "import_onnxruntime"]
 
 # ONNX TensorProto element types of the KV cache (bfloat16 has no NumPy dtype)
 _ONNX_ELEM_TYPE = {"float32": 1, "float16": 10, "bfloat16": 16}
+_ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+KV_POSITION_STEP = 256  # present buffers hold a multiple of this many positions
 
 
 def import_onnxruntime(device_type: str = "cpu") -> Any:
@@ -93,6 +101,9 @@ class OrtBackend:
                 "(no NVIDIA GPU, or the CUDA/cuDNN libraries onnxruntime-gpu needs are missing); use device='cpu'"
             )
         self._ort = ort
+        self._kv_buffers: dict[str, list[Any]] = {}  # present name -> two flat OrtValues, written in turn
+        self._kv_positions = 0  # positions each buffer holds (at the current batch)
+        self._kv_batch = 0
         self.exported = exported
         self.config = exported.config
         self.device = f"cuda:{device_id}" if device_type == "cuda" else "cpu"
@@ -148,12 +159,52 @@ class OrtBackend:
         device = [name for i in range(self.spec.num_layers) for name in present_names(i)]
         for name in host:
             binding.bind_output(name, "cpu")
+        batch, seq = np.shape(feeds["input_ids"])
+        total = np.shape(feeds["attention_mask"])[1]  # P + S positions in each present
+        retired = self._reserve_kv(batch, total)  # the buffers a growth replaced stay alive for this run
+        past_ptr = _data_ptr(feeds[past_names(0)[0]])
+        slot = 1 if self._kv_buffers[device[0]][0].data_ptr() == past_ptr else 0  # never write over the past
+        shape = list(self.spec.kv_shape(batch, total))  # [B, G, P+S, Hd]
+        elem_type = _ONNX_ELEM_TYPE[self.spec.kv_dtype]
         for name in device:
-            binding.bind_output(name, self._device_type, self._device_id)
+            buffer = self._kv_buffers[name][slot]
+            binding.bind_output(name, self._device_type, self._device_id, elem_type, shape, buffer.data_ptr())
 
         self.session.run_with_iobinding(binding)
+        del retired
         values = binding.get_outputs()  # in binding order
         outputs: Feeds = {}
         for name, value in zip(host + device, values, strict=True):
             outputs[name] = value.numpy() if name in host else value
         return outputs
+
+    def _reserve_kv(self, batch: int, positions: int) -> list[Any]:
+        """Make every present buffer hold ``positions`` at ``batch``; returns the buffers it replaced."""
+        if batch == self._kv_batch and positions <= self._kv_positions:
+            return []
+        grow = 2 * self._kv_positions if batch == self._kv_batch else 0
+        capacity = max(positions, grow)
+        capacity = -(-capacity // KV_POSITION_STEP) * KV_POSITION_STEP
+        elements = int(np.prod(self.spec.kv_shape(batch, capacity)))
+        elem_type = _ONNX_ELEM_TYPE[self.spec.kv_dtype]
+        retired = [buffer for pair in self._kv_buffers.values() for buffer in pair]
+        self._kv_buffers = {
+            name: [
+                self._ort.OrtValue.ortvalue_from_shape_and_type([elements], elem_type, self._device_type, self._device_id)
+                for _ in range(2)
+            ]
+            for i in range(self.spec.num_layers)
+            for name in present_names(i)
+        }  # fmt: skip
+        self._kv_batch, self._kv_positions = batch, capacity
+        return retired
+
+    @property
+    def kv_buffer_bytes(self) -> int:
+        """Bytes the present buffers hold now (two per present output)."""
+        per = int(np.prod(self.spec.kv_shape(self._kv_batch, self._kv_positions))) * _ELEM_BYTES[self.spec.kv_dtype]
+        return 2 * len(self._kv_buffers) * per
+
+
+def _data_ptr(value: Any) -> int | None:
+    return value.data_ptr() if hasattr(value, "data_ptr") and not isinstance(value, np.ndarray) else None
