@@ -81,3 +81,36 @@ def pytest_terminal_summary(terminalreporter):
         width = max(len(k) for k in rows)
         for key, value in sorted(rows.items()):
             terminalreporter.write_line(f"{key:<{width}}  {value:.3e}")
+
+
+# --- hypothesis profiles for the property tests ---------------------------------------------------
+# "ci": a few dozen examples, derandomized (the same examples every run; a failure prints the
+# falsifying example and a reproduce blob); "slow": many more, freshly random each run, selected
+# with ``pytest -m slow``. No deadline: an example exports a model, seconds on a busy machine.
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # hypothesis is in the dev extra; the property tests skip without it
+    _hypothesis_settings = None
+else:
+    _hypothesis_settings.register_profile(
+        "ci", max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True)
+    _hypothesis_settings.register_profile("slow", max_examples=300, deadline=None, print_blob=True)
+
+
+@pytest.fixture(params=["ci", pytest.param("slow", marks=pytest.mark.slow)])
+def property_settings(request):
+    """``@property_settings(ci=N, slow=M)`` on an inner ``@given`` function: the profile's settings
+    with that many examples (``property_settings.profile`` names the profile). Each property test
+    runs twice: its "ci" variant by default, its "slow" variant only where ``-m`` selects ``slow``."""
+    if _hypothesis_settings is None:
+        pytest.skip("property tests need hypothesis (the dev extra)")
+    profile = request.param
+    if profile == "slow" and "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("many more examples: run with -m slow")
+
+    def make(ci: int, slow: int):
+        return _hypothesis_settings(_hypothesis_settings.get_profile(profile),
+                                    max_examples=ci if profile == "ci" else slow)
+
+    make.profile = profile
+    return make
