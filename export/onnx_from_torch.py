@@ -15,13 +15,13 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from moetrt.artifact import FORMAT, FORMAT_VERSION, Progress, atomic_output_dir, check_output_dir, package_versions, sha256_file, write_metadata
-from moetrt.checkpoint import TOKENIZER_FILES, from_pretrained
+from moetrt.checkpoint import TOKENIZER_FILES, checkpoint_sources, from_pretrained
 from moetrt.errors import UnsupportedModelError
 from moetrt.model import MoETransformer
 from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, registered_schemas
@@ -40,6 +40,7 @@ DEFAULT_OPSET = 20
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ["load", "trace", "attach functions", "save"]
+STREAMING_STAGES = ["read checkpoint index", "trace", "attach functions", "save"]
 
 
 class _ExportWrapper(nn.Module):
@@ -96,9 +97,8 @@ def _translation_table() -> dict:
     }
 
 
-def _example_inputs(model: MoETransformer, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _example_inputs(cfg, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     # sizes >= 2 and pairwise distinct, so the tracer keeps every axis symbolic
-    cfg = model.config
     batch, seq, past = 2, 5, 3
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
@@ -125,6 +125,27 @@ def _resolve_model(source: Any, progress: Progress) -> tuple[MoETransformer, str
     )
 
 
+def _checkpoint_folder(source: Any) -> Path | None:
+    """``source`` as a checkpoint folder (streamed by default), or None (a model, a preset name)."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return Path(source)
+    return None
+
+
+def _streamed_initializers(ir_model) -> list:
+    from .streaming import StreamedTensor
+
+    return [v.const_value for v in ir_model.graph.initializers.values() if isinstance(v.const_value, StreamedTensor)]
+
+
+def _check_reads(streamed: list, allowed: int) -> None:
+    """Internal invariant: each streamed weight is read at most ``allowed`` times (0 before saving)."""
+    over = [f"{t.name} ({t.reads}x)" for t in streamed if t.reads > allowed]
+    if over:
+        raise AssertionError(f"streamed weights were read {'before saving' if not allowed else 'twice'}: "
+                             f"{', '.join(over[:5])}")
+
+
 def _rename_dims(ir_model, spec: IOSpec) -> None:
     """Give the graph's dynamic axes the onnxruntime-genai names (batch_size, ...)."""
     import onnx_ir as ir
@@ -144,10 +165,13 @@ def _rename_dims(ir_model, spec: IOSpec) -> None:
         value.shape = ir.Shape(dims)
 
 
-def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_names, opset: int):
+def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_names, opset: int,
+                  prepare: Callable[[Any], None] | None = None):
     """Trace ``module`` with the dynamo exporter; moetrt ops become single custom-domain nodes.
 
-    Returns the ``onnx_ir`` model, before the function bodies are attached.
+    ``prepare(model)`` runs on the traced graph before the exporter's optimizer does (the
+    streaming export binds the fake-traced weights there). Returns the ``onnx_ir`` model,
+    before the function bodies are attached.
     """
     with registered_schemas([topk_routing_schema(), sparse_moe_schema()]), warnings.catch_warnings(), \
             _quiet_logger("torch.onnx"), torch.no_grad():
@@ -155,8 +179,11 @@ def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, o
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
             custom_translation_table=_translation_table(), input_names=list(input_names),
-            output_names=list(output_names), opset_version=opset, optimize=True, verbose=False,
+            output_names=list(output_names), opset_version=opset, optimize=prepare is None, verbose=False,
         )
+        if prepare is not None:
+            prepare(program.model)
+            program.optimize()  # what optimize=True runs, on the prepared graph
     return program.model
 
 
@@ -196,6 +223,7 @@ def onnx_from_torch(
     overwrite: bool = False,
     check: bool = True,
     progress: bool = True,
+    streaming: bool | None = None,
 ) -> Path:
     """Export ``source`` to the canonical ONNX folder ``out_dir`` and return its path.
 
@@ -204,6 +232,11 @@ def onnx_from_torch(
     stay float32). ``router_outputs`` adds ``router_weights.{i}`` / ``router_indices.{i}`` per MoE
     layer. ``external_data``: weights in ``model.onnx.data`` (default: when over 1 GiB). The
     folder is written atomically: on any failure nothing is left behind.
+
+    ``streaming`` (default: on for a checkpoint folder): trace the model with fake weights and
+    write each weight straight from the checkpoint's safetensors into the output, one checkpoint
+    tensor at a time, so a model larger than memory exports in memory a small multiple of its
+    largest tensor (see :mod:`moetrt.export.streaming`); the result equals the in-memory export's.
     """
     if dtype not in DTYPES:
         raise UnsupportedModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -211,14 +244,37 @@ def onnx_from_torch(
         raise UnsupportedModelError(f"opset must be in {MIN_OPSET}..23 (the function bodies need Equal on strings), got {opset}")
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    steps = Progress(STAGES, enabled=progress, title="export")
-    model, source_desc, source_dir = _resolve_model(source, steps)
-    if not isinstance(model, MoETransformer):
-        raise UnsupportedModelError(f"expected a moetrt.MoETransformer, got {type(model).__name__}")
-    cfg = model.config
+    folder = _checkpoint_folder(source)
+    if streaming is None:
+        streaming = folder is not None
+    if streaming and folder is None:
+        raise UnsupportedModelError(
+            f"streaming export reads a checkpoint folder (config.json + *.safetensors), got {source!r}; "
+            "pass the folder, or streaming=False to export a model in memory"
+        )
     torch_dtype = TORCH_DTYPES[dtype]
-    if model.dtype != torch_dtype:
-        model = copy.deepcopy(model).to(torch_dtype)  # the caller's model is left as it was
+    steps = Progress(STREAMING_STAGES if streaming else STAGES, enabled=progress, title="export")
+    if streaming:
+        from .streaming import bind_sources, fake_model, fold_streamed_transposes
+
+        with steps.stage("read checkpoint index", str(folder)):
+            cfg, sources = checkpoint_sources(folder)
+        model, source_desc, source_dir = fake_model(cfg, torch_dtype), str(folder.resolve()), folder
+
+        def prepare(ir_model) -> None:  # on the traced graph, before the exporter's optimizer
+            bind_sources(ir_model, cfg, sources, torch_dtype)
+            fold_streamed_transposes(ir_model)
+
+        weight_bytes = sum(torch.Size(s.shape).numel() for s in sources.values()) * torch_dtype.itemsize
+    else:
+        model, source_desc, source_dir = _resolve_model(source, steps)
+        if not isinstance(model, MoETransformer):
+            raise UnsupportedModelError(f"expected a moetrt.MoETransformer, got {type(model).__name__}")
+        if model.dtype != torch_dtype:
+            model = copy.deepcopy(model).to(torch_dtype)  # the caller's model is left as it was
+        prepare = None
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config
     model.eval()
     spec = io_spec(cfg, dtype, router_outputs)
 
@@ -229,9 +285,11 @@ def onnx_from_torch(
             tuple({0: dynamic, 2: dynamic} for _ in range(2 * cfg.num_hidden_layers)),  # *past_flat
         )
         ir_model = trace_to_onnx(
-            _ExportWrapper(model, router_outputs).eval(), _example_inputs(model, torch_dtype), dynamic_shapes,
-            spec.input_names, spec.output_names, opset,
+            _ExportWrapper(model, router_outputs).eval(), _example_inputs(cfg, torch_dtype), dynamic_shapes,
+            spec.input_names, spec.output_names, opset, prepare=prepare,
         )
+    streamed = _streamed_initializers(ir_model)
+    _check_reads(streamed, 0)
 
     with steps.stage("attach functions"):
         _rename_dims(ir_model, spec)
@@ -241,13 +299,27 @@ def onnx_from_torch(
             raise AssertionError(f"expected {expected} TopKRouting and SparseMoE nodes, the export has {counts}")
         ir_model.producer_name, ir_model.producer_version = "moetrt", package_versions("moetrt").get("moetrt", "")
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
-    with steps.stage("save", str(out_dir)), atomic_output_dir(out_dir, overwrite) as tmp:
+    detail = f"{out_dir} ({weight_bytes / 2**30:.2f} GiB of weights{', streamed' if streaming else ''})"
+    with steps.stage("save", detail), atomic_output_dir(out_dir, overwrite) as tmp:
         import onnx_ir as ir
 
         model_path = tmp / "model.onnx"
-        ir.save(ir_model, model_path, external_data="model.onnx.data" if use_external else None)
+        written = [0]
+
+        def saved(tensor, info) -> None:  # before each external tensor is written
+            steps.update(written[0], weight_bytes, f"{info.index + 1}/{info.total} tensors")
+            written[0] += tensor.nbytes
+
+        ir.save(ir_model, model_path, external_data="model.onnx.data" if use_external else None,
+                callback=saved if use_external else None)
+        if use_external:
+            steps.update(weight_bytes, weight_bytes, "written", force=True)
+        _check_reads(streamed, 1)
+        if streamed:
+            from .streaming import warn_nonfinite
+
+            warn_nonfinite(streamed, str(source_desc))
         if check:
             import onnx
 

@@ -5,6 +5,10 @@ Supported ``model_type``: mixtral, qwen2_moe, qwen3_moe, olmoe. Both the on-disk
 transformers v5 in-memory layout (``experts.gate_up_proj`` ``[E, 2F, D]``) are read. Every
 checkpoint tensor is either used or reported: an unknown tensor is an error, a derived buffer
 (``rotary_emb.inv_freq``) a warning.
+
+:func:`checkpoint_sources` says where each parameter's data lies without reading it (the
+safetensors headers only), for the streaming export: it accepts and rejects exactly what
+:func:`from_pretrained` does, through the same placement rules (``_Placer``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,10 @@ __all__ = [
     "hf_config_from_config",
     "save_pretrained",
     "PRESET_DIR",
+    "checkpoint_sources",
+    "ParamSource",
+    "StoredTensor",
+    "read_safetensors_header",
 ]
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -311,81 +320,269 @@ def _empty_model(cfg: MoEConfig, dtype: torch.dtype) -> MoETransformer:
     return model
 
 
+class _Placer:
+    """Where each checkpoint tensor goes in a model of ``cfg``; what is left unfilled or unused at the end.
+
+    ``shapes``: parameter name -> shape, tied parameters under both names. Shared by the loader
+    (which copies each tensor as it comes) and :func:`checkpoint_sources` (which only notes where
+    each tensor lies), so both accept and reject exactly the same checkpoints.
+    """
+
+    def __init__(self, cfg: MoEConfig, shapes: dict[str, tuple[int, ...]], source: str):
+        self.cfg, self.shapes, self.source = cfg, shapes, source
+        self.filled: set[str] = set()
+        self.filled_parts: set[tuple[str, int, str]] = set()
+        self.unused: list[str] = []
+        self.derived: list[str] = []
+
+    def _check(self, dst_name: str, dst_shape: tuple[int, ...], src_name: str, shape: tuple[int, ...], dtype) -> None:
+        if tuple(dst_shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.source}: tensor {src_name!r} has shape {tuple(shape)}, the config implies "
+                f"{tuple(dst_shape)} for {dst_name}; config.json and the weights disagree"
+            )
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"{self.source}: tensor {src_name!r} has dtype {dtype}; expected floating point")
+
+    def place(self, raw_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, int | None, str | None] | None:
+        """(parameter, expert, part) that checkpoint tensor ``raw_name`` fills, or None if it fills none.
+
+        ``expert``/``part`` are None for a whole parameter; ``part`` is gate | up | down of one
+        expert of a stacked ``[E, 2F, D]`` / ``[E, D, F]`` tensor.
+        """
+        name = _canonical_name(raw_name)
+        match = _PER_EXPERT.match(name)
+        if match:
+            layer, expert, part = int(match[1]), int(match[2]), _PART[match[3]]
+            base = f"layers.{layer}.mlp.experts"
+            key = f"{base}.down_proj" if part == "down" else f"{base}.gate_up_proj"
+            if key not in self.shapes or expert >= self.cfg.num_experts:
+                self.unused.append(raw_name)
+                return None
+            dst_shape = list(self.shapes[key][1:])  # [D, F] or [2F, D]
+            if part != "down":
+                dst_shape[0] = self.cfg.intermediate_size  # the gate or the up rows
+            self._check(f"{key}[{expert}] ({part})", tuple(dst_shape), raw_name, shape, dtype)
+            self.filled_parts.add((key, expert, part))
+            return key, expert, part
+        if name in self.shapes:
+            self._check(name, self.shapes[name], raw_name, shape, dtype)
+            self.filled.add(name)
+            return name, None, None
+        if _DERIVED.search(name):
+            self.derived.append(raw_name)
+        else:
+            self.unused.append(raw_name)
+        return None
+
+    def finish(self) -> None:
+        """Raise if a tensor had no place or a parameter was not filled; warn about ignored buffers."""
+        cfg, filled, filled_parts = self.cfg, set(self.filled), self.filled_parts
+        for key in [k for k in self.shapes if k.endswith(".experts.gate_up_proj") or k.endswith(".experts.down_proj")]:
+            parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
+            if key not in filled and all((key, e, p) in filled_parts for e in range(cfg.num_experts) for p in parts):
+                filled.add(key)
+        if cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
+            filled.add("lm_head.weight")
+        missing = sorted(set(self.shapes) - filled)
+        for i, key in enumerate(missing):  # a stacked expert tensor filled in part: say which parts lack
+            if key.endswith(".experts.gate_up_proj") or key.endswith(".experts.down_proj"):
+                parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
+                lacking = [f"expert {e} {p}" for e in range(cfg.num_experts) for p in parts
+                           if (key, e, p) not in filled_parts]
+                if len(lacking) < cfg.num_experts * len(parts):
+                    missing[i] = f"{key} ({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''})"
+        if self.unused:
+            raise CheckpointError(
+                f"{self.source}: {len(self.unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model "
+                f"with this config (first: {', '.join(self.unused[:5])}); config.json and the weights disagree"
+            )
+        if missing:
+            raise CheckpointError(
+                f"{self.source}: {len(missing)} tensor(s) the config needs are missing from the checkpoint "
+                f"(first: {', '.join(missing[:5])}); the checkpoint is incomplete or of another architecture"
+            )
+        if self.derived:
+            warnings.warn(
+                f"{self.source}: ignored {len(self.derived)} derived buffer(s) recomputed from the config (rotary inv_freq)"
+            )
+
+
 def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
     """Copy checkpoint tensors into ``model``; every parameter must be filled, every tensor used."""
     cfg = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
-    filled: set[str] = set()
-    filled_parts: set[tuple[str, int, str]] = set()
-    unused: list[str] = []
-    derived: list[str] = []
+    placer = _Placer(cfg, {name: tuple(p.shape) for name, p in params.items()}, source)
     ffn = cfg.intermediate_size
-
-    def copy(dst_name: str, dst: torch.Tensor, src: torch.Tensor, src_name: str) -> None:
-        if tuple(dst.shape) != tuple(src.shape):
-            raise CheckpointError(
-                f"{source}: tensor {src_name!r} has shape {tuple(src.shape)}, the config implies "
-                f"{tuple(dst.shape)} for {dst_name}; config.json and the weights disagree"
-            )
-        if not src.dtype.is_floating_point:
-            raise CheckpointError(f"{source}: tensor {src_name!r} has dtype {src.dtype}; expected floating point")
-        with torch.no_grad():
-            dst.copy_(src)
-
     for raw_name, tensor in tensors:
-        name = _canonical_name(raw_name)
-        match = _PER_EXPERT.match(name)
-        if match:
-            layer, expert, proj = int(match[1]), int(match[2]), _PART[match[3]]
-            base = f"layers.{layer}.mlp.experts"
-            key = f"{base}.down_proj" if proj == "down" else f"{base}.gate_up_proj"
-            if key not in params or expert >= cfg.num_experts:
-                unused.append(raw_name)
-                continue
-            dst = params[key][expert]  # [D, F] or [2F, D]
-            if proj == "gate":
-                dst = dst[:ffn]
-            elif proj == "up":
-                dst = dst[ffn:]
-            copy(f"{key}[{expert}] ({proj})", dst, tensor, raw_name)
-            filled_parts.add((key, expert, proj))
+        where = placer.place(raw_name, tuple(tensor.shape), tensor.dtype)
+        if where is None:
             continue
-        if name in params:
-            copy(name, params[name], tensor, raw_name)
-            filled.add(name)
-        elif _DERIVED.search(name):
-            derived.append(raw_name)
-        else:
-            unused.append(raw_name)
-
-    for key in [k for k in params if k.endswith(".experts.gate_up_proj") or k.endswith(".experts.down_proj")]:
-        parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
-        if key not in filled and all((key, e, p) in filled_parts for e in range(cfg.num_experts) for p in parts):
-            filled.add(key)
-    if cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
-        filled.add("lm_head.weight")
-    missing = sorted(set(params) - filled)
-    for i, key in enumerate(missing):  # a stacked expert tensor filled in part: say which parts lack
-        if key.endswith(".experts.gate_up_proj") or key.endswith(".experts.down_proj"):
-            parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
-            lacking = [f"expert {e} {p}" for e in range(cfg.num_experts) for p in parts if (key, e, p) not in filled_parts]
-            if len(lacking) < cfg.num_experts * len(parts):
-                missing[i] = f"{key} ({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''})"
-    if unused:
-        raise CheckpointError(
-            f"{source}: {len(unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model with this "
-            f"config (first: {', '.join(unused[:5])}); config.json and the weights disagree"
-        )
-    if missing:
-        raise CheckpointError(
-            f"{source}: {len(missing)} tensor(s) the config needs are missing from the checkpoint "
-            f"(first: {', '.join(missing[:5])}); the checkpoint is incomplete or of another architecture"
-        )
-    if derived:
-        warnings.warn(f"{source}: ignored {len(derived)} derived buffer(s) recomputed from the config (rotary inv_freq)")
+        key, expert, part = where
+        dst = params[key] if expert is None else params[key][expert]  # [D, F] or [2F, D] for one expert
+        if part == "gate":
+            dst = dst[:ffn]
+        elif part == "up":
+            dst = dst[ffn:]
+        with torch.no_grad():
+            dst.copy_(tensor)
+    placer.finish()
     nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if nonfinite:
         warnings.warn(f"{source}: non-finite values (NaN/Inf) in {', '.join(nonfinite[:5])}; outputs will be NaN")
+
+
+# --- streaming: where each parameter lies on disk, read one tensor at a time --------------------
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file, read on demand with a single file read.
+
+    Plain reads rather than a memory map: mapped pages of a multi-GB shard count towards the
+    process's resident memory for as long as the file stays mapped.
+    """
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+    def read(self) -> torch.Tensor:
+        if self.nbytes == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        buffer = bytearray(self.nbytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(buffer)
+        if got != self.nbytes:
+            raise CheckpointError(
+                f"cannot read {self.path}: tensor {self.name!r} is cut short ({got} of {self.nbytes} bytes); "
+                "the file is truncated, re-download it"
+            )
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> list[StoredTensor]:
+    """The tensors of one safetensors file (names, dtypes, shapes, byte ranges), without reading their data."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("shorter than its 8-byte header length")
+            header_len = int.from_bytes(head, "little")
+            if header_len > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {header_len} exceeds the file")
+            header = json.loads(f.read(header_len))
+        start = 8 + header_len
+        tensors = []
+        for name in sorted(k for k in header if k != "__metadata__"):
+            info = header[name]
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which moetrt does not read")
+            if not 0 <= begin <= end or start + end > size:
+                raise ValueError(f"tensor {name!r} lies outside the file (offsets {begin}..{end})")
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+            nbytes = end - begin
+            expected = torch.Size(shape).numel() * dtype.itemsize
+            if nbytes != expected:
+                raise ValueError(f"tensor {name!r} holds {nbytes} bytes, its shape {shape} needs {expected}")
+            tensors.append(StoredTensor(path, name, dtype, shape, start + begin, nbytes))
+        return tensors
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; the file is corrupt or truncated, re-download it") from exc
+
+
+def _to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """As loading into a float32 model and then ``.to(dtype)`` rounds: through float32."""
+    if tensor.dtype == dtype:
+        return tensor
+    return tensor.to(torch.float32).to(dtype)
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """Where one model parameter lies in a checkpoint: one stored tensor, or per-expert pieces.
+
+    ``pieces`` are in memory order: their data, one after the other, is the parameter's data
+    (``[E, 2F, D]``: expert 0 gate rows, expert 0 up rows, expert 1 gate rows, ...).
+    """
+
+    name: str  # model parameter name, e.g. layers.0.mlp.experts.gate_up_proj
+    shape: tuple[int, ...]
+    pieces: tuple[StoredTensor, ...]
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The pieces in memory order, each read and converted to ``dtype`` on its own."""
+        for piece in self.pieces:
+            yield _to_dtype(piece.read(), dtype)
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole parameter in ``dtype`` (one tensor of its size in memory)."""
+        if len(self.pieces) == 1:
+            return next(self.chunks(dtype)).reshape(self.shape)
+        out = torch.empty(self.shape, dtype=dtype)
+        flat, offset = out.view(-1), 0
+        for chunk in self.chunks(dtype):
+            flat[offset : offset + chunk.numel()] = chunk.reshape(-1)
+            offset += chunk.numel()
+            del chunk  # before the next one is read
+        assert offset == out.numel(), (self.name, offset, out.numel())
+        return out
+
+
+def checkpoint_sources(folder: str | os.PathLike) -> tuple[MoEConfig, dict[str, ParamSource]]:
+    """The config of a checkpoint folder and, per model parameter, where its data lies.
+
+    Reads only config.json and the safetensors headers; accepts and rejects exactly the
+    checkpoints :func:`from_pretrained` does. Tied ``lm_head.weight`` is not listed (it is
+    ``embed_tokens.weight``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; point at a Hugging Face checkpoint folder")
+    cfg = config_from_hf(_read_config_json(folder))
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    placer = _Placer(cfg, shapes, str(folder))
+    whole: dict[str, StoredTensor] = {}
+    parts: dict[tuple[str, int, str], StoredTensor] = {}
+    for path in _shard_files(folder):
+        for stored in read_safetensors_header(path):
+            where = placer.place(stored.name, stored.shape, stored.dtype)
+            if where is None:
+                continue
+            key, expert, part = where
+            if expert is None:
+                if cfg.tie_word_embeddings and key == "lm_head.weight":
+                    key = "embed_tokens.weight"  # one tensor under two names: the last one read wins
+                whole[key] = stored
+            else:
+                parts[(key, expert, part)] = stored
+    placer.finish()
+    sources = {}
+    for name, p in model.named_parameters():
+        order = (("down",) if name.endswith(".experts.down_proj") else ("gate", "up"))
+        stacked = [parts.get((name, e, part)) for e in range(cfg.num_experts) for part in order]
+        if all(stacked) and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            pieces = tuple(stacked)
+        else:
+            pieces = (whole[name],)
+        sources[name] = ParamSource(name, tuple(p.shape), pieces)
+    return cfg, sources
 
 
 def _from_transformers(hf_model: Any, dtype: torch.dtype | None) -> MoETransformer:
