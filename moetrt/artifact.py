@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moetrt.errors import MoetrtError
+from moetrt.errors import CheckpointError, MoetrtError
 
 __all__ = [
     "METADATA_FILE",
@@ -27,6 +27,7 @@ __all__ = [
     "FORMAT_VERSION",
     "atomic_output_dir",
     "check_output_dir",
+    "check_artifact_files",
     "sha256_file",
     "package_versions",
     "read_metadata",
@@ -42,12 +43,25 @@ FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Fail early (before any heavy work) if ``out_dir`` cannot be written."""
     if out_dir.exists():
+        artifact = out_dir.is_dir() and (out_dir / METADATA_FILE).exists()
         if not overwrite:
-            raise MoetrtError(f"{out_dir} already exists; choose another folder or pass overwrite=True (--overwrite)")
-        if not out_dir.is_dir() or not (out_dir / METADATA_FILE).exists():
+            hint = " or pass overwrite=True (--overwrite)" if artifact else ""
+            raise MoetrtError(f"{out_dir} already exists; choose another folder{hint}")
+        if not artifact:
             raise MoetrtError(
                 f"{out_dir} exists and is not a moetrt artifact folder (no {METADATA_FILE}); "
                 "moetrt only replaces its own artifacts: choose another folder"
+            )
+        try:
+            listed = set(json.loads((out_dir / METADATA_FILE).read_text()).get("files") or {})
+        except (OSError, ValueError, AttributeError):
+            listed = set()  # unreadable metadata: every other file counts as the user's
+        extra = sorted(p.name for p in out_dir.iterdir() if p.name != METADATA_FILE and p.name not in listed)
+        if extra:
+            shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+            raise MoetrtError(
+                f"{out_dir} holds files moetrt did not write ({shown}); --overwrite would delete them: "
+                "move them out or choose another folder"
             )
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
@@ -70,7 +84,11 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
             backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             backup.rmdir()
             out_dir.rename(backup)
-            tmp.rename(out_dir)
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                backup.rename(out_dir)  # put the previous artifact back
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             tmp.rename(out_dir)
@@ -126,6 +144,7 @@ class Progress:
     def __init__(self, stages: list[str], enabled: bool = True, title: str = ""):
         self.stages, self.enabled, self.title = stages, enabled, title
         self._t0 = time.perf_counter()
+        self._last_update = 0.0
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
@@ -137,6 +156,54 @@ class Progress:
         if self.enabled:
             print(f"      {name} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
+    def update(self, done: float, total: float, detail: str = "", force: bool = False, every: float = 10.0) -> None:
+        """Progress inside the running stage: ``done`` of ``total`` bytes, printed at most every ``every`` seconds."""
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self._last_update < every):
+            return
+        self._last_update = now
+        percent = 100.0 * done / total if total else 100.0
+        print(f"      {done / 2**30:.2f} / {total / 2**30:.2f} GiB ({percent:.0f}%){', ' + detail if detail else ''}",
+              file=sys.stderr, flush=True)
+
     def done(self, message: str) -> None:
         if self.enabled:
             print(f"{message} (total {time.perf_counter() - self._t0:.1f} s)", file=sys.stderr, flush=True)
+
+
+def check_artifact_files(
+    folder: str | os.PathLike,
+    meta: dict[str, Any] | None = None,
+    checksums: bool = True,
+    required: tuple[str, ...] = (),
+    model_only: bool = False,
+) -> None:
+    """Raise a :class:`CheckpointError` naming the files of an artifact folder that are missing, or
+    (with ``checksums``) that changed since they were written; ``meta`` is its ``moetrt.json``.
+    ``model_only`` looks at the model's own files (``model.*``) only, not the tokenizer's.
+
+    Without ``checksums`` it only looks at which files exist, which costs nothing; the checksums
+    read every byte, so callers run them when something already failed, to say why.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder) if meta is None else meta
+    listed: dict[str, str] = meta.get("files") or {}
+    if model_only:
+        listed = {name: digest for name, digest in listed.items() if name.startswith("model.")}
+    missing = sorted(name for name in {*required, *listed} if not (folder / name).exists())
+    if missing:
+        raise CheckpointError(
+            f"{folder} is missing {', '.join(missing)} (listed in {METADATA_FILE}); the folder is incomplete: "
+            "copy the whole folder or re-export the model"
+        )
+    if not checksums:
+        return
+    for name, expected in listed.items():
+        path = folder / name
+        if sha256_file(path) != expected:
+            size = path.stat().st_size
+            raise CheckpointError(
+                f"{path} ({size} bytes) does not match the checksum in {METADATA_FILE}; the file was changed or "
+                "truncated after it was written (an interrupted copy or a full disk?): copy it again or re-export "
+                "the model"
+            )

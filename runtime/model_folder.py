@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetrt.artifact import FORMAT, FORMAT_VERSION, METADATA_FILE, read_metadata, sha256_file
+from moetrt.artifact import FORMAT, FORMAT_VERSION, METADATA_FILE, check_artifact_files, read_metadata
 from moetrt.config import PRESETS, MoEConfig
 from moetrt.errors import CheckpointError, MoetrtError
 
@@ -107,44 +107,6 @@ def read_exported(folder: str | os.PathLike) -> ExportedModel:
         source=meta.get("source"),
         meta=meta,
     )
-
-
-def check_artifact_files(
-    folder: str | os.PathLike,
-    meta: dict[str, Any] | None = None,
-    checksums: bool = True,
-    required: tuple[str, ...] = (),
-    model_only: bool = False,
-) -> None:
-    """Raise a :class:`CheckpointError` naming the files of an artifact folder that are missing, or
-    (with ``checksums``) that changed since they were written; ``meta`` is its ``moetrt.json``.
-    ``model_only`` looks at the model's own files (``model.*``) only, not the tokenizer's.
-
-    Without ``checksums`` it only looks at which files exist, which costs nothing; the checksums
-    read every byte, so callers run them when something already failed, to say why.
-    """
-    folder = Path(folder)
-    meta = read_metadata(folder) if meta is None else meta
-    listed: dict[str, str] = meta.get("files") or {}
-    if model_only:
-        listed = {name: digest for name, digest in listed.items() if name.startswith("model.")}
-    missing = sorted(name for name in {*required, *listed} if not (folder / name).exists())
-    if missing:
-        raise CheckpointError(
-            f"{folder} is missing {', '.join(missing)} (listed in {METADATA_FILE}); the folder is incomplete: "
-            "copy the whole folder or re-export the model"
-        )
-    if not checksums:
-        return
-    for name, expected in listed.items():
-        path = folder / name
-        if sha256_file(path) != expected:
-            size = path.stat().st_size
-            raise CheckpointError(
-                f"{path} ({size} bytes) does not match the checksum in {METADATA_FILE}; the file was changed or "
-                "truncated after it was written (an interrupted copy or a full disk?): copy it again or re-export "
-                "the model"
-            )
 
 
 def explain_broken_artifact(path: str | os.PathLike, error: BaseException) -> None:

@@ -318,16 +318,13 @@ def test_failed_write_keeps_the_previous_artifact(stage, argv, exc, code, messag
     assert _leftovers(Path(paths["copy"]).parent) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "moetrt/artifact.py check_output_dir replaces a moetrt artifact folder whole, so a file the user "
-    "added to it is deleted by --overwrite; it should refuse when the folder holds files its moetrt.json "
-    "does not list"))
 def test_overwrite_keeps_files_the_user_added_to_an_artifact(paths, capsys):
     notes = Path(paths["copy"]) / "my-notes.txt"
     notes.write_text("mine\n")
     code, _, err = run_cli(["optimize", paths["export"], "-t", "ort-cpu", "-o", paths["copy"], "--overwrite", "-q"],
                            capsys)
     assert notes.exists(), f"--overwrite deleted {notes.name} (exit {code}: {err})"
+    assert code == 2 and "holds files moetrt did not write (my-notes.txt)" in err, err
 
 
 # --- exit codes: usage errors 2, crashes 1 with the traceback -----------------------------------
