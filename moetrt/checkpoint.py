@@ -279,7 +279,10 @@ def _shard_files(folder: Path) -> list[Path]:
             f"{folder} holds PyTorch pickle weights (*.bin/*.pt) but no *.safetensors; moetrt reads only "
             "safetensors: convert with transformers (model.save_pretrained(dir, safe_serialization=True))"
         )
-    raise CheckpointError(f"{folder} has no model.safetensors (or sharded *.safetensors + index)")
+    raise CheckpointError(
+        f"{folder} has no model.safetensors (or sharded *.safetensors + index); copy the weight files into it, "
+        "or write them with moetrt.save_pretrained"
+    )
 
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -339,7 +342,7 @@ class _Placer:
         if tuple(dst_shape) != tuple(shape):
             raise CheckpointError(
                 f"{self.source}: tensor {src_name!r} has shape {tuple(shape)}, the config implies "
-                f"{tuple(dst_shape)} for {dst_name}; config.json and the weights disagree"
+                f"{tuple(dst_shape)} for {dst_name}; config.json and the weights disagree: use the config.json that came with these weights"
             )
         if not dtype.is_floating_point:
             raise CheckpointError(f"{self.source}: tensor {src_name!r} has dtype {dtype}; expected floating point")
@@ -395,7 +398,7 @@ class _Placer:
         if self.unused:
             raise CheckpointError(
                 f"{self.source}: {len(self.unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model "
-                f"with this config (first: {', '.join(self.unused[:5])}); config.json and the weights disagree"
+                f"with this config (first: {', '.join(self.unused[:5])}); config.json and the weights disagree: use the config.json that came with these weights"
             )
         if missing:
             raise CheckpointError(
