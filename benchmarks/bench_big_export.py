@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -49,6 +48,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime_cpu import machine_info  # noqa: E402  (one record of the machine for every benchmark)
 
 REPO = Path(__file__).resolve().parent.parent
 GNU_TIME = "/usr/bin/time"
@@ -229,19 +231,6 @@ def verify_big(checkpoint: Path, export: Path, cfg: dict) -> dict:
 
 
 # --- report -------------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    cpu = memory = ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    with contextlib.suppress(OSError, StopIteration):
-        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
-        memory = f"{kib / 2**20:.1f} GiB"
-    return {"platform": platform.platform(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "memory": memory}
-
 
 def versions() -> dict:
     from importlib import metadata

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,9 @@ import time
 from pathlib import Path
 
 PROMPT = [1, 17, 42, 99, 7, 300, 12, 5, 250, 64, 33, 401, 8, 9, 150, 77]  # 16 token ids of the tiny vocab
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime_cpu import machine_info  # noqa: E402  (one record of the machine for every benchmark)
 
 
 def rss_bytes() -> int:
@@ -198,19 +200,6 @@ NOTES = [
 ]
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "python": platform.python_version()}
-
-
 def versions() -> dict:
     from moetrt.artifact import package_versions
 
@@ -304,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                            "max_position_embeddings": cfg.max_position_embeddings,
                            "kv_bytes_per_position": kv_bytes_per_position(cfg), "prompt_tokens": len(PROMPT),
                            "flat_mb_per_1k": args.flat_mb_per_1k},
-            "machine": machine(),
+            "machine": machine_info(args.threads),
             "versions": versions(),
             "results": results,
             "notes": NOTES,

@@ -406,7 +406,8 @@ def measure_group(names: list[str], work: Path, prompt: list[int], steps: int, r
 
 # --- report -----------------------------------------------------------------------------------------
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int | None = None) -> dict:
+    """Platform, CPU model, cores, intra-op threads (when given) and memory: every benchmark records these."""
     cpu = memory = ""
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -415,8 +416,9 @@ def machine_info(threads: int) -> dict:
         kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))
         memory = f"{kib / 2**20:.1f} GiB"
-    return {"platform": platform.platform(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+    info = {"platform": platform.platform(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
             "threads": threads, "memory": memory}
+    return {key: value for key, value in info.items() if value is not None}
 
 
 def versions() -> dict:
