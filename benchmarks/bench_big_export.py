@@ -306,14 +306,7 @@ def write_report(out: Path, report: dict) -> None:
             "",
             f"Medians of {report['repeat']} runs, each in a fresh process.",
             "",
-            "| exporter | median peak RSS (GB) | max (GB) | median wall (s) | runs ok |",
-            "|---|---|---|---|---|",
-        ]
-        for name, entry in small["contenders"].items():
-            s = entry["summary"]
-            lines.append(f"| {name} | {fmt(s['median_peak_rss_gb'], '.2f')} | {fmt(s['max_peak_rss_gb'], '.2f')} | "
-                         f"{fmt(s['median_wall_s'], '.0f')} | {s['ok']}/{s['runs']} |")
-        lines += [""]
+        ] + _rss_table("exporter", small["contenders"]) + [""]
         for name, entry in small["contenders"].items():
             lines.append(f"- {name}: {entry['how']}")
             if entry["summary"]["error"]:
@@ -326,17 +319,21 @@ def write_report(out: Path, report: dict) -> None:
                 "On the streamed fp32 export (weights in model.onnx.data): the passes leave rewritten weights "
                 "lazy and the save computes them one at a time.",
                 "",
-                "| optimize | median peak RSS (GB) | max (GB) | median wall (s) | runs ok |",
-                "|---|---|---|---|---|",
-            ]
-            for name, entry in small["optimize"].items():
-                s = entry["summary"]
-                lines.append(f"| {name} | {fmt(s['median_peak_rss_gb'], '.2f')} | {fmt(s['max_peak_rss_gb'], '.2f')} | "
-                             f"{fmt(s['median_wall_s'], '.0f')} | {s['ok']}/{s['runs']} |")
+            ] + _rss_table("optimize", small["optimize"])
             lines += [""] + [f"- {name}: {entry['how']}" for name, entry in small["optimize"].items()] + [""]
     lines += ["Reproduce: `python benchmarks/bench_big_export.py` (both parts; `--skip-big` or `--skip-small` runs "
               "one and keeps the other's recorded numbers). This report: `" + report["command"] + "`", ""]
     (out / "big_export.md").write_text("\n".join(lines))
+
+
+def _rss_table(what: str, entries: dict) -> list[str]:
+    """Markdown rows: median / max peak RSS, median wall time and successful runs of each entry."""
+    rows = [f"| {what} | median peak RSS (GB) | max (GB) | median wall (s) | runs ok |", "|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        s = entry["summary"]
+        rows.append(f"| {name} | {fmt(s['median_peak_rss_gb'], '.2f')} | {fmt(s['max_peak_rss_gb'], '.2f')} | "
+                    f"{fmt(s['median_wall_s'], '.0f')} | {s['ok']}/{s['runs']} |")
+    return rows
 
 
 def main(argv=None) -> int:

@@ -3,13 +3,16 @@ Runtime on it and compare with the PyTorch reference on the positions that hold 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 import torch
 
+import moetrt
 from moetrt.parity import Closeness, Tolerance, check_close, tolerance
 
 KV_NUMPY = {"fp32": np.float32, "fp16": np.float16}
@@ -96,3 +99,42 @@ def export_moe_layer(path: Path, num_experts: int = 8, dim: int = 128, ffn: int 
     from moetrt.export import onnx_moe_layer
 
     return onnx_moe_layer(path, num_experts, dim, ffn, k, normalize=normalize, seed=seed, std=0.1)
+
+
+# --- the trained tiny model's held-out text: the perplexity the quantization bounds are stated in ----
+def heldout_stream() -> list[int]:
+    Tokenizer = pytest.importorskip("tokenizers").Tokenizer
+
+    preset = Path(moetrt.__file__).parent / "presets" / "tiny"
+    return Tokenizer.from_file(str(preset / "tokenizer.json")).encode((preset / "heldout.txt").read_text()).ids
+
+
+def heldout_eval(sess, ids: list[int], seq: int = 128, batch: int = 16):
+    """(perplexity, logits of every window) over windows of ``seq`` tokens, stride ``seq``, as the preset's card."""
+    starts = [b for b in range(0, len(ids) - 1, seq) if b + seq + 1 <= len(ids)]
+    nats, count, all_logits = 0.0, 0, []
+    for i in range(0, len(starts), batch):
+        window = np.array([ids[b : b + seq + 1] for b in starts[i : i + batch]], np.int64)  # [B, S+1]
+        x, y = window[:, :-1], window[:, 1:]
+        positions = np.tile(np.arange(seq), (len(x), 1))
+        feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": positions}
+        for inp in sess.get_inputs():
+            if inp.name.startswith("past_key_values"):
+                feeds[inp.name] = np.zeros((len(x), inp.shape[1], 0, inp.shape[3]), np.float32)
+        logits = sess.run(["logits"], feeds)[0].astype(np.float64)  # [B, S, V]
+        top = logits.max(-1, keepdims=True)
+        lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        nats += float((lse - np.take_along_axis(logits, y[..., None], -1)[..., 0]).sum())
+        count += y.size
+        all_logits.append(logits.astype(np.float32))
+    return math.exp(nats / count), np.concatenate(all_logits)
+
+
+def swapped_nibbles(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` with the two 4-bit halves of every uint8 initializer swapped: a layout error."""
+    model = ir.from_proto(ir.to_proto(model))
+    for name, value in model.graph.initializers.items():
+        if value.dtype == ir.DataType.UINT8:
+            q = value.const_value.numpy()
+            value.const_value = ir.tensor((q >> 4) | (q << 4), name=name)
+    return model

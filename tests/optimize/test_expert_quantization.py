@@ -9,21 +9,20 @@ model (logits and held-out perplexity against fp32, under the bounds justified b
 from __future__ import annotations
 
 import copy
-import math
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
 
-import moetrt
 from moetrt.ops.sparse_moe import sparse_moe_reference
 from moetrt.ops.topk_routing import topk_routing_reference
 from moetrt.optimize.expert_quantization import (
     dequantize_blockwise, pick_block_size, quantize_blockwise, quantize_experts,
 )
-from tests.optimize.helpers import apply_pass, compare, export_moe_layer, node_counts, session
+from tests.optimize.helpers import (
+    apply_pass, compare, export_moe_layer, heldout_eval, heldout_stream, node_counts, session, swapped_nibbles,
+)
 
 pytest.importorskip("onnxruntime")
 
@@ -210,34 +209,6 @@ def test_mixtral_falls_back_to_blocks_of_16(quantized):
 
 
 # --- quality on the trained model -----------------------------------------------------------------
-def heldout_stream() -> list[int]:
-    Tokenizer = pytest.importorskip("tokenizers").Tokenizer
-
-    preset = Path(moetrt.__file__).parent / "presets" / "tiny"
-    return Tokenizer.from_file(str(preset / "tokenizer.json")).encode((preset / "heldout.txt").read_text()).ids
-
-
-def heldout_eval(sess, ids: list[int], seq: int = 128, batch: int = 16):
-    """(perplexity, logits of every window) over windows of ``seq`` tokens, stride ``seq``, as the preset's card."""
-    starts = [b for b in range(0, len(ids) - 1, seq) if b + seq + 1 <= len(ids)]
-    nats, count, all_logits = 0.0, 0, []
-    for i in range(0, len(starts), batch):
-        window = np.array([ids[b : b + seq + 1] for b in starts[i : i + batch]], np.int64)  # [B, S+1]
-        x, y = window[:, :-1], window[:, 1:]
-        positions = np.tile(np.arange(seq), (len(x), 1))
-        feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": positions}
-        for inp in sess.get_inputs():
-            if inp.name.startswith("past_key_values"):
-                feeds[inp.name] = np.zeros((len(x), inp.shape[1], 0, inp.shape[3]), np.float32)
-        logits = sess.run(["logits"], feeds)[0].astype(np.float64)  # [B, S, V]
-        top = logits.max(-1, keepdims=True)
-        lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-        nats += float((lse - np.take_along_axis(logits, y[..., None], -1)[..., 0]).sum())
-        count += y.size
-        all_logits.append(logits.astype(np.float32))
-    return math.exp(nats / count), np.concatenate(all_logits)
-
-
 @pytest.fixture(scope="module")
 def heldout_fp32(canonical):
     ids = heldout_stream()
@@ -272,12 +243,7 @@ def test_a_wrong_layout_breaks_the_bound(quantized, heldout_fp32, tmp_path):
     """The perplexity bound catches layout errors: swapping the two nibbles of every int4 byte."""
     ids, ppl_fp32, _ = heldout_fp32
     _, _, _, graph, _ = quantized("tiny", "int4")
-    graph = ir.from_proto(ir.to_proto(graph))  # a copy
-    for name, value in graph.graph.initializers.items():
-        if value.dtype == ir.DataType.UINT8:
-            q = value.const_value.numpy()
-            value.const_value = ir.tensor((q >> 4) | (q << 4), name=name)
-    ir.save(graph, tmp_path / "model.onnx")
+    ir.save(swapped_nibbles(graph), tmp_path / "model.onnx")
     ppl, _ = heldout_eval(session(tmp_path / "model.onnx"), ids)
     assert ppl / ppl_fp32 > 2 * PERPLEXITY_BOUND["int4"], ppl
 
