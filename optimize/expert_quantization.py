@@ -43,7 +43,7 @@ from onnxscript.rewriter import pattern
 
 from moetrt.ops._onnx import DOMAIN
 
-from ._common import ORT_DOMAIN, MoELayer, PassResult, read_moe_layer, remove_dead_code
+from ._common import ORT_DOMAIN, MoELayer, PassResult, SharedResult, lazy_tensor, read_moe_layer, remove_dead_code
 from .moe_lowering import interleave_gate_up, lowering_blocker, moe_attributes
 from .targets import DEFAULT_BLOCK_SIZE
 
@@ -89,6 +89,30 @@ def pick_block_size(dim: int, ffn: int, requested: int) -> int | None:
     return None
 
 
+def _quantizer(tensor: ir.TensorProtocol, interleave: bool, bits: int, block: int, scales_dtype: ir.DataType):
+    """() -> (packed weight, scales in ``scales_dtype``) of ``tensor``, gate/up interleaved first if asked."""
+
+    if scales_dtype == ir.DataType.BFLOAT16:
+        import ml_dtypes  # a dependency of onnx-ir
+
+        scales_np = ml_dtypes.bfloat16
+    else:
+        scales_np = _NUMPY_DTYPES.get(scales_dtype, np.float32)
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        weight = tensor.numpy()  # [E, N, K], memory-mapped when the model's weights are external
+        experts, rows, cols = weight.shape
+        q = np.empty((experts, rows, cols * bits // 8), np.uint8)
+        scales = np.empty((experts, rows, cols // block), scales_np)
+        for e in range(experts):  # expert by expert: the float32 temporaries stay one expert's size
+            one = weight[e : e + 1]
+            q[e : e + 1], s = quantize_blockwise(interleave_gate_up(one) if interleave else one, bits, block)
+            scales[e : e + 1] = s.astype(scales_np)
+        return q, scales
+
+    return compute
+
+
 def _in_dtype(op, value: ir.Value, like: ir.Value) -> ir.Value:
     """``value`` cast to ``like``'s dtype (the fused ops take router inputs in the activation dtype)."""
     if value.dtype == like.dtype:
@@ -126,18 +150,19 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
         layer = read_moe_layer(y.producer())
         assert isinstance(layer, MoELayer)
         block = pick_block_size(layer.hidden_size, layer.ffn_size, self.block_size)
-        scale_dtype = _NUMPY_DTYPES.get(x.dtype, np.float32)
+        scales_dtype = x.dtype if x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else ir.DataType.FLOAT
         tensors = []
-        for weight, source in ((interleave_gate_up(layer.w_gate_up), w_gate_up), (layer.w_down, w_down)):
-            q, scales = quantize_blockwise(weight, self.bits, block)
-            name = f"{source.name}.q{self.bits}.scales"
-            if x.dtype == ir.DataType.BFLOAT16:
-                import ml_dtypes  # a dependency of onnx-ir
-
-                scales_tensor = ir.tensor(scales.astype(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16, name=name)
-            else:
-                scales_tensor = ir.tensor(scales.astype(scale_dtype), name=name)
-            tensors += [op.initializer(ir.tensor(q, name=f"{source.name}.q{self.bits}")), op.initializer(scales_tensor)]
+        for tensor, interleave, source in ((layer.w_gate_up_tensor, True, w_gate_up),
+                                           (layer.w_down_tensor, False, w_down)):
+            # quantized when saved, one weight at a time: the packed weight and its scales share one computation
+            shared = SharedResult(_quantizer(tensor, interleave, self.bits, block, scales_dtype), parts=2)
+            experts, rows, cols = tensor.shape
+            name = f"{source.name}.q{self.bits}"
+            q = lazy_tensor(lambda s=shared: s.take(0), ir.DataType.UINT8, (experts, rows, cols * self.bits // 8),
+                            name=name, sources=[tensor])
+            scales = lazy_tensor(lambda s=shared: s.take(1), scales_dtype, (experts, rows, cols // block),
+                                 name=f"{name}.scales", sources=[tensor])
+            tensors += [op.initializer(q), op.initializer(scales)]
         fc1, fc1_scales, fc2, fc2_scales = tensors
         logits = _in_dtype(op, layer.logits, x)  # [T, E]
         mixing = []

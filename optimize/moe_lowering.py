@@ -48,7 +48,7 @@ from onnxscript.rewriter import pattern
 from moetrt.ops._onnx import DOMAIN
 from moetrt.ops.sparse_moe import gather_threshold
 
-from ._common import ORT_DOMAIN, MoELayer, PassResult, read_moe_layer, remove_dead_code
+from ._common import ORT_DOMAIN, MoELayer, PassResult, lazy_tensor, read_moe_layer, remove_dead_code
 
 __all__ = ["lower_moe", "interleave_gate_up", "moe_attributes", "lowering_blocker", "POLICIES"]
 
@@ -139,7 +139,11 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
         assert isinstance(layer, MoELayer)
         self.result.count += 1
         if self.policy == "always":
-            fc1 = op.initializer(ir.tensor(interleave_gate_up(layer.w_gate_up), name=f"{w_gate_up.name}.interleaved"))
+            source = layer.w_gate_up_tensor
+            fc1 = op.initializer(lazy_tensor(  # computed when saved, one layer at a time
+                lambda: interleave_gate_up(source.numpy()), source.dtype, source.shape,
+                name=f"{w_gate_up.name}.interleaved", sources=[source],
+            ))
             logits = layer.logits
             if x.dtype != ir.DataType.FLOAT:  # the fused op takes the router input in the activation dtype
                 logits = op.Cast(layer.logits, to=x.dtype)
@@ -174,8 +178,7 @@ def _body_wins_at_decode(layer: MoELayer) -> str | None:
     place, and there it beat the fused op at decode: bench-small, 2 cores, ORT 1.32, 74 vs 61
     tok/s over 10 paired rounds (benchmarks/results/runtime_cpu.md).
     """
-    expert_bytes = (layer.w_gate_up[0].nbytes + layer.w_down[0].nbytes)
-    if gather_threshold(layer.num_experts, expert_bytes) <= 1:
+    if gather_threshold(layer.num_experts, layer.expert_bytes) <= 1:
         return ("the function body reads these large experts in place at decode, which measured faster than "
                 "com.microsoft::MoE on the CPU (bench-small 74 vs 61 tok/s); policy 'always' lowers anyway")
     return None

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from moetrt.ops._onnx import DOMAIN
 
-from ._common import FLOAT_TYPES, PassResult, remove_dead_code
+from ._common import FLOAT_TYPES, PassResult, lazy_tensor, remove_dead_code
 
 __all__ = ["convert_precision", "PRECISIONS", "FP32_OPS", "LOW_PRECISION_OPS"]
 
@@ -72,20 +72,26 @@ def _router_nodes(graph: ir.Graph) -> set[ir.Node]:
     return nodes
 
 
-def _convert_array(array: np.ndarray, dtype: ir.DataType) -> ir.TensorProtocol:
+def _converted(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     if dtype == ir.DataType.FLOAT16:
-        return ir.tensor(np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16))
+        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16)
     if dtype == ir.DataType.BFLOAT16:
         import ml_dtypes  # a dependency of onnx-ir
 
-        return ir.tensor(array.astype(np.float32).astype(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
-    return ir.tensor(array.astype(np.float32))
+        return array.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return array.astype(np.float32)
 
 
-def _constant_array(value: ir.Value) -> np.ndarray:
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    return value.producer().attributes["value"].as_tensor().numpy()
+def _convert_array(array: np.ndarray, dtype: ir.DataType) -> ir.TensorProtocol:
+    return ir.tensor(_converted(array, dtype), dtype=dtype)
+
+
+def _convert_constant(value: ir.Value, dtype: ir.DataType) -> ir.TensorProtocol:
+    """``value``'s constant in ``dtype``: an initializer converts when saved (one weight in memory at a time)."""
+    source = value.const_value
+    if source is not None:
+        return lazy_tensor(lambda: _converted(source.numpy(), dtype), dtype, source.shape, sources=[source])
+    return _convert_array(value.producer().attributes["value"].as_tensor().numpy(), dtype)
 
 
 def convert_precision(
@@ -169,13 +175,12 @@ def convert_precision(
         wanted = {dtype for _, _, dtype in uses}
         if wanted == {FLOAT}:
             continue
-        array = _constant_array(value)
         copies = {}
         for dtype in wanted:
             if dtype == FLOAT:
                 copies[dtype] = value
                 continue
-            tensor = _convert_array(array, dtype)
+            tensor = _convert_constant(value, dtype)
             if len(wanted) == 1 and value.is_initializer():  # convert in place, keep the name
                 value.const_value, value.type = tensor, ir.TensorType(dtype)
                 copies[dtype] = value
