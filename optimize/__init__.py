@@ -4,7 +4,9 @@
 canonical export into a folder for one target; each pass is a function of an ``onnx_ir.Model``
 returning a :class:`PassResult`, usable on its own.
 
-The names below load on first use, so ``moetrt.optimize.cli`` (imported by every ``moetrt``
+(The last-position logits pass is ``moetrt.optimize.last_logits.last_logits``: a package
+attribute of that name would be shadowed by its module once imported.) The names below load on
+first use, so ``moetrt.optimize.cli`` (imported by every ``moetrt``
 command to build its parser) does not import onnx-ir and onnxscript.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from .targets import PRECISIONS, QUANTIZE_EXPERTS, TARGETS
+from .targets import PRECISIONS, QUANTIZE_EXPERTS, QUANTIZE_WEIGHTS, TARGETS
 
 __all__ = [
     "optimize",
@@ -20,10 +22,13 @@ __all__ = [
     "TARGETS",
     "PRECISIONS",
     "QUANTIZE_EXPERTS",
+    "QUANTIZE_WEIGHTS",
     "PassResult",
     "lower_moe",
     "quantize_experts",
+    "quantize_weights",
     "convert_precision",
+    "fuse_norms",
 ]
 
 _LAZY = {
@@ -33,6 +38,8 @@ _LAZY = {
     "lower_moe": ".moe_lowering",
     "quantize_experts": ".expert_quantization",
     "convert_precision": ".precision",
+    "quantize_weights": ".weight_quantization",
+    "fuse_norms": ".transformer_fusions",
 }
 
 

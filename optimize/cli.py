@@ -11,12 +11,13 @@ import sys
 
 __all__ = ["add_arguments", "run", "HELP"]
 
-HELP = "optimize an exported folder for ONNX Runtime (lowered MoE ops, fp16/bf16, int8/int4 experts)"
+HELP = "optimize an exported folder for ONNX Runtime (lowered MoE ops, fp16/bf16, int8/int4 experts and weights)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .targets import (
-        DEFAULT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, PRECISIONS, QUANTIZE_EXPERTS, TARGETS,
+        DEFAULT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, PRECISIONS, QUANTIZE_EXPERTS,
+        QUANTIZE_WEIGHTS, TARGETS, WEIGHT_ACTIVATIONS,
     )
 
     p.add_argument("source", metavar="DIR", help="a folder written by `moetrt export` (the canonical ONNX)")
@@ -28,11 +29,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and logits fp32 (default: the export's dtype)")
     p.add_argument("--quantize-experts", choices=QUANTIZE_EXPERTS, default=None,
                    help="weight-only block-wise quantization of the routed experts (com.microsoft::QMoE)")
+    p.add_argument("--quantize-weights", choices=QUANTIZE_WEIGHTS, default=None,
+                   help="weight-only block-wise quantization of the other linear layers: attention, dense MLPs, "
+                        "shared experts, lm_head (com.microsoft::MatMulNBits; the router stays fp32)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
-                   help="weights per quantization scale, a power of two >= 16 (default: %(default)s)")
+                   help="weights per quantization scale, a power of two >= 16, for experts and weights "
+                        "(default: %(default)s)")
     p.add_argument("--expert-activations", choices=tuple(EXPERT_ACTIVATIONS), default="int8",
                    help="ort-cpu, quantized experts: int8 activations inside the expert GEMMs (faster decode; "
                         "int8 experts always use them) or fp32 (default: %(default)s)")
+    p.add_argument("--weight-activations", choices=tuple(WEIGHT_ACTIVATIONS), default="int8",
+                   help="ort-cpu, --quantize-weights: int8 activations inside MatMulNBits (accuracy_level 4, the "
+                        "fast CPU kernels) or fp32 (int4 only) (default: %(default)s)")
+    p.add_argument("--weight-zero-points", action="store_true",
+                   help="--quantize-weights with a zero point per block (asymmetric) instead of symmetric blocks")
+    p.add_argument("--fuse-norms", action="store_true",
+                   help="RMSNorms (with the residual add before them) as ONNX Runtime's SimplifiedLayerNormalization "
+                        "and SkipSimplifiedLayerNormalization kernels")
+    p.add_argument("--last-logits", action="store_true",
+                   help="logits of the last position only ([B, 1, V], transformers' logits_to_keep=1): the final norm "
+                        "and lm_head skip the other prompt positions in a prefill (for generation, not for scoring "
+                        "every position)")
     p.add_argument("--moe-lowering", choices=MOE_LOWERING, default=None,
                    help="auto: com.microsoft::MoE for decode steps, the function body for prefill; always; off "
                         "(default: auto on ort-cpu, always on ort-cuda)")
@@ -55,12 +72,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Optimize an exported folder for one ONNX Runtime target.
 
-    The output keeps the export's inputs and outputs (the runtime runs it unchanged) and lists
+    The output keeps the export's inputs and outputs (the runtime runs it unchanged; with
+    --last-logits, logits hold the last position only) and lists
     the passes applied, with their counts, in its moetrt.json.
 
     examples:
       moetrt optimize exported/tiny --target ort-cpu -o optimized/tiny
       moetrt optimize exported/tiny -t ort-cpu -o optimized/tiny-int4 --quantize-experts int4
+      moetrt optimize exported/tiny -t ort-cpu -o optimized/tiny-q --quantize-experts int4 --quantize-weights int8
+      moetrt optimize exported/tiny -t ort-cpu -o optimized/tiny-last --last-logits
       moetrt optimize exported/model -t ort-cuda -o optimized/model-fp16 --precision fp16
       moetrt optimize exported/model -t trt -o engines/model --precision fp16 --profile batch=1:1:4,seq=1:256:2048
     """
@@ -69,12 +89,16 @@ def run(args: argparse.Namespace) -> int:
     if args.target == "trt":
         timing_cache = False if args.no_timing_cache else args.timing_cache
         out = optimize(args.source, args.output, "trt", precision=args.precision,
-                       quantize_experts=args.quantize_experts, overwrite=args.overwrite, progress=not args.quiet,
-                       profile=args.profile, timing_cache=timing_cache, plugins=args.plugins)
+                       quantize_experts=args.quantize_experts, quantize_weights=args.quantize_weights,
+                       fuse_norms=args.fuse_norms, last_logits=args.last_logits, overwrite=args.overwrite,
+                       progress=not args.quiet, profile=args.profile, timing_cache=timing_cache, plugins=args.plugins)
     else:
         out = optimize(
             args.source, args.output, args.target, precision=args.precision, quantize_experts=args.quantize_experts,
-            block_size=args.block_size, expert_activations=args.expert_activations, moe_lowering=args.moe_lowering,
+            quantize_weights=args.quantize_weights, block_size=args.block_size,
+            expert_activations=args.expert_activations, weight_activations=args.weight_activations,
+            weight_zero_points=args.weight_zero_points, fuse_norms=args.fuse_norms, last_logits=args.last_logits,
+            moe_lowering=args.moe_lowering,
             overwrite=args.overwrite, check_runtime=not args.no_check_runtime, progress=not args.quiet,
         )
     print(out)

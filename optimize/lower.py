@@ -2,24 +2,34 @@
 
     moetrt.optimize.optimize("exported/tiny", "optimized/tiny", target="ort-cpu")
     moetrt.optimize.optimize("exported/tiny", "optimized/tiny-int4", quantize_experts="int4")
+    moetrt.optimize.optimize("exported/tiny", "optimized/tiny-q", quantize_experts="int4", quantize_weights="int8")
+    moetrt.optimize.optimize("exported/tiny", "optimized/tiny-last", last_logits=True)
 
 The optimized folder keeps the I/O contract of an export in the output precision (same input
 and output names and axes; KV cache in that precision, logits float32), so the runtime runs it
-unchanged. Its ``moetrt.json`` is the source's with ``export.target`` set, ``export.dtype`` the
+unchanged (``last_logits`` is the one exception: ``logits`` becomes [B, 1, V], the last position's,
+which is all the generate loop reads; ``io`` and ``optimize.last_logits`` say so). Its
+``moetrt.json`` is the source's with ``export.target`` set, ``export.dtype`` the
 output precision, ``io`` read back from the written graph, and an ``optimize`` section listing
 every pass applied with its count and the layers it left alone (and why).
 
 Passes run in this order, each on the graph the previous one wrote:
 
-1. :func:`~moetrt.optimize.precision.convert_precision` (``precision`` fp16/bf16 of an fp32 export);
-2. :func:`~moetrt.optimize.expert_quantization.quantize_experts` (``quantize_experts``): layers -> QMoE;
-3. :func:`~moetrt.optimize.moe_lowering.lower_moe`: the remaining layers -> MoE where the target
+1. :func:`~moetrt.optimize.last_logits.last_logits` (``last_logits``): the hidden states sliced to the
+   last position before the final norm and the lm_head (first, on the exported graph, whose pattern it knows);
+2. :func:`~moetrt.optimize.precision.convert_precision` (``precision`` fp16/bf16 of an fp32 export);
+3. :func:`~moetrt.optimize.transformer_fusions.fuse_norms` (``fuse_norms``): RMSNorms (and the
+   residual adds before them) -> ONNX Runtime's SimplifiedLayerNormalization kernels;
+4. :func:`~moetrt.optimize.weight_quantization.quantize_weights` (``quantize_weights``): the
+   non-expert, non-router linear layers -> MatMulNBits;
+5. :func:`~moetrt.optimize.expert_quantization.quantize_experts` (``quantize_experts``): layers -> QMoE;
+6. :func:`~moetrt.optimize.moe_lowering.lower_moe`: the remaining layers -> MoE where the target
    runs it (ort-cpu: float32; ort-cuda: float16/bfloat16).
 
 Requirements are checked before any heavy work and fail with :class:`moetrt.MoetrtError`
 naming what is missing: ONNX Runtime installed and recent enough for the target's fused ops,
 the CUDA execution provider for ``ort-cuda``, and a QMoE with block-wise quantization for
-``quantize_experts``. ``check_runtime=False`` skips them, to build for a machine other than
+``quantize_experts`` (``com.microsoft::MatMulNBits`` for ``quantize_weights``). ``check_runtime=False`` skips them, to build for a machine other than
 this one (the folder records that it was not checked).
 """
 
@@ -33,20 +43,24 @@ from typing import Any
 import onnx_ir as ir
 
 from moetrt.artifact import (
-    Progress, atomic_output_dir, check_output_dir, package_versions, read_metadata, sha256_file, write_metadata,
+    Progress, atomic_output_dir, check_artifact_files, check_output_dir, package_versions, read_metadata, sha256_file, write_metadata,
 )
 from moetrt.errors import BackendMissingError, MoetrtError
 
-from ._common import PassResult
+from ._common import PassResult, load_model, save_model
 from .moe_lowering import lower_moe
 from .precision import convert_precision
 from .expert_quantization import quantize_experts as quantize_experts_pass  # the keyword argument takes the name
+from .last_logits import last_logits as last_logits_pass
+from .transformer_fusions import fuse_norms as fuse_norms_pass
+from .weight_quantization import quantize_weights as quantize_weights_pass
 from .targets import (
-    DEFAULT_BLOCK_SIZE, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision, PRECISIONS, QUANTIZE_EXPERTS, TARGETS,
-    TargetSpec,
+    DEFAULT_BLOCK_SIZE, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision, PRECISIONS, QUANTIZE_EXPERTS,
+    QUANTIZE_WEIGHTS, TARGETS, WEIGHT_ACTIVATIONS, TargetSpec,
 )
 
-__all__ = ["optimize", "TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "TargetSpec", "check_requirements"]
+__all__ = ["optimize", "TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WEIGHTS", "TargetSpec",
+           "check_requirements"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # as the export: weights above 1 GiB go to model.onnx.data
 _ONNX_DTYPE_NAMES = {
@@ -54,6 +68,7 @@ _ONNX_DTYPE_NAMES = {
     ir.DataType.INT64: "int64", ir.DataType.INT32: "int32",
 }
 _QMOE_ATTRIBUTES = ("block_size", "weights_prepacked", "swiglu_fusion", "expert_weight_bits")
+_QMOE_MIN_ORT = (1, 32, 0)  # the QMoE layout below runs on 1.32; 1.30 accepts the schema but not the node
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -64,7 +79,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def check_requirements(target: str, quantize: str | None) -> dict[str, Any]:
+def check_requirements(target: str, quantize: str | None, quantize_weights: str | None = None) -> dict[str, Any]:
     """Fail with a :class:`MoetrtError` naming the first requirement of ``target`` this machine lacks."""
     spec = TARGETS[target]
     package = spec.package
@@ -91,10 +106,25 @@ def check_requirements(target: str, quantize: str | None) -> dict[str, Any]:
             "on a machine with an NVIDIA GPU, or pass check_runtime=False (--no-check-runtime) to build the "
             "folder here for another machine"
         )
-    if quantize is not None:
+    if quantize is not None or quantize_weights is not None:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
 
         schemas = C.get_all_operator_schema()
+    if quantize_weights is not None:
+        nbits = next((s for s in schemas if s.name == "MatMulNBits" and s.domain == "com.microsoft"), None)
+        if nbits is None or "accuracy_level" not in nbits.attributes:
+            raise MoetrtError(
+                f"--quantize-weights {quantize_weights} needs ONNX Runtime's com.microsoft::MatMulNBits with "
+                f"accuracy_level, which onnxruntime {ort.__version__} lacks: pip install -U '{package}'"
+            )
+    if quantize is not None:
+        if have < _QMOE_MIN_ORT:
+            # 1.30 has the attributes below but rejects the node as an invalid graph at session creation
+            raise MoetrtError(
+                f"--quantize-experts {quantize} writes block-wise com.microsoft::QMoE nodes that ONNX Runtime "
+                f"{ort.__version__} rejects; they are verified on >= {'.'.join(map(str, _QMOE_MIN_ORT))}: "
+                f"pip install -U '{package}>={'.'.join(map(str, _QMOE_MIN_ORT))}'"
+            )
         schema = next((s for s in schemas if s.name == "QMoE" and s.domain == "com.microsoft"), None)
         missing = [a for a in _QMOE_ATTRIBUTES if schema is None or a not in schema.attributes]
         if schema is not None and "router_weights" not in [i.name for i in schema.inputs]:
@@ -140,6 +170,13 @@ def _check_contract(before: dict, after: dict, dtype_name: str) -> None:
                 assert n["dtype"] == o["dtype"], (o, n)
 
 
+def _last_position_logits(io: dict) -> dict:
+    """``io`` with the ``logits`` output's sequence axis 1 (what :func:`last_logits_pass` makes of it)."""
+    outputs = [dict(t, shape=[t["shape"][0], 1, *t["shape"][2:]]) if t["name"] == "logits" and t["shape"] else t
+               for t in io["outputs"]]
+    return {**io, "outputs": outputs}
+
+
 def optimize(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -147,8 +184,13 @@ def optimize(
     *,
     precision: str | None = None,
     quantize_experts: str | None = None,
+    quantize_weights: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     expert_activations: str = "int8",
+    weight_activations: str = "int8",
+    weight_zero_points: bool = False,
+    fuse_norms: bool = False,
+    last_logits: bool = False,
     moe_lowering: str | None = None,
     overwrite: bool = False,
     check_runtime: bool = True,
@@ -165,6 +207,17 @@ def optimize(
     experts lowered to ``com.microsoft::QMoE``; ``expert_activations`` (ort-cpu): int8 (the
     kernel rounds activations to int8 per block: faster decode; int8 experts always do) | fp32
     (int4 experts on fp32 activations, exactly the dequantized weights' math).
+    ``quantize_weights``: None | int8 | int4, weight-only block-wise (``block_size``) attention
+    projections, dense MLPs / shared experts and lm_head as ``com.microsoft::MatMulNBits`` (the
+    router stays fp32); ``weight_activations`` (ort-cpu): int8 (``accuracy_level=4``: activations
+    rounded to int8 per block, the fast CPU kernels) | fp32 (int4 only: ONNX Runtime's CPU kernel
+    for int8 weights on fp32 activations dequantizes the whole weight on every call);
+    ``weight_zero_points``: a zero point per block (asymmetric) instead of symmetric blocks.
+    ``fuse_norms``: RMSNorm -> ``SimplifiedLayerNormalization`` and residual add + RMSNorm ->
+    ``com.microsoft::SkipSimplifiedLayerNormalization`` (ONNX Runtime's kernels).
+    ``last_logits``: logits of the last position only (``logits`` [B, 1, V]; transformers'
+    ``logits_to_keep=1``): the final norm and the lm_head run on one position instead of S in a
+    prefill; for generation, not for scoring every position (perplexity).
     ``moe_lowering``: auto (the fused MoE op for decode-sized steps, the function body for
     prefill; see ``moe_lowering``) | always | off; default: auto for ort-cpu, always for ort-cuda.
     ``check_runtime=False`` skips the requirement checks, to build for another machine.
@@ -172,6 +225,18 @@ def optimize(
     if target == "trt":
         if quantize_experts is not None:
             raise MoetrtError("--quantize-experts applies to the ONNX Runtime targets; TensorRT engines keep the experts' dtype")
+        if last_logits:
+            raise MoetrtError("--last-logits applies to the ONNX Runtime targets: TensorRT engines are built from the "
+                              "canonical export as it is; drop --last-logits or choose --target ort-cpu / ort-cuda")
+        if fuse_norms:
+            raise MoetrtError("--fuse-norms applies to the ONNX Runtime targets (its contrib kernels); TensorRT "
+                              "fuses norms itself: drop --fuse-norms")
+        if quantize_weights is not None:
+            raise MoetrtError(
+                "--quantize-weights applies to the ONNX Runtime targets (com.microsoft::MatMulNBits): TensorRT "
+                "engines keep the weights' dtype; build with --precision fp16/bf16 for smaller weights, or choose "
+                "--target ort-cpu / ort-cuda"
+            )
         from .trt import engine_from_onnx
 
         return engine_from_onnx(src_dir, out_dir, precision=precision, overwrite=overwrite, progress=progress,
@@ -185,6 +250,19 @@ def optimize(
     if quantize_experts is not None and quantize_experts not in QUANTIZE_EXPERTS:
         raise MoetrtError(
             f"unknown expert quantization {quantize_experts!r}; choose one of {', '.join(QUANTIZE_EXPERTS)}"
+        )
+    if quantize_weights is not None and quantize_weights not in QUANTIZE_WEIGHTS:
+        raise MoetrtError(
+            f"unknown weight quantization {quantize_weights!r}; choose one of {', '.join(QUANTIZE_WEIGHTS)}"
+        )
+    if weight_activations not in WEIGHT_ACTIVATIONS:
+        raise MoetrtError(f"unknown weight_activations {weight_activations!r}; choose one of "
+                          f"{', '.join(WEIGHT_ACTIVATIONS)}")
+    if quantize_weights == "int8" and weight_activations == "fp32" and target == "ort-cpu":
+        raise MoetrtError(
+            "--quantize-weights int8 with --weight-activations fp32: ONNX Runtime's CPU MatMulNBits has no 8-bit "
+            "kernel on fp32 activations (it dequantizes the whole weight on every call: 30-100x slower than the "
+            "fp32 MatMul on bench-small's shapes); keep --weight-activations int8, or use --quantize-weights int4"
         )
     if moe_lowering is None:
         moe_lowering = TARGETS[target].moe_policy
@@ -211,19 +289,51 @@ def optimize(
     check_output_dir(out_dir, overwrite)
     spec = TARGETS[target]
     moe_dtypes = tuple(ir.DataType[name] for name in spec.moe_dtypes)
-    runtime = check_requirements(target, quantize_experts) if check_runtime else None
+    nbits_dtypes = tuple(ir.DataType[name] for name in spec.nbits_dtypes)
+    precision_dtype = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[precision]
+    if quantize_weights is not None and precision_dtype not in nbits_dtypes:
+        names = ", ".join({"FLOAT": "fp32", "FLOAT16": "fp16", "BFLOAT16": "bf16"}[n] for n in spec.nbits_dtypes)
+        raise MoetrtError(
+            f"--quantize-weights on --target {target} runs com.microsoft::MatMulNBits in {names} only, not "
+            f"{precision}: choose --precision {names.split(', ')[0]}, or --target ort-cuda for bf16"
+        )
+    runtime = check_requirements(target, quantize_experts, quantize_weights) if check_runtime else None
 
-    stages = ["load", *(["precision"] if precision != source_dtype else []),
+    stages = ["load", *(["last logits"] if last_logits else []),
+              *(["precision"] if precision != source_dtype else []), *(["fuse norms"] if fuse_norms else []),
+              *(["quantize weights"] if quantize_weights else []),
               *(["quantize experts"] if quantize_experts else []), *(["lower MoE"] if moe_lowering != "off" else []),
               "save"]
     steps = Progress(stages, enabled=progress, title="optimize")
     with steps.stage("load", str(src_dir / "model.onnx")):
-        model = ir.load(src_dir / "model.onnx")
+        check_artifact_files(src_dir, meta, checksums=False, model_only=True)  # a missing weights file fails here
+        try:
+            model = load_model(src_dir / "model.onnx")  # external weights stay on disk until a pass reads one
+        except Exception as exc:  # a protobuf parse error, a bad external-data reference, ...
+            check_artifact_files(src_dir, meta, checksums=True, model_only=True)  # changed or truncated: say so
+            raise MoetrtError(
+                f"{src_dir / 'model.onnx'} cannot be read ({' '.join(str(exc).split())[:200]}); the file is corrupt "
+                "or truncated: copy it again or re-export the model"
+            ) from exc
     io_before = meta.get("io") or _io_from_graph(model)
     results: list[PassResult] = []
+    if last_logits:
+        with steps.stage("last logits", "hidden states [B, S, D] -> [B, 1, D] before the final norm and lm_head"):
+            results.append(last_logits_pass(model))
+        io_before = _last_position_logits(io_before)
     if precision != source_dtype:
         with steps.stage("precision", f"{source_dtype} -> {precision}"):
             results.append(convert_precision(model, precision))
+    if fuse_norms:
+        with steps.stage("fuse norms", "SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization"):
+            results.append(fuse_norms_pass(model))
+    if quantize_weights:
+        with steps.stage("quantize weights", f"{quantize_weights}, blocks of {block_size}"):
+            results.append(quantize_weights_pass(
+                model, quantize_weights, block_size, symmetric=not weight_zero_points,
+                accuracy_level=WEIGHT_ACTIVATIONS[weight_activations] if target == "ort-cpu" else 0,
+                dtypes=nbits_dtypes,
+            ))
     if quantize_experts:
         with steps.stage("quantize experts", f"{quantize_experts}, blocks of {block_size}"):
             accuracy = EXPERT_ACTIVATIONS[expert_activations] if target == "ort-cpu" else None
@@ -236,7 +346,7 @@ def optimize(
         model.producer_name = "moetrt"
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         use_external = bool(export.get("external_data")) or weight_bytes > EXTERNAL_DATA_THRESHOLD
-        ir.save(model, tmp / "model.onnx", external_data="model.onnx.data" if use_external else None)
+        save_model(model, tmp / "model.onnx", use_external, progress=lambda done, total: steps.update(done, total))
         io_after = _io_from_graph(model)
         _check_contract(io_before, io_after, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision])
         copied = []
@@ -258,8 +368,13 @@ def optimize(
                 "execution_provider": spec.provider,
                 "precision": precision,
                 "quantize_experts": quantize_experts,
-                "block_size": block_size if quantize_experts else None,
+                "quantize_weights": quantize_weights,
+                "block_size": block_size if quantize_experts or quantize_weights else None,
                 "expert_activations": expert_activations if quantize_experts and target == "ort-cpu" else None,
+                "weight_activations": weight_activations if quantize_weights and target == "ort-cpu" else None,
+                "weight_zero_points": weight_zero_points if quantize_weights else None,
+                "fuse_norms": fuse_norms,
+                "last_logits": last_logits,  # logits [B, 1, V]: the last position's only
                 "moe_lowering": moe_lowering,
                 "passes": [r.to_dict() for r in results],
                 "runtime_checked": runtime,

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "MOE_LOWERING",
-           "EXPERT_ACTIVATIONS",
-           "DEFAULT_BLOCK_SIZE", "resolve_precision"]
+__all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WEIGHTS",
+           "MOE_LOWERING", "EXPERT_ACTIVATIONS", "WEIGHT_ACTIVATIONS", "DEFAULT_BLOCK_SIZE", "resolve_precision"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 QUANTIZE_EXPERTS = ("int8", "int4")
 MOE_LOWERING = ("auto", "always", "off")
+QUANTIZE_WEIGHTS = ("int8", "int4")  # the non-expert weights, as com.microsoft::MatMulNBits
 EXPERT_ACTIVATIONS = {"int8": 4, "fp32": 0}  # -> QMoE accuracy_level (MatMulNBits' meaning)
+WEIGHT_ACTIVATIONS = {"int8": 4, "fp32": 0}  # -> MatMulNBits accuracy_level on ort-cpu
 DEFAULT_BLOCK_SIZE = 32
 
 
@@ -27,6 +28,7 @@ class TargetSpec:
     why_min_ort: str
     moe_dtypes: tuple[str, ...]  # activation dtypes (onnx_ir.DataType names) of the fused MoE/QMoE ops
     moe_policy: str  # the default policy of lower_moe for this target
+    nbits_dtypes: tuple[str, ...] = ("FLOAT",)  # activation dtypes its com.microsoft::MatMulNBits kernels take
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -35,12 +37,14 @@ TARGETS: dict[str, TargetSpec] = {
         "the CPU com.microsoft::MoE kernel with interleaved SwiGLU experts (swiglu_fusion=1)",
         ("FLOAT",),
         "auto",  # the fused op for decode steps, the function body for prefill (measured: lower_moe)
+        ("FLOAT", "FLOAT16"),
     ),
     "ort-cuda": TargetSpec(
         "ort-cuda", "CUDAExecutionProvider", "onnxruntime-gpu", (1, 28, 0),
         "the CUDA com.microsoft::MoE kernel with a correct SwiGLU (activation_alpha/beta honoured)",
         ("FLOAT16", "BFLOAT16"),
         "always",  # one fused kernel at every T; an If on T would also sync the host each step
+        ("FLOAT", "FLOAT16", "BFLOAT16"),
     ),
 }
 # built by optimize.trt.engine_from_onnx rather than by ONNX graph passes

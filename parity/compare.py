@@ -13,7 +13,8 @@ For each back end:
    (layer by layer, in order), so the rest of the comparison stays exact instead of being flooded
    by a legitimate difference;
 4. compare every output with Polygraphy's ``SimpleCompareFunc`` (``elemwise`` check) under the
-   tolerance table, the routing weights in expert order;
+   tolerance table, the routing weights in expert order (an artifact whose ``logits`` hold the last
+   position only, ``optimize --last-logits``, against the reference's last position);
 5. name the first checkpoint, in forward order, that leaves tolerance (layer and op kind);
 6. greedy-decode on both and explain any divergence (:mod:`moetrt.parity.generation`).
 """
@@ -74,6 +75,7 @@ class Artifact:
     engine: Path | None  # a serialized TensorRT engine
     dtype: str | None
     config: dict | None  # from moetrt.json, when there is one
+    last_logits: bool = False  # logits [B, 1, V]: the last position's only (optimize --last-logits)
 
 
 def resolve_artifact(path: str | os.PathLike) -> Artifact:
@@ -102,7 +104,21 @@ def resolve_artifact(path: str | os.PathLike) -> Artifact:
         proto = onnx.load(str(onnx_path), load_external_data=False)
         kv = next((i for i in proto.graph.input if i.name.startswith("past_key_values.")), None)
         dtype = ONNX_DTYPES.get(kv.type.tensor_type.elem_type) if kv is not None else None
-    return Artifact(path, onnx_path, engine, dtype, meta.get("config"))
+    return Artifact(path, onnx_path, engine, dtype, meta.get("config"), _last_logits(meta, onnx_path))
+
+
+def _last_logits(meta: dict, onnx_path: Path | None) -> bool:
+    """Whether the artifact's ``logits`` hold the last position only: from ``moetrt.json`` (``io``), else the graph."""
+    shape = next((o.get("shape") for o in (meta.get("io") or {}).get("outputs", []) if o.get("name") == "logits"), None)
+    if shape is None and onnx_path is not None and not meta:
+        import onnx
+
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        output = next((o for o in proto.graph.output if o.name == "logits"), None)
+        dims = output.type.tensor_type.shape.dim if output is not None else []
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    return bool((meta.get("optimize") or {}).get("last_logits")) or (shape is not None and len(shape) == 3
+                                                                     and shape[1] == 1)
 
 
 def _check_same_model(config: MoEConfig, artifact: Artifact) -> None:
@@ -321,7 +337,8 @@ def _compare_backend(backend: str, model: MoETransformer, artifact: Artifact, dt
         art_run = Comparator.run([art_runner], data_loader=feeds)
         produced = set(art_run[0][1][0].keys())
         checkpoints = [c for c in checkpoints if c.name in produced]
-        ref_runner = TorchRunner(model, dtype, _reference_outputs(checkpoints), name="reference")
+        ref_runner = TorchRunner(model, dtype, _reference_outputs(checkpoints), name="reference",
+                                 last_logits=artifact.last_logits)  # then compared on the last position
         ref_run = Comparator.run([ref_runner], data_loader=feeds)
         art_iters, ref_iters = art_run[0][1], ref_run[0][1]
 

@@ -43,16 +43,19 @@ class TorchRunner(BaseRunner):
 
     ``infer(feed_dict, forced=...)`` may force some tokens' expert choice (see
     :func:`moetrt.parity.checkpoints.capture`); ``outputs`` names what it returns.
+    ``last_logits``: return ``logits`` and the final norm's output for the last position only
+    ([B, 1, ...]), as a folder optimized with ``--last-logits`` computes them.
     """
 
     def __init__(self, model: MoETransformer, input_dtype: str = "fp32", outputs: list[Checkpoint] | None = None,
-                 name: str = "reference"):
+                 name: str = "reference", last_logits: bool = False):
         super().__init__(name=name, prefix="torch-reference")
         if model.dtype != torch.float32:
             raise ValueError(f"the reference runs in float32; got a {model.dtype} model (call model.float())")
         self.model = model.eval()
         self.input_dtype = input_dtype
         self.outputs = outputs
+        self.last_logits = last_logits
 
     def get_input_metadata_impl(self):
         cfg = self.model.config
@@ -81,7 +84,11 @@ class TorchRunner(BaseRunner):
             with capture(self.model, forced) as values:
                 out = self.model(ids, mask, positions, past)
         self.inference_time = time.perf_counter() - start
-        values["logits"] = out.logits
+        values["logits"] = out.logits  # [B, S, V]
+        if self.last_logits:
+            for name in ("logits", default_name("norm", None)):
+                if name in values:
+                    values[name] = values[name][:, -1:]  # [B, 1, ...]
         for i, (key, value) in enumerate(out.past_key_values):
             values[f"present.{i}.key"], values[f"present.{i}.value"] = key, value
         # output name -> the captured value (graph outputs router_indices.{i} alias layers.{i}.router_indices)
