@@ -165,13 +165,12 @@ def find_last_logits_pattern(model: ir.Model) -> LastLogitsPattern:
         depends[n] = result
         if result:
             rank = len(n.inputs[0].shape) if n.inputs[0] is not None and n.inputs[0].shape is not None else None
-            if n.domain == "" and n.op_type in _ELEMENTWISE:
-                pass
-            elif (n.domain == "" and n.op_type == "ReduceMean") or (n.domain, n.op_type) in _FUSED_NORMS:
-                if not _last_axis_only(n, rank):
-                    raise _fail(f"{n.op_type} {n.name} in the final norm reduces another axis than the last")
-            else:
+            elementwise = n.domain == "" and n.op_type in _ELEMENTWISE
+            reduces = (n.domain == "" and n.op_type == "ReduceMean") or (n.domain, n.op_type) in _FUSED_NORMS
+            if not (elementwise or reduces):
                 raise _fail(f"{n.op_type} {n.name} between the hidden states and the lm_head may mix positions")
+            if reduces and not _last_axis_only(n, rank):
+                raise _fail(f"{n.op_type} {n.name} in the final norm reduces another axis than the last")
             norm_nodes.append(n)
         return result
 
