@@ -7,8 +7,10 @@ One run measures, in this order, writing results after each part:
    (cuBLAS ``torch.mm``, best of two large shapes), both medians of ``triton.testing.do_bench``;
 2. one MoE block with Mixtral-8x7B's sizes (D 4096, F 14336, 8 experts, top-2, bf16) at
    T in {1, 8, 64, 512, 4096} tokens:
-   - ours: router (fp32 logits) + the Triton ``TopKRouting`` kernel + the Triton ``SparseMoE``
-     kernels, plain and captured in a CUDA graph; and the experts kernels alone;
+   - ours: the router-logits kernel (fp32 logits from bf16 x, as moetrt's model on CUDA) + the
+     Triton ``TopKRouting`` kernel + the Triton ``SparseMoE`` kernels, plain and captured in a CUDA
+     graph; the same with the router's PyTorch form (``F.linear(x.float(), gate.float())``); and
+     the experts kernels alone;
    - transformers' ``MixtralSparseMoeBlock`` with its ``eager``, ``batched_mm`` and
      ``grouped_mm`` experts implementations (and ``grouped_mm`` in a CUDA graph);
    - moetrt's torch op without Triton (the eager per-expert loop), for reference;
@@ -85,8 +87,8 @@ def parse_args(argv=None):
         args.prompt, args.new_tokens = min(args.prompt, 16), min(args.new_tokens, 6)
     args.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     args.tune_tokens = [int(t) for t in args.tune_tokens.split(",") if t.strip()]
-    if args.smoke:
-        args.tune_tokens = [1, 33]
+    if args.smoke and args.tune_tokens == [1, 64, 512, 4096]:
+        args.tune_tokens = [1, 300]  # a decode row and a prefill row (75 rows per expert)
     args.out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks" / "_work")
     return args
 
@@ -112,7 +114,9 @@ class Run:
             )
             return None
         finally:
-            print(f"--- {name}: {time.perf_counter() - started:.1f} s", flush=True)
+            seconds = time.perf_counter() - started
+            self.data.setdefault("part_seconds", {})[name] = round(seconds, 1)
+            print(f"--- {name}: {seconds:.1f} s", flush=True)
             self.save()
 
     def save(self):
@@ -313,7 +317,7 @@ def moe_block(run, torch, cuda, bench, args, dims, hw):
         block.experts.down_proj.data = w_down
         block.gate.weight.data = gate
     ctx = SimpleNamespace(
-        dev=dev, g=g, w_gate_up=w_gate_up, w_down=w_down, gate32=gate.float(), cfg=cfg, block=block,
+        dev=dev, g=g, w_gate_up=w_gate_up, w_down=w_down, gate=gate, gate32=gate.float(), cfg=cfg, block=block,
         free_bytes=torch.cuda.mem_get_info()[0] if cuda else 8 << 30,
     )  # fmt: skip
     for tokens in args.tokens:
@@ -332,6 +336,7 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
     import moetrt.ops.kernels.sparse_moe_triton as kernels_module
     from moetrt.ops import sparse_moe_eager
     from moetrt.ops.kernels import configs
+    from moetrt.ops.kernels.router_logits_triton import router_logits_triton
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
@@ -348,7 +353,12 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
     times, errors, notes = row["times_ms"], row["errors"], row["notes"]
 
     def ours_block():
-        logits = F.linear(x.float(), gate32)  # [T, E] fp32 router, as moetrt's model
+        logits = router_logits_triton(x, ctx.gate)  # [T, E] fp32 router from bf16 x, as moetrt's model on CUDA
+        weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
+        return sparse_moe_triton(x, weights, indices, w_gate_up, w_down)
+
+    def ours_block_torch_router():
+        logits = F.linear(x.float(), gate32)  # [T, E] the router's PyTorch form: an fp32 copy of x, fp32 matmul
         weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
         return sparse_moe_triton(x, weights, indices, w_gate_up, w_down)
 
@@ -367,11 +377,13 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
     errors["ours block"] = rel_fro(torch, ours_block(), y_ref)
     errors["ours experts"] = rel_fro(torch, ours_experts(), y_ref)
     times["ours block"] = bench(ours_block)
+    errors["ours block (torch router)"] = rel_fro(torch, ours_block_torch_router(), y_ref)
+    times["ours block (torch router)"] = bench(ours_block_torch_router)
     times["ours experts"] = bench(ours_experts)
     if repr(table_config) != row["config"]:
         times["ours block (table)"] = bench(
             lambda: sparse_moe_triton(
-                x, *topk_routing_triton(F.linear(x.float(), gate32), k, "softmax", True, 1.0), w_gate_up, w_down,
+                x, *topk_routing_triton(router_logits_triton(x, ctx.gate), k, "softmax", True, 1.0), w_gate_up, w_down,
                 config=table_config,
             )
         )
@@ -645,6 +657,13 @@ DECODE_DOWN = ((32, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4
 # Prefill (more rows) is compute-bound: wide tiles, 8 warps for the two gate|up accumulators.
 PREFILL_GATE_UP = ((64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 32, 8, 4))
 PREFILL_DOWN = ((128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4), (128, 128, 8, 3))
+# 64-row blocks (one warpgroup's MMA height) for ~128 rows per expert, where 128-row blocks split an
+# expert with a few rows over 128 into a second, nearly empty block: 4 warps hold a 64 x 256 tile
+# (gate|up: two 64 x 128 accumulators), 8 warps split N.
+PREFILL_GATE_UP_64 = ((128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (128, 128, 4, 3))
+PREFILL_DOWN_64 = ((256, 64, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 128, 4, 3), (256, 32, 4, 4))
+# grouped tile orders tried on the best tiles past 64 rows per expert (0: the kernels' plain order)
+GROUP_MS = (4, 8, 16)
 
 
 def tune(run, torch, cuda, bench, args, dims) -> dict:
@@ -684,7 +703,10 @@ def use_tuned(run, tuned: dict) -> None:
 
 
 def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
-    """Best block_m, then the best gate|up tile with the table's down tile, then the best down tile."""
+    """Per block_m the best gate|up tile, then the best down tile with it; past 64 rows per expert
+    then the best tile order (``group_m``) of each GEMM."""
+    from dataclasses import replace
+
     from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig, sparse_moe_config
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
@@ -694,10 +716,15 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     logits = torch.randn(tokens, e, device=w_gate_up.device, generator=g)
     weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
     rows = tokens * k / e
-    # past 64 rows also 256-row tiles: at ~128 rows per expert a 128-row tile splits every expert
-    # that gets a few more rows than that into two blocks, each reading the expert's weights
-    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 64 else [128, 256]
-    gate_up_options, down_options = (DECODE_GATE_UP, DECODE_DOWN) if rows <= 64 else (PREFILL_GATE_UP, PREFILL_DOWN)
+    # past 64 rows 64-, 128- and 256-row blocks: at ~128 rows per expert a 128-row block splits every
+    # expert that gets a few more rows than that into two blocks, each reading the expert's weights
+    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 64 else [64, 128, 256]
+
+    def options(bm):
+        if rows <= 64:
+            return DECODE_GATE_UP, DECODE_DOWN
+        return (PREFILL_GATE_UP_64, PREFILL_DOWN_64) if bm == 64 else (PREFILL_GATE_UP, PREFILL_DOWN)
+
     timings = []
 
     def time_config(config) -> float:
@@ -712,12 +739,23 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     default = sparse_moe_config(tokens, e, k)
     best = (time_config(default), default)
     for bm in block_ms:
+        gate_up_options, down_options = options(bm)
+        start_down = GemmConfig(*down_options[0])
         gate_up = min(
-            (GemmConfig(*c) for c in gate_up_options), key=lambda c: time_config(SparseMoEConfig(bm, c, default.down))
+            (GemmConfig(*c) for c in gate_up_options), key=lambda c: time_config(SparseMoEConfig(bm, c, start_down))
         )
         down = min((GemmConfig(*c) for c in down_options), key=lambda c: time_config(SparseMoEConfig(bm, gate_up, c)))
         candidate = SparseMoEConfig(bm, gate_up, down)
         best = min(best, (time_config(candidate), candidate), key=lambda t: t[0])
+    if rows > 64:  # tile order of the best tiles: gate|up's group first, then down's
+        _, config = best
+        for g in GROUP_MS:
+            grouped = replace(config, gate_up=replace(config.gate_up, group_m=g))
+            best = min(best, (time_config(grouped), grouped), key=lambda t: t[0])
+        _, config = best
+        for g in GROUP_MS:
+            grouped = replace(config, down=replace(config.down, group_m=g))
+            best = min(best, (time_config(grouped), grouped), key=lambda t: t[0])
     entry = {
         "tokens": tokens,
         "rows_per_expert": rows,

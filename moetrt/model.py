@@ -17,7 +17,7 @@ from torch import nn
 
 from moetrt.config import MoEConfig
 from moetrt.errors import MoetrtError
-from moetrt.ops import sparse_moe, topk_routing
+from moetrt.ops import kernels, sparse_moe, topk_routing
 
 __all__ = ["MoETransformer", "MoEOutput", "KVCache", "StaticKVCache"]
 
@@ -201,7 +201,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)  # [T, D]
-        router_logits = F.linear(tokens.float(), self.gate.weight.float())  # [T, E], fp32 in every dtype
+        router_logits = kernels.router_logits(tokens, self.gate.weight)  # [T, E], fp32 in every dtype
         weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
         y = sparse_moe(tokens, weights, indices, self.experts.gate_up_proj, self.experts.down_proj)  # [T, D]
         if self.shared_expert is not None:

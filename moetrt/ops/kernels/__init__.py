@@ -5,9 +5,12 @@
 * ``sparse_moe_triton.sparse_moe_triton``: ``moetrt::SparseMoE`` as align by expert, grouped
   GEMM gate|up with the SwiGLU epilogue, grouped GEMM down with the routing weight,
   deterministic combine.
+* ``router_logits_triton.router_logits_triton``: the router's fp32 logits read from the
+  model-dtype activations in one pass (``router_logits`` below picks it on CUDA).
 * ``compile.compile_for_sm90``: the same kernels compiled ahead of time to PTX (and cubin) for
   sm_90 on a machine without a GPU, for the TensorRT plugins.
-* ``maybe_register_cuda_kernels``: make ``torch.ops.moetrt.*`` run these kernels on CUDA.
+* ``maybe_register_cuda_kernels``: make ``torch.ops.moetrt.*`` and ``router_logits`` run these
+  kernels on CUDA.
 
 triton is optional (``pip install moetrt[gpu]``): this module imports it only when a kernel is
 first called, so ``import moetrt.ops.kernels`` works without it. On the CPU the kernels run in
@@ -21,9 +24,11 @@ import importlib.util
 import sys
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "maybe_register_cuda_kernels",
+    "router_logits",
     "triton_available",
     "triton_mode",
 ]
@@ -62,8 +67,38 @@ def _sparse_moe_cuda(x, weights, indices, w_gate_up, w_down, activation="silu"):
     return sparse_moe_triton(x, weights, indices, w_gate_up, w_down, activation)
 
 
+def _router_logits_cuda(x, weight):
+    from moetrt.ops.kernels.router_logits_triton import router_logits_triton
+
+    return router_logits_triton(x, weight)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's logits as the model defines them: ``F.linear(x.float(), weight.float())``, fp32 ``[T, E]``.
+
+    Once ``maybe_register_cuda_kernels`` has run, CUDA tensors take the Triton kernel, which reads
+    the model-dtype ``x`` once instead of writing and reading an fp32 copy (the same products, summed
+    in another order). Exports and everything else take the PyTorch form, so exported graphs keep
+    the plain ``Cast`` + ``MatMul`` router.
+    """
+    if _registered and x.is_cuda and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+        return torch.ops.moetrt_kernels.router_logits(x, weight)
+    return F.linear(x.float(), weight.float())
+
+
+def _define_router_logits_op() -> None:
+    """``moetrt_kernels::router_logits``: an opaque op, so torch.compile and CUDA graphs take it whole."""
+    torch.library.define("moetrt_kernels::router_logits", "(Tensor x, Tensor weight) -> Tensor")
+    torch.library.impl("moetrt_kernels::router_logits", "cuda", _router_logits_cuda)
+    torch.library.impl("moetrt_kernels::router_logits", "cpu", lambda x, weight: F.linear(x.float(), weight.float()))
+
+    @torch.library.register_fake("moetrt_kernels::router_logits")
+    def _(x, weight):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
 def maybe_register_cuda_kernels() -> bool:
-    """Make ``torch.ops.moetrt.TopKRouting`` / ``SparseMoE`` run the Triton kernels on CUDA tensors.
+    """Make ``torch.ops.moetrt.TopKRouting`` / ``SparseMoE`` and ``router_logits`` run the Triton kernels on CUDA.
 
     Returns whether the kernels are registered: ``False`` when triton is not installed or a
     visible GPU is older than sm_80 (Triton's bf16 tensor-core minimum); the ops then keep their
@@ -83,5 +118,6 @@ def maybe_register_cuda_kernels() -> bool:
 
     torch.library.register_kernel("moetrt::TopKRouting", "cuda", _topk_routing_cuda)
     torch.library.register_kernel("moetrt::SparseMoE", "cuda", _sparse_moe_cuda)
+    _define_router_logits_op()
     _registered = True
     return True

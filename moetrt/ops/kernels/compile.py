@@ -1,6 +1,6 @@
 """Compile the kernels ahead of time for sm_90 (H100/H200) on a machine without a GPU.
 
-``compile_for_sm90("topk_routing", ...)`` / ``compile_for_sm90("sparse_moe", ...)`` return, per
+``compile_for_sm90("topk_routing" | "sparse_moe" | "router_logits", ...)`` return, per
 kernel, its PTX (what TensorRT plugins embed; the driver JIT-compiles it for the device), its
 cubin when ``ptxas`` is available (Triton wheels bundle one), the entry name, shared memory,
 warps, registers (read from the cubin), the launch grid as formulas of the run-time token count
@@ -15,6 +15,7 @@ From the command line (writes ``<kernel>.ptx``, ``<kernel>.cubin`` and ``manifes
     python -m moetrt.ops.kernels.compile sparse_moe --dtype bf16 --hidden 4096 --ffn 14336 \\
         --experts 8 --k 2 --out build/kernels
     python -m moetrt.ops.kernels.compile topk_routing --experts 8 --k 2 --normalize --out build/kernels
+    python -m moetrt.ops.kernels.compile router_logits --dtype bf16 --hidden 4096 --experts 8 --out build/kernels
 
 Run it in a process where triton is not in interpreter mode (``TRITON_INTERPRET`` unset).
 """
@@ -30,13 +31,27 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetrt.ops.kernels.configs import SparseMoEConfig, next_power_of_2, sparse_moe_config, topk_routing_blocks
+from moetrt.ops.kernels.configs import (
+    SparseMoEConfig,
+    next_power_of_2,
+    router_logits_blocks,
+    sparse_moe_config,
+    topk_routing_blocks,
+)
 
-__all__ = ["KernelSpec", "topk_routing_specs", "sparse_moe_specs", "compile_spec", "compile_for_sm90", "main"]
+__all__ = [
+    "KernelSpec",
+    "topk_routing_specs",
+    "sparse_moe_specs",
+    "router_logits_specs",
+    "compile_spec",
+    "compile_for_sm90",
+    "main",
+]
 
 SM90 = ("cuda", 90, 32)  # GPUTarget(backend, capability, warp size)
 DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32", "float32": "fp32"}
-OPS = ("topk_routing", "sparse_moe")
+OPS = ("topk_routing", "sparse_moe", "router_logits")
 
 
 @dataclass(frozen=True)
@@ -149,10 +164,11 @@ def sparse_moe_specs(
     }  # fmt: skip
     gate_up_constants = {
         "D": hidden_size, "F": ffn, "K": k, "BLOCK_M": bm, "BLOCK_N": gu.block_n, "BLOCK_K": gu.block_k,
-        **upcast_precision,
+        **upcast_precision, "GROUP_M": gu.group_m,
     }  # fmt: skip
     down_constants = {
         "D": hidden_size, "F": ffn, "BLOCK_M": bm, "BLOCK_N": dn.block_n, "BLOCK_K": dn.block_k, **upcast_precision,
+        "GROUP_M": dn.group_m,
     }  # fmt: skip
     combine_constants = {"num_experts": num_experts, "D": hidden_size, "K": k, "BLOCK_D": block_d}
     module = "sparse_moe_triton"
@@ -176,6 +192,27 @@ def sparse_moe_specs(
             num_warps=4 if block_d >= 512 else 1, num_stages=1, grid=("T", str(-(-hidden_size // block_d)), "1"),
             aligned=pointers(combine_sig),
         ),
+    ]  # fmt: skip
+
+
+def router_logits_specs(dtype, hidden_size: int, num_experts: int, num_tokens: int | None = None) -> list[KernelSpec]:
+    """The router-logits kernel for one model (the torch back end's CUDA path; TensorRT runs the
+    exported ``MatMul`` itself). ``num_tokens=None``: the blocks for large T, launched for any T."""
+    ty = _dtype(dtype)
+    block_t, block_e, block_k, use_dot, num_warps = router_logits_blocks(
+        4096 if num_tokens is None else num_tokens, num_experts, hidden_size
+    )
+    signature = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "out_ptr": "*fp32", "num_tokens": "i32"}
+    constants = {
+        "D": hidden_size, "E": num_experts, "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k,
+        "USE_DOT": use_dot,
+    }  # fmt: skip
+    return [
+        KernelSpec(
+            "router_logits", "router_logits_kernel", "router_logits_triton", signature, constants,
+            num_warps=num_warps, num_stages=3, grid=(f"cdiv(T, {block_t})", str(-(-num_experts // block_e)), "1"),
+            aligned=("x_ptr", "w_ptr", "out_ptr"),
+        )
     ]  # fmt: skip
 
 
@@ -272,6 +309,7 @@ def compile_for_sm90(op: str, **attrs) -> dict:
 
     ``op="topk_routing"``: ``num_experts, k, scoring="softmax", normalize=False``.
     ``op="sparse_moe"``: ``dtype, hidden_size, ffn, num_experts, k, num_tokens=1, config=None``.
+    ``op="router_logits"``: ``dtype, hidden_size, num_experts, num_tokens=None``.
     Returns ``{"op", "target", "triton", "kernels": [per kernel, in launch order], "workspace"}``.
     """
     import triton
@@ -284,6 +322,8 @@ def compile_for_sm90(op: str, **attrs) -> dict:
         workspace = _sparse_moe_workspace(
             _dtype(attrs["dtype"]), attrs["hidden_size"], attrs["ffn"], attrs["num_experts"], attrs["k"], bm
         )
+    elif op == "router_logits":
+        specs, workspace = router_logits_specs(**attrs), {}
     else:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     return {
@@ -304,15 +344,21 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, required=True, help="folder for <kernel>.ptx, <kernel>.cubin, manifest.json"
     )
     parser.add_argument("--experts", type=int, required=True, help="E")
-    parser.add_argument("--k", type=int, required=True, help="routed experts per token")
     parser.add_argument("--scoring", default="softmax", help="topk_routing: softmax | sigmoid")
     parser.add_argument("--normalize", action="store_true", help="topk_routing: renormalise the k weights")
-    parser.add_argument("--dtype", default="bf16", help="sparse_moe: bf16 | fp16 | fp32")
-    parser.add_argument("--hidden", type=int, help="sparse_moe: D")
+    parser.add_argument("--k", type=int, help="topk_routing, sparse_moe: routed experts per token")
+    parser.add_argument("--dtype", default="bf16", help="sparse_moe, router_logits: bf16 | fp16 | fp32")
+    parser.add_argument("--hidden", type=int, help="sparse_moe, router_logits: D")
     parser.add_argument("--ffn", type=int, help="sparse_moe: F")
     parser.add_argument("--tokens", type=int, default=1, help="sparse_moe: token count that picks the block config")
     args = parser.parse_args(argv)
-    if args.op == "topk_routing":
+    if args.op in ("topk_routing", "sparse_moe") and args.k is None:
+        parser.error(f"{args.op} needs --k")
+    if args.op == "router_logits":
+        if args.hidden is None:
+            parser.error("router_logits needs --hidden")
+        result = compile_for_sm90(args.op, dtype=args.dtype, hidden_size=args.hidden, num_experts=args.experts)
+    elif args.op == "topk_routing":
         result = compile_for_sm90(
             args.op, num_experts=args.experts, k=args.k, scoring=args.scoring, normalize=args.normalize
         )

@@ -29,6 +29,9 @@ sweep's winners at T = 512 and T = 4096 (128-row tiles with 128/256-wide N tiles
 1% and 7% faster than the derived values). ``benchmarks/bench_kernels_h200.py --tune`` times
 the candidates per token count and prints the rows to paste here; the results are recorded in
 ``benchmarks/results/kernels_h200.md``.
+
+``group_m`` (the tile order, ``sparse_moe_triton.tile_ids``) is 0, the plain order, in every row:
+grouped orders and 64-row prefill blocks are in the sweep but have not been timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "SPARSE_MOE_CONFIGS",
     "sparse_moe_config",
     "topk_routing_blocks",
+    "router_logits_blocks",
     "next_power_of_2",
 ]
 
@@ -57,6 +61,7 @@ class GemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 0  # tile order: 0 = every M block per N tile, G = G M blocks through all N tiles
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -67,6 +72,8 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.group_m < 0:
+            raise ValueError(f"GemmConfig.group_m must be >= 0 (0: no grouping), got {self.group_m}")
 
 
 @dataclass(frozen=True)
@@ -124,3 +131,23 @@ def topk_routing_blocks(num_tokens: int | None, num_experts: int) -> tuple[int, 
         block_t = min(block_t, next_power_of_2(max(num_tokens, 1)))
     num_warps = 4 if block_t * block_e >= 1024 else (2 if block_t * block_e >= 256 else 1)
     return block_t, block_e, num_warps
+
+
+def router_logits_blocks(num_tokens: int, num_experts: int, dim: int) -> tuple[int, int, int, bool, int]:
+    """``(BLOCK_T, BLOCK_E, BLOCK_K, USE_DOT, num_warps)`` of the router-logits kernel.
+
+    16 or more tokens and experts: ``tl.dot`` on 32 x 32 fp32 tiles (16 x 64 for wide routers),
+    whose FMA loop wastes nothing there. Fewer (a decode step, or E = 8 as in Mixtral): a
+    broadcast product of about 4096 values a step (32 a thread at 4 warps), accumulated over the
+    K loop and summed once at the end, with no 16-row minimum; one program then covers up to 16
+    experts and up to 8 tokens (4 once there are 16 experts), and the rest of the budget goes to a
+    long K tile so a decode step is a few wide loads.
+    """
+    if num_tokens >= 16 and num_experts >= 16:
+        block_e = min(next_power_of_2(num_experts), 64)
+        block_t = 32 if block_e <= 32 else 16
+        return block_t, block_e, 32, True, 4
+    block_e = min(next_power_of_2(num_experts), 16)
+    block_t = min(next_power_of_2(max(num_tokens, 1)), max(1, 64 // block_e))
+    block_k = min(max(next_power_of_2(dim), 16), max(16, 4096 // (block_t * block_e)))
+    return block_t, block_e, block_k, False, 4

@@ -38,6 +38,7 @@ __all__ = [
     "moe_align",
     "max_aligned_blocks",
     "align_block_p",
+    "tile_ids",
     "moe_align_kernel",
     "moe_gate_up_kernel",
     "moe_down_kernel",
@@ -108,6 +109,31 @@ def moe_align_kernel(
 
 
 @triton.jit
+def tile_ids(GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)``: the M block (of aligned slots) and N tile this program computes.
+
+    Programs start in launch order, axis 0 fastest. ``GROUP_M = 0``: program ``(m, n)`` computes
+    tile ``(m, n)``, so every M block of one N tile runs before the next N tile (the blocks of one
+    expert share that weight tile while it is in L2, and all of ``x`` is re-read per N tile).
+    ``GROUP_M = G > 0``: the launch order walks ``G`` M blocks through all N tiles before the next
+    ``G`` (Triton's grouped ordering): the rows those ``G`` blocks gather stay in L2 while the
+    weight tiles stream past, which pays when ``x`` gathered by every block outgrows L2 (thousands of
+    tokens). Every tile is computed exactly once either way; the grid is the same.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUP_M > 0:
+        num_m = tl.num_programs(0)
+        pid = pid_n * num_m + pid_m  # position in launch order
+        per_group = GROUP_M * tl.num_programs(1)
+        first_m = (pid // per_group) * GROUP_M
+        size = tl.minimum(num_m - first_m, GROUP_M)  # the last group may be short
+        pid_m = first_m + (pid % per_group) % size
+        pid_n = (pid % per_group) // size
+    return pid_m, pid_n
+
+
+@triton.jit
 def moe_gate_up_kernel(
     x_ptr,  # [T, D]
     w_ptr,  # [E, 2F, D]: gate rows, then up rows
@@ -124,9 +150,9 @@ def moe_gate_up_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong, see sparse_moe_triton)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps fp32 inputs exact
+    GROUP_M: tl.constexpr,  # tile order, see tile_ids
 ):
-    pid_m = tl.program_id(0)  # the fastest grid axis: neighbouring programs share a weight tile
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] slots
@@ -183,9 +209,9 @@ def moe_down_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,  # tile order, see tile_ids
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -352,14 +378,14 @@ def sparse_moe_triton(
     moe_gate_up_kernel[(max_blocks, triton.cdiv(ffn, cfg.block_n))](
         x, w_gate_up, h, sorted_ids, expert_ids, num_padded, num_pairs,
         D=dim, F=ffn, K=k, BLOCK_M=config.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     slots = torch.empty(num_pairs, dim, dtype=x.dtype, device=x.device)  # [P, D] = [T, K, D]
     cfg = config.down
     moe_down_kernel[(max_blocks, triton.cdiv(dim, cfg.block_n))](
         h, w_down, slots, routing, sorted_ids, expert_ids, num_padded, num_pairs,
         D=dim, F=ffn, BLOCK_M=config.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     block_d = min(config.combine_block_d, next_power_of_2(dim))
     moe_combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](

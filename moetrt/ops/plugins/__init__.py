@@ -18,7 +18,7 @@ plugin                    attributes                                            
 ``SparseMoE``             activation                                             JIT
 ``MoEAlign``              num_experts, k, block_m                                AOT
 ``MoEGateUp``             num_experts, hidden_size, ffn, k, block_m, block_n,    AOT
-                          block_k, num_warps, num_stages
+                          block_k, num_warps, num_stages, group_m
 ``MoEDown``               (as MoEGateUp)                                         AOT
 ``MoECombine``            num_experts, hidden_size, k, block_d                   AOT
 ========================  =====================================================  =========
@@ -62,8 +62,10 @@ PLUGIN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "TopKRouting": ("k", "scoring", "normalize", "scale"),
     "SparseMoE": ("activation",),
     "MoEAlign": ("num_experts", "k", "block_m"),
-    "MoEGateUp": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages"),
-    "MoEDown": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages"),
+    "MoEGateUp": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages",
+                  "group_m"),
+    "MoEDown": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages",
+                "group_m"),
     "MoECombine": ("num_experts", "hidden_size", "k", "block_d"),
 }
 AOT_PLUGINS = ("TopKRouting", "MoEAlign", "MoEGateUp", "MoEDown", "MoECombine")

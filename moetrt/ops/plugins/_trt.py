@@ -173,7 +173,7 @@ def moe_align_aot_impl(
 def moe_gate_up_desc(
     x: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_ids: trtp.TensorDesc, expert_ids: trtp.TensorDesc,
     num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int, block_n: int,
-    block_k: int, num_warps: int, num_stages: int,
+    block_k: int, num_warps: int, num_stages: int, group_m: int,
 ) -> trtp.TensorDesc:
     return trtp.from_shape_expr((x.shape_expr[0] * k, ffn), dtype=x.dtype)  # h [P, F]
 
@@ -182,10 +182,10 @@ def moe_gate_up_desc(
 def moe_gate_up_aot_impl(
     x: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_ids: trtp.TensorDesc, expert_ids: trtp.TensorDesc,
     num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int, block_n: int,
-    block_k: int, num_warps: int, num_stages: int, outputs: Tuple[trtp.TensorDesc], tactic: int,
+    block_k: int, num_warps: int, num_stages: int, group_m: int, outputs: Tuple[trtp.TensorDesc], tactic: int,
 ) -> AotResult:
     kernel = aot.moe_gate_up_aot_kernel(_kernel_dtype(x, "SparseMoE's x"), num_experts, hidden_size, ffn, k, block_m,
-                                        block_n, block_k, num_warps, num_stages)
+                                        block_n, block_k, num_warps, num_stages, group_m)
     tokens = x.shape_expr[0]
     return _aot_result(kernel, tokens, [tokens * k])
 
@@ -194,7 +194,7 @@ def moe_gate_up_aot_impl(
 def moe_down_desc(
     h: trtp.TensorDesc, w_down: trtp.TensorDesc, weights: trtp.TensorDesc, sorted_ids: trtp.TensorDesc,
     expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int,
-    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int,
 ) -> trtp.TensorDesc:
     return trtp.from_shape_expr((h.shape_expr[0], hidden_size), dtype=h.dtype)  # slots [P, D]
 
@@ -203,11 +203,11 @@ def moe_down_desc(
 def moe_down_aot_impl(
     h: trtp.TensorDesc, w_down: trtp.TensorDesc, weights: trtp.TensorDesc, sorted_ids: trtp.TensorDesc,
     expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int,
-    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, outputs: Tuple[trtp.TensorDesc],
-    tactic: int,
+    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int,
+    outputs: Tuple[trtp.TensorDesc], tactic: int,
 ) -> AotResult:
     kernel = aot.moe_down_aot_kernel(_kernel_dtype(h, "SparseMoE's x"), num_experts, hidden_size, ffn, k, block_m,
-                                     block_n, block_k, num_warps, num_stages)
+                                     block_n, block_k, num_warps, num_stages, group_m)
     tokens = weights.shape_expr[0]  # routing weights [T, K]
     return _aot_result(kernel, tokens, [tokens * k])
 

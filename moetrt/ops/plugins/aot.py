@@ -165,13 +165,14 @@ def _precision(ty: str) -> dict:
 
 
 def moe_gate_up_aot_kernel(dtype: str, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int,
-                           block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3) -> AotKernel:
+                           block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3,
+                           group_m: int = 0) -> AotKernel:
     """``moetrt::MoEGateUp``: (x, w_gate_up, alignment) -> h = silu(gate) * up per pair."""
     ty = _triton_dtype(dtype)
     sig = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
            "num_padded_ptr": "*i32", "num_pairs": "i32", "h_ptr": f"*{ty}"}
     constants = {"D": hidden_size, "F": ffn, "K": k, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 **_precision(ty)}
+                 **_precision(ty), "GROUP_M": group_m}
     spec = _PluginKernelSpec("moe_gate_up", "moe_gate_up_aot", "plugins", sig, constants, num_warps=num_warps,
                              num_stages=num_stages, grid=(_max_blocks_formula(num_experts, k, block_m), str(-(-ffn // block_n)), "1"),
                              aligned=_pointers(sig))
@@ -180,13 +181,14 @@ def moe_gate_up_aot_kernel(dtype: str, num_experts: int, hidden_size: int, ffn: 
 
 
 def moe_down_aot_kernel(dtype: str, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int,
-                        block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3) -> AotKernel:
+                        block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3,
+                        group_m: int = 0) -> AotKernel:
     """``moetrt::MoEDown``: (h, w_down, routing weights, alignment) -> weighted per-slot outputs."""
     ty = _triton_dtype(dtype)
     sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "routing_ptr": "*fp32", "sorted_ids_ptr": "*i32",
            "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32", "out_ptr": f"*{ty}"}
     constants = {"D": hidden_size, "F": ffn, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 **_precision(ty)}
+                 **_precision(ty), "GROUP_M": group_m}
     spec = _PluginKernelSpec("moe_down", "moe_down_aot", "plugins", sig, constants, num_warps=num_warps,
                              num_stages=num_stages, grid=(_max_blocks_formula(num_experts, k, block_m), str(-(-hidden_size // block_n)), "1"),
                              aligned=_pointers(sig))
@@ -212,10 +214,10 @@ _BUILDERS = {
     "MoEAlign": lambda dtype, a: moe_align_aot_kernel(a["num_experts"], a["k"], a["block_m"]),
     "MoEGateUp": lambda dtype, a: moe_gate_up_aot_kernel(dtype, a["num_experts"], a["hidden_size"], a["ffn"], a["k"],
                                                          a["block_m"], a["block_n"], a["block_k"], a["num_warps"],
-                                                         a["num_stages"]),
+                                                         a["num_stages"], a["group_m"]),
     "MoEDown": lambda dtype, a: moe_down_aot_kernel(dtype, a["num_experts"], a["hidden_size"], a["ffn"], a["k"],
                                                     a["block_m"], a["block_n"], a["block_k"], a["num_warps"],
-                                                    a["num_stages"]),
+                                                    a["num_stages"], a["group_m"]),
     "MoECombine": lambda dtype, a: moe_combine_aot_kernel(dtype, a["num_experts"], a["hidden_size"], a["k"],
                                                           a["block_d"]),
 }
@@ -246,10 +248,11 @@ def sparse_moe_plan(hidden_size: int, ffn: int, num_experts: int, k: int, num_to
         "MoEAlign": {"num_experts": num_experts, "k": k, "block_m": config.block_m},
         "MoEGateUp": {"num_experts": num_experts, "hidden_size": hidden_size, "ffn": ffn, "k": k, "block_m": config.block_m,
                       "block_n": gate_up.block_n, "block_k": gate_up.block_k, "num_warps": gate_up.num_warps,
-                      "num_stages": gate_up.num_stages},
+                      "num_stages": gate_up.num_stages, "group_m": gate_up.group_m},
         "MoEDown": {"num_experts": num_experts, "hidden_size": hidden_size, "ffn": ffn, "k": k,
                     "block_m": config.block_m, "block_n": down.block_n,
-                    "block_k": down.block_k, "num_warps": down.num_warps, "num_stages": down.num_stages},
+                    "block_k": down.block_k, "num_warps": down.num_warps, "num_stages": down.num_stages,
+                    "group_m": down.group_m},
         "MoECombine": {"num_experts": num_experts, "hidden_size": hidden_size, "k": k, "block_d": block_d},
     }
 

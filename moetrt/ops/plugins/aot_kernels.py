@@ -86,10 +86,12 @@ def moe_gate_up_aot(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     moe_gate_up_kernel(
         x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_pairs,
         D=D, F=F, K=K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, PRECISION=PRECISION,
+        GROUP_M=GROUP_M,
     )  # fmt: skip
 
 
@@ -110,10 +112,12 @@ def moe_down_aot(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     moe_down_kernel(
         h_ptr, w_ptr, out_ptr, routing_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_pairs,
         D=D, F=F, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, PRECISION=PRECISION,
+        GROUP_M=GROUP_M,
     )  # fmt: skip
 
 

@@ -31,23 +31,41 @@ BUILDS = {
         "sparse_moe",
         {"dtype": "bf16", "hidden_size": 4096, "ffn": 14336, "num_experts": 8, "k": 2, "num_tokens": 4096},
     ),
+    "mixtral_prefill_grouped": (
+        "sparse_moe",
+        {
+            "dtype": "bf16", "hidden_size": 4096, "ffn": 14336, "num_experts": 8, "k": 2,
+            "config": {"block_m": 128, "gate_up": [128, 64, 8, 3, 8], "down": [256, 64, 8, 3, 8]},
+        },
+    ),  # fmt: skip
+    "router_logits_e8": ("router_logits", {"dtype": "bf16", "hidden_size": 4096, "num_experts": 8}),
+    "router_logits_e256": ("router_logits", {"dtype": "bf16", "hidden_size": 7168, "num_experts": 256}),
     "small_fp16": (
         "sparse_moe",
         {"dtype": "fp16", "hidden_size": 1000, "ffn": 360, "num_experts": 60, "k": 4, "num_tokens": 64},
     ),
 }
-KERNELS = {"topk_routing": ["topk_routing"], "sparse_moe": ["moe_align", "moe_gate_up", "moe_down", "moe_combine"]}
+KERNELS = {
+    "topk_routing": ["topk_routing"],
+    "sparse_moe": ["moe_align", "moe_gate_up", "moe_down", "moe_combine"],
+    "router_logits": ["router_logits"],
+}
 ENTRY = {"topk_routing": "topk_routing_kernel", "moe_align": "moe_align_kernel", "moe_gate_up": "moe_gate_up_kernel",
-         "moe_down": "moe_down_kernel", "moe_combine": "moe_combine_kernel"}  # fmt: skip
+         "moe_down": "moe_down_kernel", "moe_combine": "moe_combine_kernel",
+         "router_logits": "router_logits_kernel"}  # fmt: skip
 MAX_SHARED = 227 * 1024  # bytes of shared memory one sm_90 block may use
 CASES = [(build, name) for build, (op, _) in BUILDS.items() for name in KERNELS[op]]
 
 _SCRIPT = """
 import json, sys
 from moetrt.ops.kernels.compile import compile_for_sm90
+from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig
 builds = json.loads(sys.argv[1])
 out = {}
 for key, (op, attrs) in builds.items():
+    if "config" in attrs:
+        c = attrs["config"]
+        attrs["config"] = SparseMoEConfig(c["block_m"], GemmConfig(*c["gate_up"]), GemmConfig(*c["down"]))
     result = compile_for_sm90(op, **attrs)
     for kernel in result["kernels"]:
         cubin = kernel.pop("cubin")
@@ -116,10 +134,25 @@ def test_sparse_moe_workspace_and_tensor_core_paths(compiled):
     decode, prefill = (_kernel(compiled, b, "moe_gate_up")["ptx"] for b in ("mixtral_decode", "mixtral_prefill"))
     assert "mma.sync" in decode
     assert "wgmma" in prefill
+    grouped = _kernel(compiled, "mixtral_prefill_grouped", "moe_gate_up")
+    assert grouped["constants"]["GROUP_M"] == 8 and "wgmma" in grouped["ptx"]
+    assert _kernel(compiled, "mixtral_prefill", "moe_gate_up")["constants"]["GROUP_M"] == 0
     for build in ("mixtral_decode", "mixtral_prefill"):
         gate_up = _kernel(compiled, build, "moe_gate_up")
         assert gate_up["constants"]["D"] == 4096 and gate_up["constants"]["F"] == 14336
         assert "cp.async" in gate_up["ptx"]  # pipelined loads
+
+
+def test_router_logits_paths_stay_fp32(compiled):
+    # Mixtral's 8 experts take the broadcast path, 256 experts the dot; both multiply in fp32 (no
+    # tensor-core MMA, which would round the inputs to TF32) from model-dtype loads
+    small, wide = (_kernel(compiled, b, "router_logits") for b in ("router_logits_e8", "router_logits_e256"))
+    assert small["constants"]["USE_DOT"] is False and wide["constants"]["USE_DOT"] is True
+    for kernel in (small, wide):
+        assert "mma" not in kernel["ptx"]
+        assert "fma.rn.f32" in kernel["ptx"]
+        assert _grid(kernel["grid"][0], 4096) * kernel["constants"]["BLOCK_T"] >= 4096
+    assert _grid(wide["grid"][1], 1) * wide["constants"]["BLOCK_E"] >= 256
 
 
 def test_cli_writes_ptx_cubin_and_manifest(tmp_path):

@@ -34,7 +34,8 @@ in_process = pytest.mark.skipif(
 )
 
 if IN_PROCESS:
-    from moetrt.ops.kernels import maybe_register_cuda_kernels
+    from moetrt.ops.kernels import maybe_register_cuda_kernels, router_logits
+    from moetrt.ops.kernels.router_logits_triton import router_logits_triton
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
@@ -46,6 +47,8 @@ ROUTING_CASES = [
     (4093, 64, 6, "softmax", False),
     (4096, 256, 8, "sigmoid", True),
 ]
+# (tokens T, model dim D, experts E): Mixtral decode and prefill, OLMoE-like, DeepSeek-V3-like
+ROUTER_CASES = [(1, 4096, 8), (4096, 4096, 8), (7, 2048, 64), (4093, 2048, 64), (3, 7168, 256), (1024, 7168, 256)]
 # (tokens T, model dim D, expert dim F, experts E, k, dtype)
 MOE_CASES = [
     (1, 4096, 14336, 8, 2, torch.bfloat16),  # Mixtral decode
@@ -114,6 +117,28 @@ def test_topk_routing_matches_reference(tokens, experts, k, scoring, normalize):
 
 
 @in_process
+@pytest.mark.parametrize("tokens,dim,experts", ROUTER_CASES)
+def test_router_logits_match_float64(tokens, dim, experts, record_max):
+    g = torch.Generator(device=CUDA).manual_seed(tokens + experts)
+    x = torch.randn(tokens, dim, device=CUDA, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(experts, dim, device=CUDA, generator=g) * dim**-0.5).to(torch.bfloat16)
+    ref = x.double() @ weight.double().t()
+    ours = router_logits_triton(x, weight)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        linear = torch.nn.functional.linear(x.float(), weight.float())  # the model's PyTorch form
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    err, linear_err = (float((v.double() - ref).abs().max()) for v in (ours, linear))
+    record_max("router logits kernel (GPU): max abs error vs float64", f"T={tokens} D={dim} E={experts}", err)
+    # NOTE: fp32 sums of D exact products of unit size: a few ulps of sqrt(D) ~ 64, i.e. ~1e-5;
+    # never much worse than cuBLAS's fp32 sum of the same products
+    assert ours.dtype == torch.float32 and ours.shape == (tokens, experts)
+    assert err <= max(4 * linear_err, 1e-5), (err, linear_err)
+
+
+@in_process
 @pytest.mark.parametrize("tokens,dim,ffn,experts,k,dtype", MOE_CASES)
 def test_sparse_moe_matches_float64(tokens, dim, ffn, experts, k, dtype, record_max):
     x, weights, indices, w_gate_up, w_down = _moe_inputs(tokens, dim, ffn, experts, k, dtype)
@@ -148,6 +173,8 @@ def test_registered_ops_dispatch_to_the_kernels():
     assert torch.equal(op_i, ker_i) and torch.equal(op_w, ker_w)
     y_op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
     assert torch.equal(y_op, sparse_moe_triton(x, weights, indices, w_gate_up, w_down))
+    gate = torch.randn(8, 1024, device=CUDA, dtype=torch.bfloat16)
+    assert torch.equal(router_logits(x, gate), router_logits_triton(x, gate))  # what the model's router calls
 
 
 @in_process
@@ -156,9 +183,10 @@ def test_decode_step_captures_in_a_cuda_graph(tokens):
     dim, ffn, experts, k = 1024, 2048, 8, 2
     x, _, _, w_gate_up, w_down = _moe_inputs(tokens, dim, ffn, experts, k, torch.bfloat16, seed=3)
     router = torch.randn(experts, dim, device=CUDA) * dim**-0.5
+    assert maybe_register_cuda_kernels()
 
     def step():
-        logits = x.float() @ router.t()  # [T, E]
+        logits = router_logits(x, router)  # [T, E], the router kernel once registered
         weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
         return sparse_moe_triton(x, weights, indices, w_gate_up, w_down)
 

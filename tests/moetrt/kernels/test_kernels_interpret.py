@@ -1,7 +1,8 @@
 """The Triton kernels on the CPU, in Triton's interpreter (``TRITON_INTERPRET=1``), on tiny shapes.
 
 ``TopKRouting``: softmax and sigmoid, k = 1..8, E up to 256, several programs, exact ties, NaN.
-``SparseMoE``: odd token counts, experts no token picks, k = 1..4, masked (non-multiple-of-16)
+Router logits: both inner products (broadcast and ``tl.dot``), several programs on each axis,
+masked D, mixed dtypes. ``SparseMoE``: odd token counts, experts no token picks, k = 1..4, masked (non-multiple-of-16)
 D and F, several blocks per expert, fp32/fp16/bf16, the default config table, T = 0, dropped
 out-of-range experts, both alignment methods, degenerate equivalences, determinism; and the
 wrappers that ``maybe_register_cuda_kernels`` installs for CUDA.
@@ -35,9 +36,25 @@ in_process = pytest.mark.skipif(
 )
 
 if IN_PROCESS:
-    from moetrt.ops.kernels import _sparse_moe_cuda, _topk_routing_cuda, maybe_register_cuda_kernels
+    from moetrt.ops.kernels import (
+        _router_logits_cuda,
+        _sparse_moe_cuda,
+        _topk_routing_cuda,
+        maybe_register_cuda_kernels,
+        router_logits,
+    )
+    from moetrt.ops.kernels.configs import router_logits_blocks
     from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig
-    from moetrt.ops.kernels.sparse_moe_triton import moe_align, sparse_moe_triton
+    import triton
+    import triton.language as tl
+
+    from moetrt.ops.kernels.sparse_moe_triton import moe_align, sparse_moe_triton, tile_ids
+
+    @triton.jit
+    def _count_tiles(counts_ptr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = tile_ids(GROUP_M)
+        tl.atomic_add(counts_ptr + pid_m * tl.num_programs(1) + pid_n, 1)
+    from moetrt.ops.kernels.router_logits_triton import router_logits_triton
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
     SMALL = SparseMoEConfig(16, gate_up=GemmConfig(16, 16), down=GemmConfig(16, 16), combine_block_d=16)
@@ -58,6 +75,22 @@ TIE_CASES = [
     ([0.0, 5.0, 1.0, 5.0], 1, [1]),
     ([-1.0, -1.0, 4.0, -1.0, 4.0], 4, [2, 4, 0, 1]),
 ]
+# (tokens T, experts E, model dim D, x dtype, weight dtype): broadcast rows first (T < 16 or E < 16,
+# one or several programs per axis), then tl.dot rows; D not a power of two masks the K loop
+ROUTER_CASES = [
+    (1, 8, 64, torch.bfloat16, torch.bfloat16),
+    (7, 8, 40, torch.float32, torch.float32),
+    (33, 8, 96, torch.bfloat16, torch.bfloat16),
+    (5, 60, 48, torch.float16, torch.float16),
+    (3, 40, 24, torch.bfloat16, torch.float32),
+    (40, 64, 64, torch.bfloat16, torch.bfloat16),
+    (17, 20, 24, torch.float32, torch.float32),
+    (19, 256, 32, torch.float16, torch.float32),
+]
+# NOTE: the same fp32 products as F.linear(x.float(), w.float()) (model-dtype values are exact
+# in fp32), summed in another order: sums of <= 96 products of unit values, float32 ulps.
+ROUTER_ATOL = 2e-5
+
 # (tokens T, model dim D, expert dim F, experts E, k, dtype); D, F not multiples of 16 mask the K loop
 MOE_CASES = [
     (1, 32, 16, 4, 1, torch.float32),
@@ -231,6 +264,31 @@ def test_sparse_moe_default_config_int64_indices_and_align_methods(align):
 
 
 @in_process
+@pytest.mark.parametrize("group_m", [0, 1, 2, 3, 8, 100])
+@pytest.mark.parametrize("grid", [(1, 1), (5, 3), (8, 2), (7, 7)])
+def test_grouped_tile_order_covers_every_tile_once(grid, group_m):
+    counts = torch.zeros(grid, dtype=torch.int32)
+    _count_tiles[grid](counts, GROUP_M=group_m)
+    assert torch.equal(counts, torch.ones(grid, dtype=torch.int32))
+
+
+@in_process
+@pytest.mark.parametrize("group_m", [(1, 0), (3, 2), (0, 5)])
+def test_grouped_tile_order_gives_the_same_outputs(group_m):
+    # 33 tokens, top-2 of 3 experts, 16-row blocks: 6+ M blocks over 2-3 N tiles; groups that
+    # divide them, leave a short last group, or exceed them
+    tokens, dim, ffn, experts, k = 33, 40, 48, 3, 2
+    weights, indices = _routing(tokens, experts, k, seed=21)
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(22))
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float32, seed=23)
+    gate_up, down = GemmConfig(16, 16, group_m=group_m[0]), GemmConfig(16, 16, group_m=group_m[1])
+    grouped = SparseMoEConfig(16, gate_up=gate_up, down=down, combine_block_d=16)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, config=grouped)
+    assert torch.equal(y, sparse_moe_triton(x, weights, indices, w_gate_up, w_down, config=SMALL))
+    assert _rel_fro(y.numpy(), _reference(x, weights, indices, w_gate_up, w_down)) <= FP32_RTOL
+
+
+@in_process
 def test_sparse_moe_drops_out_of_range_experts():
     tokens, dim, ffn, experts, k = 5, 16, 16, 4, 2
     weights, indices = _routing(tokens, experts, k, seed=5)
@@ -310,6 +368,36 @@ def test_sparse_moe_empty_and_errors():
         )
 
 
+# --- router logits --------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("tokens,experts,dim,x_dtype,w_dtype", ROUTER_CASES)
+def test_router_logits_match_the_fp32_linear(tokens, experts, dim, x_dtype, w_dtype):
+    g = torch.Generator().manual_seed(tokens * experts + dim)
+    x = torch.randn(tokens, dim, generator=g).to(x_dtype)
+    weight = (torch.randn(experts, dim, generator=g) * dim**-0.5).to(w_dtype)
+    logits = router_logits_triton(x, weight)
+    assert logits.dtype == torch.float32 and logits.shape == (tokens, experts)
+    expected = F.linear(x.float(), weight.float())  # the model's definition
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ROUTER_ATOL)
+    exact = (x.double() @ weight.double().t()).float()
+    torch.testing.assert_close(logits, exact, rtol=0, atol=ROUTER_ATOL)
+    block_t, block_e, _, use_dot, _ = router_logits_blocks(tokens, experts, dim)
+    assert use_dot == (tokens >= 16 and experts >= 16)
+
+
+@in_process
+def test_router_logits_edges_and_errors():
+    weight = torch.randn(8, 16)
+    assert router_logits_triton(torch.zeros(0, 16), weight).shape == (0, 8)
+    assert torch.equal(router_logits_triton(torch.zeros(3, 0), torch.zeros(8, 0)), torch.zeros(3, 8))
+    x = torch.randn(16, 5)[:, :4]  # non-contiguous rows
+    torch.testing.assert_close(router_logits_triton(x, weight[:, :4]), x @ weight[:, :4].t(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"same D"):
+        router_logits_triton(torch.zeros(3, 16), torch.zeros(8, 12))
+    with pytest.raises(ValueError, match=r"bf16, fp16 or fp32"):
+        router_logits_triton(torch.zeros(3, 16, dtype=torch.float64), weight)
+
+
 # --- what maybe_register_cuda_kernels installs ------------------------------------------------------
 @in_process
 def test_registered_wrappers_take_the_op_arguments():
@@ -327,6 +415,11 @@ def test_registered_wrappers_take_the_op_arguments():
     y = _sparse_moe_cuda(x, weights, indices, w_gate_up, w_down, "silu")
     op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
     torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+    # the router: CPU tensors keep the PyTorch form (as the model on the CPU, and every export)
+    gate = torch.randn(8, 16)
+    assert torch.equal(router_logits(x, gate), F.linear(x, gate))
+    assert torch.equal(torch.ops.moetrt_kernels.router_logits(x, gate), F.linear(x, gate))  # the op's CPU kernel
+    torch.testing.assert_close(_router_logits_cuda(x, gate), F.linear(x, gate), rtol=0, atol=ROUTER_ATOL)
 
 
 # --- when this process runs triton compiled ------------------------------------------------------

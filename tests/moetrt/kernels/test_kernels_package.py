@@ -68,6 +68,7 @@ def test_routing_blocks_fit_registers(tokens, experts):
         (lambda: GemmConfig(64, 8), "block_k"),
         (lambda: GemmConfig(64, 64, num_warps=3), "num_warps"),
         (lambda: GemmConfig(64, 64, num_stages=0), "num_stages"),
+        (lambda: GemmConfig(64, 64, group_m=-1), "group_m"),
         (lambda: SparseMoEConfig(8, GemmConfig(64, 64), GemmConfig(64, 64)), "block_m"),
     ],
 )
