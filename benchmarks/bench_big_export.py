@@ -314,7 +314,7 @@ def write_report(out: Path, report: dict) -> None:
         lines += [""]
         if small.get("optimize"):
             lines += [
-                "### bench-small: optimize passes that rewrite every expert weight",
+                "### bench-small: optimize passes that rewrite every weight they touch",
                 "",
                 "On the streamed fp32 export (weights in model.onnx.data): the passes leave rewritten weights "
                 "lazy and the save computes them one at a time.",
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
                     "OnnxExporter().export_for_generation(model, ..., OnnxConfig(dynamic=True, ort_fusions='cpu'))"
                     ".save_pretrained(out): prefill and decode graphs"),
             }
-            # the optimize passes that rewrite every expert weight, on the streamed export (external data)
+            # the optimize passes that rewrite weights, on the streamed export (external data)
             export = work / "small-export"
             if not (export / "moetrt.json").exists():
                 measured(EXPORT_CODE.format(source=str(checkpoint), out=str(export), dtype="fp32", streaming=None),
@@ -434,6 +434,11 @@ def main(argv=None) -> int:
                     OPTIMIZE_CODE, dict(source=str(export), options='moe_lowering="always"'),
                     "optimize(streamed export, out, target='ort-cpu', moe_lowering='always'): every gate/up "
                     "weight interleaved for com.microsoft::MoE"),
+                "moetrt optimize, int4 experts + int4 other weights": (
+                    OPTIMIZE_CODE, dict(source=str(export), options='quantize_experts="int4", quantize_weights="int4"'),
+                    "optimize(streamed export, out, target='ort-cpu', quantize_experts='int4', "
+                    "quantize_weights='int4'): every expert weight to QMoE, every other linear weight but the "
+                    "router's to MatMulNBits"),
             }
             small = {"weight_gb": weight_gb, "contenders": {}, "optimize": {}}
             runs = {name: [] for name in [*contenders, *optimizers]}

@@ -43,7 +43,7 @@ from onnxscript.rewriter import pattern
 
 from moetrt.ops._onnx import DOMAIN
 
-from ._common import ORT_DOMAIN, PassResult, remove_dead_code
+from ._common import ORT_DOMAIN, PassResult, SharedResult, lazy_tensor, remove_dead_code
 from .expert_quantization import quantize_blockwise
 
 __all__ = [
@@ -140,8 +140,9 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
             return op.Gemm(a, w, c, _allow_other_attributes=True, _outputs=["y"])
         return op.Gemm(a, w, _allow_other_attributes=True, _outputs=["y"])
 
-    def _weight(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str | None:
-        """(W [K, N], bias [N] or None); a reason to leave a constant-weight node alone; None (no constant weight)."""
+    def _weight(self, node: ir.Node) -> tuple[int, int, bool, np.ndarray | None] | str | None:
+        """(K, N, W stored as [N, K], bias [N] or None); a reason to leave a constant-weight node alone; None
+        (no constant weight). Reads no weight values: those are read when the quantized weight is saved."""
         w = node.inputs[1]
         if w is None or w.const_value is None or not w.is_initializer():
             return None  # activations times activations (attention scores): not a weight
@@ -153,7 +154,8 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
         if a.dtype not in self.dtypes:
             have = a.dtype.name.lower() if a.dtype else "of unknown type"
             return f"activations {have}: this target runs MatMulNBits in {', '.join(d.name.lower() for d in self.dtypes)}"
-        array = w.const_value.numpy()
+        K, N = w.const_value.shape
+        transposed = False
         bias = None
         if node.op_type == "Gemm":
             attrs = node.attributes
@@ -164,15 +166,15 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
             if a.shape is not None and len(a.shape) != 2:
                 return f"Gemm on a rank-{len(a.shape)} input"
             if attrs.get("transB") is not None and attrs["transB"].as_int():
-                array = array.T  # [N, K] -> [K, N]
+                K, N, transposed = N, K, True  # W is [N, K]
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = node.inputs[2]
-                if c.const_value is None or c.const_value.numpy().size != array.shape[1]:
+                if c.const_value is None or c.const_value.numpy().size != N:
                     return "a Gemm bias that is not a constant of N values"
                 bias = c.const_value.numpy().reshape(-1)
-        if array.shape[1] < MIN_OUTPUTS:
-            return f"N={array.shape[1]} outputs (< {MIN_OUTPUTS}): a gate, too small to matter"
-        return array, bias
+        if N < MIN_OUTPUTS:
+            return f"N={N} outputs (< {MIN_OUTPUTS}): a gate, too small to matter"
+        return K, N, transposed, bias
 
     def check(self, context, y, **_):
         check = pattern.MatchResult()
@@ -187,39 +189,49 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, a, w, y, c=None, **_):
         node = y.producer()
-        array, bias = self._weight(node)
-        K, N = array.shape
-        packed, scales, zero_points = quantize_matmul_weight(array, self.bits, self.block, self.symmetric)
-        dtype = a.dtype
+        K, N, transposed, bias = self._weight(node)
+        bits, block, symmetric, dtype, source = self.bits, self.block, self.symmetric, a.dtype, w.const_value
         prefix = f"{w.name}.q{self.bits}"
         if prefix in self.names:  # a weight shared by several linear layers: one copy each
             prefix = f"{prefix}.{len(self.names)}"
         self.names.add(prefix)
-        inputs = [a, op.initializer(ir.tensor(packed, name=prefix)),
-                  op.initializer(_tensor(scales, dtype, f"{prefix}.scales"))]
-        inputs.append(op.initializer(ir.tensor(zero_points, name=f"{prefix}.zero_points"))
-                      if zero_points is not None else None)
+
+        def quantize():  # when saved: the packed weight, its scales (and zero points) from one computation
+            array = source.numpy()
+            packed, scales, zero_points = quantize_matmul_weight(array.T if transposed else array, bits, block,
+                                                                 symmetric)
+            return packed, _as_dtype(scales, dtype), zero_points
+
+        k_blocks = -(-K // block)
+        shapes = {"": (N, k_blocks, block * bits // 8), ".scales": (N, k_blocks),
+                  ".zero_points": (N, -(-k_blocks * bits // 8))}  # B, scales, zero points as in the module doc
+        types = {"": ir.DataType.UINT8, ".scales": dtype, ".zero_points": ir.DataType.UINT8}
+        parts = ("", ".scales") if symmetric else ("", ".scales", ".zero_points")
+        shared = SharedResult(quantize, parts=len(parts))
+        tensors = [op.initializer(lazy_tensor(lambda i=i: shared.take(i), types[part], shapes[part],
+                                              name=f"{prefix}{part}", sources=[source]))
+                   for i, part in enumerate(parts)]
+        inputs = [a, *tensors]
         if bias is not None:
-            inputs += [None, op.initializer(_tensor(bias, dtype, f"{prefix}.bias"))]
-        while inputs[-1] is None:
-            inputs.pop()
+            inputs += [None] * (4 - len(inputs)) + [None, op.initializer(ir.tensor(_as_dtype(bias, dtype), dtype=dtype,
+                                                                                   name=f"{prefix}.bias"))]
         self.result.count += 1
-        self.result.details["weight_bytes_before"] += array.size * array.itemsize
-        self.result.details["weight_bytes_after"] += packed.nbytes + scales.size * np.dtype(
-            _NUMPY_DTYPES.get(dtype, np.float32)).itemsize + (0 if zero_points is None else zero_points.nbytes)
+        self.result.details["weight_bytes_before"] += int(K * N * source.dtype.itemsize)
+        self.result.details["weight_bytes_after"] += sum(
+            int(np.prod(shapes[part]) * types[part].itemsize) for part in parts)
         extra = {"accuracy_level": self.accuracy_level} if self.accuracy_level else {}
         out = op.MatMulNBits(*inputs, _domain=ORT_DOMAIN, K=K, N=N, bits=self.bits, block_size=self.block, **extra)
         out.type, out.shape = y.type, y.shape
         return out
 
 
-def _tensor(array: np.ndarray, dtype: ir.DataType, name: str) -> ir.TensorProtocol:
-    """``array`` as an initializer in the activation dtype (MatMulNBits' scales and bias take A's)."""
+def _as_dtype(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    """``array`` in the activation dtype (MatMulNBits' scales and bias take A's)."""
     if dtype == ir.DataType.BFLOAT16:
         import ml_dtypes  # a dependency of onnx-ir
 
-        return ir.tensor(array.astype(np.float32).astype(ml_dtypes.bfloat16), dtype=dtype, name=name)
-    return ir.tensor(array.astype(_NUMPY_DTYPES.get(dtype, np.float32)), name=name)
+        return array.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return array.astype(_NUMPY_DTYPES.get(dtype, np.float32))
 
 
 def quantize_weights(

@@ -212,15 +212,19 @@ def test_streaming_needs_a_folder(tmp_path):
         onnx_from_torch("tiny", tmp_path / "out", streaming=True, progress=False)
 
 
-# the optimize passes that rewrite weights: (target, options) -> the rewrites they make
+# the optimize passes that rewrite weights: (target, options, the pass and how many nodes it rewrites)
 OPTIMIZE_CASES = [
-    ("ort-cpu", dict(quantize_experts="int4")),  # QMoE: packed weights and scales
-    ("ort-cuda", dict(precision="fp16", moe_lowering="always")),  # fp16 weights, interleaved gate/up for MoE
+    ("ort-cpu", dict(quantize_experts="int4"), ("quantize_experts_int4", 2)),  # QMoE: packed weights and scales
+    # fp16 weights, interleaved gate/up for MoE
+    ("ort-cuda", dict(precision="fp16", moe_lowering="always"), ("lower_moe", 2)),
+    # MatMulNBits: 4 attention projections a layer and lm_head; asymmetric adds zero points
+    ("ort-cpu", dict(quantize_weights="int4", weight_zero_points=True), ("quantize_weights_int4", 9)),
 ]
 
 
-@pytest.mark.parametrize("target,options", OPTIMIZE_CASES)
-def test_optimize_rewrites_weights_one_at_a_time_when_saving(tmp_path, checkpoint, monkeypatch, target, options):
+@pytest.mark.parametrize("target,options,rewrites", OPTIMIZE_CASES)
+def test_optimize_rewrites_weights_one_at_a_time_when_saving(tmp_path, checkpoint, monkeypatch, target, options,
+                                                             rewrites):
     """After the passes ran, no weight of the model is in memory: each is on disk or computed when saved."""
     pytest.importorskip("onnxscript")
     from moetrt.optimize import optimize
@@ -233,8 +237,9 @@ def test_optimize_rewrites_weights_one_at_a_time_when_saving(tmp_path, checkpoin
 
     def checked(model, path, external_data, progress=None):
         for name, value in model.graph.initializers.items():
-            if value.const_value is not None and value.const_value.size > EAGER_ELEMENTS:
-                held[name] = type(value.const_value).__name__
+            tensor = value.const_value  # every large weight, and every weight a pass rewrote (small ones too)
+            if tensor is not None and (tensor.size > EAGER_ELEMENTS or type(tensor).__name__ == "LazyTensor"):
+                held[name] = type(tensor).__name__
         save(model, path, external_data, progress)
 
     monkeypatch.setattr(lower, "save_model", checked)
@@ -244,7 +249,7 @@ def test_optimize_rewrites_weights_one_at_a_time_when_saving(tmp_path, checkpoin
     assert "LazyTensor" in held.values()
     meta = json.loads((out / "moetrt.json").read_text())
     counts = {p["name"]: p["count"] for p in meta["optimize"]["passes"]}
-    assert counts.get("quantize_experts_int4", counts.get("lower_moe")) == 2, counts  # both MoE layers rewritten
+    assert counts.get(rewrites[0]) == rewrites[1], counts
     _, inits = _initializers(out)
     assert sum(a.nbytes for a in inits.values()) > 0 and all(np.isfinite(a).all() for a in inits.values()
                                                              if a.dtype.kind == "f")
