@@ -197,9 +197,9 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
         self.names.add(prefix)
 
         def quantize():  # when saved: the packed weight, its scales (and zero points) from one computation
-            array = source.numpy()
-            packed, scales, zero_points = quantize_matmul_weight(array.T if transposed else array, bits, block,
-                                                                 symmetric)
+            array = source.numpy()  # [K, N], or [N, K] for a Gemm with transB
+            array = array.T if transposed else array
+            packed, scales, zero_points = quantize_matmul_weight(array, bits, block, symmetric)
             return packed, _as_dtype(scales, dtype), zero_points
 
         k_blocks = -(-K // block)
@@ -212,9 +212,9 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
                                               name=f"{prefix}{part}", sources=[source]))
                    for i, part in enumerate(parts)]
         inputs = [a, *tensors]
-        if bias is not None:
-            inputs += [None] * (4 - len(inputs)) + [None, op.initializer(ir.tensor(_as_dtype(bias, dtype), dtype=dtype,
-                                                                                   name=f"{prefix}.bias"))]
+        if bias is not None:  # MatMulNBits' inputs: A, B, scales, zero_points, g_idx, bias
+            bias_tensor = ir.tensor(_as_dtype(bias, dtype), dtype=dtype, name=f"{prefix}.bias")
+            inputs += [None] * (5 - len(inputs)) + [op.initializer(bias_tensor)]
         self.result.count += 1
         self.result.details["weight_bytes_before"] += int(K * N * source.dtype.itemsize)
         self.result.details["weight_bytes_after"] += sum(

@@ -140,8 +140,8 @@ def router_logits_blocks(num_tokens: int, num_experts: int, dim: int) -> tuple[i
     whose FMA loop wastes nothing there. Fewer (a decode step, or E = 8 as in Mixtral): a
     broadcast product of about 4096 values a step (32 a thread at 4 warps), accumulated over the
     K loop and summed once at the end, with no 16-row minimum; one program then covers up to 16
-    experts and up to 8 tokens (4 once there are 16 experts), and the rest of the budget goes to a
-    long K tile so a decode step is a few wide loads.
+    experts and ``64 // BLOCK_E`` tokens (8 for Mixtral's 8 experts), and the rest of the budget
+    goes to a long K tile so a decode step is a few wide loads.
     """
     if num_tokens >= 16 and num_experts >= 16:
         block_e = min(next_power_of_2(num_experts), 64)

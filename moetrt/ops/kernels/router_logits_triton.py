@@ -47,8 +47,10 @@ def router_logits_kernel(
     t_ok = offs_t < num_tokens
     e_ok = offs_e < E
     rows = offs_t.to(tl.int64)
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_K), dtype=tl.float32)  # the broadcast path's running products
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_K), dtype=tl.float32)  # running products, summed after the loop
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         k_ok = offs_k < D
@@ -58,9 +60,9 @@ def router_logits_kernel(
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")  # [BT, BK] @ [BK, BE]
         else:
             b = tl.load(w_ptr + offs_e[:, None] * D + offs_k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-            acc3 += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]  # [BT, BE, BK]
+            acc += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]  # [BT, BE, BK]
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)  # [BT, BE], one reduction after the loop
+        acc = tl.sum(acc, axis=2)  # [BT, BE], one reduction after the loop
     tl.store(out_ptr + rows[:, None] * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
 
 
