@@ -717,9 +717,10 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     logits = torch.randn(tokens, e, device=w_gate_up.device, generator=g)
     weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
     rows = tokens * k / e
-    # past 64 rows 64-, 128- and 256-row blocks: at ~128 rows per expert a 128-row block splits every
-    # expert that gets a few more rows than that into two blocks, each reading the expert's weights
-    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 64 else [64, 128, 256]
+    # 64 to 256 rows: 64- and 128-row blocks (at ~128 rows per expert a 128-row block splits every
+    # expert that gets a few more rows than that into two blocks); past 256, 128-row blocks (256-row
+    # blocks lost at T = 512 and 4096 in earlier sweeps on an H200, and each candidate costs a compile)
+    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 64 else [64, 128] if rows <= 256 else [128]
 
     def options(bm):
         if rows <= 64:
