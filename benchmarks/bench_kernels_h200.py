@@ -26,7 +26,8 @@ One run measures, in this order, writing results after each part:
    decode step must read (all non-expert weights but the embedding table, the k routed experts
    of each layer, the KV cache);
 4. with ``--tune`` (run first, before parts 2 and 3): block configs of the SparseMoE kernels per T
-   in ``--tune-tokens``, printed as rows for ``moetrt/ops/kernels/configs.py``; parts 2 and 3
+   in ``--tune-tokens`` (the candidates of ``configs.sweep_candidates``, then grouped tile orders),
+   printed as rows for ``moetrt/ops/kernels/configs.py``; parts 2 and 3
    then run with the tuned configs (the T nearest in log scale), and the table's own configs are
    timed beside them in part 2 as "ours block (table)".
 
@@ -650,21 +651,6 @@ def record_error(result, torch, name, logits, reference):
 
 
 # --- 4. tuning -------------------------------------------------------------------------------------
-# (block_n, block_k, num_warps, num_stages) per regime, a few each so a sweep fits a short lease.
-# Decode (<= 16 rows per expert) streams weights: narrow N tiles, long K, deep pipelines.
-DECODE_GATE_UP = ((32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3))
-DECODE_DOWN = ((32, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (64, 256, 4, 3))
-# Prefill (more rows) is compute-bound: wide tiles, 8 warps for the two gate|up accumulators.
-PREFILL_GATE_UP = ((64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 32, 8, 4))
-PREFILL_DOWN = ((128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4), (128, 128, 8, 3))
-# 64-row blocks (one warpgroup's MMA height) for ~128 rows per expert, where 128-row blocks split an
-# expert with a few rows over 128 into a second, nearly empty block: 4 warps hold a 64 x 256 tile
-# (gate|up: two 64 x 128 accumulators), 8 warps split N. All compile for sm_90 without spills and
-# within 227 KB of shared memory (checked offline with moetrt.ops.kernels.compile).
-PREFILL_GATE_UP_64 = ((128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (64, 128, 4, 3))
-PREFILL_DOWN_64 = ((256, 64, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 128, 4, 3), (256, 32, 4, 4))
-# grouped tile orders tried on the best tiles past 64 rows per expert (0: the kernels' plain order)
-GROUP_MS = (4, 8, 16)
 
 
 def tune(run, torch, cuda, bench, args, dims) -> dict:
@@ -708,7 +694,7 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     then the best tile order (``group_m``) of each GEMM."""
     from dataclasses import replace
 
-    from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig, sparse_moe_config
+    from moetrt.ops.kernels.configs import SWEEP_GROUP_M, SparseMoEConfig, sparse_moe_config, sweep_candidates
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
@@ -717,16 +703,6 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
     logits = torch.randn(tokens, e, device=w_gate_up.device, generator=g)
     weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
     rows = tokens * k / e
-    # 64 to 256 rows: 64- and 128-row blocks (at ~128 rows per expert a 128-row block splits every
-    # expert that gets a few more rows than that into two blocks); past 256, 128-row blocks (256-row
-    # blocks lost at T = 512 and 4096 in earlier sweeps on an H200, and each candidate costs a compile)
-    block_ms = [16] if rows <= 16 else [16, 32] if rows <= 64 else [64, 128] if rows <= 256 else [128]
-
-    def options(bm):
-        if rows <= 64:
-            return DECODE_GATE_UP, DECODE_DOWN
-        return (PREFILL_GATE_UP_64, PREFILL_DOWN_64) if bm == 64 else (PREFILL_GATE_UP, PREFILL_DOWN)
-
     timings = []
 
     def time_config(config) -> float:
@@ -740,22 +716,18 @@ def tune_tokens(torch, bench, dims, tokens, w_gate_up, w_down, g) -> dict:
 
     default = sparse_moe_config(tokens, e, k)
     best = (time_config(default), default)
-    for bm in block_ms:
-        gate_up_options, down_options = options(bm)
-        start_down = GemmConfig(*down_options[0])
-        gate_up = min(
-            (GemmConfig(*c) for c in gate_up_options), key=lambda c: time_config(SparseMoEConfig(bm, c, start_down))
-        )
-        down = min((GemmConfig(*c) for c in down_options), key=lambda c: time_config(SparseMoEConfig(bm, gate_up, c)))
+    for bm, gate_up_options, down_options in sweep_candidates(rows):
+        gate_up = min(gate_up_options, key=lambda c: time_config(SparseMoEConfig(bm, c, down_options[0])))
+        down = min(down_options, key=lambda c: time_config(SparseMoEConfig(bm, gate_up, c)))
         candidate = SparseMoEConfig(bm, gate_up, down)
         best = min(best, (time_config(candidate), candidate), key=lambda t: t[0])
     if rows > 64:  # tile order of the best tiles: gate|up's group first, then down's
         _, config = best
-        for g in GROUP_MS:
+        for g in SWEEP_GROUP_M:
             grouped = replace(config, gate_up=replace(config.gate_up, group_m=g))
             best = min(best, (time_config(grouped), grouped), key=lambda t: t[0])
         _, config = best
-        for g in GROUP_MS:
+        for g in SWEEP_GROUP_M:
             grouped = replace(config, down=replace(config.down, group_m=g))
             best = min(best, (time_config(grouped), grouped), key=lambda t: t[0])
     entry = {

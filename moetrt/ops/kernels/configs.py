@@ -43,6 +43,8 @@ __all__ = [
     "SparseMoEConfig",
     "SPARSE_MOE_CONFIGS",
     "sparse_moe_config",
+    "sweep_candidates",
+    "SWEEP_GROUP_M",
     "topk_routing_blocks",
     "router_logits_blocks",
     "next_power_of_2",
@@ -101,6 +103,48 @@ SPARSE_MOE_CONFIGS: tuple[tuple[float | None, SparseMoEConfig], ...] = (
     (256, SparseMoEConfig(128, gate_up=GemmConfig(128, 64, 8, 3), down=GemmConfig(128, 64, 8, 3))),
     (None, SparseMoEConfig(128, gate_up=GemmConfig(128, 64, 8, 3), down=GemmConfig(256, 64, 8, 3))),
 )
+
+
+# The candidates ``benchmarks/bench_kernels_h200.py --tune`` times, as (block_n, block_k, num_warps,
+# num_stages) per GEMM and regime; every one compiles for sm_90 within 227 KB of shared memory and
+# without spills (tests/moetrt/kernels/test_kernels_compile.py), so a sweep spends no GPU time on
+# tiles that cannot launch.
+# Decode (<= 64 rows per expert) streams weights: narrow N tiles, long K, deep pipelines.
+_DECODE_TILES = (
+    ((32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3)),
+    ((32, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (64, 256, 4, 3)),
+)
+# 128-row blocks are compute-bound: wide tiles, 8 warps for the two gate|up accumulators.
+_PREFILL_TILES = (
+    ((64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 32, 8, 4)),
+    ((128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4), (128, 128, 8, 3)),
+)
+# 64-row blocks (one warpgroup's MMA height) for ~128 rows per expert, where 128-row blocks split an
+# expert with a few rows over 128 into a second, nearly empty block: 4 warps hold a 64 x 256 tile
+# (gate|up: two 64 x 128 accumulators), 8 warps split N.
+_PREFILL_64_TILES = (
+    ((128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (64, 128, 4, 3)),
+    ((256, 64, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 128, 4, 3), (256, 32, 4, 4)),
+)
+SWEEP_GROUP_M = (4, 8, 16)  # grouped tile orders tried on the best tiles past 64 rows per expert
+
+
+def sweep_candidates(rows_per_expert: float) -> list[tuple[int, list[GemmConfig], list[GemmConfig]]]:
+    """``[(block_m, gate|up tiles, down tiles)]`` the tuner times at ``rows_per_expert`` (T * K / E).
+
+    Up to 16 rows: 16-row blocks; to 64: 16 and 32; to 256: 64 and 128 (at ~128 rows per expert a
+    128-row block splits every expert with a few rows more into two blocks); past 256: 128-row
+    blocks (256-row blocks lost at T = 512 and 4096 in the H200 sweeps, and every candidate costs a
+    compile).
+    """
+    def tiles(pair):
+        return [GemmConfig(*t) for t in pair[0]], [GemmConfig(*t) for t in pair[1]]
+
+    if rows_per_expert <= 64:
+        return [(bm, *tiles(_DECODE_TILES)) for bm in ([16] if rows_per_expert <= 16 else [16, 32])]
+    if rows_per_expert <= 256:
+        return [(64, *tiles(_PREFILL_64_TILES)), (128, *tiles(_PREFILL_TILES))]
+    return [(128, *tiles(_PREFILL_TILES))]
 
 
 def sparse_moe_config(num_tokens: int, num_experts: int, k: int, element_size: int = 2) -> SparseMoEConfig:

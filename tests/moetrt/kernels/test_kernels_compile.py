@@ -155,6 +155,40 @@ def test_router_logits_paths_stay_fp32(compiled):
     assert _grid(wide["grid"][1], 1) * wide["constants"]["BLOCK_E"] >= 256
 
 
+_SWEEP_SCRIPT = """
+import json, sys
+from moetrt.ops.kernels.compile import compile_spec, sparse_moe_specs
+from moetrt.ops.kernels.configs import SparseMoEConfig, sweep_candidates
+out = []
+for rows in (0.25, 32, 128, 1024):  # Mixtral at T = 1, 128, 512, 4096: every regime
+    for bm, gate_ups, downs in sweep_candidates(rows):
+        for role, tiles in (("moe_gate_up", gate_ups), ("moe_down", downs)):
+            for tile in tiles:
+                gate_up, down = (tile, downs[0]) if role == "moe_gate_up" else (gate_ups[0], tile)
+                config = SparseMoEConfig(bm, gate_up, down)
+                spec = next(s for s in sparse_moe_specs("bf16", 4096, 14336, 8, 2, config=config) if s.name == role)
+                kernel = compile_spec(spec)
+                out.append({"rows": rows, "block_m": bm, "kernel": role, "tile": repr(tile), "shared": kernel["shared"],
+                            "registers": kernel["registers"], "local_bytes": kernel["local_bytes"]})
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_every_sweep_candidate_compiles_within_sm90_limits(tmp_path):
+    """The tuner's candidates (configs.sweep_candidates) at Mixtral sizes: each fits one block's shared memory and
+    its registers without spilling, so a sweep on a GPU spends no time on tiles that cannot launch or that spill."""
+    path = tmp_path / "sweep.json"
+    result = subprocess.run([sys.executable, "-c", _SWEEP_SCRIPT, str(path)], env=_child_env(), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    kernels = json.loads(path.read_text())
+    assert {k["block_m"] for k in kernels} == {16, 32, 64, 128}
+    too_big = [k for k in kernels if k["shared"] > MAX_SHARED]
+    spilling = [k for k in kernels if k["local_bytes"] not in (None, 0)]
+    assert not too_big, too_big
+    assert not spilling, spilling
+
+
 def test_cli_writes_ptx_cubin_and_manifest(tmp_path):
     command = [sys.executable, "-m", "moetrt.ops.kernels.compile", "topk_routing", "--experts", "8", "--k", "2"]
     command += ["--normalize", "--out", str(tmp_path)]
