@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE
+from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING
 from moetrt.ops._onnx import DOMAIN
+from moetrt.ops._spec import OpSpec
 
 __all__ = [
-    "PassResult", "MoELayer", "read_moe_layer", "ORT_DOMAIN", "FLOAT_TYPES", "remove_dead_code", "load_model",
-    "save_model", "lazy_tensor", "SharedResult",
+    "PassResult", "MoELayer", "read_moe_layer", "refusal", "ORT_DOMAIN", "FLOAT_TYPES", "remove_dead_code",
+    "load_model", "save_model", "lazy_tensor", "SharedResult",
 ]
 
 ORT_DOMAIN = "com.microsoft"
@@ -132,8 +135,10 @@ class SharedResult:
 class MoELayer:
     """One ``moetrt::TopKRouting`` -> ``moetrt::SparseMoE`` pair, read from the graph.
 
-    The expert weights are the initializers' tensors, read only when ``w_gate_up`` / ``w_down``
-    are: a pass that rewrites them wraps the read in a :func:`lazy_tensor`.
+    The expert weights (and biases, where the layer has them) are the initializers' tensors,
+    read only when ``w_gate_up`` / ``w_down`` / ``b_gate_up`` / ``b_down`` are: a pass that
+    rewrites them wraps the read in a :func:`lazy_tensor`. The attributes of both nodes are
+    resolved against the ops' specs (every attribute present, defaults filled in).
     """
 
     router: ir.Node  # TopKRouting
@@ -142,10 +147,30 @@ class MoELayer:
     x: ir.Value  # [T, D]
     w_gate_up_tensor: ir.TensorProtocol  # [E, 2F, D], gate rows then up rows
     w_down_tensor: ir.TensorProtocol  # [E, D, F]
-    k: int
-    scoring: str
-    normalize: bool
-    scale: float
+    b_gate_up_tensor: ir.TensorProtocol | None  # [E, 2F], gate biases then up biases; None: no bias
+    b_down_tensor: ir.TensorProtocol | None  # [E, D]; None: no bias
+    router_attributes: dict[str, Any]  # TopKRouting's, resolved against its spec
+    expert_attributes: dict[str, Any]  # SparseMoE's, resolved against its spec
+
+    @property
+    def k(self) -> int:
+        return self.router_attributes["k"]
+
+    @property
+    def scoring(self) -> str:
+        return self.router_attributes["scoring"]
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.router_attributes["normalize"])
+
+    @property
+    def scale(self) -> float:
+        return self.router_attributes["scale"]
+
+    @property
+    def activation(self) -> str:
+        return self.expert_attributes["activation"]
 
     @property
     def w_gate_up(self) -> np.ndarray:  # [E, 2F, D]
@@ -154,6 +179,14 @@ class MoELayer:
     @property
     def w_down(self) -> np.ndarray:  # [E, D, F]
         return self.w_down_tensor.numpy()
+
+    @property
+    def b_gate_up(self) -> np.ndarray | None:  # [E, 2F]
+        return None if self.b_gate_up_tensor is None else self.b_gate_up_tensor.numpy()
+
+    @property
+    def b_down(self) -> np.ndarray | None:  # [E, D]
+        return None if self.b_down_tensor is None else self.b_down_tensor.numpy()
 
     @property
     def num_experts(self) -> int:
@@ -178,35 +211,81 @@ class MoELayer:
         return self.experts.name or "SparseMoE"
 
 
+# the SparseMoE inputs a MoELayer holds; an input the spec gains later is refused until it is read here
+_LAYER_INPUTS = ("x", "weights", "indices", "w_gate_up", "w_down", "b_gate_up", "b_down")
+
+
 def read_moe_layer(experts: ir.Node) -> MoELayer | str:
     """The MoE layer whose ``moetrt::SparseMoE`` node is ``experts``, or why it cannot be read.
 
     Lowering needs the router's logits (the fused ops route themselves), so the routing weights
-    and indices must both come from one ``moetrt::TopKRouting``, and the expert weights must be
-    constant initializers.
+    and indices must both come from one ``moetrt::TopKRouting``; the expert weights and the
+    optional biases must be constant initializers of the shapes the spec gives; and both nodes'
+    attributes must be ones their specs declare, with allowed values (an attribute no spec
+    declares is refused, never ignored).
     """
     if experts.domain != DOMAIN or experts.op_type != "SparseMoE":
         return f"{experts.op_type} is not a moetrt::SparseMoE node"
-    x, weights, indices, w_gate_up, w_down = (list(experts.inputs) + [None] * 5)[:5]
+    ports = SPARSE_MOE.input_names
+    if len(experts.inputs) > len(ports):
+        return f"it has {len(experts.inputs)} inputs; moetrt::SparseMoE takes at most {len(ports)} ({', '.join(ports)})"
+    inputs = dict(zip(ports, list(experts.inputs) + [None] * len(ports)))
+    unread = [name for name, value in inputs.items() if value is not None and name not in _LAYER_INPUTS]
+    if unread:
+        return f"it has input(s) {unread}, which the passes do not read (they read {', '.join(_LAYER_INPUTS)})"
+    weights, indices = inputs["weights"], inputs["indices"]
     router = weights.producer() if weights is not None else None
     if router is None or router.domain != DOMAIN or router.op_type != "TopKRouting":
         return "its routing weights do not come from a moetrt::TopKRouting node"
     if indices is None or indices.producer() is not router or list(router.outputs) != [weights, indices]:
         return "its routing weights and indices do not come from the same TopKRouting node"
-    tensors = []
-    for value, what in ((w_gate_up, "w_gate_up"), (w_down, "w_down")):
-        if value is None or value.const_value is None:
+    attributes = []
+    for node, spec in ((router, TOPK_ROUTING), (experts, SPARSE_MOE)):
+        try:
+            attributes.append(spec.read_ir_attributes(node))
+        except (ValueError, TypeError) as exc:  # TypeError: an attribute of the wrong ONNX type
+            return f"its {spec.name} node's attributes do not match the op's spec: {exc}"
+    optional = {port.name for port in SPARSE_MOE.inputs if port.optional}
+    tensors = {}
+    for what in ("w_gate_up", "w_down", "b_gate_up", "b_down"):
+        value = inputs[what]
+        if value is None and what in optional:
+            tensors[what] = None
+        elif value is None or value.const_value is None:
             return f"its {what} is not a constant initializer"
-        tensors.append(value.const_value)
-    attrs = router.attributes
+        else:
+            tensors[what] = value.const_value
+    num_experts, two_f, dim = tensors["w_gate_up"].shape
+    for what, want in (("b_gate_up", (num_experts, two_f)), ("b_down", (num_experts, dim))):
+        if tensors[what] is not None and tuple(tensors[what].shape) != want:
+            return f"its {what} has shape {list(tensors[what].shape)}, expected {list(want)} ([E, 2F] / [E, D])"
     return MoELayer(
-        router=router, experts=experts, logits=router.inputs[0], x=x,
-        w_gate_up_tensor=tensors[0], w_down_tensor=tensors[1],
-        k=attrs["k"].as_int(),
-        scoring=attrs["scoring"].as_string() if "scoring" in attrs else "softmax",
-        normalize=bool(attrs["normalize"].as_int()) if "normalize" in attrs else False,
-        scale=attrs["scale"].as_float() if "scale" in attrs else 1.0,
+        router=router, experts=experts, logits=router.inputs[0], x=inputs["x"],
+        w_gate_up_tensor=tensors["w_gate_up"], w_down_tensor=tensors["w_down"],
+        b_gate_up_tensor=tensors["b_gate_up"], b_down_tensor=tensors["b_down"],
+        router_attributes=attributes[0], expert_attributes=attributes[1],
     )
+
+
+def refusal(spec: OpSpec, values: Mapping[str, Any], implements: Mapping[str, tuple[Any, ...]], what: str,
+            why: Mapping[str, str] | None = None) -> str | None:
+    """Why the lowering ``what`` refuses a node with attribute ``values`` (``spec.unsupported``), or None.
+
+    ``why`` explains, per attribute, why the lowering's target cannot take other values; where the
+    refused attribute has an explanation, the reason is ``"<name> <value>: <why>"``.
+    """
+    reason = spec.unsupported(values, implements, what)
+    if reason is None:
+        return None
+    resolved = spec.resolve(values)
+    for name, note in (why or {}).items():
+        # is ``name`` refused on its own (every other attribute accepted as it is)?
+        others = {a.name: (resolved[a.name],) for a in spec.attrs if a.name != name}
+        alone = {**others, **({name: implements[name]} if name in implements else {})}
+        if spec.unsupported(values, alone, what) is not None:
+            value = resolved[name]
+            return f"{name} {value:g}: {note}" if isinstance(value, float) else f"{name} {value!r}: {note}"
+    return reason
 
 
 def remove_dead_code(model: ir.Model) -> None:

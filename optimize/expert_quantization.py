@@ -1,8 +1,12 @@
 """Pass: weight-only block-wise int8/int4 experts, ``moetrt`` pair -> ``com.microsoft::QMoE``.
 
-Each MoE layer ONNX Runtime's fused op computes exactly (softmax routing, ``scale == 1``; see
-:func:`moetrt.optimize.moe_lowering.lowering_blocker`) becomes one ``QMoE`` node that routes on the
-router logits and runs the experts from quantized weights. Every other op keeps its precision.
+Each MoE layer ONNX Runtime's fused op computes exactly (the attribute values
+:data:`ROUTER_IMPLEMENTS` and :func:`experts_implements` declare: softmax routing, ``scale == 1``,
+``silu`` or gpt-oss's ``clamped_swiglu``, with or without expert biases; every other value is
+refused, see :func:`moetrt.optimize.moe_lowering.lowering_blocker`) becomes one ``QMoE`` node that
+routes on the router logits and runs the experts from quantized weights. Every other op keeps its
+precision; the expert biases stay in the activation dtype (``fc1_experts_bias`` interleaved like
+fc1, ``fc2_experts_bias`` as it is).
 
 Layout (``com.microsoft::QMoE`` version 1, ``quant_type="int"``, ``weights_prepacked=0``: the raw
 layout every execution provider accepts and repacks at load time):
@@ -44,7 +48,10 @@ from onnxscript.rewriter import pattern
 from moetrt.ops._onnx import DOMAIN
 
 from ._common import ORT_DOMAIN, MoELayer, PassResult, SharedResult, lazy_tensor, read_moe_layer, remove_dead_code
-from .moe_lowering import interleave_gate_up, lowering_blocker, moe_attributes
+from .moe_lowering import (
+    ROUTER_IMPLEMENTS, expert_bias_inputs, experts_implements, interleave_gate_up, interleaved_gate_up_bias,
+    lowering_blocker, moe_attributes,
+)
 from .targets import DEFAULT_BLOCK_SIZE
 
 __all__ = [
@@ -52,6 +59,10 @@ __all__ = [
 ]
 
 BITS = {"int8": 8, "int4": 4}
+# QMoE takes MoE's routing and SwiGLU attributes, so it implements the same TopKRouting and SparseMoE
+# values (ROUTER_IMPLEMENTS, experts_implements); its routing renormalises the top k even with
+# normalize_routing_weights=0, which the rewrite below makes up for with router_weights.
+_WHAT = "com.microsoft::QMoE"
 _NUMPY_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
@@ -130,14 +141,15 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
         self.extra = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
 
     def pattern(self, op, x, weights, indices, w_gate_up, w_down):
+        # the optional biases (inputs 5, 6) are read by read_moe_layer, which refuses what it cannot read
         return op.SparseMoE(x, weights, indices, w_gate_up, w_down, _domain=DOMAIN, _allow_other_attributes=True,
-                            _outputs=["y"])
+                            _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context, y, **_):
         check = pattern.MatchResult()
         node = y.producer()
         layer = read_moe_layer(node)
-        reason = lowering_blocker(layer, self.dtypes)
+        reason = lowering_blocker(layer, self.dtypes, _WHAT, ROUTER_IMPLEMENTS, experts_implements)
         if reason is None and pick_block_size(layer.hidden_size, layer.ffn_size, self.block_size) is None:
             reason = (f"D={layer.hidden_size} and F={layer.ffn_size} share no power-of-two block of 16.."
                       f"{self.block_size} (QMoE needs one dividing both)")
@@ -164,6 +176,8 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
                                  name=f"{name}.scales", sources=[tensor])
             tensors += [op.initializer(q), op.initializer(scales)]
         fc1, fc1_scales, fc2, fc2_scales = tensors
+        b_gate_up, b_down = expert_bias_inputs(y.producer())
+        fc1_bias = interleaved_gate_up_bias(op, layer, b_gate_up)  # [E, 2F] interleaved like fc1, or None
         logits = _in_dtype(op, layer.logits, x)  # [T, E]
         mixing = []
         if not layer.normalize:
@@ -171,11 +185,14 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
             # ORT 1.32 CPU); its router_weights input carries the full-softmax weights to mix with.
             probs = op.Softmax(layer.logits, axis=-1)  # [T, E] float32
             probs.type, probs.shape = layer.logits.type, layer.logits.shape
-            mixing = [None] * 7 + [_in_dtype(op, probs, x)]
+            mixing = [None] * 6 + [_in_dtype(op, probs, x)]
+        inputs = [x, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, b_down, *mixing]
+        while inputs[-1] is None:  # a layer without biases keeps the inputs it always had
+            inputs.pop()
         self.result.count += 1
         self.result.details.setdefault("block_size", {})[layer.name] = block
         return op.QMoE(
-            x, logits, fc1, fc1_scales, None, fc2, fc2_scales, *mixing, _domain=ORT_DOMAIN,
+            *inputs, _domain=ORT_DOMAIN,
             expert_weight_bits=self.bits, block_size=block, quant_type="int", weights_prepacked=0,
             **moe_attributes(layer), **self.extra,
         )

@@ -1,12 +1,26 @@
 """Pass: ``moetrt::TopKRouting`` + ``moetrt::SparseMoE`` -> ``com.microsoft::MoE`` (ONNX Runtime).
 
-Where it applies: softmax scoring with ``scale == 1`` (ORT's op routes with softmax, keeps the
-top ``k``, renormalises when ``normalize_routing_weights=1``, and has no routed scaling factor),
-constant expert weights, and an activation dtype the target runs the fused op in (ORT CPU:
-float32; CUDA: float16/bfloat16). Elsewhere (sigmoid routing, ``scale != 1``, other dtypes) the
-layer keeps its function body and the result says why. The gate/up weights are re-laid out
+Where it applies: the attribute values :data:`ROUTER_IMPLEMENTS` and :func:`experts_implements`
+declare (reject by default: any other value, or an attribute the specs gain later, keeps the
+function body, and the result says why): softmax scoring with ``scale == 1`` (ORT's op routes
+with softmax, keeps the top ``k``, renormalises when ``normalize_routing_weights=1``, and has no
+routed scaling factor), the ``silu`` and ``clamped_swiglu`` activations, with or without the
+expert biases; constant expert weights; and an activation dtype the target runs the fused op in
+(ORT CPU: float32; CUDA: float16/bfloat16). The gate/up weights (and biases) are re-laid out
 interleaved (``swiglu_fusion=1``, rows g0, u0, g1, u1, ...), the only SwiGLU layout ORT's CPU
-kernel takes, with ``activation_alpha=1, activation_beta=0`` set explicitly.
+kernel takes.
+
+ORT's SwiGLU (the op schema's documentation in ONNX Runtime 1.32, and the CPU kernel
+``contrib_ops/cpu/moe/moe_utils.cc`` ``ApplySwiGLUActivation``)::
+
+    g, l = fc1 rows 2i, 2i+1 (+ fc1_experts_bias)        G = min(g, swiglu_limit)
+    L = clamp(l, -swiglu_limit, swiglu_limit)             h = G * sigmoid(activation_alpha * G) * (L + activation_beta)
+    out = fc2 h + fc2_experts_bias;  y = sum_j w_j * out_j (the bias is weighted with its expert)
+
+with no clamp when ``swiglu_limit`` is absent. ``silu`` is ``activation_alpha=1,
+activation_beta=0`` without a limit; gpt-oss's ``clamped_swiglu`` is ``activation_alpha=alpha,
+activation_beta=1, swiglu_limit=limit``: SparseMoE's definition term for term (checked against a
+NumPy reference in the tests).
 
 Where it helps (``policy="auto"``, the default): measured per shape class on ONNX Runtime 1.32
 CPU, 2 cores shared with other jobs, one layer, speedup of the fused op over the function body
@@ -41,26 +55,57 @@ every T, such as CUDA).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from moetrt.ops._onnx import DOMAIN
-from moetrt.ops.sparse_moe import gather_threshold
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE, gather_threshold
+from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING
 
-from ._common import ORT_DOMAIN, MoELayer, PassResult, lazy_tensor, read_moe_layer, remove_dead_code
+from ._common import ORT_DOMAIN, MoELayer, PassResult, lazy_tensor, read_moe_layer, refusal, remove_dead_code
 
-__all__ = ["lower_moe", "interleave_gate_up", "moe_attributes", "lowering_blocker", "POLICIES"]
+__all__ = [
+    "lower_moe", "interleave_gate_up", "moe_attributes", "lowering_blocker", "experts_implements", "ROUTER_IMPLEMENTS",
+    "POLICIES",
+]
 
 POLICIES = ("auto", "always")
 
+# TopKRouting attribute values com.microsoft::MoE and QMoE compute (k: any; scale: only its default 1)
+ROUTER_IMPLEMENTS = {"scoring": ("softmax",), "normalize": (0, 1)}
+_ROUTER_LIMITS = {
+    "scoring": "ONNX Runtime's MoE ops route with softmax only",
+    "scale": "ONNX Runtime's MoE ops have no routed scaling factor",
+}
+
+
+def experts_implements(values: dict) -> dict:
+    """The SparseMoE attribute values com.microsoft::MoE and QMoE compute, for a node with ``values``.
+
+    Their SwiGLU takes ``activation_alpha``, ``activation_beta`` and ``swiglu_limit`` as plain
+    floats: ``silu``, and ``clamped_swiglu`` with any finite ``alpha`` and a positive ``limit``
+    (ORT clamps ``l`` to [-limit, limit], which needs limit > 0).
+    """
+    alpha, limit = values["alpha"], values["limit"]
+    return {
+        "activation": ("silu", "clamped_swiglu"),
+        "alpha": (alpha,) if np.isfinite(alpha) else (),
+        "limit": (limit,) if limit > 0 else (),
+    }
+
 
 def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
-    """[E, 2F, D] gate rows then up rows -> [E, 2F, D] rows g0, u0, g1, u1, ... (``swiglu_fusion=1``)."""
-    experts, two_f, dim = w_gate_up.shape
+    """[E, 2F, ...] gate rows then up rows -> [E, 2F, ...] rows g0, u0, g1, u1, ... (``swiglu_fusion=1``).
+
+    The weights [E, 2F, D] and the biases [E, 2F] alike.
+    """
+    experts, two_f, *rest = w_gate_up.shape
     ffn = two_f // 2
-    pairs = w_gate_up.reshape(experts, 2, ffn, dim).transpose(0, 2, 1, 3)  # [E, F, 2, D]: (gate_f, up_f) pairs
-    return np.ascontiguousarray(pairs.reshape(experts, two_f, dim))
+    pairs = w_gate_up.reshape(experts, 2, ffn, *rest).swapaxes(1, 2)  # [E, F, 2, ...]: (gate_f, up_f) pairs
+    return np.ascontiguousarray(pairs.reshape(w_gate_up.shape))
 
 
 def moe_attributes(layer: MoELayer) -> dict:
@@ -68,24 +113,35 @@ def moe_attributes(layer: MoELayer) -> dict:
 
     ORT applies softmax to ``router_probs`` itself (it takes the logits), keeps the top ``k`` and,
     with ``normalize_routing_weights=1``, divides them by their sum: TopKRouting with softmax
-    scoring and ``scale == 1``. SwiGLU is ``gate * sigmoid(alpha * gate) * (up + beta)``, so
-    ``alpha=1, beta=0`` are set explicitly (their defaults have changed between releases), and
-    no ``swiglu_limit`` means no clamp.
+    scoring and ``scale == 1``. SwiGLU is ``G * sigmoid(alpha * G) * (clamp(up, +-limit) + beta)``
+    with ``G = min(gate, limit)``: ``silu`` is ``alpha=1, beta=0`` (set explicitly: their defaults
+    have changed between releases) and no ``swiglu_limit`` (no clamp); ``clamped_swiglu`` is
+    the node's ``alpha``, ``beta=1`` (gpt-oss's ``up + 1``) and its ``limit``.
     """
-    return dict(
-        k=layer.k, normalize_routing_weights=int(layer.normalize), activation_type="swiglu", swiglu_fusion=1,
-        activation_alpha=1.0, activation_beta=0.0,
-    )
+    attributes = dict(k=layer.k, normalize_routing_weights=int(layer.normalize), activation_type="swiglu",
+                      swiglu_fusion=1)
+    if layer.activation == "silu":
+        return {**attributes, "activation_alpha": 1.0, "activation_beta": 0.0}
+    assert layer.activation == "clamped_swiglu", layer.activation  # lowering_blocker refused the others
+    values = layer.expert_attributes
+    return {**attributes, "activation_alpha": values["alpha"], "activation_beta": 1.0, "swiglu_limit": values["limit"]}
 
 
-def lowering_blocker(layer: MoELayer | str, dtypes: tuple[ir.DataType, ...]) -> str | None:
-    """Why the fused ORT ops cannot compute this layer exactly, or None when they can."""
+def lowering_blocker(
+    layer: MoELayer | str, dtypes: tuple[ir.DataType, ...], what: str = "com.microsoft::MoE",
+    router: dict = ROUTER_IMPLEMENTS, experts: Callable[[dict], dict] = experts_implements,
+) -> str | None:
+    """Why the fused ORT op ``what`` cannot compute this layer exactly, or None when it can.
+
+    ``router`` / ``experts(values)``: the TopKRouting / SparseMoE attribute values the lowering
+    implements (every other value is refused: ``OpSpec.unsupported``).
+    """
     if isinstance(layer, str):
         return layer
-    if layer.scoring != "softmax":
-        return f"scoring {layer.scoring!r}: ONNX Runtime's MoE ops route with softmax only"
-    if layer.scale != 1.0:
-        return f"scale {layer.scale:g}: ONNX Runtime's MoE ops have no routed scaling factor"
+    reason = (refusal(TOPK_ROUTING, layer.router_attributes, router, what, _ROUTER_LIMITS)
+              or refusal(SPARSE_MOE, layer.expert_attributes, experts(layer.expert_attributes), what))
+    if reason is not None:
+        return reason
     dtype = layer.x.dtype
     if dtype not in dtypes:
         names = ", ".join(d.name.lower() for d in dtypes)
@@ -96,18 +152,43 @@ def lowering_blocker(layer: MoELayer | str, dtypes: tuple[ir.DataType, ...]) -> 
     return None
 
 
-def fused_moe_nodes(layer: MoELayer, x: ir.Value, fc1: ir.Value, w_down: ir.Value) -> list[ir.Node]:
-    """``com.microsoft::MoE(x, logits, fc1, -, fc2)`` for ``layer`` (fc1 interleaved), after a Cast of the
-    logits where x is not float32; the MoE node is last."""
+def fused_moe_nodes(layer: MoELayer, x: ir.Value, fc1: ir.Value, w_down: ir.Value, fc1_bias: ir.Value | None = None,
+                    fc2_bias: ir.Value | None = None) -> list[ir.Node]:
+    """``com.microsoft::MoE(x, logits, fc1, fc1_bias, fc2, fc2_bias)`` for ``layer`` (fc1 and its bias
+    interleaved; absent biases left out), after a Cast of the logits where x is not float32; the MoE node is last."""
     logits = layer.logits
     nodes = []
     if x.dtype != ir.DataType.FLOAT:  # the fused op takes the router input in the activation dtype
         cast = ir.node("Cast", [logits], attributes={"to": x.dtype})
         cast.outputs[0].type, cast.outputs[0].shape = ir.TensorType(x.dtype), logits.shape
         logits, nodes = cast.outputs[0], [cast]
-    node = ir.node("MoE", [x, logits, fc1, None, w_down], attributes=moe_attributes(layer), domain=ORT_DOMAIN)
+    node = ir.node("MoE", _moe_inputs(x, logits, fc1, fc1_bias, w_down, fc2_bias), attributes=moe_attributes(layer),
+                   domain=ORT_DOMAIN)
     node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
     return nodes + [node]
+
+
+def _moe_inputs(x, logits, fc1, fc1_bias, fc2, fc2_bias) -> list:
+    """MoE's inputs, without trailing absent ones (a layer without biases: exactly the five it always had)."""
+    inputs = [x, logits, fc1, fc1_bias, fc2, fc2_bias]
+    while inputs[-1] is None:
+        inputs.pop()
+    return inputs
+
+
+def interleaved_gate_up_bias(op, layer: MoELayer, b_gate_up: ir.Value | None) -> ir.Value | None:
+    """``b_gate_up`` [E, 2F] as a new initializer interleaved like fc1 (computed when saved), or None."""
+    if b_gate_up is None:
+        return None
+    source = layer.b_gate_up_tensor
+    return op.initializer(lazy_tensor(lambda: interleave_gate_up(source.numpy()), source.dtype, source.shape,
+                                      name=f"{b_gate_up.name}.interleaved", sources=[source]))
+
+
+def expert_bias_inputs(experts: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
+    """SparseMoE's ``b_gate_up`` and ``b_down`` inputs (None where absent)."""
+    inputs = list(experts.inputs) + [None] * len(SPARSE_MOE.inputs)
+    return (inputs[SPARSE_MOE.input_index("b_gate_up")], inputs[SPARSE_MOE.input_index("b_down")])
 
 
 class _LowerToMoE(pattern.RewriteRuleClassBase):
@@ -116,8 +197,9 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
         self.dtypes, self.policy, self.result = dtypes, policy, result
 
     def pattern(self, op, x, weights, indices, w_gate_up, w_down):
+        # the optional biases (inputs 5, 6) are read by read_moe_layer, which refuses what it cannot read
         return op.SparseMoE(x, weights, indices, w_gate_up, w_down, _domain=DOMAIN, _allow_other_attributes=True,
-                            _outputs=["y"])
+                            _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context, y, **_):
         check = pattern.MatchResult()
@@ -138,17 +220,20 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
         layer = read_moe_layer(experts)
         assert isinstance(layer, MoELayer)
         self.result.count += 1
+        b_gate_up, b_down = expert_bias_inputs(experts)
         if self.policy == "always":
             source = layer.w_gate_up_tensor
             fc1 = op.initializer(lazy_tensor(  # computed when saved, one layer at a time
                 lambda: interleave_gate_up(source.numpy()), source.dtype, source.shape,
                 name=f"{w_gate_up.name}.interleaved", sources=[source],
             ))
+            fc1_bias = interleaved_gate_up_bias(op, layer, b_gate_up)
             logits = layer.logits
             if x.dtype != ir.DataType.FLOAT:  # the fused op takes the router input in the activation dtype
                 logits = op.Cast(layer.logits, to=x.dtype)
                 logits.type, logits.shape = ir.TensorType(x.dtype), layer.logits.shape
-            return op.MoE(x, logits, fc1, None, w_down, _domain=ORT_DOMAIN, **moe_attributes(layer))
+            return op.MoE(*_moe_inputs(x, logits, fc1, fc1_bias, w_down, b_down), _domain=ORT_DOMAIN,
+                          **moe_attributes(layer))
 
         # auto: If(T * K <= E) the fused op, else the function body. The interleaved fc1 is a
         # Reshape/Transpose of the initializer that ONNX Runtime folds once at session creation,
@@ -160,10 +245,19 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
             op.Constant(value=ir.tensor(np.array([E, 2 * F, D], np.int64))),
         )  # [E, 2F, D], rows g0, u0, g1, u1, ...
         fc1.type, fc1.shape = w_gate_up.type, ir.Shape([E, 2 * F, D])
+        fc1_bias = None
+        if b_gate_up is not None:  # [E, 2F] interleaved the same way
+            fc1_bias = op.Reshape(
+                op.Transpose(op.Reshape(b_gate_up, op.Constant(value=ir.tensor(np.array([E, 2, F], np.int64)))),
+                             perm=[0, 2, 1]),
+                op.Constant(value=ir.tensor(np.array([E, 2 * F], np.int64))),
+            )
+            fc1_bias.type, fc1_bias.shape = b_gate_up.type, ir.Shape([E, 2 * F])
         tokens = op.Shape(x, start=0, end=1)  # [1]: T
         decode = op.LessOrEqual(tokens, op.Constant(value=ir.tensor(np.array([E // layer.k], np.int64))))  # [1] bool
-        fused = fused_moe_nodes(layer, x, fc1, w_down)
-        kept = ir.node("SparseMoE", list(experts.inputs), attributes=dict(experts.attributes), domain=DOMAIN)
+        fused = fused_moe_nodes(layer, x, fc1, w_down, fc1_bias, b_down)
+        kept = ir.node("SparseMoE", list(experts.inputs), attributes=dict(experts.attributes), domain=DOMAIN,
+                       overload=experts.overload)  # the overload names the function body variant it runs
         kept.outputs[0].type, kept.outputs[0].shape = y.type, y.shape
         then_branch = ir.Graph([], [fused[-1].outputs[0]], nodes=fused, name=f"{layer.name}_fused")
         else_branch = ir.Graph([], [kept.outputs[0]], nodes=[kept], name=f"{layer.name}_function_body")

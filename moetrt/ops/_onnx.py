@@ -71,11 +71,14 @@ def make_function(
     attributes: Sequence[str] = (),
     attribute_defaults: dict[str, object] | None = None,
     doc: str = "",
+    overload: str = "",
 ) -> onnx.FunctionProto:
+    """A function of domain moetrt; ``overload`` (IR version 10) tells variants of one op apart."""
     defaults = [helper.make_attribute(k, v) for k, v in (attribute_defaults or {}).items()]
     fn = helper.make_function(
         DOMAIN, name, list(inputs), list(outputs), body.nodes,
         [helper.make_opsetid("", opset)], list(attributes), attribute_protos=defaults, doc_string=doc,
+        overload=overload or None,
     )
     return fn
 

@@ -1,4 +1,4 @@
-"""``moetrt::SparseMoE(x, weights, indices, w_gate_up, w_down) -> y``: the routed experts.
+"""``moetrt::SparseMoE(x, weights, indices, w_gate_up, w_down[, b_gate_up][, b_down]) -> y``: the routed experts.
 
 Semantics (DESIGN.md, domain ``moetrt`` version 1)::
 
@@ -7,8 +7,14 @@ Semantics (DESIGN.md, domain ``moetrt`` version 1)::
     indices    [T, K]        int32,   from TopKRouting
     w_gate_up  [E, 2F, D]    gate rows then up rows (HF transformers v5 layout)
     w_down     [E, D, F]
-    y[t] = sum_j weights[t, j] * down_e(act(gate_e x_t) * up_e x_t),   e = indices[t, j]
-    act = silu (SwiGLU)
+    b_gate_up  [E, 2F]       optional: gate biases then up biases
+    b_down     [E, D]        optional
+    gate, up = split(w_gate_up[e] x_t + b_gate_up[e])                     [F] each
+    y[t] = sum_j weights[t, j] * (w_down[e] act(gate, up) + b_down[e]),   e = indices[t, j]
+    activation "silu" (SwiGLU):   act = silu(gate) * up
+    activation "clamped_swiglu" (gpt-oss), attributes alpha (1.702), limit (7.0):
+        gate = min(gate, limit); up = clamp(up, -limit, limit)
+        act  = (up + 1) * gate * sigmoid(alpha * gate)
 
 Work is proportional to T*K, not T*E: the (token, slot) pairs are sorted once by expert and
 each expert multiplies only the rows routed to it. The routing weight multiplies in float32
@@ -23,15 +29,48 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sparse_moe", "sparse_moe_eager", "sparse_moe_reference", "OP_NAME", "ACTIVATIONS"]
+from moetrt.ops._spec import Attr, OpSpec, Port
+
+__all__ = ["sparse_moe", "sparse_moe_eager", "sparse_moe_reference", "OP_NAME", "ACTIVATIONS", "SPEC"]
 
 OP_NAME = "SparseMoE"
-ACTIVATIONS = ("silu",)
+# silu: SwiGLU, down(silu(gate) * up).
+# clamped_swiglu (gpt-oss): gate = min(gate, limit), up = clamp(up, -limit, limit),
+#   down((up + 1) * gate * sigmoid(alpha * gate)).
+ACTIVATIONS = ("silu", "clamped_swiglu")
+
+SPEC = OpSpec(
+    name=OP_NAME, domain="moetrt", version=1, doc=__doc__,
+    inputs=(
+        Port("x", "T", "tokens [T, D]"),
+        Port("weights", "W", "routing weights [T, K], float32"),
+        Port("indices", "I", "expert indices [T, K]"),
+        Port("w_gate_up", "T", "[E, 2F, D], gate rows then up rows"),
+        Port("w_down", "T", "[E, D, F]"),
+        Port("b_gate_up", "T", "[E, 2F] bias of the gate and up rows", optional=True),
+        Port("b_down", "T", "[E, D] bias of the down projection", optional=True),
+    ),
+    outputs=(Port("y", "T", "[T, D]"),),
+    type_constraints=(
+        ("T", ("tensor(float)", "tensor(float16)", "tensor(bfloat16)"), "model dtype"),
+        ("W", ("tensor(float)",), "router math is float32"),
+        ("I", ("tensor(int32)", "tensor(int64)"), ""),
+    ),
+    attrs=(
+        Attr("activation", str, "silu", ACTIVATIONS, "silu: SwiGLU; clamped_swiglu: gpt-oss's clamped SwiGLU",
+             always=True),
+        Attr("alpha", float, 1.702, None, "clamped_swiglu: sigmoid gain", {"activation": ("clamped_swiglu",)}),
+        Attr("limit", float, 7.0, None, "clamped_swiglu: clamp of gate (above) and up (both sides)",
+             {"activation": ("clamped_swiglu",)}),
+        Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
+    ),
+)
+# the attributes the torch op takes (plugin_namespace is for TensorRT only)
+TORCH_ATTRS = ("activation", "alpha", "limit")
 
 
-def _check(x, weights, indices, w_gate_up, w_down, activation) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"SparseMoE: activation must be one of {ACTIVATIONS}, got {activation!r}")
+def _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit) -> None:
+    SPEC.resolve({"activation": activation, "alpha": alpha, "limit": limit})
     if x.dim() != 2:
         raise ValueError(f"SparseMoE: x must be [T, D], got shape {tuple(x.shape)}")
     if w_gate_up.dim() != 3 or w_down.dim() != 3:
@@ -60,6 +99,23 @@ def _check(x, weights, indices, w_gate_up, w_down, activation) -> None:
             f"SparseMoE: x, w_gate_up and w_down must share one dtype, got {x.dtype}, "
             f"{w_gate_up.dtype}, {w_down.dtype}"
         )
+    for bias, name, want in ((b_gate_up, "b_gate_up", (num_experts, two_f)), (b_down, "b_down", (num_experts, dim))):
+        if bias is None:
+            continue
+        if tuple(bias.shape) != want:
+            raise ValueError(f"SparseMoE: {name} must be [{', '.join(map(str, want))}] for these weights, "
+                             f"got {tuple(bias.shape)} (or pass None for no bias)")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"SparseMoE: {name} must have x's dtype {x.dtype}, got {bias.dtype}")
+
+
+def _activation(gate_up: torch.Tensor, ffn: int, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    """[n, 2F] -> [n, F]: the expert's gated activation."""
+    if activation == "silu":
+        return F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+    gate = gate_up[:, :ffn].clamp(max=limit)
+    up = gate_up[:, ffn:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def sparse_moe_eager(
@@ -68,7 +124,11 @@ def sparse_moe_eager(
     indices: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
     activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
     """The op in plain differentiable PyTorch, tokens grouped by expert."""
     num_tokens, k = indices.shape
@@ -86,52 +146,66 @@ def sparse_moe_eager(
         pairs = order[start : start + count]  # [n] indices into the flattened [T*K]
         start += count
         tokens = pairs // k  # [n]
-        gate_up = F.linear(x[tokens], w_gate_up[expert])  # [n, 2F]
-        hidden = F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]  # [n, F]
-        out = F.linear(hidden, w_down[expert])  # [n, D]
+        gate_up = F.linear(x[tokens], w_gate_up[expert], None if b_gate_up is None else b_gate_up[expert])  # [n, 2F]
+        hidden = _activation(gate_up, ffn, activation, alpha, limit)  # [n, F]
+        out = F.linear(hidden, w_down[expert], None if b_down is None else b_down[expert])  # [n, D]
         out = (out.float() * flat_weights[pairs, None]).to(x.dtype)  # weight in fp32, as transformers
         y = y.index_add(0, tokens, out)
     return y
 
 
-@torch.library.custom_op("moetrt::SparseMoE", mutates_args=())
-def sparse_moe(
+def _sparse_moe(
     x: torch.Tensor,
     weights: torch.Tensor,
     indices: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
     activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
     """Apply the routed experts to ``x``; only the (token, expert) pairs in ``indices`` are computed."""
-    _check(x, weights, indices, w_gate_up, w_down, activation)
+    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= w_gate_up.shape[0]):
         raise ValueError(
             f"SparseMoE: indices must lie in 0..E-1={w_gate_up.shape[0] - 1}, got "
             f"{int(indices.min())}..{int(indices.max())}"
         )
-    return sparse_moe_eager(x, weights, indices, w_gate_up, w_down, activation)
+    return sparse_moe_eager(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
+
+
+# The schema comes from SPEC (inputs, attribute kinds and defaults); the Python signatures above
+# repeat it for readers and callers, and tests/moetrt/test_ops.py checks that they agree.
+sparse_moe = torch.library.custom_op(
+    "moetrt::SparseMoE", _sparse_moe, mutates_args=(), schema=SPEC.torch_schema(TORCH_ATTRS, "Tensor")
+)
 
 
 @sparse_moe.register_fake
-def _(x, weights, indices, w_gate_up, w_down, activation="silu"):
-    _check(x, weights, indices, w_gate_up, w_down, activation)
+def _(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="silu", alpha=1.702,
+      limit=7.0):
+    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, indices, w_gate_up, w_down, activation = inputs
-    ctx.save_for_backward(x, weights, indices, w_gate_up, w_down)
-    ctx.activation = activation
+    x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit = inputs
+    ctx.save_for_backward(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down)
+    ctx.options = (activation, alpha, limit)
 
 
 def _backward(ctx, grad_y):
-    x, weights, indices, w_gate_up, w_down = ctx.saved_tensors
+    x, weights, indices, w_gate_up, w_down, b_gate_up, b_down = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (x, weights, w_gate_up, w_down)]
-        y = sparse_moe_eager(leaves[0], leaves[1], indices, leaves[2], leaves[3], ctx.activation)
-        gx, gw, ggu, gd = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
-    return gx, gw, None, ggu, gd, None
+        leaves = [None if t is None else t.detach().requires_grad_()
+                  for t in (x, weights, w_gate_up, w_down, b_gate_up, b_down)]
+        y = sparse_moe_eager(leaves[0], leaves[1], indices, *leaves[2:], *ctx.options)
+        present = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(y, present, grad_y, allow_unused=True))
+        gx, gw, ggu, gd, gbgu, gbd = (None if t is None else next(grads) for t in leaves)
+    return gx, gw, None, ggu, gd, gbgu, gbd, None, None, None
 
 
 sparse_moe.register_autograd(_backward, setup_context=_setup_context)
@@ -143,68 +217,112 @@ def sparse_moe_reference(
     indices: np.ndarray,
     w_gate_up: np.ndarray,
     w_down: np.ndarray,
+    b_gate_up: np.ndarray | None = None,
+    b_down: np.ndarray | None = None,
     activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> np.ndarray:
     """NumPy float64 reference: a plain loop over (token, slot), returned in x's dtype."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    SPEC.resolve({"activation": activation, "alpha": alpha, "limit": limit})
     out_dtype = np.asarray(x).dtype
     x, weights = np.asarray(x, np.float64), np.asarray(weights, np.float64)
     w_gate_up, w_down = np.asarray(w_gate_up, np.float64), np.asarray(w_down, np.float64)
+    num_experts, two_f, _ = w_gate_up.shape
     ffn = w_down.shape[2]
+    b_gate_up = np.zeros((num_experts, two_f)) if b_gate_up is None else np.asarray(b_gate_up, np.float64)
+    b_down = np.zeros((num_experts, w_down.shape[1])) if b_down is None else np.asarray(b_down, np.float64)
     y = np.zeros_like(x)
     for t in range(indices.shape[0]):
         for j in range(indices.shape[1]):
             e = int(indices[t, j])
-            gate_up = w_gate_up[e] @ x[t]
+            gate_up = w_gate_up[e] @ x[t] + b_gate_up[e]
             gate, up = gate_up[:ffn], gate_up[ffn:]
-            hidden = gate / (1.0 + np.exp(-gate)) * up
-            y[t] += weights[t, j] * (w_down[e] @ hidden)
+            if activation == "silu":
+                hidden = gate / (1.0 + np.exp(-gate)) * up
+            else:
+                gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+                hidden = (up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))
+            y[t] += weights[t, j] * (w_down[e] @ hidden + b_down[e])
     return y.astype(out_dtype)
 
 
 # --- ONNX face ---------------------------------------------------------------------------------
 def onnx_schema():
     """The ``OpSchema`` of ``moetrt::SparseMoE`` (version 1), registered only while exporting."""
-    from onnx import helper
-    from onnx.defs import OpSchema
-
-    from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE
-
-    def param(name, type_str, doc):
-        return OpSchema.FormalParameter(name, type_str, doc)
-
-    def default(name, value, doc):
-        return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
-
-    return OpSchema(
-        OP_NAME, DOMAIN, DOMAIN_VERSION, doc=__doc__,
-        inputs=[
-            param("x", "T", "tokens [T, D]"),
-            param("weights", "W", "routing weights [T, K], float32"),
-            param("indices", "I", "expert indices [T, K]"),
-            param("w_gate_up", "T", "[E, 2F, D], gate rows then up rows"),
-            param("w_down", "T", "[E, D, F]"),
-        ],
-        outputs=[param("y", "T", "[T, D]")],
-        type_constraints=[
-            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "model dtype"),
-            ("W", ["tensor(float)"], "router math is float32"),
-            ("I", ["tensor(int32)", "tensor(int64)"], ""),
-        ],
-        attributes=[
-            default("activation", "silu", "silu: SwiGLU experts"),
-            default("plugin_namespace", PLUGIN_NAMESPACE, "makes TensorRT's parser pick the plugin"),
-        ],
-    )
+    return SPEC.onnx_schema()
 
 
-def _expert_mlp(b, x, w_gu_t, w_down_t):
-    """SwiGLU of rows ``x`` [n, D] through one expert's (transposed) weights: [n, D]."""
+class BodyVariant:
+    """What a function body is specialised for: the activation and which biases the node passes.
+
+    The body never compares the string attribute (TensorRT's parser rejects string Constants):
+    each variant gets its own body; alpha and limit stay float attribute references.
+    """
+
+    def __init__(self, activation: str = "silu", gate_up_bias: bool = False, down_bias: bool = False):
+        self.activation = SPEC.attr("activation").coerce(activation, OP_NAME)
+        self.gate_up_bias, self.down_bias = bool(gate_up_bias), bool(down_bias)
+
+    @property
+    def key(self) -> tuple[str, bool, bool]:
+        return self.activation, self.gate_up_bias, self.down_bias
+
+    @property
+    def name(self) -> str:
+        """``""`` for the version-1 body (silu, no biases), else e.g. ``clamped_swiglu+b_gate_up+b_down``."""
+        parts = [self.activation] + ["b_gate_up"] * self.gate_up_bias + ["b_down"] * self.down_bias
+        return "" if parts == ["silu"] else "+".join(parts)
+
+    @property
+    def inputs(self) -> list[str]:
+        """The function's formal inputs: up to the last bias it reads."""
+        last = "b_down" if self.down_bias else "b_gate_up" if self.gate_up_bias else "w_down"
+        names = SPEC.input_names
+        return names[: names.index(last) + 1]
+
+
+def onnx_variant(node) -> BodyVariant:
+    """The body variant an onnx-ir ``SparseMoE`` node needs (its activation and bias inputs)."""
+    attrs = SPEC.read_ir_attributes(node)
+    inputs = list(node.inputs)
+
+    def present(name: str) -> bool:
+        i = SPEC.input_index(name)
+        return i < len(inputs) and inputs[i] is not None
+
+    return BodyVariant(attrs["activation"], present("b_gate_up"), present("b_down"))
+
+
+class _Act:
+    """The clamped activation's scalars in the model dtype, made once in the function body."""
+
+    def __init__(self, b):
+        self.alpha = b.op("CastLike", b.attr_const("alpha", "float"), "x")
+        self.limit = b.op("CastLike", b.attr_const("limit", "float"), "x")
+        self.neg_limit = b.op("Neg", self.limit)
+        self.one = b.op("CastLike", b.const(1.0, dtype=np.float32), "x")
+
+
+def _activation_onnx(b, gate, up, act: _Act | None):
+    """[n, F] x2 -> [n, F]: silu(gate) * up, or the clamped SwiGLU when ``act`` holds its scalars."""
+    if act is None:
+        return b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    gate = b.op("Min", gate, act.limit)  # [n, F]
+    up = b.op("Clip", up, act.neg_limit, act.limit)  # [n, F]
+    glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, act.alpha)))
+    return b.op("Mul", b.op("Add", up, act.one), glu)
+
+
+def _expert_mlp(b, x, w_gu_t, w_down_t, b_gu=None, b_d=None, act=None):
+    """The expert's MLP on rows ``x`` [n, D] through its (transposed) weights and biases: [n, D]."""
     gate_up = b.op("MatMul", x, w_gu_t)  # [n, 2F]
+    if b_gu is not None:
+        gate_up = b.op("Add", gate_up, b_gu)
     gate, up = b.op("Split", gate_up, axis=1, num_outputs=2, outputs=2)  # [n, F] x2
-    hidden = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # [n, F]
-    return b.op("MatMul", hidden, w_down_t)  # [n, D]
+    hidden = _activation_onnx(b, gate, up, act)  # [n, F]
+    out = b.op("MatMul", hidden, w_down_t)  # [n, D]
+    return out if b_d is None else b.op("Add", out, b_d)
 
 
 def _weighted_sum(b, pairs, flat_w, pair_shape):
@@ -232,7 +350,8 @@ def gather_threshold(num_experts: int, expert_bytes: int) -> int:
     return (num_experts * GATHER_BYTES_PER_EXPERT_SLICE) // max(expert_bytes, 1)
 
 
-def onnx_function(opset: int, num_experts: int, gather_below: int | None = None):
+def onnx_function(opset: int, num_experts: int, gather_below: int | None = None, *, activation: str = "silu",
+                  gate_up_bias: bool = False, down_bias: bool = False, overload: str = ""):
     """The model-local ``FunctionProto`` for models with ``num_experts`` experts.
 
     Work grows with T*K, not T*E. Two paths, chosen at run time by an If on N = T*K:
@@ -247,9 +366,14 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None)
       which runtimes fold into initializers at load time.
     Pairs return to (token, slot) order through the inverse permutation (a second TopK), and
     the K slots of a token are summed: no ScatterND, so TensorRT's parser accepts the body too.
+
+    The body is specialised for one ``activation`` and the bias inputs the node passes
+    (``gate_up_bias``, ``down_bias``); alpha and limit are read from the node's attributes.
+    ``overload`` names the function's overload where one model needs several variants.
     """
     from moetrt.ops._onnx import FLOAT, INT64, Body, make_function
 
+    variant = BodyVariant(activation, gate_up_bias, down_bias)
     E = num_experts
     gather_below = E if gather_below is None else gather_below
     b = Body("smoe_")
@@ -261,19 +385,27 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None)
     pair_shape = b.op("Concat", b.const([-1]), k_1d, d_1d, axis=0)  # [-1, K, D]
     token_of_pair = b.op("Div", b.op("Range", b.const(0), b.op("Squeeze", n_1d), b.const(1)), b.op("Squeeze", k_1d))
 
-    # per-expert weights, transposed for MatMul; constant indices let runtimes fold them
+    # per-expert weights, transposed for MatMul, and biases; constant indices let runtimes fold them
     w_gu_t, w_down_t = [], []
     for e in range(E):
         w_gu_t.append(b.op("Transpose", b.op("Gather", "w_gate_up", b.const(e), axis=0), perm=[1, 0]))  # [D, 2F]
         w_down_t.append(b.op("Transpose", b.op("Gather", "w_down", b.const(e), axis=0), perm=[1, 0]))  # [F, D]
+    b_gu = [b.op("Gather", "b_gate_up", b.const(e), axis=0) if gate_up_bias else None for e in range(E)]  # [2F]
+    b_d = [b.op("Gather", "b_down", b.const(e), axis=0) if down_bias else None for e in range(E)]  # [D]
+    act = _Act(b) if variant.activation == "clamped_swiglu" else None
 
     # decode path: gather the routed experts' weights
     g = Body("smoe_gather_")
     x_pairs = g.op("Unsqueeze", g.op("Gather", "x", token_of_pair, axis=0), g.const([2]))  # [N, D, 1]
     gate_up = g.op("MatMul", g.op("Gather", "w_gate_up", flat_e, axis=0), x_pairs)  # [N, 2F, 1]
-    gate, up = g.op("Split", g.op("Squeeze", gate_up, g.const([2])), axis=1, num_outputs=2, outputs=2)  # [N, F]
-    hidden = g.op("Unsqueeze", g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), g.const([2]))  # [N, F, 1]
+    gate_up = g.op("Squeeze", gate_up, g.const([2]))  # [N, 2F]
+    if gate_up_bias:
+        gate_up = g.op("Add", gate_up, g.op("Gather", "b_gate_up", flat_e, axis=0))  # [N, 2F]
+    gate, up = g.op("Split", gate_up, axis=1, num_outputs=2, outputs=2)  # [N, F]
+    hidden = g.op("Unsqueeze", _activation_onnx(g, gate, up, act), g.const([2]))  # [N, F, 1]
     out = g.op("Squeeze", g.op("MatMul", g.op("Gather", "w_down", flat_e, axis=0), hidden), g.const([2]))  # [N, D]
+    if down_bias:
+        out = g.op("Add", out, g.op("Gather", "b_down", flat_e, axis=0))  # [N, D]
     g_y = _weighted_sum(g, out, flat_w, pair_shape)  # [T, D]
 
     # prefill path: sort pairs by expert, a Slice of rows per expert
@@ -289,7 +421,7 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None)
     outs = []
     for e in range(E):
         rows = s.op("Slice", x_sorted, lo[e], hi[e], s.const([0]))  # [n_e, D]
-        outs.append(_expert_mlp(s, rows, w_gu_t[e], w_down_t[e]))  # [n_e, D]
+        outs.append(_expert_mlp(s, rows, w_gu_t[e], w_down_t[e], b_gu[e], b_d[e], act))  # [n_e, D]
     sorted_out = s.op("Concat", *outs, axis=0) if E > 1 else outs[0]  # [N, D] in expert order
     _, inverse = s.op("TopK", s.op("Cast", order, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
     s_pairs = s.op("Gather", sorted_out, inverse, axis=0)  # [N, D] in (token, slot) order
@@ -302,8 +434,11 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None)
         b.nodes.extend(s.nodes)
         y = s_y
     b.rename_output(y, "y")
+    doc = f"moetrt::SparseMoE in standard ONNX ops, for {E} experts"
+    if variant.name:
+        doc += f" ({variant.name})"
     return make_function(
-        OP_NAME, b, ["x", "weights", "indices", "w_gate_up", "w_down"], ["y"], opset,
-        attribute_defaults={"activation": "silu", "plugin_namespace": "moetrt"},
-        doc=f"moetrt::SparseMoE in standard ONNX ops, for {E} experts",
+        OP_NAME, b, variant.inputs, ["y"], opset,
+        attribute_defaults=SPEC.defaults_for({"activation": variant.activation}),
+        doc=doc, overload=overload,
     )

@@ -26,10 +26,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["topk_routing", "topk_routing_reference", "routing_weights", "OP_NAME", "SCORINGS"]
+from moetrt.ops._spec import Attr, OpSpec, Port
+
+__all__ = ["topk_routing", "topk_routing_reference", "routing_weights", "OP_NAME", "SCORINGS", "SPEC"]
 
 OP_NAME = "TopKRouting"
 SCORINGS = ("softmax", "sigmoid")
+
+SPEC = OpSpec(
+    name=OP_NAME, domain="moetrt", version=1, doc=__doc__,
+    inputs=(Port("logits", "T", "router logits [T, E]"),),
+    outputs=(Port("weights", "T", "routing weights [T, k]"), Port("indices", "I", "expert indices [T, k], best first")),
+    type_constraints=(("T", ("tensor(float)",), "router math is float32"), ("I", ("tensor(int32)",), "")),
+    attrs=(  # version-1 nodes carry every attribute
+        Attr("k", int, None, None, "experts per token, 1..E"),
+        Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid", always=True),
+        Attr("normalize", int, 0, (0, 1), "1: divide the k weights by their sum", always=True),
+        Attr("scale", float, 1.0, None, "multiplies the weights last", always=True),
+        Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
+    ),
+)
+# The torch op takes k, scoring, normalize (as bool) and scale; tests/moetrt/test_op_spec.py checks
+# its schema against SPEC.
 
 
 def _check(logits: torch.Tensor, k: int, scoring: str) -> None:
@@ -40,8 +58,7 @@ def _check(logits: torch.Tensor, k: int, scoring: str) -> None:
     num_experts = logits.shape[1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"TopKRouting: k must be in 1..E={num_experts}, got {k}")
-    if scoring not in SCORINGS:
-        raise ValueError(f"TopKRouting: scoring must be one of {SCORINGS}, got {scoring!r}")
+    SPEC.attr("scoring").coerce(scoring, OP_NAME)
 
 
 def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -101,14 +118,13 @@ def topk_routing_reference(
     logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
+    SPEC.attr("scoring").coerce(scoring, OP_NAME)
     logits = np.asarray(logits, dtype=np.float64)
     if scoring == "softmax":
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         scores = shifted / shifted.sum(axis=-1, keepdims=True)
-    elif scoring == "sigmoid":
+    else:  # sigmoid
         scores = 1.0 / (1.0 + np.exp(-logits))
-    else:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     # float32 scores decide ties, as the op does; stable sort of the negation keeps lower index first
     order = np.argsort(-scores.astype(np.float32), axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(scores, order, axis=-1)
@@ -120,35 +136,12 @@ def topk_routing_reference(
 # --- ONNX face ---------------------------------------------------------------------------------
 def onnx_schema():
     """The ``OpSchema`` of ``moetrt::TopKRouting`` (version 1), registered only while exporting."""
-    from onnx import helper
-    from onnx.defs import OpSchema
-
-    from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE
-
-    def default(name, value, doc):
-        return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
-
-    return OpSchema(
-        OP_NAME, DOMAIN, DOMAIN_VERSION, doc=__doc__,
-        inputs=[OpSchema.FormalParameter("logits", "T", "router logits [T, E]")],
-        outputs=[
-            OpSchema.FormalParameter("weights", "T", "routing weights [T, k]"),
-            OpSchema.FormalParameter("indices", "I", "expert indices [T, k], best first"),
-        ],
-        type_constraints=[("T", ["tensor(float)"], "router math is float32"), ("I", ["tensor(int32)"], "")],
-        attributes=[
-            OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token, 1..E"),
-            default("scoring", "softmax", "softmax | sigmoid"),
-            default("normalize", 0, "1: divide the k weights by their sum"),
-            default("scale", 1.0, "multiplies the weights last"),
-            default("plugin_namespace", PLUGIN_NAMESPACE, "makes TensorRT's parser pick the plugin"),
-        ],
-    )
+    return SPEC.onnx_schema()
 
 
 def onnx_function(opset: int):
     """The model-local ``FunctionProto``: the op in standard ONNX ops, honouring every attribute."""
-    from moetrt.ops._onnx import BOOL, INT32, PLUGIN_NAMESPACE, Body, make_function
+    from moetrt.ops._onnx import BOOL, INT32, Body, make_function
 
     b = Body("tkr_")
     softmax = b.op("Softmax", "logits", axis=-1)  # [T, E]
@@ -168,7 +161,7 @@ def onnx_function(opset: int):
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
     return make_function(
         OP_NAME, b, ["logits"], ["weights", "indices"], opset,
-        attributes=["k"],
-        attribute_defaults={"scoring": "softmax", "normalize": 0, "scale": 1.0, "plugin_namespace": PLUGIN_NAMESPACE},
+        attributes=[a.name for a in SPEC.attrs if a.required],
+        attribute_defaults=SPEC.defaults,
         doc="moetrt::TopKRouting in standard ONNX ops",
     )

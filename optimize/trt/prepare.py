@@ -25,14 +25,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx_ir as ir
 
 from moetrt.errors import MoetrtError
 from moetrt.ops._onnx import DOMAIN
-from moetrt.ops.plugins import PLUGIN_ATTRIBUTES, PLUGIN_MODES, PLUGIN_NAMESPACE
-from moetrt.ops.plugins.aot import SPARSE_MOE_PLUGINS, sparse_moe_plan
+from moetrt.ops.plugins import BIAS_FLAGS, PLUGIN_ATTRIBUTES, PLUGIN_MODES, PLUGIN_NAMESPACE
+from moetrt.ops.plugins.aot import SPARSE_MOE_PLUGINS, sparse_moe_attributes, sparse_moe_plan
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
 
-from .._common import FLOAT_TYPES, PassResult
+from .._common import FLOAT_TYPES, PassResult, refusal
 
 __all__ = ["prepare_for_tensorrt", "tensorrt_problems", "SAME_TYPE_OPS", "INT32_RANGE"]
 
@@ -42,7 +44,9 @@ SAME_TYPE_OPS: dict[str, tuple[int, ...] | None] = {
     op: None for op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Equal", "Less", "Greater",
                         "LessOrEqual", "GreaterOrEqual", "MatMul", "Gemm", "Concat")
 } | {"Where": (1, 2)}
-_STRING_CHOICES = {("TopKRouting", "scoring"): ("softmax", "sigmoid"), ("SparseMoE", "activation"): ("silu",)}
+_STRING_CHOICES = {("TopKRouting", "scoring"): ("softmax", "sigmoid"),
+                   ("SparseMoE", "activation"): SPARSE_MOE_SPEC.attr("activation").allowed,
+                   ("MoEGateUp", "activation"): SPARSE_MOE_SPEC.attr("activation").allowed}
 _ELEMENT_SIZE = {ir.DataType.FLOAT: 4, ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2}
 
 
@@ -101,6 +105,8 @@ def _plugin_node_problems(node: ir.Node, plugins: str | None) -> list[str]:
         out.append(f"needs plugin_namespace={PLUGIN_NAMESPACE!r} so the parser picks the plugin over the function body")
     for name in PLUGIN_ATTRIBUTES[node.op_type]:
         attr = node.attributes.get(name)
+        if attr is None and plugins is None and node.op_type == "SparseMoE":
+            continue  # a canonical node leaves defaults off; prepare_for_tensorrt writes them (sparse_moe_attributes)
         if attr is None:
             out.append(f"lacks attribute {name!r}, which the plugin declares (the parser passes no defaults)")
         elif attr.type == ir.AttributeType.INT and not INT32_RANGE[0] <= attr.as_int() <= INT32_RANGE[1]:
@@ -169,9 +175,60 @@ def _static_shape(value: ir.Value, what: str, rank: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _sparse_moe_bias(node: ir.Node, name: str) -> ir.Value | None:
+    index = SPARSE_MOE_SPEC.input_index(name)
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _sparse_moe_present(node: ir.Node) -> set[str]:
+    return {name for name in BIAS_FLAGS if _sparse_moe_bias(node, name) is not None}
+
+
+def _sparse_moe_values(node: ir.Node) -> dict:
+    """The SparseMoE plugin's attribute values for ``node``: its own, the spec's defaults, has_<bias> flags."""
+    try:
+        return sparse_moe_attributes(_attribute_values(node), _sparse_moe_present(node))
+    except ValueError as exc:
+        raise MoetrtError(f"SparseMoE node {node.name!r}: {exc}; re-export the model") from exc
+
+
+def _sparse_moe_biases(graph: ir.Graph, node: ir.Node) -> dict[str, ir.Value]:
+    """The node's optional bias inputs by name; a one-element zero of x's dtype stands in for each one it lacks
+    (a plugin's inputs are fixed; its ``has_<input>`` attribute says the kernel must not read it)."""
+    out = {}
+    for name in BIAS_FLAGS:
+        value = _sparse_moe_bias(node, name)
+        if value is None:
+            dtype = node.inputs[0].dtype
+            value = ir.Value(name=f"{node.name}/no_{name}", type=ir.TensorType(dtype), shape=ir.Shape([1]),
+                             const_value=ir.tensor(np.zeros(1, dtype=dtype.numpy())))
+            graph.register_initializer(value)
+        out[name] = value
+    return out
+
+
+def _aot_implements(values: dict) -> dict:
+    """The SparseMoE attribute values the AOT plugins compute, for a node with ``values`` (reject by
+    default: ``OpSpec.unsupported``): both activations of the Triton kernels, with ``alpha`` and
+    ``limit`` as run-time floats (any value); both bias inputs (``has_<bias>``)."""
+    return {"activation": ("silu", "clamped_swiglu"), "alpha": (values["alpha"],), "limit": (values["limit"],)}
+
+
+def _aot_refusal(node: ir.Node) -> str | None:
+    """Why the AOT plugins cannot compute this SparseMoE node, or None."""
+    values = {name: value for name, value in _attribute_values(node).items() if name != "aot"}
+    try:
+        resolved = SPARSE_MOE_SPEC.resolve(values)
+    except ValueError as exc:
+        return f"{exc}; re-export the model"
+    what = "the AOT decomposition (" + " -> ".join(SPARSE_MOE_PLUGINS) + ")"
+    reason = refusal(SPARSE_MOE_SPEC, values, _aot_implements(resolved), what)
+    return None if reason is None else f"{reason}; build with plugins='jit' or for ONNX Runtime"
+
+
 def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> None:
     """One SparseMoE node -> MoEAlign, MoEGateUp, MoEDown, MoECombine (AOT plugins, one kernel each)."""
-    x, weights, indices, w_gate_up, w_down = node.inputs
+    x, weights, indices, w_gate_up, w_down = node.inputs[:5]
     num_experts, two_f, hidden = _static_shape(w_gate_up, "w_gate_up [E, 2F, D]", 3)
     k = indices.shape[1] if indices.shape is not None and len(indices.shape) == 2 else None
     if not isinstance(k, int):
@@ -181,7 +238,9 @@ def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> No
         raise MoetrtError(f"SparseMoE node {node.name!r}: cannot tell k from its indices; re-export the model")
     if x.dtype not in _ELEMENT_SIZE:
         raise MoetrtError(f"SparseMoE node {node.name!r}: x is {x.dtype}, the plugins take float32/float16/bfloat16")
-    plan = sparse_moe_plan(hidden, two_f // 2, num_experts, k, num_tokens, _ELEMENT_SIZE[x.dtype])
+    plan = sparse_moe_plan(hidden, two_f // 2, num_experts, k, num_tokens, _ELEMENT_SIZE[x.dtype],
+                           attributes=_attribute_values(node), biases=_sparse_moe_present(node))
+    biases = _sparse_moe_biases(graph, node)
     new_nodes = []
     if indices.dtype != ir.DataType.INT32:
         cast = ir.node("Cast", [indices], {"to": ir.DataType.INT32}, name=f"{node.name}/indices_int32")
@@ -200,9 +259,10 @@ def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> No
     i32 = ir.DataType.INT32
     align = plugin("MoEAlign", [indices], [("sorted_ids", i32), ("expert_ids", i32), ("num_padded", i32)])
     sorted_ids, expert_ids, num_padded = align.outputs
-    gate_up = plugin("MoEGateUp", [x, w_gate_up, sorted_ids, expert_ids, num_padded], [("h", x.dtype)])
-    down = plugin("MoEDown", [gate_up.outputs[0], w_down, weights, sorted_ids, expert_ids, num_padded],
-                  [("slots", x.dtype)])
+    gate_up = plugin("MoEGateUp", [x, w_gate_up, biases["b_gate_up"], sorted_ids, expert_ids, num_padded],
+                     [("h", x.dtype)])
+    down = plugin("MoEDown", [gate_up.outputs[0], w_down, biases["b_down"], weights, sorted_ids, expert_ids,
+                              num_padded], [("slots", x.dtype)])
     combine = plugin("MoECombine", [down.outputs[0], indices], [("y", x.dtype)])
     graph.insert_before(node, new_nodes)
     y = node.outputs[0]
@@ -233,11 +293,20 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
     for node in list(graph):
         if node.domain != DOMAIN or node.op_type not in ("TopKRouting", "SparseMoE"):
             continue
-        values = _attribute_values(node)
+        values = _sparse_moe_values(node) if node.op_type == "SparseMoE" else _attribute_values(node)
+        if node.op_type == "SparseMoE" and plugins == "jit":  # the plugin takes every input
+            biases = _sparse_moe_biases(graph, node)
+            node.resize_inputs(len(SPARSE_MOE_SPEC.inputs))
+            for name, value in biases.items():
+                node.replace_input_with(SPARSE_MOE_SPEC.input_index(name), value)
         missing = [a for a in PLUGIN_ATTRIBUTES[node.op_type] if a not in values]
         if missing:
             raise MoetrtError(f"{node.op_type} node {node.name!r} lacks attributes {missing}; re-export the model")
         if plugins == "aot" and node.op_type == "SparseMoE":
+            reason = _aot_refusal(node)
+            if reason is not None:  # reject by default: left as it is, reported with the problems below
+                result.skipped[node.name or "SparseMoE"] = reason
+                continue
             _decompose_sparse_moe(graph, node, max(1, num_tokens))
             decomposed += 1
         else:
@@ -246,7 +315,8 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
     if DOMAIN not in model.opset_imports:
         model.opset_imports[DOMAIN] = 1
     renamed = _name_nodes(graph)
-    problems = tensorrt_problems(model, plugins)
+    problems = [f"SparseMoE node {name!r}: {why}" for name, why in result.skipped.items()]
+    problems += tensorrt_problems(model, plugins)
     if problems:
         shown = "\n  ".join(problems[:12])
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""

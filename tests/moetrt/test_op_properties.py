@@ -6,8 +6,10 @@ F expert dim) and the data:
 - ``TopKRouting``: logits on an integer grid (many exact ties, which must go to the lower expert
   index in all three faces) or arbitrary floats (compared tie-aware: a different choice is allowed
   only where the reference's score gap is below the table's ``router_gap``);
-- ``SparseMoE``: routes drawn from a subset of the experts, so some experts get no token; the ONNX
-  body is run on its gather (decode) path, its sorted (prefill) path and the run-time choice.
+- ``SparseMoE``: routes drawn from a subset of the experts, so some experts get no token; the
+  activation (silu, or gpt-oss's clamped SwiGLU with its default or a tight limit), each bias input
+  present or not; the ONNX body (specialised for that variant) is run on its gather (decode) path,
+  its sorted (prefill) path and the run-time choice.
 
 Numbers are compared with the fp32 entries of the tolerance table (``router_weights`` for the
 routing weights, ``hidden`` for expert outputs).
@@ -25,6 +27,8 @@ from onnx import TensorProto, helper
 
 from moetrt.ops import sparse_moe_reference, topk_routing_reference
 from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION
+from moetrt.ops.sparse_moe import ACTIVATIONS
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
 from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
 from moetrt.ops.topk_routing import onnx_function as topk_routing_function
 from moetrt.parity import check_close, tolerance
@@ -46,6 +50,8 @@ SCALES = [1.0, 2.5, 0.25]
 # gather_below of the SparseMoE body: 1 leaves out the gather path, a huge value always takes it,
 # None lets the body choose by T*K (its default, E)
 GATHER_BELOW = [None, 1, 1 << 30]
+# (alpha, limit) of the clamped activation: gpt-oss's, and a tight clamp most values hit
+CLAMPS = [(1.702, 7.0), (1.25, 0.5)]
 
 
 def _session(proto: onnx.ModelProto):
@@ -74,16 +80,26 @@ def _topk_routing_session(k: int, scoring: str, normalize: bool, scale: float):
 
 
 @functools.cache
-def _sparse_moe_session(num_experts: int, gather_below: int | None):
-    node = helper.make_node("SparseMoE", ["x", "weights", "indices", "w_gate_up", "w_down"], ["y"], domain=DOMAIN)
-    return _session(_model(
-        node, sparse_moe_function(OPSET, num_experts, gather_below),
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "D"]),
-         helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["T", "K"]),
-         helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", "K"]),
-         helper.make_tensor_value_info("w_gate_up", TensorProto.FLOAT, [num_experts, "F2", "D"]),
-         helper.make_tensor_value_info("w_down", TensorProto.FLOAT, [num_experts, "D", "F"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", "D"])]))
+def _sparse_moe_session(num_experts: int, gather_below: int | None, activation: str = "silu",
+                        gate_up_bias: bool = False, down_bias: bool = False, alpha: float = 1.702, limit: float = 7.0):
+    inputs = ["x", "weights", "indices", "w_gate_up", "w_down"]
+    infos = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "D"]),
+             helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["T", "K"]),
+             helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", "K"]),
+             helper.make_tensor_value_info("w_gate_up", TensorProto.FLOAT, [num_experts, "F2", "D"]),
+             helper.make_tensor_value_info("w_down", TensorProto.FLOAT, [num_experts, "D", "F"])]
+    if gate_up_bias or down_bias:
+        inputs.append("b_gate_up" if gate_up_bias else "")
+    if gate_up_bias:
+        infos.append(helper.make_tensor_value_info("b_gate_up", TensorProto.FLOAT, [num_experts, "F2"]))
+    if down_bias:
+        inputs.append("b_down")
+        infos.append(helper.make_tensor_value_info("b_down", TensorProto.FLOAT, [num_experts, "D"]))
+    attrs = SPARSE_MOE_SPEC.non_default({"activation": activation, "alpha": alpha, "limit": limit})
+    node = helper.make_node("SparseMoE", inputs, ["y"], domain=DOMAIN, **attrs)
+    function = sparse_moe_function(OPSET, num_experts, gather_below, activation=activation,
+                                   gate_up_bias=gate_up_bias, down_bias=down_bias)
+    return _session(_model(node, function, infos, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", "D"])]))
 
 
 # --- TopKRouting ---------------------------------------------------------------------------------
@@ -190,22 +206,40 @@ def moe_cases(draw):
     rows = [draw(st.permutations(used), label=f"route {t}")[:k] for t in range(tokens)]
     indices = np.array(rows, np.int32).reshape(tokens, k)
     seed = draw(st.integers(0, 2**16), label="seed")
+    scale = draw(st.sampled_from([1.0, 4.0]), label="x scale (4: many values past the clamp)")
     gen = np.random.default_rng(seed)
-    x = gen.standard_normal((tokens, dim)).astype(np.float32)
+    x = (gen.standard_normal((tokens, dim)) * scale).astype(np.float32)
     weights = gen.uniform(0.0, 1.0, (tokens, k)).astype(np.float32)
     w_gate_up = (gen.standard_normal((experts, 2 * ffn, dim)) * 0.3).astype(np.float32)
     w_down = (gen.standard_normal((experts, dim, ffn)) * 0.3).astype(np.float32)
-    return x, weights, indices, w_gate_up, w_down
+    b_gate_up = (gen.standard_normal((experts, 2 * ffn)) * 0.5).astype(np.float32)
+    b_down = (gen.standard_normal((experts, dim)) * 0.5).astype(np.float32)
+    biases = (b_gate_up if draw(st.booleans(), label="b_gate_up") else None,
+              b_down if draw(st.booleans(), label="b_down") else None)
+    return (x, weights, indices, w_gate_up, w_down), biases
+
+
+@st.composite
+def activations(draw):
+    activation = draw(st.sampled_from(ACTIVATIONS), label="activation")
+    alpha, limit = draw(st.sampled_from(CLAMPS), label="alpha, limit")
+    return {"activation": activation, "alpha": alpha, "limit": limit}
 
 
 def test_sparse_moe_faces_agree(property_settings, record_max):
     ran = []
 
     @property_settings(ci=EXAMPLES["ci"], slow=EXAMPLES["slow"])
-    @example(case=(np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int32),
-                   np.ones((3, 6, 4), np.float32), np.ones((3, 4, 3), np.float32)), gather_below=None)
-    @given(case=moe_cases(), gather_below=st.sampled_from(GATHER_BELOW))
-    def check(case, gather_below):
+    @example(case=((np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int32),
+                    np.ones((3, 6, 4), np.float32), np.ones((3, 4, 3), np.float32)), (None, None)),
+             gather_below=None, attrs={"activation": "silu", "alpha": 1.702, "limit": 7.0})
+    @example(case=((np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int32),
+                    np.ones((3, 6, 4), np.float32), np.ones((3, 4, 3), np.float32)),
+                   (np.ones((3, 6), np.float32), np.ones((3, 4), np.float32))),
+             gather_below=None, attrs={"activation": "clamped_swiglu", "alpha": 1.702, "limit": 7.0})
+    @given(case=moe_cases(), gather_below=st.sampled_from(GATHER_BELOW), attrs=activations())
+    def check(case, gather_below, attrs):
+        case, (b_gate_up, b_down) = case
         x, weights, indices, w_gate_up, w_down = case
         tokens, k = indices.shape
         experts = w_gate_up.shape[0]
@@ -216,11 +250,16 @@ def test_sparse_moe_faces_agree(property_settings, record_max):
         below = experts if gather_below is None else gather_below
         path = "gather" if below > 1 and tokens * k < below else "sorted"  # as onnx_function builds it
         event(f"ONNX body takes the {path} path")
+        event(f"activation {attrs['activation']}, b_gate_up {b_gate_up is not None}, b_down {b_down is not None}")
         note(f"T={tokens} K={k} E={experts} D={x.shape[1]} F={w_down.shape[2]}, {hit} experts hit, {path} path")
-        ref = sparse_moe_reference(x, weights, indices, w_gate_up, w_down)
-        got_torch = SparseMoE(*(torch.from_numpy(a) for a in case)).numpy()
-        got_onnx = _sparse_moe_session(experts, gather_below).run(None, dict(zip(
-            ["x", "weights", "indices", "w_gate_up", "w_down"], case)))[0]
+        ref = sparse_moe_reference(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **attrs)
+        biases = [None if b is None else torch.from_numpy(b) for b in (b_gate_up, b_down)]
+        got_torch = SparseMoE(*(torch.from_numpy(a) for a in case), *biases, **attrs).numpy()
+        feeds = dict(zip(["x", "weights", "indices", "w_gate_up", "w_down"], case))
+        feeds.update({n: b for n, b in (("b_gate_up", b_gate_up), ("b_down", b_down)) if b is not None})
+        session = _sparse_moe_session(experts, gather_below, attrs["activation"], b_gate_up is not None,
+                                      b_down is not None, attrs["alpha"], attrs["limit"])
+        got_onnx = session.run(None, feeds)[0]
         tol = tolerance("fp32", "hidden")
         for what, got in (("torch", got_torch), ("onnx", got_onnx)):
             assert got.shape == x.shape and got.dtype == np.float32, f"{what}: {got.shape} {got.dtype}"

@@ -18,7 +18,7 @@ import torch
 from moetrt.ops.sparse_moe import sparse_moe_reference
 from moetrt.ops.topk_routing import topk_routing_reference
 from moetrt.optimize.expert_quantization import (
-    dequantize_blockwise, pick_block_size, quantize_blockwise, quantize_experts,
+    BITS, dequantize_blockwise, pick_block_size, quantize_blockwise, quantize_experts,
 )
 from tests.optimize.helpers import (
     apply_pass, compare, export_moe_layer, heldout_eval, heldout_stream, node_counts, session, swapped_nibbles,
@@ -251,3 +251,97 @@ def test_a_wrong_layout_breaks_the_bound(quantized, heldout_fp32, tmp_path):
 def test_unknown_scheme():
     with pytest.raises(ValueError, match="scheme must be one of int8, int4"):
         quantize_experts(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), "int2")
+
+
+# --- gpt-oss's experts: clamped SwiGLU with expert biases -----------------------------------------------
+# One hand-built gpt-oss-style layer (tests/optimize/test_moe_lowering.py: router MatMul + Add, softmax top-2
+# renormalised, clamped SwiGLU alpha 1.702 / limit 7 with both clamps firing, both expert biases) quantized at
+# the block sizes QMoE takes for D=64, F=96. Its weights are Gaussian, so round-to-nearest leaves them off by a
+# relative RMS of ~0.53% (int8) and ~9.7% / 8.5% (int4, blocks of 32 / 16; asserted below): trained weights
+# quantize no better per weight, and gpt-oss itself ships 4-bit (MXFP4) experts.
+# Bounds on the layer's relative RMS output error against fp32 (measured on ORT 1.32 CPU, blocks 32 / 16):
+# - int8: 0.016 / 0.012, mostly ORT's int8 activations (its int8 kernel rounds them per block, ~1% per layer,
+#   see LAYER_INT8_ACTIVATIONS); the bound 0.03 is twice that.
+# - int4 (fp32 or int8 activations): 0.18 / 0.16, i.e. ~1.8x the weight error: two GEMMs in series (sqrt(2)x)
+#   and the clamped SwiGLU's (up + 1) gain. The bound 0.25 is 2.5x the weight error at blocks of 32.
+CLAMPED_QUALITY_BOUND = {"int8": 0.03, "int4": 0.25}
+CLAMPED_WEIGHT_ERROR = {"int8": 0.006, "int4": 0.1}  # relative RMS weight error bound the above is reasoned from
+CLAMPED_BLOCKS = (32, 16)
+
+
+@pytest.fixture(scope="module")
+def clamped_layer(tmp_path_factory):
+    """(scheme, accuracy_level, block) -> (weights, PassResult, graph, session), on one hand-built layer."""
+    from tests.optimize.test_moe_lowering import LAYER, hand_built_layer
+
+    folder = tmp_path_factory.mktemp("clamped-layer")
+    weights = hand_built_layer(folder / "layer.onnx", **LAYER)
+    cache = {}
+
+    def get(scheme, accuracy_level, block):
+        key = (scheme, accuracy_level, block)
+        if key not in cache:
+            path = folder / f"{scheme}-{accuracy_level}-{block}.onnx"
+            result, graph = apply_pass(folder / "layer.onnx", path, quantize_experts, scheme, block_size=block,
+                                       accuracy_level=accuracy_level)
+            cache[key] = (weights, result, graph, session(path))
+        return cache[key]
+
+    return get
+
+
+def test_clamped_swiglu_qmoe_structure(clamped_layer):
+    from moetrt.optimize.moe_lowering import interleave_gate_up
+
+    weights, result, graph, _ = clamped_layer("int4", None, 32)
+    assert result.count == 1 and not result.skipped, result.skipped
+    (node,) = [n for n in graph.graph if n.op_type == "QMoE"]
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    assert attrs["activation_type"] == "swiglu" and attrs["swiglu_fusion"] == 1
+    assert attrs["activation_alpha"] == pytest.approx(1.702) and attrs["activation_beta"] == 1.0
+    assert attrs["swiglu_limit"] == 7.0 and attrs["normalize_routing_weights"] == 1
+    fc1_bias, fc2_bias = node.inputs[4], node.inputs[7]
+    np.testing.assert_array_equal(fc1_bias.const_value.numpy(),
+                                  interleave_gate_up(weights["b_gate_up"][:, :, None])[:, :, 0])
+    np.testing.assert_array_equal(fc2_bias.const_value.numpy(), weights["b_down"])
+    assert len(node.inputs) == 8, "no router_weights: the layer renormalises its top k, as QMoE does"
+
+
+@pytest.mark.parametrize("block", CLAMPED_BLOCKS)
+@pytest.mark.parametrize("scheme,accuracy_level", [("int8", None), ("int4", None), ("int4", 4)])
+def test_clamped_swiglu_qmoe_quality(clamped_layer, record_max, scheme, accuracy_level, block):
+    """QMoE computes the clamped layer from the dequantized weights, and its error against fp32 stays bounded."""
+    from tests.optimize.test_moe_lowering import layer_reference
+
+    weights, result, _, sess = clamped_layer(scheme, accuracy_level, block)
+    assert result.count == 1 and result.details["block_size"] == {"experts": block}
+    bits = BITS[scheme]
+    dequantized = {name: dequantize_blockwise(*quantize_blockwise(weights[name], bits, block), bits, block)
+                   for name in ("w_gate_up", "w_down")}
+    for name, w in dequantized.items():
+        error = np.linalg.norm(w - weights[name]) / np.linalg.norm(weights[name])
+        record_max("clamped layer: relative RMS weight error", f"{scheme} block {block} {name}", float(error))
+        assert error < CLAMPED_WEIGHT_ERROR[scheme], (name, error)
+    int8_activations = scheme == "int8" or accuracy_level == 4
+    label = f"{scheme} accuracy_level={accuracy_level} block {block}"
+    for tokens in (1, 7, 64):
+        x = np.random.default_rng(tokens).standard_normal((tokens, 64)).astype(np.float32)
+        got = sess.run(None, {"x": x})[0]
+        exact = layer_reference(weights, x, w_gate_up=dequantized["w_gate_up"], w_down=dequantized["w_down"])
+        rel = float(np.abs(got - exact).max() / np.abs(exact).max())
+        record_max("clamped layer QMoE vs dequantized reference: max |error| / max |reference|", label, rel)
+        assert rel <= (LAYER_INT8_ACTIVATIONS if int8_activations else 1e-5), (tokens, rel)
+        fp32 = layer_reference(weights, x)
+        quality = float(np.linalg.norm(got - fp32) / np.linalg.norm(fp32))
+        record_max("clamped layer QMoE vs fp32: relative RMS error", label, quality)
+        assert quality <= CLAMPED_QUALITY_BOUND[scheme], (tokens, quality)
+
+
+def test_clamped_swiglu_refused_values_keep_the_body(tmp_path):
+    """Reject by default: a value the lowering does not declare is refused, with the reason."""
+    from tests.optimize.test_moe_lowering import LAYER, hand_built_layer
+
+    hand_built_layer(tmp_path / "layer.onnx", **LAYER, limit=0.0)
+    result, graph = apply_pass(tmp_path / "layer.onnx", tmp_path / "q.onnx", quantize_experts, "int4")
+    assert result.count == 0 and "com.microsoft::QMoE implements limit in ()" in result.skipped["experts"], result
+    assert node_counts(graph)["moetrt::SparseMoE"] == 1

@@ -25,33 +25,45 @@ from pathlib import Path
 import pytest
 
 from moetrt.errors import BackendMissingError
-from moetrt.ops.plugins import AOT_PLUGINS, JIT_PLUGINS, PLUGIN_ATTRIBUTES, register_plugins
+from moetrt.ops.plugins import AOT_PLUGINS, BIAS_FLAGS, JIT_PLUGINS, PLUGIN_ATTRIBUTES, register_plugins
 from moetrt.ops.plugins.aot import (
     INT_OPS,
     SPARSE_MOE_PLUGINS,
     attribute_text,
     max_blocks,
+    moe_gate_up_aot_kernel,
+    sparse_moe_attributes,
     sparse_moe_plan,
     strip_unused_params,
     topk_routing_aot_kernel,
 )
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
 
 TRT_DEFINITIONS = Path(__file__).resolve().parents[2] / "moetrt" / "ops" / "plugins" / "_trt.py"
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (pip install moetrt[gpu])")
 
-# (T, E, k, D, F, dtype, scoring, normalize, scale, num_tokens the plan is made for)
+GPT_OSS = {"activation": "clamped_swiglu", "alpha": 1.702, "limit": 1.5}  # a limit these unit-scale inputs cross
+# (T, E, k, D, F, dtype, scoring, normalize, scale, num_tokens the plan is made for, SparseMoE attributes, biases)
 INTERPRETER_CASES = [
-    (1, 4, 2, 32, 24, "fp32", "softmax", True, 1.0, 1),
-    (5, 8, 2, 40, 48, "fp16", "softmax", False, 1.0, 1),
-    (33, 3, 1, 16, 16, "fp32", "sigmoid", False, 2.5, 4096),  # 128-row blocks, most of them padding
-    (7, 2, 2, 24, 40, "fp32", "softmax", True, 1.0, 64),  # k = E
+    (1, 4, 2, 32, 24, "fp32", "softmax", True, 1.0, 1, {}, []),
+    (5, 8, 2, 40, 48, "fp16", "softmax", False, 1.0, 1, {}, []),
+    (33, 3, 1, 16, 16, "fp32", "sigmoid", False, 2.5, 4096, {}, []),  # 128-row blocks, most of them padding
+    (7, 2, 2, 24, 40, "fp32", "softmax", True, 1.0, 64, {}, []),  # k = E
+    (6, 8, 4, 40, 24, "fp32", "softmax", True, 1.0, 1, GPT_OSS, ["b_gate_up", "b_down"]),  # gpt-oss's experts
+    (9, 4, 2, 24, 40, "fp16", "softmax", True, 1.0, 1, GPT_OSS, ["b_down"]),
+    (33, 3, 2, 16, 24, "fp32", "softmax", True, 1.0, 4096, GPT_OSS, ["b_gate_up"]),  # prefill plan
+    (5, 4, 2, 32, 16, "fp32", "softmax", False, 1.0, 1, {}, ["b_gate_up", "b_down"]),  # SwiGLU with biases
 ]
-# (name, plan arguments): a small model and Mixtral-8x7B's experts at a decode and a prefill plan
+# (name, plan arguments): a small model, Mixtral-8x7B's experts at a decode and a prefill plan, gpt-oss-20b's
 COMPILE_PLANS = {
     "small_fp16": ("fp16", dict(hidden_size=128, ffn=192, num_experts=8, k=2, num_tokens=8)),
     "mixtral_decode": ("bf16", dict(hidden_size=4096, ffn=14336, num_experts=8, k=2, num_tokens=1)),
     "mixtral_prefill": ("bf16", dict(hidden_size=4096, ffn=14336, num_experts=8, k=2, num_tokens=4096)),
+    "gpt_oss_decode": ("bf16", dict(hidden_size=2880, ffn=2880, num_experts=32, k=4, num_tokens=1, attributes=GPT_OSS,
+                                    biases=["b_gate_up", "b_down"])),
+    "gpt_oss_prefill": ("bf16", dict(hidden_size=2880, ffn=2880, num_experts=32, k=4, num_tokens=4096,
+                                     attributes=GPT_OSS, biases=["b_gate_up", "b_down"])),
 }
 
 
@@ -80,7 +92,7 @@ for key, kernel in kernels.items():
     c = aot.compile_aot_kernel(kernel)
     out[key] = {"plugin": kernel.plugin, "entry": c.entry, "ptx": c.ptx, "num_params": c.num_params, "shared": c.shared,
                 "block": c.block, "target": c.target, "params": [*kernel.inputs, *kernel.extras, *kernel.outputs],
-                "stages": [kernel.spec.num_stages, c.meta["num_stages"]]}
+                "stages": [kernel.spec.num_stages, c.meta["num_stages"]], "constants": c.meta["constants"]}
 print(json.dumps(out))
 """
 
@@ -106,6 +118,22 @@ def test_every_plugin_kernel_compiles_for_sm90_with_tensorrts_abi(compiled):
         assert f"{k['entry']}_param_{len(k['params'])}" not in ptx
         assert re.search(rf"\.reqntid {k['block']}\b", ptx), key  # TensorRT's block_x must be this
         assert 0 <= k["shared"] <= 48 * 1024, key
+
+
+@needs_triton
+def test_bias_inputs_are_read_only_by_the_variants_that_have_them(compiled):
+    """MoEGateUp / MoEDown always take the bias pointer (parameter 2, where TensorRT puts it); the SwiGLU plans
+    without biases never load it, gpt-oss's do, and its alpha and limit are compiled in."""
+    for key, k in compiled.items():
+        if k["plugin"] not in ("MoEGateUp", "MoEDown"):
+            continue
+        assert k["params"][2] == "b_ptr", key
+        loaded = re.search(rf"ld\.param\.\w+\s+%\w+, \[{k['entry']}_param_2\]", k["ptx"]) is not None
+        assert loaded == key.startswith("gpt_oss"), key
+        if k["plugin"] == "MoEGateUp":
+            clamped = k["constants"]["ACTIVATION"] == "clamped_swiglu"
+            assert clamped == key.startswith("gpt_oss"), key
+            assert (k["constants"]["ALPHA"], k["constants"]["LIMIT"]) == ((1.702, 1.5) if clamped else (None, None))
 
 
 @needs_triton
@@ -139,7 +167,7 @@ def launch(kernel, fn, tokens, *args):
     fn[aot.launch_grid(kernel, tokens)](*args, **kernel.spec.constants)
 
 out = []
-for T, E, k, D, F, dtype, scoring, normalize, scale, hint in json.loads(sys.argv[1]):
+for T, E, k, D, F, dtype, scoring, normalize, scale, hint, attrs, biases in json.loads(sys.argv[1]):
     torch.manual_seed(T * 31 + E)
     dt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     logits = torch.randn(T, E)
@@ -150,7 +178,11 @@ for T, E, k, D, F, dtype, scoring, normalize, scale, hint in json.loads(sys.argv
 
     x = (torch.randn(T, D) * 0.5).to(dt)
     w_gate_up, w_down = (torch.randn(E, 2 * F, D) * 0.2).to(dt), (torch.randn(E, D, F) * 0.2).to(dt)
-    plan = aot.sparse_moe_plan(D, F, E, k, hint, element_size=x.element_size())
+    b_gate_up, b_down = torch.randn(E, 2 * F).to(dt), torch.randn(E, D).to(dt)
+    plan = aot.sparse_moe_plan(D, F, E, k, hint, element_size=x.element_size(), attributes=attrs, biases=biases)
+    # an absent bias is the one-element placeholder the graph rewrite feeds (NaN here: it must not be read)
+    b_gate_up_in = b_gate_up if "b_gate_up" in biases else torch.full((1,), float("nan"), dtype=dt)
+    b_down_in = b_down if "b_down" in biases else torch.full((1,), float("nan"), dtype=dt)
     kern = {p: aot.aot_kernel(p, dtype, **plan[p]) for p in aot.SPARSE_MOE_PLUGINS}
     bm, pairs = plan["MoEAlign"]["block_m"], T * k
     blocks = aot.max_blocks(pairs, E, bm)  # the sizes moe_align_desc declares
@@ -158,18 +190,22 @@ for T, E, k, D, F, dtype, scoring, normalize, scale, hint in json.loads(sys.argv
     expert_ids, num_padded = torch.full((blocks,), -7, dtype=torch.int32), torch.full((1,), -7, dtype=torch.int32)
     launch(kern["MoEAlign"], K.moe_align_aot, T, indices, pairs, sorted_ids, expert_ids, num_padded)
     h = torch.full((pairs, F), float("nan"), dtype=dt)
-    launch(kern["MoEGateUp"], K.moe_gate_up_aot, T, x, w_gate_up, sorted_ids, expert_ids, num_padded, pairs, h)
+    launch(kern["MoEGateUp"], K.moe_gate_up_aot, T, x, w_gate_up, b_gate_up_in, sorted_ids, expert_ids, num_padded,
+           pairs, h)
     slots = torch.full((pairs, D), float("nan"), dtype=dt)
-    launch(kern["MoEDown"], K.moe_down_aot, T, h, w_down, weights, sorted_ids, expert_ids, num_padded, pairs, slots)
+    launch(kern["MoEDown"], K.moe_down_aot, T, h, w_down, b_down_in, weights, sorted_ids, expert_ids, num_padded, pairs,
+           slots)
     y = torch.full((T, D), float("nan"), dtype=dt)
     launch(kern["MoECombine"], K.moe_combine_aot, T, slots, indices, y)
-    ref_y = sparse_moe_reference(x.float().numpy(), ref_w, ref_i, w_gate_up.float().numpy(), w_down.float().numpy())
+    ref_y = sparse_moe_reference(x.float().numpy(), ref_w, ref_i, w_gate_up.float().numpy(), w_down.float().numpy(),
+                                 b_gate_up.float().numpy() if "b_gate_up" in biases else None,
+                                 b_down.float().numpy() if "b_down" in biases else None, **attrs)
     out.append({
         "indices_equal": bool(np.array_equal(indices.numpy(), ref_i)),
         "weights_err": float(np.abs(weights.numpy() - ref_w).max()),
         "y_err": float(np.abs(y.float().numpy() - ref_y).max()), "y_scale": float(np.abs(ref_y).max()),
         "blocks": blocks, "blocks_kernel": max_aligned_blocks(pairs, E, bm), "num_padded": int(num_padded[0]),
-        "block_m": bm,
+        "block_m": bm, "finite": bool(torch.isfinite(y).all()),
     })
 print(json.dumps(out))
 """
@@ -186,7 +222,7 @@ def test_plugin_kernels_in_tensorrts_launch_order_compute_the_ops():
         assert 0 < r["num_padded"] <= r["blocks"] * r["block_m"]
         # NOTE: fp16 stores h and the per-slot outputs in fp16 (as the torch path does): ~1e-3 relative
         tol = 1e-4 if dtype == "fp32" else 5e-3
-        assert r["y_err"] <= tol * max(1.0, r["y_scale"]), (case, r)
+        assert r["finite"] and r["y_err"] <= tol * max(1.0, r["y_scale"]), (case, r)
     assert results[2]["block_m"] == 128 and results[0]["block_m"] == 16
 
 
@@ -210,11 +246,44 @@ def test_string_attributes_lose_the_parsers_terminator():
 
 
 def test_plan_attributes_are_the_plugins():
+    types_ = _schema_types()
     plan = sparse_moe_plan(hidden_size=4096, ffn=14336, num_experts=8, k=2, num_tokens=4096)
     assert list(plan) == list(SPARSE_MOE_PLUGINS)
     for plugin, attrs in plan.items():
-        assert list(attrs) == list(PLUGIN_ATTRIBUTES[plugin]) and all(isinstance(v, int) for v in attrs.values())
+        assert list(attrs) == list(PLUGIN_ATTRIBUTES[plugin])
+        assert all(type(v).__name__ == types_[(plugin, n)] for n, v in attrs.items()), (plugin, attrs)
     assert plan["MoEAlign"]["block_m"] == plan["MoEGateUp"]["block_m"] == plan["MoEDown"]["block_m"] == 128
+    defaults = SPARSE_MOE_SPEC.defaults
+    assert [plan["MoEGateUp"][a] for a in ("activation", "alpha", "limit")] == [defaults[a] for a in
+                                                                                 ("activation", "alpha", "limit")]
+    assert plan["MoEGateUp"]["has_b_gate_up"] == plan["MoEDown"]["has_b_down"] == 0
+    gpt_oss = sparse_moe_plan(2880, 2880, 32, 4, 1, attributes={"activation": "clamped_swiglu\x00", "limit": 7.0,
+                                                                 "plugin_namespace": "moetrt", "aot": 1},
+                              biases=["b_down"])
+    assert gpt_oss["MoEGateUp"]["activation"] == "clamped_swiglu" and gpt_oss["MoEGateUp"]["alpha"] == defaults["alpha"]
+    assert (gpt_oss["MoEGateUp"]["has_b_gate_up"], gpt_oss["MoEDown"]["has_b_down"]) == (0, 1)
+
+
+def test_plugin_attributes_come_from_the_op_spec():
+    spec_attrs = tuple(a.name for a in SPARSE_MOE_SPEC.attrs if a.name != "plugin_namespace")
+    optional = [p.name for p in SPARSE_MOE_SPEC.inputs if p.optional]
+    assert optional == list(BIAS_FLAGS) == ["b_gate_up", "b_down"]
+    assert PLUGIN_ATTRIBUTES["SparseMoE"] == (*spec_attrs, "has_b_gate_up", "has_b_down")
+    assert PLUGIN_ATTRIBUTES["MoEGateUp"][-4:] == (*spec_attrs, "has_b_gate_up")
+    assert PLUGIN_ATTRIBUTES["MoEDown"][-1] == "has_b_down" and "activation" not in PLUGIN_ATTRIBUTES["MoEDown"]
+    assert sparse_moe_attributes({"activation": "silu"}) == {"activation": "silu", "alpha": 1.702, "limit": 7.0,
+                                                              "has_b_gate_up": 0, "has_b_down": 0}
+    with pytest.raises(ValueError, match="activation"):
+        sparse_moe_attributes({"activation": "gelu"})
+    with pytest.raises(ValueError, match="no optional input"):
+        sparse_moe_attributes({}, ["b_up"])
+    with pytest.raises(ValueError, match="activation"):
+        moe_gate_up_aot_kernel("bf16", 8, 64, 64, 2, 16, 32, 32, activation="relu")
+    # silu compiles one kernel whatever alpha and limit say; the clamped one compiles them in
+    silu = [moe_gate_up_aot_kernel("bf16", 8, 64, 64, 2, 16, 32, 32, activation="silu", alpha=a) for a in (1.0, 2.0)]
+    assert silu[0].key() == silu[1].key()
+    clamped = moe_gate_up_aot_kernel("bf16", 8, 64, 64, 2, 16, 32, 32, activation="clamped_swiglu", limit=3.0)
+    assert (clamped.spec.constants["ALPHA"], clamped.spec.constants["LIMIT"]) == (1.702, 3.0)
 
 
 # --- the tensorrt.plugin definitions, read as source -------------------------------------------
@@ -237,16 +306,15 @@ def _schema_types() -> dict[tuple[str, str], str]:
     """Python type of each attribute as the ONNX parser hands it over: INT -> int, FLOAT -> float, STRING -> str."""
     from onnx.defs import OpSchema
 
-    from moetrt.ops.sparse_moe import onnx_schema as sparse_moe_schema
     from moetrt.ops.topk_routing import onnx_schema as topk_schema
 
     python = {OpSchema.AttrType.INT: "int", OpSchema.AttrType.FLOAT: "float", OpSchema.AttrType.STRING: "str"}
     out = {}
-    for schema in (topk_schema(), sparse_moe_schema()):
-        for name, attr in schema.attributes.items():
-            out[(schema.name, name)] = python[attr.type]
-    for plugin in SPARSE_MOE_PLUGINS:  # the pass writes plan integers as INT attributes
-        out.update({(plugin, name): "int" for name in PLUGIN_ATTRIBUTES[plugin]})
+    for name, attr in topk_schema().attributes.items():
+        out[("TopKRouting", name)] = python[attr.type]
+    spec = {a.name: a.kind.__name__ for a in SPARSE_MOE_SPEC.attrs}  # SparseMoE's attributes as its spec types them
+    for plugin in ("SparseMoE", *SPARSE_MOE_PLUGINS):  # the pass writes plan integers and has_* flags as INT
+        out.update({(plugin, name): spec.get(name, "int") for name in PLUGIN_ATTRIBUTES[plugin]})
     return out
 
 
@@ -282,11 +350,12 @@ def test_definitions_declare_the_node_attributes_in_order():
 
 
 def test_sparse_moe_inputs_match_the_onnx_node():
-    from moetrt.ops.sparse_moe import onnx_schema
-
-    register = _definitions()[("register", "moetrt::SparseMoE")]
-    tensors = [n for n, a in _params(register) if a.startswith("trtp.Tensor")]
-    assert tensors == [p.name for p in onnx_schema().inputs]
+    """The JIT plugin takes every input of the op, the optional biases included (a plugin's inputs are fixed)."""
+    defs = _definitions()
+    tensors = lambda plugin: [n for n, a in _params(defs[("register", f"moetrt::{plugin}")]) if a.startswith("trtp.")]  # noqa: E731
+    assert tensors("SparseMoE") == SPARSE_MOE_SPEC.input_names
+    assert tensors("MoEGateUp")[:3] == ["x", "w_gate_up", "b_gate_up"]
+    assert tensors("MoEDown")[:4] == ["h", "w_down", "b_down", "weights"]
 
 
 # --- imports and errors ------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def test_canonical_export_carries_what_the_parser_needs(export, name, dtype):
     for node in moe:
         assert node.attributes["plugin_namespace"].as_string() == PLUGIN_NAMESPACE
         for attr_name in PLUGIN_ATTRIBUTES[node.op_type]:
+            if node.op_type == "SparseMoE" and attr_name not in node.attributes:
+                continue  # defaults are left off the export; prepare_for_tensorrt writes them for the parser
             attr = node.attributes[attr_name]  # present: the parser hands plugins no defaults
             if attr.type == ir.AttributeType.INT:
                 assert INT32_RANGE[0] <= attr.as_int() <= INT32_RANGE[1]
@@ -147,8 +149,10 @@ def test_aot_splits_sparse_moe_into_single_kernel_plugins(export, tmp_path, name
         if node.op_type == "MoEAlign":
             assert node.inputs[0].producer().op_type == "TopKRouting" and len(node.outputs) == 3
             assert all(o.dtype == ir.DataType.INT32 for o in node.outputs)
-        if node.op_type == "MoEDown":  # routing weights come straight from the router, fp32
-            assert node.inputs[2].producer().op_type == "TopKRouting" and node.inputs[2].dtype == ir.DataType.FLOAT
+        if node.op_type == "MoEDown":  # routing weights come straight from the router, fp32 (after the bias input)
+            assert node.inputs[3].producer().op_type == "TopKRouting" and node.inputs[3].dtype == ir.DataType.FLOAT
+        if node.op_type in ("MoEGateUp", "MoEDown"):  # no bias in these models: a one-element placeholder, unread
+            assert node.inputs[2].const_value.shape == (1,) and attrs[f"has_{node.inputs[2].name.split('/no_')[1]}"] == 0
     assert tensorrt_problems(graph, "aot") == []
     ir.save(graph, tmp_path / "model.onnx")
     onnx.checker.check_model(str(tmp_path / "model.onnx"))  # a valid model (custom ops have no schema to check)
@@ -252,5 +256,79 @@ def test_unknown_plugin_mode_and_missing_attribute():
                         [_vi(n, TensorProto.FLOAT, [2, 2]) for n in "xwiab"], [_vi("y", TensorProto.FLOAT, [2, 2])])
     with pytest.raises(MoetrtError, match="plugins must be one of aot, jit"):
         prepare_for_tensorrt(graph, "python")
-    with pytest.raises(MoetrtError, match=r"lacks attributes \['activation'\]"):
+    graph.graph.node(0).attributes["activation"] = ir.AttrString("activation", "gelu")
+    with pytest.raises(MoetrtError, match=r"SparseMoE node 'moe': .*activation"):
         prepare_for_tensorrt(graph, "jit")
+
+
+# --- gpt-oss: clamped SwiGLU, expert and router biases ------------------------------------------
+@pytest.fixture(scope="module")
+def gpt_oss(canonical):
+    def get():
+        model, folder = canonical("gpt_oss")  # tests/hf_tiny.py: 3 layers, E=6, k=2, D=64, F=32
+        return model, ir.load(folder / "model.onnx")
+
+    return get
+
+
+def _clamped_swiglu(attrs: dict, cfg) -> bool:
+    return (attrs["activation"] == "clamped_swiglu" and abs(attrs["alpha"] - cfg.swiglu_alpha) < 1e-6
+            and abs(attrs["limit"] - cfg.swiglu_limit) < 1e-6)
+
+
+def test_gpt_oss_jit_keeps_sparse_moe_with_its_biases(gpt_oss):
+    model, graph = gpt_oss()
+    cfg = model.config
+    assert tensorrt_problems(graph, "jit"), "the export alone lacks the attributes the parser needs"
+    result = prepare_for_tensorrt(graph, "jit")
+    layers = len(cfg.moe_layers)
+    assert result.count == 2 * layers and not result.skipped
+    moe = [n for n in graph.graph if n.op_type == "SparseMoE"]
+    assert Counter(n.op_type for n in graph.graph if n.domain == "moetrt") == {"TopKRouting": layers,
+                                                                               "SparseMoE": layers}
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    for node in moe:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        assert list(attrs) == [*PLUGIN_ATTRIBUTES["SparseMoE"], "plugin_namespace", "aot"]
+        assert _clamped_swiglu(attrs, cfg) and attrs["has_b_gate_up"] == 1 and attrs["has_b_down"] == 1
+        b_gate_up, b_down = node.inputs[5:7]
+        assert b_gate_up.name.endswith("gate_up_proj_bias") and tuple(b_gate_up.shape) == (E, 2 * F)
+        assert b_down.name.endswith("down_proj_bias") and tuple(b_down.shape) == (E, D)
+        router = node.inputs[1].producer().inputs[0].producer()  # TopKRouting <- the router's Gemm
+        assert router.op_type == "Gemm" and len(router.inputs) == 3, "the router keeps its bias"
+    assert tensorrt_problems(graph, "jit") == []
+
+
+@pytest.mark.parametrize("precision", [None, "fp16"])
+def test_gpt_oss_aot_decomposition_carries_activation_and_biases(gpt_oss, tmp_path, precision):
+    from moetrt.optimize.precision import convert_precision
+
+    model, graph = gpt_oss()
+    cfg = model.config
+    if precision:
+        convert_precision(graph, precision)
+    interface = [(v.name, v.dtype) for v in (*graph.graph.inputs, *graph.graph.outputs)]
+    result = prepare_for_tensorrt(graph, "aot", num_tokens=8)
+    layers = len(cfg.moe_layers)
+    assert result.details["sparse_moe_split"] == layers and not result.skipped
+    counts = Counter(n.op_type for n in graph.graph if n.domain == "moetrt")
+    assert counts == {"TopKRouting": layers, **{p: layers for p in SPARSE_MOE_PLUGINS}}
+    assert [(v.name, v.dtype) for v in (*graph.graph.inputs, *graph.graph.outputs)] == interface
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    for node in graph.graph:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if node.op_type == "MoEGateUp":  # the activation runs in the gate/up kernel, on the biased gate and up
+            assert _clamped_swiglu(attrs, cfg) and attrs["has_b_gate_up"] == 1
+            assert tuple(node.inputs[1].shape) == (E, 2 * F, D) and tuple(node.inputs[2].shape) == (E, 2 * F)
+            assert node.inputs[2].name.endswith("gate_up_proj_bias")
+        if node.op_type == "MoEDown":
+            assert attrs["has_b_down"] == 1 and tuple(node.inputs[2].shape) == (E, D)
+            assert node.inputs[2].name.endswith("down_proj_bias")
+            assert node.inputs[3].producer().op_type == "TopKRouting" and node.inputs[3].dtype == ir.DataType.FLOAT
+        if node.op_type in ("MoEGateUp", "MoEDown"):
+            assert (attrs["num_experts"], attrs["hidden_size"], attrs["ffn"], attrs["k"]) == (
+                E, D, F, cfg.num_experts_per_tok)
+            assert node.inputs[2].dtype == node.inputs[0].dtype, "biases in the activation dtype"
+    assert tensorrt_problems(graph, "aot") == []
+    ir.save(graph, tmp_path / "model.onnx")
+    onnx.checker.check_model(str(tmp_path / "model.onnx"))

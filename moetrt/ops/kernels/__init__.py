@@ -61,39 +61,49 @@ def _topk_routing_cuda(logits, k, scoring="softmax", normalize=False, scale=1.0)
     return topk_routing_triton(logits, k, scoring, normalize, scale)
 
 
-def _sparse_moe_cuda(x, weights, indices, w_gate_up, w_down, activation="silu"):
+def _sparse_moe_cuda(*args, **kwargs):
+    # sparse_moe_triton takes the op's arguments (x, weights, indices, w_gate_up, w_down, b_gate_up,
+    # b_down, activation, alpha, limit) as the dispatcher passes them
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
 
-    return sparse_moe_triton(x, weights, indices, w_gate_up, w_down, activation)
+    return sparse_moe_triton(*args, **kwargs)
 
 
-def _router_logits_cuda(x, weight):
+def _router_logits_cuda(x, weight, bias=None):
     from moetrt.ops.kernels.router_logits_triton import router_logits_triton
 
-    return router_logits_triton(x, weight)
+    return router_logits_triton(x, weight, bias)
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The router's logits as the model defines them: ``F.linear(x.float(), weight.float())``, fp32 ``[T, E]``.
+def _router_logits_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # without a bias exactly the form exports have always traced (byte-identical graphs)
+    if bias is None:
+        return F.linear(x.float(), weight.float())
+    return F.linear(x.float(), weight.float(), bias.float())
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The router's logits as the model defines them: ``F.linear(x.float(), weight.float()[, bias.float()])``,
+    fp32 ``[T, E]`` (gpt-oss's router has a bias; the others have none).
 
     Once ``maybe_register_cuda_kernels`` has run, CUDA tensors take the Triton kernel, which reads
     the model-dtype ``x`` once instead of writing and reading an fp32 copy (the same products, summed
-    in another order). Exports and everything else take the PyTorch form, so exported graphs keep
-    the plain ``Cast`` + ``MatMul`` router.
+    in another order, the bias added in fp32). Exports and everything else take the PyTorch form, so
+    exported graphs keep the plain ``Cast`` + ``MatMul`` (+ ``Add``) router.
     """
     if _registered and x.is_cuda and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
-        return torch.ops.moetrt_kernels.router_logits(x, weight)
-    return F.linear(x.float(), weight.float())
+        return torch.ops.moetrt_kernels.router_logits(x, weight, bias)
+    return _router_logits_torch(x, weight, bias)
 
 
 def _define_router_logits_op() -> None:
     """``moetrt_kernels::router_logits``: an opaque op, so torch.compile and CUDA graphs take it whole."""
-    torch.library.define("moetrt_kernels::router_logits", "(Tensor x, Tensor weight) -> Tensor")
+    torch.library.define("moetrt_kernels::router_logits", "(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
     torch.library.impl("moetrt_kernels::router_logits", "cuda", _router_logits_cuda)
-    torch.library.impl("moetrt_kernels::router_logits", "cpu", lambda x, weight: F.linear(x.float(), weight.float()))
+    torch.library.impl("moetrt_kernels::router_logits", "cpu", _router_logits_torch)
 
     @torch.library.register_fake("moetrt_kernels::router_logits")
-    def _(x, weight):
+    def _(x, weight, bias=None):
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 

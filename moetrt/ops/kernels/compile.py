@@ -16,6 +16,8 @@ From the command line (writes ``<kernel>.ptx``, ``<kernel>.cubin`` and ``manifes
         --experts 8 --k 2 --out build/kernels
     python -m moetrt.ops.kernels.compile topk_routing --experts 8 --k 2 --normalize --out build/kernels
     python -m moetrt.ops.kernels.compile router_logits --dtype bf16 --hidden 4096 --experts 8 --out build/kernels
+    python -m moetrt.ops.kernels.compile sparse_moe --dtype bf16 --hidden 2880 --ffn 2880 --experts 32 --k 4 \\
+        --activation clamped_swiglu --gate-up-bias --down-bias --out build/kernels   # gpt-oss-20b
 
 Run it in a process where triton is not in interpreter mode (``TRITON_INTERPRET`` unset).
 """
@@ -127,14 +129,23 @@ def sparse_moe_specs(
     k: int,
     num_tokens: int = 1,
     config: SparseMoEConfig | None = None,
+    activation: str = "silu",
+    has_b_gate_up: bool = False,
+    has_b_down: bool = False,
 ) -> list[KernelSpec]:
     """The four SparseMoE kernels in launch order: align, gate|up, down, combine.
 
     ``num_tokens`` picks the row of the config table (one engine profile per regime: e.g. 1 for
-    decode, 4096 for prefill); ``config`` overrides it.
+    decode, 4096 for prefill); ``config`` overrides it. ``activation`` and the biases pick the
+    variant, as ``sparse_moe_triton`` launches it: a bias is a pointer parameter only when present
+    (``b_ptr`` after ``w_ptr``), and the clamped activation takes ``alpha`` and ``limit`` as
+    run-time float32 parameters after ``num_pairs`` (SwiGLU takes neither).
     """
     from moetrt.ops.kernels.sparse_moe_triton import align_block_p
+    from moetrt.ops.sparse_moe import ACTIVATIONS
 
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     ty = _dtype(dtype)
     config = config or sparse_moe_config(num_tokens, num_experts, k, 4 if ty == "fp32" else 2)
     bm, gu, dn = config.block_m, config.gate_up, config.down
@@ -148,13 +159,16 @@ def sparse_moe_specs(
         "num_padded_ptr": "*i32",
         "num_pairs": "i32",
     }
+    clamped = activation == "clamped_swiglu"
     gate_up_sig = {
-        "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "h_ptr": f"*{ty}",
+        "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", **({"b_ptr": f"*{ty}"} if has_b_gate_up else {}), "h_ptr": f"*{ty}",
         "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32",
+        **({"alpha": "fp32", "limit": "fp32"} if clamped else {}),
     }  # fmt: skip
     down_sig = {
-        "h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "out_ptr": f"*{ty}", "routing_ptr": "*fp32",
-        "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32",
+        "h_ptr": f"*{ty}", "w_ptr": f"*{ty}", **({"b_ptr": f"*{ty}"} if has_b_down else {}), "out_ptr": f"*{ty}",
+        "routing_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32",
+        "num_pairs": "i32",
     }  # fmt: skip
     combine_sig = {"slots_ptr": f"*{ty}", "indices_ptr": "*i32", "y_ptr": f"*{ty}"}
     pointers = lambda sig: tuple(name for name, t in sig.items() if t.startswith("*"))  # noqa: E731
@@ -162,11 +176,14 @@ def sparse_moe_specs(
         "num_experts": num_experts, "BLOCK_M": bm, "BLOCK_E": next_power_of_2(num_experts),
         "BLOCK_P": align_block_p(num_experts),
     }  # fmt: skip
+    # absent parameters are compiled in as None, as sparse_moe_triton passes them
     gate_up_constants = {
+        **({} if has_b_gate_up else {"b_ptr": None}), **({} if clamped else {"alpha": None, "limit": None}),
         "D": hidden_size, "F": ffn, "K": k, "BLOCK_M": bm, "BLOCK_N": gu.block_n, "BLOCK_K": gu.block_k,
-        **upcast_precision, "GROUP_M": gu.group_m,
+        **upcast_precision, "GROUP_M": gu.group_m, "ACTIVATION": activation,
     }  # fmt: skip
     down_constants = {
+        **({} if has_b_down else {"b_ptr": None}),
         "D": hidden_size, "F": ffn, "BLOCK_M": bm, "BLOCK_N": dn.block_n, "BLOCK_K": dn.block_k, **upcast_precision,
         "GROUP_M": dn.group_m,
     }  # fmt: skip
@@ -195,15 +212,18 @@ def sparse_moe_specs(
     ]  # fmt: skip
 
 
-def router_logits_specs(dtype, hidden_size: int, num_experts: int, num_tokens: int | None = None) -> list[KernelSpec]:
+def router_logits_specs(dtype, hidden_size: int, num_experts: int, num_tokens: int | None = None,
+                        has_bias: bool = False) -> list[KernelSpec]:
     """The router-logits kernel for one model (the torch back end's CUDA path; TensorRT runs the
-    exported ``MatMul`` itself). ``num_tokens=None``: the blocks for large T, launched for any T."""
+    exported ``MatMul`` itself). ``num_tokens=None``: the blocks for large T, launched for any T.
+    ``has_bias``: a router bias ``[E]`` in the model dtype (``b_ptr``; compiled in as None without)."""
     ty = _dtype(dtype)
     block_t, block_e, block_k, use_dot, num_warps = router_logits_blocks(
         4096 if num_tokens is None else num_tokens, num_experts, hidden_size
     )
-    signature = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "out_ptr": "*fp32", "num_tokens": "i32"}
-    constants = {
+    signature = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", **({"b_ptr": f"*{ty}"} if has_bias else {}), "out_ptr": "*fp32",
+                 "num_tokens": "i32"}
+    constants = {**({} if has_bias else {"b_ptr": None}),
         "D": hidden_size, "E": num_experts, "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k,
         "USE_DOT": use_dot,
     }  # fmt: skip
@@ -211,7 +231,7 @@ def router_logits_specs(dtype, hidden_size: int, num_experts: int, num_tokens: i
         KernelSpec(
             "router_logits", "router_logits_kernel", "router_logits_triton", signature, constants,
             num_warps=num_warps, num_stages=3, grid=(f"cdiv(T, {block_t})", str(-(-num_experts // block_e)), "1"),
-            aligned=("x_ptr", "w_ptr", "out_ptr"),
+            aligned=tuple(name for name, ty in signature.items() if ty.startswith("*")),
         )
     ]  # fmt: skip
 
@@ -308,8 +328,9 @@ def compile_for_sm90(op: str, **attrs) -> dict:
     """Compile every kernel of ``op`` for sm_90.
 
     ``op="topk_routing"``: ``num_experts, k, scoring="softmax", normalize=False``.
-    ``op="sparse_moe"``: ``dtype, hidden_size, ffn, num_experts, k, num_tokens=1, config=None``.
-    ``op="router_logits"``: ``dtype, hidden_size, num_experts, num_tokens=None``.
+    ``op="sparse_moe"``: ``dtype, hidden_size, ffn, num_experts, k, num_tokens=1, config=None,
+    activation="silu", has_b_gate_up=False, has_b_down=False``.
+    ``op="router_logits"``: ``dtype, hidden_size, num_experts, num_tokens=None, has_bias=False``.
     Returns ``{"op", "target", "triton", "kernels": [per kernel, in launch order], "workspace"}``.
     """
     import triton
@@ -351,13 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, help="sparse_moe, router_logits: D")
     parser.add_argument("--ffn", type=int, help="sparse_moe: F")
     parser.add_argument("--tokens", type=int, default=1, help="sparse_moe: token count that picks the block config")
+    parser.add_argument("--activation", default="silu", help="sparse_moe: silu | clamped_swiglu")
+    parser.add_argument("--gate-up-bias", action="store_true", help="sparse_moe: the experts have b_gate_up [E, 2F]")
+    parser.add_argument("--down-bias", action="store_true", help="sparse_moe: the experts have b_down [E, D]")
+    parser.add_argument("--bias", action="store_true", help="router_logits: the router has a bias [E]")
     args = parser.parse_args(argv)
     if args.op in ("topk_routing", "sparse_moe") and args.k is None:
         parser.error(f"{args.op} needs --k")
     if args.op == "router_logits":
         if args.hidden is None:
             parser.error("router_logits needs --hidden")
-        result = compile_for_sm90(args.op, dtype=args.dtype, hidden_size=args.hidden, num_experts=args.experts)
+        result = compile_for_sm90(args.op, dtype=args.dtype, hidden_size=args.hidden, num_experts=args.experts,
+                                  has_bias=args.bias)
     elif args.op == "topk_routing":
         result = compile_for_sm90(
             args.op, num_experts=args.experts, k=args.k, scoring=args.scoring, normalize=args.normalize
@@ -367,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("sparse_moe needs --hidden and --ffn")
         result = compile_for_sm90(
             args.op, dtype=args.dtype, hidden_size=args.hidden, ffn=args.ffn, num_experts=args.experts, k=args.k,
-            num_tokens=args.tokens,
+            num_tokens=args.tokens, activation=args.activation, has_b_gate_up=args.gate_up_bias,
+            has_b_down=args.down_bias,
         )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     for kernel in result["kernels"]:

@@ -1,11 +1,13 @@
-"""Triton kernel of the router's logits: ``x.float() @ weight.float().T`` reading ``x`` once.
+"""Triton kernel of the router's logits: ``x.float() @ weight.float().T (+ bias.float())`` reading ``x`` once.
 
 The model defines the router in float32 whatever its dtype (``moetrt/model.py``): on a bf16 model
 the plain PyTorch form is three kernels, an fp32 copy of ``x`` (``T x D x 4`` bytes written, then
 read again by the matmul), an fp32 copy of the gate weight and the fp32 matmul. At Mixtral sizes
 and T = 4096 that is ~0.2 ms of a 5.8 ms MoE block. This kernel loads the model-dtype tiles,
 converts them in registers (bf16 and fp16 convert to fp32 exactly) and accumulates the products
-in fp32: the same products as the PyTorch form, summed in another order.
+in fp32: the same products as the PyTorch form, summed in another order. A router bias (gpt-oss's
+router is ``F.linear(x, W, b)``) is added in fp32 after the sum; without one the kernel is compiled
+with ``b_ptr=None`` and is the same code as before routers had biases.
 
 Two inner products, picked by ``configs.router_logits_blocks``:
 
@@ -33,6 +35,7 @@ __all__ = ["router_logits_triton", "router_logits_kernel"]
 def router_logits_kernel(
     x_ptr,  # [T, D] model dtype, rows contiguous
     w_ptr,  # [E, D] gate weight, rows contiguous
+    b_ptr,  # [E] router bias; None: no bias
     out_ptr,  # [T, E] float32 out
     num_tokens,  # T
     D: tl.constexpr,
@@ -63,37 +66,43 @@ def router_logits_kernel(
             acc += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]  # [BT, BE, BK]
     if not USE_DOT:
         acc = tl.sum(acc, axis=2)  # [BT, BE], one reduction after the loop
+    if b_ptr is not None:
+        acc += tl.load(b_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]  # [BT, BE]
     tl.store(out_ptr + rows[:, None] * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
 
 
-def router_logits_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x.float(), weight.float())`` as one kernel: fp32 ``[T, E]`` from ``x [T, D]``, ``weight [E, D]``.
+def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x.float(), weight.float(), bias)`` as one kernel: fp32 ``[T, E]`` from ``x [T, D]``,
+    ``weight [E, D]`` and the optional ``bias [E]`` (added in fp32).
 
-    ``x`` and ``weight`` may be bf16, fp16 or fp32 (not necessarily the same). Runs on CUDA tensors,
-    or on CPU tensors in Triton's interpreter; nothing here waits for the host, so a CUDA graph can
-    capture it.
+    ``x``, ``weight`` and ``bias`` may be bf16, fp16 or fp32 (not necessarily the same). Runs on CUDA
+    tensors, or on CPU tensors in Triton's interpreter; nothing here waits for the host, so a CUDA
+    graph can capture it.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"router logits take x [T, D] and weight [E, D] with the same D, got x {list(x.shape)} and "
             f"weight {list(weight.shape)}"
         )
-    for name, tensor in (("x", x), ("weight", weight)):
-        if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"router logits: bias must be [E={weight.shape[0]}], got {list(bias.shape)}")
+    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"router logits: {name} must be bf16, fp16 or fp32, got {tensor.dtype}")
-    check_device(x, weight)
+    check_device(*(t for t in (x, weight, bias) if t is not None))
     num_tokens, dim = x.shape
     num_experts = weight.shape[0]
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     if num_tokens == 0 or num_experts == 0:
         return out
     if dim == 0:
-        return out.zero_()
+        return out.zero_() if bias is None else out.copy_(bias.float().expand_as(out))
     x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # None: the kernel is compiled without it
     block_t, block_e, block_k, use_dot, num_warps = router_logits_blocks(num_tokens, num_experts, dim)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
     router_logits_kernel[grid](
-        x, weight, out, num_tokens, D=dim, E=num_experts,
+        x, weight, bias, out, num_tokens, D=dim, E=num_experts,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, USE_DOT=use_dot, num_warps=num_warps,
     )  # fmt: skip
     return out

@@ -9,15 +9,24 @@ P = T*K (token, slot) pairs (pair ``p`` is token ``p // K``, slot ``p % K``), BM
    ``num_padded`` (slots in use, on the device: the grid is sized from T alone and blocks past
    ``num_padded`` exit at once, so nothing waits for the host and a CUDA graph can capture it).
 2. gate|up (``moe_gate_up_kernel``): per block, ``x[tokens] @ w_gate_up[e]^T`` into two fp32
-   accumulators (gate rows, up rows), SwiGLU epilogue ``silu(gate) * up``, written as the
-   intermediate ``h [P, F]`` in the model dtype.
-3. down (``moe_down_kernel``): ``h[pairs] @ w_down[e]^T`` in fp32, times the pair's routing
-   weight (fp32), cast to the model dtype into per-slot outputs ``[P, D] = [T, K, D]``.
+   accumulators (gate rows, up rows), plus the optional bias ``b_gate_up[e]``, then the
+   activation epilogue, written as the intermediate ``h [P, F]`` in the model dtype:
+   ``silu(gate) * up`` (SwiGLU), or gpt-oss's ``clamped_swiglu``: ``gate = min(gate, limit)``,
+   ``up = clamp(up, -limit, limit)``, ``(up + 1) * gate * sigmoid(alpha * gate)``.
+3. down (``moe_down_kernel``): ``h[pairs] @ w_down[e]^T`` in fp32, plus the optional bias
+   ``b_down[e]``, times the pair's routing weight (fp32), cast to the model dtype into per-slot
+   outputs ``[P, D] = [T, K, D]``.
 4. combine (``moe_combine_kernel``): ``y[t] = sum_j slots[t, j]`` in fp32, in slot order:
    deterministic, no atomics.
 
-Inputs may be bf16, fp16 or fp32 (x and both weights in one dtype); accumulation is fp32. Block
-sizes come from ``configs.sparse_moe_config`` unless a ``SparseMoEConfig`` is passed.
+Inputs may be bf16, fp16 or fp32 (x, the weights and the biases in one dtype); accumulation,
+bias addition and the activation are fp32. Block sizes come from ``configs.sparse_moe_config``
+unless a ``SparseMoEConfig`` is passed.
+
+Variants are compile-time: an absent bias is passed as ``None`` (Triton specialises it away) and
+``ACTIVATION`` is a ``tl.constexpr``, so the SwiGLU kernels without biases are the same compiled
+code as before either existed; ``alpha`` and ``limit`` are run-time floats of the clamped
+variant (``None`` for SwiGLU), so every gpt-oss layer shares one compiled kernel.
 
 Indices outside ``0..E-1`` are not checked (checking would wait for the host); their pairs are
 dropped and contribute nothing.
@@ -31,7 +40,7 @@ import triton.language as tl
 
 from moetrt.ops.kernels._util import check_device, interpreting
 from moetrt.ops.kernels.configs import SparseMoEConfig, next_power_of_2, sparse_moe_config
-from moetrt.ops.sparse_moe import _check
+from moetrt.ops.sparse_moe import SPEC, _check
 
 __all__ = [
     "sparse_moe_triton",
@@ -44,6 +53,8 @@ __all__ = [
     "moe_down_kernel",
     "moe_combine_kernel",
 ]
+
+_DEFAULTS = SPEC.defaults  # activation, alpha, limit as the op declares them
 
 
 @triton.jit
@@ -137,11 +148,14 @@ def tile_ids(GROUP_M: tl.constexpr):
 def moe_gate_up_kernel(
     x_ptr,  # [T, D]
     w_ptr,  # [E, 2F, D]: gate rows, then up rows
-    h_ptr,  # [P, F] out: silu(gate) * up per pair
+    b_ptr,  # [E, 2F]: gate biases, then up biases; None: no bias
+    h_ptr,  # [P, F] out: act(gate, up) per pair
     sorted_ids_ptr,  # [max_blocks * BLOCK_M] int32
     expert_ids_ptr,  # [max_blocks] int32
     num_padded_ptr,  # [1] int32
     num_pairs,  # P
+    alpha,  # float32, clamped_swiglu's sigmoid gain; None for silu
+    limit,  # float32, clamped_swiglu's clamp; None for silu
     D: tl.constexpr,
     F: tl.constexpr,
     K: tl.constexpr,  # routed experts per token (pair // K is the token)
@@ -151,6 +165,7 @@ def moe_gate_up_kernel(
     UPCAST: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong, see sparse_moe_triton)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps fp32 inputs exact
     GROUP_M: tl.constexpr,  # tile order, see tile_ids
+    ACTIVATION: tl.constexpr = "silu",  # "silu" | "clamped_swiglu" (moetrt.ops.sparse_moe.ACTIVATIONS)
 ):
     pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -187,7 +202,16 @@ def moe_gate_up_kernel(
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
 
-    h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # [BM, BN] silu(gate) * up, fp32
+    if b_ptr is not None:  # the expert's gate and up biases, added in fp32
+        bias_ptrs = b_ptr + expert * (2 * F) + offs_n  # [BN]
+        acc_gate += tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(bias_ptrs + F, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "clamped_swiglu":
+        gate = tl.minimum(acc_gate, limit)
+        up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+        h = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))  # [BM, BN] (up + 1) * gate * sigmoid(alpha * gate)
+    else:
+        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # [BM, BN] silu(gate) * up, fp32
     h_ptrs = h_ptr + pairs[:, None].to(tl.int64) * F + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -196,6 +220,7 @@ def moe_gate_up_kernel(
 def moe_down_kernel(
     h_ptr,  # [P, F]
     w_ptr,  # [E, D, F]
+    b_ptr,  # [E, D] bias of the down projection; None: no bias
     out_ptr,  # [P, D] out: routing weight * expert output per pair
     routing_ptr,  # [P] float32 routing weights
     sorted_ids_ptr,  # [max_blocks * BLOCK_M] int32
@@ -240,6 +265,8 @@ def moe_down_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    if b_ptr is not None:  # the expert's output bias, added in fp32 before the routing weight
+        acc += tl.load(b_ptr + expert * D + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     routing = tl.load(routing_ptr + rows, mask=row_ok, other=0.0)  # [BM] fp32
     out = acc * routing[:, None]  # the routing weight multiplies in fp32, then one cast
     tl.store(
@@ -340,19 +367,24 @@ def sparse_moe_triton(
     indices: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    activation: str = "silu",
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str = _DEFAULTS["activation"],
+    alpha: float = _DEFAULTS["alpha"],
+    limit: float = _DEFAULTS["limit"],
     *,
     config: SparseMoEConfig | None = None,
     align: str = "auto",
 ) -> torch.Tensor:
     """``moetrt::SparseMoE`` on the Triton kernels: ``y [T, D]`` in x's dtype.
 
-    Runs on CUDA tensors, or on CPU tensors when triton runs in its interpreter
-    (``TRITON_INTERPRET=1`` set before triton is imported). Nothing here synchronizes with the
-    host, so a CUDA graph can capture it.
+    ``b_gate_up [E, 2F]`` (gate biases, then up biases) and ``b_down [E, D]`` are optional;
+    ``alpha`` and ``limit`` apply to ``activation="clamped_swiglu"`` only. Runs on CUDA tensors,
+    or on CPU tensors when triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
+    triton is imported). Nothing here synchronizes with the host, so a CUDA graph can capture it.
     """
-    _check(x, weights, indices, w_gate_up, w_down, activation)
-    check_device(x, weights, indices, w_gate_up, w_down)
+    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
+    check_device(*(t for t in (x, weights, indices, w_gate_up, w_down, b_gate_up, b_down) if t is not None))
     num_tokens, dim = x.shape
     num_experts, ffn = w_gate_up.shape[0], w_down.shape[2]
     k = indices.shape[1]
@@ -362,6 +394,10 @@ def sparse_moe_triton(
     num_pairs = num_tokens * k
     config = config or sparse_moe_config(num_tokens, num_experts, k, x.element_size())
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    b_gate_up = None if b_gate_up is None else b_gate_up.contiguous()  # None: the kernel is built without it
+    b_down = None if b_down is None else b_down.contiguous()
+    clamped = activation == "clamped_swiglu"
+    alpha, limit = (float(alpha), float(limit)) if clamped else (None, None)  # SwiGLU's kernel takes neither
     indices = indices.contiguous()
     routing = weights.contiguous().view(-1)  # [P] fp32
 
@@ -376,14 +412,15 @@ def sparse_moe_triton(
     h = torch.empty(num_pairs, ffn, dtype=x.dtype, device=x.device)  # [P, F]
     cfg = config.gate_up
     moe_gate_up_kernel[(max_blocks, triton.cdiv(ffn, cfg.block_n))](
-        x, w_gate_up, h, sorted_ids, expert_ids, num_padded, num_pairs,
+        x, w_gate_up, b_gate_up, h, sorted_ids, expert_ids, num_padded, num_pairs, alpha, limit,
         D=dim, F=ffn, K=k, BLOCK_M=config.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, ACTIVATION=activation,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     slots = torch.empty(num_pairs, dim, dtype=x.dtype, device=x.device)  # [P, D] = [T, K, D]
     cfg = config.down
     moe_down_kernel[(max_blocks, triton.cdiv(dim, cfg.block_n))](
-        h, w_down, slots, routing, sorted_ids, expert_ids, num_padded, num_pairs,
+        h, w_down, b_down, slots, routing, sorted_ids, expert_ids, num_padded, num_pairs,
         D=dim, F=ffn, BLOCK_M=config.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -392,3 +429,4 @@ def sparse_moe_triton(
         slots, indices, y, num_experts, D=dim, K=k, BLOCK_D=block_d, num_warps=4 if block_d >= 512 else 1,
     )  # fmt: skip
     return y
+

@@ -15,13 +15,21 @@ attributes it declares, converting INT attributes to int32):
 plugin                    attributes                                             impl
 ========================  =====================================================  =========
 ``TopKRouting``           k, scoring, normalize, scale                           AOT + JIT
-``SparseMoE``             activation                                             JIT
+``SparseMoE``             activation, alpha, limit, has_b_gate_up, has_b_down    JIT
 ``MoEAlign``              num_experts, k, block_m                                AOT
 ``MoEGateUp``             num_experts, hidden_size, ffn, k, block_m, block_n,    AOT
-                          block_k, num_warps, num_stages, group_m
-``MoEDown``               (as MoEGateUp)                                         AOT
+                          block_k, num_warps, num_stages, group_m, activation,
+                          alpha, limit, has_b_gate_up
+``MoEDown``               (MoEGateUp's integers), has_b_down                     AOT
 ``MoECombine``            num_experts, hidden_size, k, block_d                   AOT
 ========================  =====================================================  =========
+
+``activation``, ``alpha`` and ``limit`` are ``moetrt::SparseMoE``'s own attributes, named as
+its spec (``moetrt.ops.sparse_moe.SPEC``) declares them. A TensorRT plugin has a fixed list of
+inputs, so the plugins always take the op's optional bias inputs (``b_gate_up`` into
+``SparseMoE`` and ``MoEGateUp``, ``b_down`` into ``SparseMoE`` and ``MoEDown``), and an INT
+attribute ``has_<input>`` per optional input says whether the node had it (the graph rewrite,
+``moetrt.optimize.trt``, feeds a one-element zero where it did not; the kernels never read it).
 
 An AOT plugin launches one kernel, so an engine built with ``plugins="aot"`` runs each
 ``SparseMoE`` as the four single-kernel plugins ``MoEAlign -> MoEGateUp -> MoEDown ->
@@ -42,6 +50,8 @@ from moetrt.errors import BackendMissingError, MoetrtError
 __all__ = [
     "PLUGIN_NAMESPACE",
     "PLUGIN_ATTRIBUTES",
+    "SPARSE_MOE_ATTRIBUTES",
+    "BIAS_FLAGS",
     "AOT_PLUGINS",
     "JIT_PLUGINS",
     "PLUGIN_MODES",
@@ -58,14 +68,26 @@ __all__ = [
 ]
 
 PLUGIN_NAMESPACE = "moetrt"
+
+
+def _sparse_moe_spec_names() -> tuple[tuple[str, ...], dict[str, str]]:
+    """SparseMoE's attributes the kernels take (all but plugin_namespace) and ``{optional input: has_<input>}``."""
+    from moetrt.ops.sparse_moe import SPEC
+
+    attributes = tuple(a.name for a in SPEC.attrs if a.name != "plugin_namespace")
+    return attributes, {p.name: f"has_{p.name}" for p in SPEC.inputs if p.optional}
+
+
+# SPARSE_MOE_ATTRIBUTES: ("activation", "alpha", "limit"); BIAS_FLAGS: {"b_gate_up": "has_b_gate_up", ...}
+SPARSE_MOE_ATTRIBUTES, BIAS_FLAGS = _sparse_moe_spec_names()
+_GEMM_ATTRIBUTES = ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps",
+                    "num_stages", "group_m")
 PLUGIN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "TopKRouting": ("k", "scoring", "normalize", "scale"),
-    "SparseMoE": ("activation",),
+    "SparseMoE": (*SPARSE_MOE_ATTRIBUTES, *BIAS_FLAGS.values()),
     "MoEAlign": ("num_experts", "k", "block_m"),
-    "MoEGateUp": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages",
-                  "group_m"),
-    "MoEDown": ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps", "num_stages",
-                "group_m"),
+    "MoEGateUp": (*_GEMM_ATTRIBUTES, *SPARSE_MOE_ATTRIBUTES, BIAS_FLAGS["b_gate_up"]),
+    "MoEDown": (*_GEMM_ATTRIBUTES, BIAS_FLAGS["b_down"]),
     "MoECombine": ("num_experts", "hidden_size", "k", "block_d"),
 }
 AOT_PLUGINS = ("TopKRouting", "MoEAlign", "MoEGateUp", "MoEDown", "MoECombine")

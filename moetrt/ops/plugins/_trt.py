@@ -124,10 +124,13 @@ def topk_routing_aot_impl(
 
 
 # --- moetrt::SparseMoE (JIT: four Triton kernels launched from Python) ----------------------------
+# The biases are always inputs (a plugin's inputs are fixed); has_b_gate_up / has_b_down say whether
+# they are the node's or the one-element placeholders the graph rewrite feeds in their place.
 @trtp.register("moetrt::SparseMoE")
 def sparse_moe_desc(
     x: trtp.TensorDesc, weights: trtp.TensorDesc, indices: trtp.TensorDesc, w_gate_up: trtp.TensorDesc,
-    w_down: trtp.TensorDesc, activation: str,
+    w_down: trtp.TensorDesc, b_gate_up: trtp.TensorDesc, b_down: trtp.TensorDesc, activation: str, alpha: float,
+    limit: float, has_b_gate_up: int, has_b_down: int,
 ) -> trtp.TensorDesc:
     return x.like()  # y [T, D] in x's dtype
 
@@ -135,7 +138,8 @@ def sparse_moe_desc(
 @trtp.impl("moetrt::SparseMoE")
 def sparse_moe_impl(
     x: trtp.Tensor, weights: trtp.Tensor, indices: trtp.Tensor, w_gate_up: trtp.Tensor, w_down: trtp.Tensor,
-    activation: str, outputs: Tuple[trtp.Tensor], stream: int,
+    b_gate_up: trtp.Tensor, b_down: trtp.Tensor, activation: str, alpha: float, limit: float, has_b_gate_up: int,
+    has_b_down: int, outputs: Tuple[trtp.Tensor], stream: int,
 ) -> None:
     import torch
 
@@ -143,7 +147,8 @@ def sparse_moe_impl(
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         y = sparse_moe_triton(_as_torch(x), _as_torch(weights), _as_torch(indices), _as_torch(w_gate_up),
-                              _as_torch(w_down), aot.attribute_text(activation))
+                              _as_torch(w_down), _as_torch(b_gate_up) if has_b_gate_up else None,
+                              _as_torch(b_down) if has_b_down else None, aot.attribute_text(activation), alpha, limit)
         _as_torch(outputs[0]).copy_(y)
 
 
@@ -171,43 +176,47 @@ def moe_align_aot_impl(
 
 @trtp.register("moetrt::MoEGateUp")
 def moe_gate_up_desc(
-    x: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_ids: trtp.TensorDesc, expert_ids: trtp.TensorDesc,
-    num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int, block_n: int,
-    block_k: int, num_warps: int, num_stages: int, group_m: int,
+    x: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, b_gate_up: trtp.TensorDesc, sorted_ids: trtp.TensorDesc,
+    expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int,
+    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int, activation: str,
+    alpha: float, limit: float, has_b_gate_up: int,
 ) -> trtp.TensorDesc:
     return trtp.from_shape_expr((x.shape_expr[0] * k, ffn), dtype=x.dtype)  # h [P, F]
 
 
 @trtp.aot_impl("moetrt::MoEGateUp")
 def moe_gate_up_aot_impl(
-    x: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_ids: trtp.TensorDesc, expert_ids: trtp.TensorDesc,
-    num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int, block_n: int,
-    block_k: int, num_warps: int, num_stages: int, group_m: int, outputs: Tuple[trtp.TensorDesc], tactic: int,
+    x: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, b_gate_up: trtp.TensorDesc, sorted_ids: trtp.TensorDesc,
+    expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int,
+    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int, activation: str,
+    alpha: float, limit: float, has_b_gate_up: int, outputs: Tuple[trtp.TensorDesc], tactic: int,
 ) -> AotResult:
     kernel = aot.moe_gate_up_aot_kernel(_kernel_dtype(x, "SparseMoE's x"), num_experts, hidden_size, ffn, k, block_m,
-                                        block_n, block_k, num_warps, num_stages, group_m)
+                                        block_n, block_k, num_warps, num_stages, group_m, activation, alpha, limit,
+                                        has_b_gate_up)
     tokens = x.shape_expr[0]
     return _aot_result(kernel, tokens, [tokens * k])
 
 
 @trtp.register("moetrt::MoEDown")
 def moe_down_desc(
-    h: trtp.TensorDesc, w_down: trtp.TensorDesc, weights: trtp.TensorDesc, sorted_ids: trtp.TensorDesc,
-    expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int,
-    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int,
+    h: trtp.TensorDesc, w_down: trtp.TensorDesc, b_down: trtp.TensorDesc, weights: trtp.TensorDesc,
+    sorted_ids: trtp.TensorDesc, expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int,
+    hidden_size: int, ffn: int, k: int, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+    group_m: int, has_b_down: int,
 ) -> trtp.TensorDesc:
     return trtp.from_shape_expr((h.shape_expr[0], hidden_size), dtype=h.dtype)  # slots [P, D]
 
 
 @trtp.aot_impl("moetrt::MoEDown")
 def moe_down_aot_impl(
-    h: trtp.TensorDesc, w_down: trtp.TensorDesc, weights: trtp.TensorDesc, sorted_ids: trtp.TensorDesc,
-    expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int, hidden_size: int, ffn: int, k: int,
-    block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int,
-    outputs: Tuple[trtp.TensorDesc], tactic: int,
+    h: trtp.TensorDesc, w_down: trtp.TensorDesc, b_down: trtp.TensorDesc, weights: trtp.TensorDesc,
+    sorted_ids: trtp.TensorDesc, expert_ids: trtp.TensorDesc, num_padded: trtp.TensorDesc, num_experts: int,
+    hidden_size: int, ffn: int, k: int, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+    group_m: int, has_b_down: int, outputs: Tuple[trtp.TensorDesc], tactic: int,
 ) -> AotResult:
     kernel = aot.moe_down_aot_kernel(_kernel_dtype(h, "SparseMoE's x"), num_experts, hidden_size, ffn, k, block_m,
-                                     block_n, block_k, num_warps, num_stages, group_m)
+                                     block_n, block_k, num_warps, num_stages, group_m, has_b_down)
     tokens = weights.shape_expr[0]  # routing weights [T, K]
     return _aot_result(kernel, tokens, [tokens * k])
 

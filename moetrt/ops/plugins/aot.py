@@ -27,10 +27,13 @@ import json
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from moetrt.ops.kernels.compile import KernelSpec
 from moetrt.ops.kernels.configs import SparseMoEConfig, next_power_of_2, sparse_moe_config, topk_routing_blocks
+from moetrt.ops.plugins import BIAS_FLAGS, PLUGIN_ATTRIBUTES, SPARSE_MOE_ATTRIBUTES
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
 
 __all__ = [
     "AotKernel",
@@ -45,6 +48,7 @@ __all__ = [
     "moe_down_aot_kernel",
     "moe_combine_aot_kernel",
     "sparse_moe_plan",
+    "sparse_moe_attributes",
     "max_blocks",
     "launch_grid",
     "compile_aot_kernel",
@@ -164,36 +168,53 @@ def _precision(ty: str) -> dict:
     return {"UPCAST": False, "PRECISION": "ieee" if ty == "fp32" else "tf32"}
 
 
+def _activation_constants(activation: str | bytes, alpha: float | None, limit: float | None) -> dict:
+    """ACTIVATION, ALPHA, LIMIT compiled in (TensorRT's extra arguments are int32): None for SwiGLU's unused two."""
+    values = SPARSE_MOE_SPEC.resolve({"activation": attribute_text(activation), "alpha": alpha, "limit": limit})
+    clamped = values["activation"] == "clamped_swiglu"
+    return {"ACTIVATION": values["activation"], "ALPHA": float(values["alpha"]) if clamped else None,
+            "LIMIT": float(values["limit"]) if clamped else None}
+
+
 def moe_gate_up_aot_kernel(dtype: str, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int,
                            block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3,
-                           group_m: int = 0) -> AotKernel:
-    """``moetrt::MoEGateUp``: (x, w_gate_up, alignment) -> h = silu(gate) * up per pair."""
+                           group_m: int = 0, activation: str = "silu", alpha: float | None = None,
+                           limit: float | None = None, has_b_gate_up: int = 0) -> AotKernel:
+    """``moetrt::MoEGateUp``: (x, w_gate_up, b_gate_up, alignment) -> h = act(gate, up) per pair.
+
+    ``alpha`` / ``limit`` None: the spec's defaults; ``has_b_gate_up`` 0: the bias input is not read.
+    """
     ty = _triton_dtype(dtype)
-    sig = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-           "num_padded_ptr": "*i32", "num_pairs": "i32", "h_ptr": f"*{ty}"}
+    sig = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "sorted_ids_ptr": "*i32",
+           "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32", "h_ptr": f"*{ty}"}
     constants = {"D": hidden_size, "F": ffn, "K": k, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 **_precision(ty), "GROUP_M": group_m}
+                 **_precision(ty), "GROUP_M": group_m, "HAS_BIAS": bool(has_b_gate_up),
+                 **_activation_constants(activation, alpha, limit)}
     spec = _PluginKernelSpec("moe_gate_up", "moe_gate_up_aot", "plugins", sig, constants, num_warps=num_warps,
                              num_stages=num_stages, grid=(_max_blocks_formula(num_experts, k, block_m), str(-(-ffn // block_n)), "1"),
                              aligned=_pointers(sig))
-    return AotKernel("MoEGateUp", spec, ("x_ptr", "w_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr"),
+    return AotKernel("MoEGateUp", spec,
+                     ("x_ptr", "w_ptr", "b_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr"),
                      ("num_pairs",), ("h_ptr",), num_experts, k)
 
 
 def moe_down_aot_kernel(dtype: str, num_experts: int, hidden_size: int, ffn: int, k: int, block_m: int,
                         block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3,
-                        group_m: int = 0) -> AotKernel:
-    """``moetrt::MoEDown``: (h, w_down, routing weights, alignment) -> weighted per-slot outputs."""
+                        group_m: int = 0, has_b_down: int = 0) -> AotKernel:
+    """``moetrt::MoEDown``: (h, w_down, b_down, routing weights, alignment) -> weighted per-slot outputs.
+
+    ``has_b_down`` 0: the bias input is not read.
+    """
     ty = _triton_dtype(dtype)
-    sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "routing_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+    sig = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "routing_ptr": "*fp32", "sorted_ids_ptr": "*i32",
            "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32", "out_ptr": f"*{ty}"}
     constants = {"D": hidden_size, "F": ffn, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 **_precision(ty), "GROUP_M": group_m}
+                 **_precision(ty), "GROUP_M": group_m, "HAS_BIAS": bool(has_b_down)}
     spec = _PluginKernelSpec("moe_down", "moe_down_aot", "plugins", sig, constants, num_warps=num_warps,
                              num_stages=num_stages, grid=(_max_blocks_formula(num_experts, k, block_m), str(-(-hidden_size // block_n)), "1"),
                              aligned=_pointers(sig))
     return AotKernel("MoEDown", spec,
-                     ("h_ptr", "w_ptr", "routing_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr"),
+                     ("h_ptr", "w_ptr", "b_ptr", "routing_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr"),
                      ("num_pairs",), ("out_ptr",), num_experts, k)
 
 
@@ -212,12 +233,8 @@ _BUILDERS = {
     "TopKRouting": lambda dtype, a: topk_routing_aot_kernel(a["num_experts"], a["k"], a["scoring"], bool(a["normalize"]),
                                                             a["scale"]),
     "MoEAlign": lambda dtype, a: moe_align_aot_kernel(a["num_experts"], a["k"], a["block_m"]),
-    "MoEGateUp": lambda dtype, a: moe_gate_up_aot_kernel(dtype, a["num_experts"], a["hidden_size"], a["ffn"], a["k"],
-                                                         a["block_m"], a["block_n"], a["block_k"], a["num_warps"],
-                                                         a["num_stages"], a["group_m"]),
-    "MoEDown": lambda dtype, a: moe_down_aot_kernel(dtype, a["num_experts"], a["hidden_size"], a["ffn"], a["k"],
-                                                    a["block_m"], a["block_n"], a["block_k"], a["num_warps"],
-                                                    a["num_stages"], a["group_m"]),
+    "MoEGateUp": lambda dtype, a: moe_gate_up_aot_kernel(dtype, *(a[n] for n in PLUGIN_ATTRIBUTES["MoEGateUp"])),
+    "MoEDown": lambda dtype, a: moe_down_aot_kernel(dtype, *(a[n] for n in PLUGIN_ATTRIBUTES["MoEDown"])),
     "MoECombine": lambda dtype, a: moe_combine_aot_kernel(dtype, a["num_experts"], a["hidden_size"], a["k"],
                                                           a["block_d"]),
 }
@@ -234,27 +251,54 @@ def aot_kernel(plugin: str, dtype: str = "fp32", **attrs) -> AotKernel:
 
 
 # --- SparseMoE as four plugins -----------------------------------------------------------------
+def sparse_moe_attributes(attributes: Mapping[str, Any] | None = None, biases: Iterable[str] = ()) -> dict[str, Any]:
+    """The JIT ``SparseMoE`` plugin's attributes, in registration order, for a node.
+
+    ``attributes``: the node's (``plugin_namespace`` and ``aot`` allowed); the spec fills in
+    the defaults it left off and refuses unknown or out-of-range values. ``biases``: the optional
+    inputs the node has (``"b_gate_up"``, ``"b_down"``).
+    """
+    biases = set(biases)
+    unknown = sorted(biases - set(BIAS_FLAGS))
+    if unknown:
+        raise ValueError(f"SparseMoE has no optional input(s) {unknown}; its optional inputs: {list(BIAS_FLAGS)}")
+    given = {name: value for name, value in (attributes or {}).items() if name != "aot"}
+    given = {name: attribute_text(value) if isinstance(value, (str, bytes)) else value for name, value in given.items()}
+    resolved = SPARSE_MOE_SPEC.resolve(given)
+    values = {name: resolved[name] for name in SPARSE_MOE_ATTRIBUTES}
+    values.update({flag: int(name in biases) for name, flag in BIAS_FLAGS.items()})
+    assert tuple(values) == PLUGIN_ATTRIBUTES["SparseMoE"], tuple(values)
+    return values
+
+
 def sparse_moe_plan(hidden_size: int, ffn: int, num_experts: int, k: int, num_tokens: int,
-                    element_size: int = 2, config: SparseMoEConfig | None = None) -> dict[str, dict[str, int]]:
-    """The integer attributes of the four plugins that replace one SparseMoE node.
+                    element_size: int = 2, config: SparseMoEConfig | None = None,
+                    attributes: Mapping[str, Any] | None = None, biases: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """The attributes of the four plugins that replace one SparseMoE node, in registration order.
 
     Block sizes come from the kernels' table for ``num_tokens`` tokens (the engine's optimal
     batch x sequence), as the torch back end picks them per call; an engine keeps one choice.
+    ``attributes`` / ``biases``: the node's attributes and optional inputs, as for
+    :func:`sparse_moe_attributes` (default: SwiGLU without biases).
     """
     config = config or sparse_moe_config(num_tokens, num_experts, k, element_size)
     gate_up, down = config.gate_up, config.down
     block_d = min(config.combine_block_d, next_power_of_2(hidden_size))
-    return {
+    op = sparse_moe_attributes(attributes, biases)
+    gemm = {"num_experts": num_experts, "hidden_size": hidden_size, "ffn": ffn, "k": k, "block_m": config.block_m}
+    plan = {
         "MoEAlign": {"num_experts": num_experts, "k": k, "block_m": config.block_m},
-        "MoEGateUp": {"num_experts": num_experts, "hidden_size": hidden_size, "ffn": ffn, "k": k, "block_m": config.block_m,
-                      "block_n": gate_up.block_n, "block_k": gate_up.block_k, "num_warps": gate_up.num_warps,
-                      "num_stages": gate_up.num_stages, "group_m": gate_up.group_m},
-        "MoEDown": {"num_experts": num_experts, "hidden_size": hidden_size, "ffn": ffn, "k": k,
-                    "block_m": config.block_m, "block_n": down.block_n,
-                    "block_k": down.block_k, "num_warps": down.num_warps, "num_stages": down.num_stages,
-                    "group_m": down.group_m},
+        "MoEGateUp": {**gemm, "block_n": gate_up.block_n, "block_k": gate_up.block_k, "num_warps": gate_up.num_warps,
+                      "num_stages": gate_up.num_stages, "group_m": gate_up.group_m,
+                      **{name: op[name] for name in SPARSE_MOE_ATTRIBUTES},
+                      BIAS_FLAGS["b_gate_up"]: op[BIAS_FLAGS["b_gate_up"]]},
+        "MoEDown": {**gemm, "block_n": down.block_n, "block_k": down.block_k, "num_warps": down.num_warps,
+                    "num_stages": down.num_stages, "group_m": down.group_m,
+                    BIAS_FLAGS["b_down"]: op[BIAS_FLAGS["b_down"]]},
         "MoECombine": {"num_experts": num_experts, "hidden_size": hidden_size, "k": k, "block_d": block_d},
     }
+    assert all(tuple(plan[p]) == PLUGIN_ATTRIBUTES[p] for p in plan), plan
+    return plan
 
 
 def max_blocks(num_pairs, num_experts: int, block_m: int, ops=INT_OPS):

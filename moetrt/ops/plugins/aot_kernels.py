@@ -6,8 +6,14 @@ pointers ("Symbolic expressions for scalar inputs to the kernel, located after t
 and before the tensor outputs": ``tensorrt.plugin.aot_impl``'s docstring in
 ``python/packaging/bindings_wheel/tensorrt/plugin/_lib.py``; ``circ_pad_kernel`` in
 ``samples/python/quickly_deployable_plugins/oait_kernels.py`` is laid out the same way).
-Every scalar that is not a shape (the routing ``scale``, E, D, F, block sizes) is a
-``tl.constexpr`` compiled in.
+Every scalar that is not a shape (the routing ``scale``, clamped SwiGLU's ``alpha`` and
+``limit``, E, D, F, block sizes) is a ``tl.constexpr`` compiled in: TensorRT's extra arguments
+are int32 shape expressions.
+
+A plugin has a fixed list of inputs, so ``MoEGateUp`` and ``MoEDown`` always take a bias input;
+``HAS_BIAS`` (the node's ``has_b_gate_up`` / ``has_b_down``) says whether to read it. Without it
+the wrapper passes ``None`` to the op's kernel, which then computes exactly the unbiased code
+(the unused pointer stays in the parameter list, where TensorRT puts it).
 
 Each wrapper here only reorders arguments and calls the op's kernel in
 ``moetrt/ops/kernels/`` as a device function, so the plugins run exactly the code the torch
@@ -73,6 +79,7 @@ def moe_align_aot(
 def moe_gate_up_aot(
     x_ptr,  # in  [T, D]
     w_ptr,  # in  [E, 2F, D]
+    b_ptr,  # in  [E, 2F] gate then up biases (read only if HAS_BIAS)
     sorted_ids_ptr,  # in  [max_blocks * BLOCK_M] int32
     expert_ids_ptr,  # in  [max_blocks] int32
     num_padded_ptr,  # in  [1] int32
@@ -87,11 +94,15 @@ def moe_gate_up_aot(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,  # None for silu
+    LIMIT: tl.constexpr,  # None for silu
 ):
     moe_gate_up_kernel(
-        x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_pairs,
-        D=D, F=F, K=K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, PRECISION=PRECISION,
-        GROUP_M=GROUP_M,
+        x_ptr, w_ptr, b_ptr if HAS_BIAS else None, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_pairs,
+        ALPHA, LIMIT, D=D, F=F, K=K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST,
+        PRECISION=PRECISION, GROUP_M=GROUP_M, ACTIVATION=ACTIVATION,
     )  # fmt: skip
 
 
@@ -99,6 +110,7 @@ def moe_gate_up_aot(
 def moe_down_aot(
     h_ptr,  # in  [P, F]
     w_ptr,  # in  [E, D, F]
+    b_ptr,  # in  [E, D] down biases (read only if HAS_BIAS)
     routing_ptr,  # in  [T, K] float32 routing weights
     sorted_ids_ptr,  # in  [max_blocks * BLOCK_M] int32
     expert_ids_ptr,  # in  [max_blocks] int32
@@ -113,9 +125,11 @@ def moe_down_aot(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     moe_down_kernel(
-        h_ptr, w_ptr, out_ptr, routing_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_pairs,
+        h_ptr, w_ptr, b_ptr if HAS_BIAS else None, out_ptr, routing_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+        num_pairs,
         D=D, F=F, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, PRECISION=PRECISION,
         GROUP_M=GROUP_M,
     )  # fmt: skip

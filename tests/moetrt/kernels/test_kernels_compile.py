@@ -44,7 +44,31 @@ BUILDS = {
         "sparse_moe",
         {"dtype": "fp16", "hidden_size": 1000, "ffn": 360, "num_experts": 60, "k": 4, "num_tokens": 64},
     ),
-}
+    # gpt-oss-20b's experts (D = F = 2880, E 32, top-4): clamped SwiGLU with both biases, decode and prefill rows;
+    # one bias at a time on fp16; its router's bias
+    "gpt_oss_decode": (
+        "sparse_moe",
+        {"dtype": "bf16", "hidden_size": 2880, "ffn": 2880, "num_experts": 32, "k": 4, "num_tokens": 1,
+         "activation": "clamped_swiglu", "has_b_gate_up": True, "has_b_down": True},
+    ),
+    "gpt_oss_prefill": (
+        "sparse_moe",
+        {"dtype": "bf16", "hidden_size": 2880, "ffn": 2880, "num_experts": 32, "k": 4, "num_tokens": 4096,
+         "activation": "clamped_swiglu", "has_b_gate_up": True, "has_b_down": True},
+    ),
+    "gate_up_bias_fp16": (
+        "sparse_moe",
+        {"dtype": "fp16", "hidden_size": 1000, "ffn": 360, "num_experts": 60, "k": 4, "num_tokens": 64,
+         "activation": "clamped_swiglu", "has_b_gate_up": True},
+    ),
+    "down_bias_fp16": (
+        "sparse_moe",
+        {"dtype": "fp16", "hidden_size": 1000, "ffn": 360, "num_experts": 60, "k": 4, "num_tokens": 64,
+         "has_b_down": True},
+    ),
+    "router_logits_gpt_oss": ("router_logits", {"dtype": "bf16", "hidden_size": 2880, "num_experts": 32,
+                                                "has_bias": True}),
+}  # fmt: skip
 KERNELS = {
     "topk_routing": ["topk_routing"],
     "sparse_moe": ["moe_align", "moe_gate_up", "moe_down", "moe_combine"],
@@ -141,6 +165,35 @@ def test_sparse_moe_workspace_and_tensor_core_paths(compiled):
         gate_up = _kernel(compiled, build, "moe_gate_up")
         assert gate_up["constants"]["D"] == 4096 and gate_up["constants"]["F"] == 14336
         assert "cp.async" in gate_up["ptx"]  # pipelined loads
+
+
+def _param_names(kernel) -> list[str]:
+    return [name for name, _ in kernel["params"]]
+
+
+def test_bias_and_activation_variants_take_their_parameters(compiled):
+    """A bias is a pointer parameter only when present, the clamp's alpha and limit are run-time fp32 scalars of the
+    clamped variant only; SwiGLU without biases keeps the parameters it always had."""
+    silu_gate_up, silu_down = (_kernel(compiled, "small_fp16", n) for n in ("moe_gate_up", "moe_down"))
+    assert _param_names(silu_gate_up)[:3] == ["x_ptr", "w_ptr", "h_ptr"]
+    assert not {"b_ptr", "alpha", "limit"} & set(_param_names(silu_gate_up)) and "b_ptr" not in _param_names(silu_down)
+    for build in ("gpt_oss_decode", "gpt_oss_prefill"):
+        gate_up, down = (_kernel(compiled, build, n) for n in ("moe_gate_up", "moe_down"))
+        assert _param_names(gate_up)[:4] == ["x_ptr", "w_ptr", "b_ptr", "h_ptr"]
+        assert dict(map(tuple, gate_up["params"]))["alpha"] == dict(map(tuple, gate_up["params"]))["limit"] == "fp32"
+        assert gate_up["constants"]["ACTIVATION"] == "clamped_swiglu" and _param_names(down)[:3] == ["h_ptr", "w_ptr",
+                                                                                                     "b_ptr"]
+        assert "ex2.approx" in gate_up["ptx"] and "min.f32" in gate_up["ptx"]  # sigmoid's exp and the clamp
+    assert "b_ptr" in _param_names(_kernel(compiled, "gate_up_bias_fp16", "moe_gate_up"))
+    assert "b_ptr" not in _param_names(_kernel(compiled, "gate_up_bias_fp16", "moe_down"))
+    assert "b_ptr" not in _param_names(_kernel(compiled, "down_bias_fp16", "moe_gate_up"))
+    assert "alpha" not in _param_names(_kernel(compiled, "down_bias_fp16", "moe_gate_up"))
+    assert "b_ptr" in _param_names(_kernel(compiled, "down_bias_fp16", "moe_down"))
+    # prefill keeps Hopper's wgmma with the bias epilogue
+    assert "wgmma" in _kernel(compiled, "gpt_oss_prefill", "moe_gate_up")["ptx"]
+    router = _kernel(compiled, "router_logits_gpt_oss", "router_logits")
+    assert _param_names(router)[:3] == ["x_ptr", "w_ptr", "b_ptr"]
+    assert "b_ptr" not in _param_names(_kernel(compiled, "router_logits_e8", "router_logits"))
 
 
 def test_router_logits_paths_stay_fp32(compiled):

@@ -59,6 +59,17 @@ MOE_CASES = [
     (257, 2048, 768, 128, 8, torch.bfloat16),  # Qwen3-MoE-30B-A3B-like
     (100, 1024, 2048, 8, 2, torch.float32),
 ]
+# gpt-oss-20b's experts (D = F = 2880, E 32, top-4) at decode and prefill, clamped SwiGLU, with
+# (gate_up bias, down bias) on or off; (tokens T, dtype, biases)
+GPT_OSS_CASES = [
+    (1, torch.bfloat16, (True, True)),
+    (7, torch.bfloat16, (False, True)),
+    (2049, torch.bfloat16, (True, True)),
+    (64, torch.float16, (True, False)),
+    (100, torch.float32, (True, True)),
+]
+GPT_OSS_SHAPE = dict(dim=2880, ffn=2880, experts=32, k=4)
+GPT_OSS_ATTRS = dict(activation="clamped_swiglu", alpha=1.702, limit=7.0)
 # NOTE: relative Frobenius error against float64 on the same inputs. The kernels round three
 # times to the model dtype (h, each slot's output, y); bf16 keeps 8 significant bits (unit
 # roundoff 2^-8 = 3.9e-3, about 1.6e-3 rms per rounding of random values), so about 3e-3 is
@@ -82,7 +93,8 @@ def _moe_inputs(tokens, dim, ffn, experts, k, dtype, seed=0):
     return x, weights, indices, w_gate_up, w_down
 
 
-def _reference_fp64(x, weights, indices, w_gate_up, w_down) -> torch.Tensor:
+def _reference_fp64(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="silu",
+                    alpha=1.702, limit=7.0) -> torch.Tensor:
     ffn = w_down.shape[2]
     y = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     flat = indices.reshape(-1).long()
@@ -90,9 +102,18 @@ def _reference_fp64(x, weights, indices, w_gate_up, w_down) -> torch.Tensor:
         pairs = (flat == e).nonzero().squeeze(1)  # [n]
         tokens = pairs // indices.shape[1]
         gate_up = x[tokens].double() @ w_gate_up[e].double().t()  # [n, 2F]
-        hidden = torch.nn.functional.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
-        out = (hidden @ w_down[e].double().t()) * weights.reshape(-1)[pairs, None].double()
-        y.index_add_(0, tokens, out)
+        if b_gate_up is not None:
+            gate_up = gate_up + b_gate_up[e].double()
+        gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
+        if activation == "silu":
+            hidden = torch.nn.functional.silu(gate) * up
+        else:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            hidden = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        out = hidden @ w_down[e].double().t()
+        if b_down is not None:
+            out = out + b_down[e].double()
+        y.index_add_(0, tokens, out * weights.reshape(-1)[pairs, None].double())
     return y
 
 
@@ -155,6 +176,43 @@ def test_sparse_moe_matches_float64(tokens, dim, ffn, experts, k, dtype, record_
 
 
 @in_process
+@pytest.mark.parametrize("tokens,dtype,biases", GPT_OSS_CASES)
+def test_clamped_swiglu_with_biases_matches_float64(tokens, dtype, biases, record_max):
+    x, weights, indices, w_gate_up, w_down = _moe_inputs(tokens, **GPT_OSS_SHAPE, dtype=dtype, seed=tokens)
+    g = torch.Generator(device=CUDA).manual_seed(tokens + 1)
+    experts, dim, ffn = GPT_OSS_SHAPE["experts"], GPT_OSS_SHAPE["dim"], GPT_OSS_SHAPE["ffn"]
+    b_gate_up = (torch.randn(experts, 2 * ffn, device=CUDA, generator=g) * 2).to(dtype) if biases[0] else None
+    b_down = torch.randn(experts, dim, device=CUDA, generator=g).to(dtype) if biases[1] else None
+    x = x * 4  # gate and up reach gpt-oss's limit of 7 (unit-variance projections otherwise rarely do)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **GPT_OSS_ATTRS)
+    ref = _reference_fp64(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **GPT_OSS_ATTRS)
+    err = _rel_fro(y, ref)
+    eager = sparse_moe_eager(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **GPT_OSS_ATTRS)
+    eager_err = _rel_fro(eager, ref)
+    key = f"gpt-oss T={tokens} {dtype} biases={biases}"
+    record_max("Triton kernels (GPU): relative Frobenius error vs float64", key, err)
+    assert err <= RTOL[dtype], err
+    assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+    assert maybe_register_cuda_kernels()  # the op on CUDA runs these kernels, the new arguments passed through
+    op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, *GPT_OSS_ATTRS.values())
+    assert torch.equal(y, op)
+
+
+@in_process
+def test_router_with_a_bias_matches_float64():
+    g = torch.Generator(device=CUDA).manual_seed(3)
+    for tokens in (1, 4096):  # the broadcast and the dot paths
+        x = torch.randn(tokens, 2880, device=CUDA, generator=g).to(torch.bfloat16)
+        weight = (torch.randn(32, 2880, device=CUDA, generator=g) * 2880**-0.5).to(torch.bfloat16)
+        bias = torch.randn(32, device=CUDA, generator=g).to(torch.bfloat16)
+        ref = x.double() @ weight.double().t() + bias.double()
+        ours = router_logits_triton(x, weight, bias)
+        # NOTE: fp32 sums of 2880 exact products of unit size: a few ulps of sqrt(D) ~ 54
+        assert float((ours.double() - ref).abs().max()) <= 2e-5
+        assert maybe_register_cuda_kernels() and torch.equal(router_logits(x, weight, bias), ours)
+
+
+@in_process
 def test_align_methods_give_bitwise_equal_outputs():
     x, weights, indices, w_gate_up, w_down = _moe_inputs(257, 2048, 768, 128, 8, torch.bfloat16, seed=1)
     a = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, align="triton")
@@ -171,7 +229,7 @@ def test_registered_ops_dispatch_to_the_kernels():
     op_w, op_i = torch.ops.moetrt.TopKRouting(logits, 2, "softmax", True, 1.0)
     ker_w, ker_i = topk_routing_triton(logits, 2, "softmax", True, 1.0)
     assert torch.equal(op_i, ker_i) and torch.equal(op_w, ker_w)
-    y_op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
+    y_op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, activation="silu")
     assert torch.equal(y_op, sparse_moe_triton(x, weights, indices, w_gate_up, w_down))
     gate = torch.randn(8, 1024, device=CUDA, dtype=torch.bfloat16)
     assert torch.equal(router_logits(x, gate), router_logits_triton(x, gate))  # what the model's router calls

@@ -2,10 +2,11 @@
 
 ``TopKRouting``: softmax and sigmoid, k = 1..8, E up to 256, several programs, exact ties, NaN.
 Router logits: both inner products (broadcast and ``tl.dot``), several programs on each axis,
-masked D, mixed dtypes. ``SparseMoE``: odd token counts, experts no token picks, k = 1..4, masked (non-multiple-of-16)
-D and F, several blocks per expert, fp32/fp16/bf16, the default config table, T = 0, dropped
-out-of-range experts, both alignment methods, degenerate equivalences, determinism; and the
-wrappers that ``maybe_register_cuda_kernels`` installs for CUDA.
+masked D, mixed dtypes, with and without a bias. ``SparseMoE``: odd token counts, experts no token picks, k = 1..4,
+masked (non-multiple-of-16) D and F, several blocks per expert, fp32/fp16/bf16, the default config table, T = 0,
+dropped out-of-range experts, both alignment methods, degenerate equivalences, determinism; gpt-oss's clamped SwiGLU
+with and without each bias, on the decode and the prefill rows of the table; and the wrappers that
+``maybe_register_cuda_kernels`` installs for CUDA.
 
 The interpreter mode is fixed when triton is imported. When this process already imported triton
 compiled (another test module did, on a GPU machine), the whole file reruns in a fresh process.
@@ -44,7 +45,7 @@ if IN_PROCESS:
         router_logits,
     )
     from moetrt.ops.kernels.configs import router_logits_blocks
-    from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig
+    from moetrt.ops.kernels.configs import GemmConfig, SparseMoEConfig, sparse_moe_config
     import triton
     import triton.language as tl
 
@@ -101,6 +102,16 @@ MOE_CASES = [
     (11, 32, 48, 8, 2, torch.float16),
     (9, 48, 32, 5, 2, torch.bfloat16),
 ]
+# (tokens T, model dim D, expert dim F, experts E, k, dtype, path): gpt-oss's activation on masked D/F; "decode" and
+# "prefill" launch the config table's 16- and 128-row blocks (T*k/E <= 16 and > 256), "small tiles" 16 x 16 tiles
+GPT_OSS_CASES = [
+    (5, 40, 24, 6, 2, torch.float32, "small tiles"),
+    (3, 48, 20, 8, 4, torch.float32, "decode"),
+    (400, 24, 40, 3, 2, torch.float32, "prefill"),
+    (11, 32, 48, 8, 2, torch.float16, "small tiles"),
+    (9, 48, 32, 5, 2, torch.bfloat16, "decode"),
+]
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 1.5  # gpt-oss's alpha; a limit the unit-variance projections cross often
 # NOTE: float32 kernels against a float64 reference of the same inputs; sums of <= 48 products.
 FP32_RTOL = 1e-5
 # NOTE: relative Frobenius error of half-precision outputs against the float64 reference of the
@@ -137,10 +148,17 @@ def _experts(num_experts, dim, ffn, dtype, seed):
     return w_gate_up, w_down
 
 
-def _reference(x, weights, indices, w_gate_up, w_down) -> np.ndarray:
+def _reference(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, **attrs) -> np.ndarray:
+    as64 = lambda t: None if t is None else t.double().numpy()  # noqa: E731
     return sparse_moe_reference(
-        x.double().numpy(), weights.numpy(), indices.numpy(), w_gate_up.double().numpy(), w_down.double().numpy()
+        x.double().numpy(), weights.numpy(), indices.numpy(), as64(w_gate_up), as64(w_down), as64(b_gate_up),
+        as64(b_down), **attrs,
     )
+
+
+def _biases(num_experts, dim, ffn, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_experts, 2 * ffn, generator=g).to(dtype), torch.randn(num_experts, dim, generator=g).to(dtype)
 
 
 # --- TopKRouting ---------------------------------------------------------------------------------
@@ -248,7 +266,7 @@ def test_sparse_moe_matches_reference(tokens, dim, ffn, experts, k, dtype, recor
     record_max("Triton kernels (interpreter): relative Frobenius error vs float64", f"SparseMoE {dtype}", err)
     assert err <= (FP32_RTOL if dtype == torch.float32 else HALF_RTOL[dtype]), err
     if dtype == torch.float32:
-        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
+        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, activation="silu")
         torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
 
 
@@ -364,8 +382,97 @@ def test_sparse_moe_empty_and_errors():
         )
     with pytest.raises(ValueError, match="activation"):
         sparse_moe_triton(
-            torch.zeros(2, 16), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int32), w_gate_up, w_down, "gelu"
+            torch.zeros(2, 16), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int32), w_gate_up, w_down,
+            activation="gelu",
         )
+    with pytest.raises(ValueError, match="b_down"):
+        sparse_moe_triton(
+            torch.zeros(2, 16), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int32), w_gate_up, w_down,
+            b_down=torch.zeros(4, 8),
+        )
+
+
+# --- SparseMoE: gpt-oss's clamped SwiGLU and expert biases ---------------------------------------
+@in_process
+@pytest.mark.parametrize("gate_up_bias,down_bias", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("tokens,dim,ffn,experts,k,dtype,path", GPT_OSS_CASES)
+def test_clamped_swiglu_and_biases_match_reference_and_op(tokens, dim, ffn, experts, k, dtype, path, gate_up_bias,
+                                                          down_bias, record_max):
+    weights, indices = _routing(tokens, experts, k, seed=tokens + 40)
+    x = (torch.randn(tokens, dim, generator=torch.Generator().manual_seed(41)) * 2).to(dtype)
+    w_gate_up, w_down = _experts(experts, dim, ffn, dtype, seed=42)
+    b_gate_up, b_down = _biases(experts, dim, ffn, dtype, seed=43)
+    b_gate_up, b_down = (b_gate_up if gate_up_bias else None), (b_down if down_bias else None)
+    attrs = dict(activation="clamped_swiglu", alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT)
+    config = SMALL if path == "small tiles" else None  # None: the table's row (decode 16-row, prefill 128-row blocks)
+    if path != "small tiles":
+        assert sparse_moe_config(tokens, experts, k).block_m == (16 if path == "decode" else 128)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **attrs, config=config)
+    assert y.dtype == dtype and y.shape == (tokens, dim)
+    ref = _reference(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **attrs)
+    err = _rel_fro(y.double().numpy(), ref)
+    record_max("Triton kernels (interpreter): relative Frobenius error vs float64", f"clamped SwiGLU {dtype}", err)
+    assert err <= (FP32_RTOL if dtype == torch.float32 else HALF_RTOL[dtype]), err
+    # the inputs reach both clamps, so a kernel without them (or with the other activation) fails above
+    gate_up = torch.einsum("td,efd->tef", x.double(), w_gate_up.double())[:, indices.unique().long()]
+    assert (gate_up[..., :ffn] > GPT_OSS_LIMIT).any() and (gate_up[..., ffn:] < -GPT_OSS_LIMIT).any()
+    if dtype == torch.float32:
+        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, *attrs.values())
+        torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+
+
+@in_process
+def test_biases_are_zero_biases_and_silu_keeps_its_result():
+    """A zero bias adds nothing (bitwise), and SwiGLU with biases is the op's SwiGLU with biases."""
+    tokens, dim, ffn, experts, k = 9, 24, 40, 5, 2
+    weights, indices = _routing(tokens, experts, k, seed=50)
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(51))
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float32, seed=52)
+    zeros_gu, zeros_d = torch.zeros(experts, 2 * ffn), torch.zeros(experts, dim)
+    for activation in ("silu", "clamped_swiglu"):
+        plain = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, activation=activation, config=SMALL)
+        zero = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, zeros_gu, zeros_d, activation, config=SMALL)
+        assert torch.equal(plain, zero), activation
+    b_gate_up, b_down = _biases(experts, dim, ffn, torch.float32, seed=53)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, config=SMALL)
+    op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, "silu", 1.702, 7.0)
+    torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+
+
+@in_process
+def test_one_expert_top1_is_gpt_oss_dense_mlp():
+    """One expert, top-1, weight 1: the dense gpt-oss MLP, written as transformers writes it (interleaved)."""
+    tokens, dim, ffn = 7, 24, 40
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(60)) * 2
+    w_gate_up, w_down = _experts(1, dim, ffn, torch.float32, seed=61)
+    b_gate_up, b_down = _biases(1, dim, ffn, torch.float32, seed=62)
+    y = sparse_moe_triton(x, torch.ones(tokens, 1), torch.zeros(tokens, 1, dtype=torch.int32), w_gate_up, w_down,
+                          b_gate_up, b_down, "clamped_swiglu", GPT_OSS_ALPHA, GPT_OSS_LIMIT, config=SMALL)
+    # transformers' GptOssExperts: gate_up interleaved (gate at even, up at odd columns)
+    interleaved_w = torch.stack((w_gate_up[0, :ffn], w_gate_up[0, ffn:]), dim=1).reshape(2 * ffn, dim)
+    interleaved_b = torch.stack((b_gate_up[0, :ffn], b_gate_up[0, ffn:]), dim=1).reshape(2 * ffn)
+    gate_up = x @ interleaved_w.t() + interleaved_b
+    gate, up = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT), gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+    dense = ((up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))) @ w_down[0].t() + b_down[0]
+    torch.testing.assert_close(y, dense, rtol=FP32_RTOL, atol=FP32_RTOL * float(dense.abs().max()))
+
+
+@in_process
+def test_clamped_swiglu_with_biases_drops_out_of_range_experts_and_skips_empty_ones():
+    tokens, dim, ffn, experts, k = 6, 16, 24, 6, 2
+    weights, indices = _routing(tokens, experts, k, seed=70, skip=lambda e: e in (1, 4))  # experts 1 and 4: empty
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(71)) * 2
+    w_gate_up, w_down = _experts(experts, dim, ffn, torch.float32, seed=72)
+    b_gate_up, b_down = _biases(experts, dim, ffn, torch.float32, seed=73)
+    attrs = dict(activation="clamped_swiglu", alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT)
+    bad = indices.clone()
+    bad[2, 1] = experts
+    kept = weights.clone()
+    kept[2, 1] = 0.0  # a dropped pair contributes nothing, its down bias included
+    ref = _reference(x, kept, indices, w_gate_up, w_down, b_gate_up, b_down, **attrs)
+    for align in ("triton", "torch"):
+        y = sparse_moe_triton(x, weights, bad, w_gate_up, w_down, b_gate_up, b_down, **attrs, config=SMALL, align=align)
+        assert _rel_fro(y.numpy(), ref) <= FP32_RTOL, align
 
 
 # --- router logits --------------------------------------------------------------------------------
@@ -386,6 +493,22 @@ def test_router_logits_match_the_fp32_linear(tokens, experts, dim, x_dtype, w_dt
 
 
 @in_process
+@pytest.mark.parametrize("tokens,experts,dim,x_dtype,w_dtype", [ROUTER_CASES[0], ROUTER_CASES[3], ROUTER_CASES[5],
+                                                                 ROUTER_CASES[7]])
+def test_router_logits_with_a_bias_match_the_fp32_linear(tokens, experts, dim, x_dtype, w_dtype):
+    """gpt-oss's router, F.linear(x, W, b): the bias added in fp32 on both inner products."""
+    g = torch.Generator().manual_seed(tokens + experts + dim)
+    x = torch.randn(tokens, dim, generator=g).to(x_dtype)
+    weight = (torch.randn(experts, dim, generator=g) * dim**-0.5).to(w_dtype)
+    bias = (torch.randn(experts, generator=g) * 4).to(w_dtype)
+    logits = router_logits_triton(x, weight, bias)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ROUTER_ATOL * 4)  # NOTE: |logits| up to ~12 here
+    assert not torch.allclose(logits, router_logits_triton(x, weight), rtol=0, atol=1e-3)  # the bias is there
+    assert torch.equal(router_logits(x, weight, bias), expected)  # CPU tensors: the PyTorch form exactly
+
+
+@in_process
 def test_router_logits_edges_and_errors():
     weight = torch.randn(8, 16)
     assert router_logits_triton(torch.zeros(0, 16), weight).shape == (0, 8)
@@ -396,6 +519,10 @@ def test_router_logits_edges_and_errors():
         router_logits_triton(torch.zeros(3, 16), torch.zeros(8, 12))
     with pytest.raises(ValueError, match=r"bf16, fp16 or fp32"):
         router_logits_triton(torch.zeros(3, 16, dtype=torch.float64), weight)
+    with pytest.raises(ValueError, match=r"bias must be \[E=8\]"):
+        router_logits_triton(torch.zeros(3, 16), weight, torch.zeros(7))
+    bias = torch.randn(8)
+    assert torch.equal(router_logits_triton(torch.zeros(3, 0), torch.zeros(8, 0), bias), bias.expand(3, 8))
 
 
 # --- what maybe_register_cuda_kernels installs ------------------------------------------------------
@@ -412,14 +539,20 @@ def test_registered_wrappers_take_the_op_arguments():
     torch.testing.assert_close(weights, op_w, rtol=2e-6, atol=1e-7)
     x = torch.randn(7, 16)
     w_gate_up, w_down = _experts(8, 16, 16, torch.float32, seed=13)
-    y = _sparse_moe_cuda(x, weights, indices, w_gate_up, w_down, "silu")
-    op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, "silu")
-    torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+    b_gate_up, b_down = _biases(8, 16, 16, torch.float32, seed=14)
+    for args in ((None, None, "silu", 1.702, 7.0), (b_gate_up, b_down, "clamped_swiglu", 1.702, 1.5),
+                 (None, b_down, "clamped_swiglu", 1.5, 7.0)):
+        y = _sparse_moe_cuda(x, weights, indices, w_gate_up, w_down, *args)
+        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, *args)
+        torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
     # the router: CPU tensors keep the PyTorch form (as the model on the CPU, and every export)
-    gate = torch.randn(8, 16)
+    gate, gate_bias = torch.randn(8, 16), torch.randn(8)
     assert torch.equal(router_logits(x, gate), F.linear(x, gate))
     assert torch.equal(torch.ops.moetrt_kernels.router_logits(x, gate), F.linear(x, gate))  # the op's CPU kernel
+    assert torch.equal(torch.ops.moetrt_kernels.router_logits(x, gate, gate_bias), F.linear(x, gate, gate_bias))
     torch.testing.assert_close(_router_logits_cuda(x, gate), F.linear(x, gate), rtol=0, atol=ROUTER_ATOL)
+    torch.testing.assert_close(_router_logits_cuda(x, gate, gate_bias), F.linear(x, gate, gate_bias), rtol=0,
+                               atol=ROUTER_ATOL)
 
 
 # --- when this process runs triton compiled ------------------------------------------------------
