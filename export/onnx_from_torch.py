@@ -12,7 +12,6 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -20,16 +19,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from moetrt.artifact import FORMAT, FORMAT_VERSION, Progress, atomic_output_dir, check_output_dir, package_versions, sha256_file, write_metadata
+from moetrt.artifact import FORMAT, FORMAT_VERSION, Progress, atomic_output_dir, check_output_dir, package_versions, write_artifact
 from moetrt.checkpoint import TOKENIZER_FILES, checkpoint_sources, from_pretrained
 from moetrt.errors import UnsupportedModelError
 from moetrt.model import MoETransformer
 from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, registered_schemas
-from moetrt.ops.sparse_moe import gather_threshold
+from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC, BodyVariant, gather_threshold, onnx_variant
 from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
 from moetrt.ops.sparse_moe import onnx_schema as sparse_moe_schema
-from moetrt.ops.topk_routing import onnx_function as topk_routing_function
+from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING_SPEC, onnx_function as topk_routing_function
 from moetrt.ops.topk_routing import onnx_schema as topk_routing_schema
+
+from moetrt.dtypes import dtype_name, torch_dtype
+from moetrt.state import StateContract
 
 from .io_spec import BATCH, DTYPES, PAST, SEQ, TOKENS, TOTAL, IOSpec, io_spec
 
@@ -38,7 +40,7 @@ __all__ = ["onnx_from_torch", "trace_to_onnx", "attach_functions", "FORMAT", "FO
 MIN_OPSET = 19  # Equal on strings (TopKRouting's scoring attribute), Split num_outputs
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {d: torch_dtype(d) for d in DTYPES}
 STAGES = ["load", "trace", "attach functions", "save"]
 STREAMING_STAGES = ["read checkpoint index", "trace", "attach functions", "save"]
 
@@ -46,16 +48,19 @@ STREAMING_STAGES = ["read checkpoint index", "trace", "attach functions", "save"
 class _ExportWrapper(nn.Module):
     """Flat tensors in, flat tensors out, in the order of :func:`io_spec`."""
 
-    def __init__(self, model: MoETransformer, router_outputs: bool):
+    def __init__(self, model: MoETransformer, router_outputs: bool, state: StateContract):
         super().__init__()
-        self.model, self.router_outputs = model, router_outputs
+        self.model, self.router_outputs, self.state = model, router_outputs, state
 
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        past, start = [], 0
+        for entries in self.state.layers:  # each layer's state entries, in graph order
+            past.append(tuple(past_flat[start:start + len(entries)]))
+            start += len(entries)
         out = self.model(input_ids, attention_mask, position_ids, past, output_router=self.router_outputs)
         flat = [out.logits.float()]  # logits are float32 in every export dtype
-        for key, value in out.past_key_values:
-            flat += [key, value]
+        for tensors in out.past_key_values:
+            flat += list(tensors)
         if self.router_outputs:
             for weights, indices in zip(out.router_weights, out.router_indices):
                 flat += [weights, indices]
@@ -75,21 +80,27 @@ def _quiet_logger(name: str):
 
 
 def _translation_table() -> dict:
-    """torch op -> one ONNX node of domain moetrt (traced by the exporter with onnxscript)."""
+    """torch op -> one ONNX node of domain moetrt (traced by the exporter with onnxscript).
+
+    A node carries the attributes its op's spec says it must (``OpSpec.non_default``): the ones
+    version-1 nodes always had, and newer options only where they differ from their default.
+    """
     import onnxscript
 
     moetrt_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
     def topk_routing(logits, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0):
-        return moetrt_opset.TopKRouting(
-            logits, k=k, scoring=scoring, normalize=int(normalize), scale=float(scale),
-            plugin_namespace=PLUGIN_NAMESPACE, _outputs=2,
-        )
+        attrs = TOPK_ROUTING_SPEC.non_default(
+            {"k": k, "scoring": scoring, "normalize": int(normalize), "scale": float(scale),
+             "plugin_namespace": PLUGIN_NAMESPACE})
+        return moetrt_opset.TopKRouting(logits, **attrs, _outputs=2)
 
-    def sparse_moe(x, weights, indices, w_gate_up, w_down, activation: str = "silu"):
-        return moetrt_opset.SparseMoE(
-            x, weights, indices, w_gate_up, w_down, activation=activation, plugin_namespace=PLUGIN_NAMESPACE,
-        )
+    def sparse_moe(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation: str = "silu",
+                   alpha: float = 1.702, limit: float = 7.0):
+        attrs = SPARSE_MOE_SPEC.non_default(
+            {"activation": activation, "alpha": float(alpha), "limit": float(limit),
+             "plugin_namespace": PLUGIN_NAMESPACE})
+        return moetrt_opset.SparseMoE(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **attrs)
 
     return {
         torch.ops.moetrt.TopKRouting.default: topk_routing,
@@ -103,8 +114,9 @@ def _example_inputs(cfg, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
     position_ids = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
-    kv = [torch.zeros(batch, cfg.num_key_value_heads, past, cfg.head_dim, dtype=dtype)
-          for _ in range(2 * cfg.num_hidden_layers)]
+    state, model_dtype = StateContract.from_config(cfg), dtype_name(dtype)
+    kv = [torch.zeros(e.shape(state.size_map, batch, past), dtype=torch_dtype(e.element_dtype(model_dtype)))
+          for entries in state.layers for e in entries]  # [B, G, P, Hd] for key/value
     return (input_ids, attention_mask, position_ids, *kv)
 
 
@@ -188,14 +200,27 @@ def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, o
 
 
 def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
-    """Attach the model-local FunctionProtos; their opset equals the model's default-domain opset."""
+    """Attach the model-local FunctionProtos; their opset equals the model's default-domain opset.
+
+    The SparseMoE body is specialised for the activation and bias inputs of the model's nodes
+    (see ``sparse_moe.onnx_function``). Where every node needs the same body there is one
+    function ``moetrt::SparseMoE``; where layers differ, each variant becomes an overload of it
+    (the node's ``overload`` field, IR version 10; ONNX Runtime resolves overloads, TensorRT's
+    parser may not). Returns the number of nodes per op.
+    """
     import onnx_ir as ir
 
     opset = ir_model.opset_imports[""]
     counts = {"TopKRouting": 0, "SparseMoE": 0}
+    variants = {}  # key -> the variant, in the order the layers first need them
+    experts_nodes = []
     for node in ir_model.graph:
         if node.domain == DOMAIN:
             counts[node.op_type] += 1
+            if node.op_type == "SparseMoE":
+                variant = onnx_variant(node)
+                variants.setdefault(variant.key, variant)
+                experts_nodes.append((node, variant))
     gather_below = None
     for node in ir_model.graph:
         if node.domain == DOMAIN and node.op_type == "SparseMoE":
@@ -205,7 +230,17 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
                 expert_bytes = (3 * shape[1] // 2) * shape[2] * dtype.itemsize  # gate, up and down
                 gather_below = gather_threshold(num_experts, expert_bytes)
             break
-    for proto in (topk_routing_function(opset), sparse_moe_function(opset, num_experts, gather_below)):
+    mixed = len(variants) > 1
+    protos = [topk_routing_function(opset)]
+    for variant in list(variants.values()) or [BodyVariant()]:  # no SparseMoE node: the version-1 body
+        protos.append(sparse_moe_function(
+            opset, num_experts, gather_below, activation=variant.activation, gate_up_bias=variant.gate_up_bias,
+            down_bias=variant.down_bias, overload=variant.name if mixed else ""))
+    if mixed:
+        for node, variant in experts_nodes:
+            node.overload = variant.name
+        ir_model.ir_version = max(ir_model.ir_version, 10)  # overloads of functions need IR version 10
+    for proto in protos:
         function = ir.serde.deserialize_function(proto)
         ir_model.functions[function.identifier()] = function
     ir_model.opset_imports[DOMAIN] = DOMAIN_VERSION
@@ -282,10 +317,11 @@ def onnx_from_torch(
         dynamic = torch.export.Dim.DYNAMIC
         dynamic_shapes = (
             {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic},
-            tuple({0: dynamic, 2: dynamic} for _ in range(2 * cfg.num_hidden_layers)),  # *past_flat
+            tuple({0: dynamic} | ({e.concat_axis: dynamic} if e.grows else {})
+                  for entries in spec.state.layers for e in entries),  # *past_flat
         )
         ir_model = trace_to_onnx(
-            _ExportWrapper(model, router_outputs).eval(), _example_inputs(cfg, torch_dtype), dynamic_shapes,
+            _ExportWrapper(model, router_outputs, spec.state).eval(), _example_inputs(cfg, torch_dtype), dynamic_shapes,
             spec.input_names, spec.output_names, opset, prepare=prepare,
         )
     streamed = _streamed_initializers(ir_model)
@@ -327,13 +363,7 @@ def onnx_from_torch(
                 onnx.checker.check_model(str(model_path), full_check=True)
             except onnx.checker.ValidationError as exc:
                 raise AssertionError(f"the exported model fails onnx.checker: {exc}") from exc
-        copied = []
-        for name in TOKENIZER_FILES:
-            if source_dir is not None and (Path(source_dir) / name).exists():
-                shutil.copy2(Path(source_dir) / name, tmp / name)
-                copied.append(name)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_metadata(tmp, {
+        write_artifact(tmp, {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": cfg.to_dict(),
@@ -345,10 +375,8 @@ def onnx_from_torch(
             "io": spec.to_dict(),
             "dynamic_axes": {"batch": BATCH, "sequence": SEQ, "past": PAST, "total": TOTAL, "tokens": TOKENS},
             "source": source_desc,
-            "tokenizer_files": copied,
             "versions": package_versions(),
-            "files": files,
-        })
+        }, tokenizer_from=source_dir, tokenizer_files=TOKENIZER_FILES)
     steps.done(f"exported to {out_dir}")
     return out_dir
 

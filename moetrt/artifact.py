@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "package_versions",
     "read_metadata",
     "write_metadata",
+    "write_artifact",
     "Progress",
 ]
 
@@ -119,6 +120,31 @@ def package_versions(*names: str) -> dict[str, str]:
 
 def write_metadata(folder: Path, meta: dict[str, Any]) -> None:
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+
+
+def write_artifact(
+    folder: Path,
+    meta: dict[str, Any],
+    tokenizer_from: str | os.PathLike | None = None,
+    tokenizer_files: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Finish the artifact being written into ``folder`` (the temporary of :func:`atomic_output_dir`).
+
+    Copies those of ``tokenizer_files`` that exist in ``tokenizer_from``, takes the sha256 of every
+    file in ``folder``, and writes ``moetrt.json``: ``meta`` with ``tokenizer_files`` (the names
+    copied) and ``files`` (name -> sha256) set. Every stage (export, optimize, engine build) saves
+    its folder through this one function. Returns the metadata written.
+    """
+    copied = []
+    if tokenizer_from is not None:
+        for name in tokenizer_files:
+            if (Path(tokenizer_from) / name).exists():
+                shutil.copy2(Path(tokenizer_from) / name, folder / name)
+                copied.append(name)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != METADATA_FILE}
+    written = {**meta, "tokenizer_files": copied, "files": files}
+    write_metadata(folder, written)
+    return written
 
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:

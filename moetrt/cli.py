@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moetrt.dtypes import DTYPES
 from moetrt.errors import MoetrtError
 
 __all__ = ["main", "build_parser", "command"]
@@ -69,7 +70,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", "-b", default="torch", choices=("torch", "ort", "trt"),
                    help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; trt: cuda)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="precision of the torch back end (default: the checkpoint's, fp32); exports fix their own")
     p.add_argument("--compile", action="store_true",
                    help="torch back end on CUDA: torch.compile the decode step it replays as a CUDA graph "
@@ -162,7 +163,7 @@ def _parse_prompt(session, text: str) -> str | list[int]:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SRC", help="a Hugging Face checkpoint folder or a preset name (e.g. tiny)")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="the folder to write (must not exist)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default="fp32", choices=DTYPES,
                    help="weights and activations; router math and logits stay fp32 (default: %(default)s)")
     p.add_argument("--router-outputs", action="store_true",
                    help="add router_weights.{i} / router_indices.{i} outputs per MoE layer (parity, expert stats)")

@@ -36,15 +36,15 @@ this one (the folder records that it was not checked).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
 from moetrt.artifact import (
-    Progress, atomic_output_dir, check_artifact_files, check_output_dir, package_versions, read_metadata, sha256_file, write_metadata,
+    Progress, atomic_output_dir, check_artifact_files, check_output_dir, package_versions, read_metadata, write_artifact,
 )
+from moetrt.dtypes import ONNX_ELEM_TYPES, element_name, from_onnx
 from moetrt.errors import BackendMissingError, MoetrtError
 
 from ._common import PassResult, load_model, save_model
@@ -64,7 +64,7 @@ __all__ = ["optimize", "TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WE
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # as the export: weights above 1 GiB go to model.onnx.data
 _ONNX_DTYPE_NAMES = {
-    ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+    **{ir.DataType(elem): element_name(dtype) for dtype, elem in ONNX_ELEM_TYPES.items()},
     ir.DataType.INT64: "int64", ir.DataType.INT32: "int32",
 }
 _QMOE_ATTRIBUTES = ("block_size", "weights_prepacked", "swiglu_fusion", "expert_weight_bits")
@@ -290,9 +290,9 @@ def optimize(
     spec = TARGETS[target]
     moe_dtypes = tuple(ir.DataType[name] for name in spec.moe_dtypes)
     nbits_dtypes = tuple(ir.DataType[name] for name in spec.nbits_dtypes)
-    precision_dtype = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[precision]
+    precision_dtype = ir.DataType(ONNX_ELEM_TYPES[precision])
     if quantize_weights is not None and precision_dtype not in nbits_dtypes:
-        names = ", ".join({"FLOAT": "fp32", "FLOAT16": "fp16", "BFLOAT16": "bf16"}[n] for n in spec.nbits_dtypes)
+        names = ", ".join(from_onnx(ir.DataType[n].value) for n in spec.nbits_dtypes)
         raise MoetrtError(
             f"--quantize-weights on --target {target} runs com.microsoft::MatMulNBits in {names} only, not "
             f"{precision}: choose --precision {names.split(', ')[0]}, or --target ort-cuda for bf16"
@@ -348,16 +348,12 @@ def optimize(
         use_external = bool(export.get("external_data")) or weight_bytes > EXTERNAL_DATA_THRESHOLD
         save_model(model, tmp / "model.onnx", use_external, progress=lambda done, total: steps.update(done, total))
         io_after = _io_from_graph(model)
-        _check_contract(io_before, io_after, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision])
-        copied = []
-        for name in meta.get("tokenizer_files", []):
-            if (src_dir / name).exists():
-                shutil.copy2(src_dir / name, tmp / name)
-                copied.append(name)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        _check_contract(io_before, io_after, element_name(precision))
+        if "state" in io_before:  # the per-layer state contract: the graph's names and axes are unchanged
+            io_after["state"] = io_before["state"]
         export.update(target=target, dtype=precision, external_data=use_external, nodes=_count_nodes(model),
                       domain={d: v for d, v in model.opset_imports.items() if d not in ("", "ai.onnx")})
-        write_metadata(tmp, {
+        write_artifact(tmp, {
             **meta,
             "export": export,
             "io": io_after,
@@ -379,10 +375,8 @@ def optimize(
                 "passes": [r.to_dict() for r in results],
                 "runtime_checked": runtime,
             },
-            "tokenizer_files": copied,
             "versions": package_versions(),
-            "files": files,
-        })
+        }, tokenizer_from=src_dir, tokenizer_files=meta.get("tokenizer_files", []))
     steps.done(f"optimized for {target} into {out_dir}: " + "; ".join(str(r) for r in results))
     return out_dir
 

@@ -28,13 +28,14 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from moetrt.dtypes import ONNX_ELEM_TYPES
 from moetrt.ops._onnx import DOMAIN
 
 from ._common import FLOAT_TYPES, PassResult, lazy_tensor, remove_dead_code
 
 __all__ = ["convert_precision", "PRECISIONS", "FP32_OPS", "LOW_PRECISION_OPS"]
 
-PRECISIONS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+PRECISIONS = {d: ir.DataType(ONNX_ELEM_TYPES[d]) for d in ("fp16", "bf16")}  # the low precisions
 FLOAT = ir.DataType.FLOAT
 FP32_OPS = {
     ("", op) for op in ("Softmax", "LogSoftmax", "Pow", "ReduceMean", "ReduceSumSquare", "Sqrt", "Reciprocal",

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moetrt.dtypes import DTYPES
+
 __all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WEIGHTS",
            "MOE_LOWERING", "EXPERT_ACTIVATIONS", "WEIGHT_ACTIVATIONS", "DEFAULT_BLOCK_SIZE", "resolve_precision"]
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = DTYPES
 QUANTIZE_EXPERTS = ("int8", "int4")
 MOE_LOWERING = ("auto", "always", "off")
 QUANTIZE_WEIGHTS = ("int8", "int4")  # the non-expert weights, as com.microsoft::MatMulNBits

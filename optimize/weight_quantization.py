@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from moetrt.dtypes import from_onnx, numpy_dtype
 from moetrt.ops._onnx import DOMAIN
 
 from ._common import ORT_DOMAIN, PassResult, SharedResult, lazy_tensor, remove_dead_code
@@ -54,7 +55,6 @@ BITS = {"int8": 8, "int4": 4}
 MIN_OUTPUTS = 16  # weights with fewer output features (a scalar gate) stay as they are
 # ops between a router GEMM and the op that routes on its output, which only move data
 _DATA_MOVEMENT = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Cast"}
-_NUMPY_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
 def quantize_matmul_weight(
@@ -227,11 +227,10 @@ class _QuantizeLinear(pattern.RewriteRuleClassBase):
 
 def _as_dtype(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     """``array`` in the activation dtype (MatMulNBits' scales and bias take A's)."""
-    if dtype == ir.DataType.BFLOAT16:
-        import ml_dtypes  # a dependency of onnx-ir
-
-        return array.astype(np.float32).astype(ml_dtypes.bfloat16)
-    return array.astype(_NUMPY_DTYPES.get(dtype, np.float32))
+    target = from_onnx(dtype.value) or "fp32"
+    if target == "bf16":
+        return array.astype(np.float32).astype(numpy_dtype(target))
+    return array.astype(numpy_dtype(target))
 
 
 def quantize_weights(

@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # torch's hook for s
 from moetrt.config import MoEConfig
 from moetrt.model import MoETransformer
 from moetrt.ops.topk_routing import routing_weights
+from moetrt.state import KEY, PRESENT_PREFIX, VALUE, present_name
 
 __all__ = ["Checkpoint", "POINTS", "checkpoints_for", "forward_order", "default_name", "mark_checkpoints", "capture",
            "ForcedRouting"]
@@ -50,8 +51,7 @@ __all__ = ["Checkpoint", "POINTS", "checkpoints_for", "forward_order", "default_
 POINTS: dict[str, tuple[str, str | None]] = {
     "embedding": ("embedding", "hidden"),
     "input_norm": ("norm", "hidden"),
-    "present.key": ("attention", "kv"),
-    "present.value": ("attention", "kv"),
+    **{f"{PRESENT_PREFIX}{entry.name}": ("attention", "kv") for entry in (KEY, VALUE)},  # the layer's state
     "attention": ("attention", "hidden"),
     "post_attention_norm": ("norm", "hidden"),
     "router_logits": ("router", "router_logits"),
@@ -89,8 +89,8 @@ class Checkpoint:
 
 def default_name(point: str, layer: int | None) -> str:
     """The output name of a checkpoint (names never clash with the exporter's value names)."""
-    if point.startswith("present."):
-        return f"present.{layer}.{point.split('.')[1]}"
+    if point.startswith(PRESENT_PREFIX):
+        return present_name(layer, point.removeprefix(PRESENT_PREFIX))
     if layer is None:
         return "logits" if point == "logits" else f"{point}.output"
     return f"layers.{layer}.{point}"

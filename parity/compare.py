@@ -35,8 +35,10 @@ import torch
 
 from moetrt.artifact import METADATA_FILE, package_versions
 from moetrt.config import MoEConfig
+from moetrt.dtypes import ONNX_ELEM_TYPES
 from moetrt.errors import BackendMissingError, MoetrtError
 from moetrt.model import MoETransformer
+from moetrt.state import PAST_PREFIX, StateContract, state_contract
 
 from .checkpoints import Checkpoint, ForcedRouting, checkpoints_for, forward_order, mark_checkpoints
 from .generation import greedy_agreement
@@ -47,7 +49,7 @@ from .tolerances import DTYPES, Tolerance, resolve_tolerances
 __all__ = ["compare", "default_inputs", "load_reference", "Artifact", "resolve_artifact", "BACKENDS"]
 
 BACKENDS = ("ort", "trt")
-ONNX_DTYPES = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto elem types of the KV cache
+ONNX_DTYPES = {elem: dtype for dtype, elem in ONNX_ELEM_TYPES.items()}  # onnx.TensorProto elem types of the KV cache
 # config fields that must agree between the reference and the artifact's metadata
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "head_dim", "num_experts", "num_experts_per_tok")
@@ -102,7 +104,7 @@ def resolve_artifact(path: str | os.PathLike) -> Artifact:
         import onnx
 
         proto = onnx.load(str(onnx_path), load_external_data=False)
-        kv = next((i for i in proto.graph.input if i.name.startswith("past_key_values.")), None)
+        kv = next((i for i in proto.graph.input if i.name.startswith(PAST_PREFIX)), None)
         dtype = ONNX_DTYPES.get(kv.type.tensor_type.elem_type) if kv is not None else None
     return Artifact(path, onnx_path, engine, dtype, meta.get("config"), _last_logits(meta, onnx_path))
 
@@ -150,31 +152,31 @@ def default_inputs(model: MoETransformer, dtype: str = "fp32", batch: int = 2, s
     if batch > 1 and seq > 1:
         mask[1, : min(3, seq - 1)] = 0  # left padding, as batched generation builds it
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    kv_dtype = numpy_dtype(dtype)
-    empty = np.zeros((batch, cfg.num_key_value_heads, 0, cfg.head_dim), dtype=kv_dtype)
+    state = state_contract(cfg)
     prefill = {"input_ids": ids[:, :seq].numpy(), "attention_mask": mask[:, :seq].numpy(),
                "position_ids": positions[:, :seq].numpy()}
-    for i in range(cfg.num_hidden_layers):
-        prefill[f"past_key_values.{i}.key"] = prefill[f"past_key_values.{i}.value"] = empty
+    for i, entries in enumerate(state.layers):
+        for e, name in zip(entries, state.past_names(i), strict=True):
+            prefill[name] = np.zeros(e.shape(state.size_map, batch, 0), dtype=numpy_dtype(e.element_dtype(dtype)))
     feeds = [prefill]
     if new_tokens:
         with torch.no_grad():
             out = model(ids[:, :seq], mask[:, :seq], positions[:, :seq])
         follow = {"input_ids": ids[:, seq:].numpy(), "attention_mask": mask.numpy(),
                   "position_ids": positions[:, seq:].numpy()}
-        for i, (key, value) in enumerate(out.past_key_values):
-            follow[f"past_key_values.{i}.key"] = key.numpy().astype(kv_dtype)
-            follow[f"past_key_values.{i}.value"] = value.numpy().astype(kv_dtype)
+        for i, tensors in enumerate(out.past_key_values):
+            for e, name, tensor in zip(state.entries(i), state.past_names(i), tensors, strict=True):
+                follow[name] = tensor.numpy().astype(numpy_dtype(e.element_dtype(dtype)))
         feeds.append(follow)
     return feeds
 
 
-def _describe_inputs(feeds) -> list[dict]:
+def _describe_inputs(feeds, state: StateContract) -> list[dict]:
     names = ["prefill", "continuation"]
     out = []
     for n, feed in enumerate(feeds):
         batch, new = feed["input_ids"].shape
-        past = next((v.shape[2] for k, v in feed.items() if k.startswith("past_key_values.")), 0)
+        past = state.past_length({k: np.shape(v) for k, v in feed.items()})
         out.append({"name": names[n] if n < len(names) and len(feeds) <= 2 else f"input {n}",
                     "batch": int(batch), "new_tokens": int(new), "past": int(past)})
     return out
@@ -501,7 +503,8 @@ def compare(
                                                 prompt=list(prompt), steps=steps, workdir=Path(tmp), verbose=verbose)
     source = reference if isinstance(reference, (str, os.PathLike)) else type(reference).__name__
     report = ParityReport(
-        reference=str(source), artifact=str(art.path), dtype=dtype, tolerances=tols, inputs=_describe_inputs(feeds),
+        reference=str(source), artifact=str(art.path), dtype=dtype, tolerances=tols,
+        inputs=_describe_inputs(feeds, state_contract(model.config)),
         backends=results, versions=package_versions(),
     )
     if report_dir is not None:

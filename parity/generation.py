@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moetrt.config import MoEConfig
+from moetrt.state import state_contract
 
 from .router import FAILURE, MAX_EVENTS, NEAR_TIE, RoutingEvent, classify
 from .tolerances import Tolerance
@@ -82,16 +83,18 @@ def _step_feeds(config: MoEConfig, tokens: list[int], total: int, past: dict[str
         "attention_mask": np.ones((1, total), dtype=np.int64),
         "position_ids": np.arange(total - new, total, dtype=np.int64)[None],
     }
-    for i in range(config.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = past[f"present.{i}.{kind}"]
+    for present, past_name in state_contract(config).pairs():
+        feeds[past_name] = past[present]
     return feeds
 
 
 def _empty_past(config: MoEConfig, dtype) -> dict[str, np.ndarray]:
-    shape = (1, config.num_key_value_heads, 0, config.head_dim)
-    return {f"present.{i}.{kind}": np.zeros(shape, dtype=dtype)
-            for i in range(config.num_hidden_layers) for kind in ("key", "value")}
+    """The state of a batch-1 prompt before its prefill, keyed by the present names that step feeds back;
+    ``dtype`` is the model dtype's NumPy dtype (entries kept in fp32 stay float32)."""
+    state = state_contract(config)
+    empty = state.empty_past(1)
+    return {present: np.zeros(empty[past], dtype=dtype if state.entry_of(past)[1].dtype == "model" else np.float32)
+            for present, past in state.pairs()}
 
 
 def greedy_agreement(

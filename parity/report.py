@@ -41,6 +41,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moetrt.state import PRESENT_PREFIX
+
 from .generation import GenerationResult
 from .router import RouterLayerResult
 from .tolerances import Tolerance
@@ -208,7 +210,7 @@ class ParityReport:
             out += [f"## {name}: {'PASS' if b.passed else 'FAIL'}", ""]
             if b.failures:
                 out += [f"- {f}" for f in b.failures] + [""]
-            graph_outputs = [c for c in b.checkpoints if c.point in ("logits", "present.key", "present.value")]
+            graph_outputs = [c for c in b.checkpoints if c.point == "logits" or c.point.startswith(PRESENT_PREFIX)]
             if graph_outputs:
                 kv = [c for c in graph_outputs if c.point != "logits"]
                 logits = [c for c in graph_outputs if c.point == "logits"]

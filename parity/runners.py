@@ -21,8 +21,10 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from moetrt import dtypes
 from moetrt.errors import BackendMissingError, MoetrtError
 from moetrt.model import MoETransformer
+from moetrt.state import PAST_PREFIX, state_contract
 
 from .checkpoints import Checkpoint, ForcedRouting, capture, default_name
 
@@ -31,11 +33,7 @@ __all__ = ["TorchRunner", "ort_runner", "trt_runner", "profile_shapes", "numpy_d
 
 def numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype of an export dtype's KV cache (bf16 through ml_dtypes, which onnx depends on)."""
-    if dtype == "bf16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype({"fp32": np.float32, "fp16": np.float16}[dtype])
+    return dtypes.numpy_dtype(dtypes.check_dtype(dtype))
 
 
 class TorchRunner(BaseRunner):
@@ -62,11 +60,11 @@ class TorchRunner(BaseRunner):
         meta = TensorMetadata()
         for name in ("input_ids", "attention_mask", "position_ids"):
             meta.add(name, dtype=np.int64, shape=["batch_size", -1])
-        kv = numpy_dtype(self.input_dtype)
-        for i in range(cfg.num_hidden_layers):
-            for kind in ("key", "value"):
-                meta.add(f"past_key_values.{i}.{kind}", dtype=kv,
-                         shape=["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim])
+        state = state_contract(cfg)
+        for i, entries in enumerate(state.layers):
+            for e, name in zip(entries, state.past_names(i), strict=True):
+                meta.add(name, dtype=numpy_dtype(e.element_dtype(self.input_dtype)),
+                         shape=list(e.symbolic_shape(state.size_map, "batch_size", "past_sequence_length")))
         return meta
 
     def infer_impl(self, feed_dict, forced: ForcedRouting | None = None):
@@ -74,9 +72,9 @@ class TorchRunner(BaseRunner):
         ids = torch.from_numpy(np.asarray(feed_dict["input_ids"], dtype=np.int64))
         mask = torch.from_numpy(np.asarray(feed_dict["attention_mask"], dtype=np.int64))
         positions = torch.from_numpy(np.asarray(feed_dict["position_ids"], dtype=np.int64))
+        state = state_contract(cfg)
         past = [
-            tuple(torch.from_numpy(np.asarray(feed_dict[f"past_key_values.{i}.{kind}"]).astype(np.float32))
-                  for kind in ("key", "value"))
+            tuple(torch.from_numpy(np.asarray(feed_dict[name]).astype(np.float32)) for name in state.past_names(i))
             for i in range(cfg.num_hidden_layers)
         ]
         start = time.perf_counter()
@@ -89,8 +87,8 @@ class TorchRunner(BaseRunner):
             for name in ("logits", default_name("norm", None)):
                 if name in values:
                     values[name] = values[name][:, -1:]  # [B, 1, ...]
-        for i, (key, value) in enumerate(out.past_key_values):
-            values[f"present.{i}.key"], values[f"present.{i}.value"] = key, value
+        for i, tensors in enumerate(out.past_key_values):
+            values.update(zip(state.present_names(i), tensors, strict=True))
         # output name -> the captured value (graph outputs router_indices.{i} alias layers.{i}.router_indices)
         wanted = ({c.name: default_name(c.point, c.layer) for c in self.outputs} if self.outputs is not None
                   else {name: name for name in values})
@@ -188,7 +186,7 @@ def profile_shapes(feeds: list[dict[str, np.ndarray]], extra_lengths: tuple[int,
         elif name == "attention_mask":
             high[1] = max(high[1], total)
             low = (low[0], 1)
-        elif name.startswith("past_key_values."):
+        elif name.startswith(PAST_PREFIX):  # key/value: [B, G, P, Hd]
             high[2] = max(high[2], total)
             low = low[:2] + (0,) + low[3:]
         out[name] = (low, tuple(high), tuple(high))

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moetrt.dtypes import DTYPES
+
 __all__ = [
     "Tolerance", "TOLERANCES", "KINDS", "DTYPES", "tolerance", "resolve_tolerances", "parse_tolerance",
     "check_close", "Closeness",
 ]
 
 KINDS = ("logits", "hidden", "kv", "router_logits", "router_weights", "router_gap")
-DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

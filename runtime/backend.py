@@ -10,7 +10,7 @@ with exactly the names of the exported graph (DESIGN.md, "Exported model folder"
              attention_mask             int64 [B, P+S]   (1 = real token, 0 = left padding)
              position_ids               int64 [B, S]
              past_key_values.{i}.key    [B, G, P, Hd]    model dtype, one pair per layer i (P may be 0)
-             past_key_values.{i}.value  [B, G, P, Hd]
+             past_key_values.{i}.value  [B, G, P, Hd]    (the entries of moetrt.state: ``spec.state``)
     outputs  logits                     float32 [B, S, V]            (NumPy, on the host)
              present.{i}.key|value      [B, G, P+S, Hd]              (back-end native, fed back as is)
              router_weights.{i}         float32 [B*S, K]             per MoE layer i, when the back end has them
@@ -32,22 +32,26 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from moetrt.config import MoEConfig
+from moetrt.dtypes import ELEMENT_NAMES, dtype_name, numpy_dtype
+from moetrt.state import KEY, VALUE, StateContract, past_name, present_name, state_contract
 
 __all__ = ["Backend", "ModelSpec", "Feeds", "past_names", "present_names", "router_names", "KV_DTYPES"]
 
 # a feed or output value: a NumPy array, or a back-end native array for the KV cache
 Feeds = dict[str, Any]
 
-# the export's dtype names -> NumPy dtype names (bfloat16 has no NumPy dtype; back ends keep it native)
-KV_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# the export's dtype names -> element names (bfloat16 has no NumPy dtype; back ends keep it native)
+KV_DTYPES = dict(ELEMENT_NAMES)
 
 
-def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+def past_names(layer: int, state: StateContract | None = None) -> tuple[str, ...]:
+    """The graph inputs of ``layer``'s state (``state``'s entries; key and value without one)."""
+    return state.past_names(layer) if state is not None else (past_name(layer, KEY), past_name(layer, VALUE))
 
 
-def present_names(layer: int) -> tuple[str, str]:
-    return f"present.{layer}.key", f"present.{layer}.value"
+def present_names(layer: int, state: StateContract | None = None) -> tuple[str, ...]:
+    """The graph outputs of ``layer``'s state after a step."""
+    return state.present_names(layer) if state is not None else (present_name(layer, KEY), present_name(layer, VALUE))
 
 
 def router_names(layer: int) -> tuple[str, str]:
@@ -68,9 +72,16 @@ class ModelSpec:
     num_experts: int  # E
     experts_per_token: int  # K
     router_outputs: bool  # whether forward returns router_weights.{i} / router_indices.{i}
+    state: StateContract | None = None  # what each layer carries between steps; None: the config's (key, value)
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            object.__setattr__(self, "state", StateContract.key_value(self.num_layers, self.num_kv_heads, self.head_dim))
 
     @classmethod
-    def from_config(cls, config: MoEConfig, kv_dtype: str, router_outputs: bool) -> ModelSpec:
+    def from_config(
+        cls, config: MoEConfig, kv_dtype: str, router_outputs: bool, state: StateContract | None = None
+    ) -> ModelSpec:
         assert kv_dtype in KV_DTYPES.values(), kv_dtype
         return cls(
             num_layers=config.num_hidden_layers,
@@ -83,23 +94,27 @@ class ModelSpec:
             num_experts=config.num_experts,
             experts_per_token=config.num_experts_per_tok,
             router_outputs=router_outputs,
+            state=state if state is not None else state_contract(config),
         )
 
     def kv_shape(self, batch: int, past: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, past, self.head_dim)  # [B, G, P, Hd]
 
+    def state_shape(self, name: str, batch: int, past: int) -> tuple[int, ...]:
+        """The shape of the state input ``past_key_values.{i}.{entry}`` (or ``present.{i}.{entry}``) at ``past``."""
+        return self.state.entry_of(name)[1].shape(self.state.size_map, batch, past)
+
+    def state_element_dtype(self, name: str) -> str:
+        """The element name (float32, float16, bfloat16) of a state input or output."""
+        return KV_DTYPES[self.state.entry_of(name)[1].element_dtype(dtype_name(self.kv_dtype))]
+
     @property
     def input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask", "position_ids"]
-        for i in range(self.num_layers):
-            names += past_names(i)
-        return names
+        return ["input_ids", "attention_mask", "position_ids", *self.state.all_past_names()]
 
     @property
     def output_names(self) -> list[str]:
-        names = ["logits"]
-        for i in range(self.num_layers):
-            names += present_names(i)
+        names = ["logits", *self.state.all_present_names()]
         if self.router_outputs:
             for i in self.moe_layers:
                 names += router_names(i)
@@ -126,11 +141,7 @@ class Backend(Protocol):
 
 
 def numpy_empty_past(spec: ModelSpec, batch: int) -> Feeds:
-    """A past of length 0 as NumPy arrays (float32/float16 models)."""
-    assert spec.kv_dtype != "bfloat16", "bfloat16 has no NumPy dtype: the back end builds its own empty past"
-    zeros = np.zeros(spec.kv_shape(batch, 0), dtype=spec.kv_dtype)  # [B, G, 0, Hd]
-    feeds: Feeds = {}
-    for i in range(spec.num_layers):
-        key, value = past_names(i)
-        feeds[key], feeds[value] = zeros, zeros
-    return feeds
+    """A past of length 0 as NumPy arrays (bfloat16 through ml_dtypes)."""
+    return {name: np.zeros(shape, dtype=numpy_dtype(spec.state_element_dtype(name)))  # [B, G, 0, Hd] for K/V
+            for name, shape in spec.state.empty_past(batch).items()}
+

@@ -22,14 +22,12 @@ from typing import Any
 import numpy as np
 
 from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError
-from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, past_names, present_names, router_names
+from moetrt.dtypes import itemsize, onnx_elem_type
+from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, router_names
 from moetrt.runtime.model_folder import read_exported
 
 __all__ = ["OrtBackend", "import_onnxruntime"]
 
-# ONNX TensorProto element types of the KV cache (bfloat16 has no NumPy dtype)
-_ONNX_ELEM_TYPE = {"float32": 1, "float16": 10, "bfloat16": 16}
-_ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_POSITION_STEP = 256  # present buffers hold a multiple of this many positions
 
 
@@ -114,7 +112,8 @@ class OrtBackend:
         router = all(
             name in graph_outputs for layer in exported.config.moe_layers for name in router_names(layer)
         )
-        self.spec = ModelSpec.from_config(exported.config, KV_DTYPES[exported.dtype], router_outputs=router)
+        self.spec = ModelSpec.from_config(exported.config, KV_DTYPES[exported.dtype], router_outputs=router,
+                                          state=exported.state)
         wanted_outputs = [n for n in self.spec.output_names if not n.startswith("router_")]
         missing = [n for n in self.spec.input_names if n not in graph_inputs]
         missing += [n for n in wanted_outputs if n not in graph_outputs]
@@ -125,14 +124,12 @@ class OrtBackend:
             )
 
     def empty_past(self, batch: int) -> Feeds:
-        elem_type = _ONNX_ELEM_TYPE[self.spec.kv_dtype]
-        feeds: Feeds = {}
-        for i in range(self.spec.num_layers):
-            for name in past_names(i):
-                feeds[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
-                    list(self.spec.kv_shape(batch, 0)), elem_type, self._device_type, self._device_id
-                )  # [B, G, 0, Hd]
-        return feeds
+        return {
+            name: self._ort.OrtValue.ortvalue_from_shape_and_type(
+                list(shape), onnx_elem_type(self.spec.state_element_dtype(name)), self._device_type, self._device_id
+            )  # [B, G, 0, Hd] for key/value
+            for name, shape in self.spec.state.empty_past(batch).items()
+        }
 
     def forward(self, feeds: Feeds, want_router: bool = False) -> Feeds:
         if want_router and not self.spec.router_outputs:
@@ -144,30 +141,29 @@ class OrtBackend:
         binding = self.session.io_binding()
         for name in ("input_ids", "attention_mask", "position_ids"):
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name], dtype=np.int64))
-        for i in range(self.spec.num_layers):
-            for name in past_names(i):
-                value = feeds[name]
-                if isinstance(value, self._ort.OrtValue):
-                    binding.bind_ortvalue_input(name, value)  # the previous step's present, already on the device
-                else:
-                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.spec.state.all_past_names():
+            value = feeds[name]
+            if isinstance(value, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)  # the previous step's present, already on the device
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
 
         host = ["logits"]
         if want_router:
             for layer in self.spec.moe_layers:
                 host += router_names(layer)
-        device = [name for i in range(self.spec.num_layers) for name in present_names(i)]
+        device = self.spec.state.all_present_names()
         for name in host:
             binding.bind_output(name, "cpu")
         batch, seq = np.shape(feeds["input_ids"])
         total = np.shape(feeds["attention_mask"])[1]  # P + S positions in each present
         retired = self._reserve_kv(batch, total)  # the buffers a growth replaced stay alive for this run
-        past_ptr = _data_ptr(feeds[past_names(0)[0]])
-        slot = 1 if self._kv_buffers[device[0]][0].data_ptr() == past_ptr else 0  # never write over the past
-        shape = list(self.spec.kv_shape(batch, total))  # [B, G, P+S, Hd]
-        elem_type = _ONNX_ELEM_TYPE[self.spec.kv_dtype]
+        past_ptr = _data_ptr(feeds[self.spec.state.all_past_names()[0]]) if device else None
+        slot = 1 if device and self._kv_buffers[device[0]][0].data_ptr() == past_ptr else 0  # never write over the past
         for name in device:
             buffer = self._kv_buffers[name][slot]
+            shape = list(self.spec.state_shape(name, batch, total))  # [B, G, P+S, Hd] for key/value
+            elem_type = onnx_elem_type(self.spec.state_element_dtype(name))
             binding.bind_output(name, self._device_type, self._device_id, elem_type, shape, buffer.data_ptr())
 
         self.session.run_with_iobinding(binding)
@@ -185,16 +181,16 @@ class OrtBackend:
         grow = 2 * self._kv_positions if batch == self._kv_batch else 0
         capacity = max(positions, grow)
         capacity = -(-capacity // KV_POSITION_STEP) * KV_POSITION_STEP
-        elements = int(np.prod(self.spec.kv_shape(batch, capacity)))
-        elem_type = _ONNX_ELEM_TYPE[self.spec.kv_dtype]
         retired = [buffer for pair in self._kv_buffers.values() for buffer in pair]
         self._kv_buffers = {
             name: [
-                self._ort.OrtValue.ortvalue_from_shape_and_type([elements], elem_type, self._device_type, self._device_id)
+                self._ort.OrtValue.ortvalue_from_shape_and_type(
+                    [int(np.prod(self.spec.state_shape(name, batch, capacity)))],
+                    onnx_elem_type(self.spec.state_element_dtype(name)), self._device_type, self._device_id,
+                )
                 for _ in range(2)
             ]
-            for i in range(self.spec.num_layers)
-            for name in present_names(i)
+            for name in self.spec.state.all_present_names()
         }  # fmt: skip
         self._kv_batch, self._kv_positions = batch, capacity
         return retired
@@ -202,8 +198,11 @@ class OrtBackend:
     @property
     def kv_buffer_bytes(self) -> int:
         """Bytes the present buffers hold now (two per present output)."""
-        per = int(np.prod(self.spec.kv_shape(self._kv_batch, self._kv_positions))) * _ELEM_BYTES[self.spec.kv_dtype]
-        return 2 * len(self._kv_buffers) * per
+        return 2 * sum(
+            int(np.prod(self.spec.state_shape(name, self._kv_batch, self._kv_positions)))
+            * itemsize(self.spec.state_element_dtype(name))
+            for name in self._kv_buffers
+        )
 
 
 def _data_ptr(value: Any) -> int | None:

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from moetrt.checkpoint import from_pretrained
+from moetrt import dtypes
 from moetrt.errors import CheckpointError, MoetrtError
 from moetrt.model import MoETransformer, StaticKVCache
-from moetrt.runtime.backend import Feeds, ModelSpec, past_names, present_names, router_names
+from moetrt.runtime.backend import Feeds, ModelSpec, router_names
 
 __all__ = ["TorchBackend", "torch_device", "TORCH_DTYPES"]
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {d: dtypes.torch_dtype(d) for d in dtypes.DTYPES}
 CAPACITY_STEP = 256  # static caches hold a multiple of this many positions: few distinct graphs
-_KV_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def torch_device(device: str) -> torch.device:
@@ -122,7 +122,7 @@ class TorchBackend:
         self.device = str(dev)
         self.config = model.config
         self._device = dev
-        kv_dtype = _KV_DTYPE_NAMES[model.dtype]
+        kv_dtype = dtypes.element_name(dtypes.from_torch(model.dtype))
         self.spec = ModelSpec.from_config(model.config, kv_dtype, router_outputs=True)
         self._cache: StaticKVCache | None = None
         self._handed_out: torch.Tensor | None = None  # present.0.key of the last step: a view of self._cache
@@ -164,12 +164,8 @@ class TorchBackend:
         return cls(from_pretrained(source, dtype=torch_dtype), device, **options)
 
     def empty_past(self, batch: int) -> Feeds:
-        empty = torch.empty(self.spec.kv_shape(batch, 0), dtype=self.model.dtype, device=self._device)  # [B, G, 0, Hd]
-        feeds: Feeds = {}
-        for i in range(self.spec.num_layers):
-            key, value = past_names(i)
-            feeds[key], feeds[value] = empty, empty
-        return feeds
+        return {name: torch.empty(shape, dtype=dtypes.torch_dtype(self.spec.state_element_dtype(name)), device=self._device)
+                for name, shape in self.spec.state.empty_past(batch).items()}  # [B, G, 0, Hd] for key/value
 
     def _tensor(self, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
@@ -182,21 +178,23 @@ class TorchBackend:
         position_ids = self._tensor(feeds["position_ids"], torch.int64)  # [B, S]
         if self.static_cache:
             return self._forward_static(feeds, input_ids, attention_mask, position_ids, want_router)
-        past = []
-        for i in range(self.spec.num_layers):
-            key, value = past_names(i)
-            past.append((self._tensor(feeds[key], self.model.dtype), self._tensor(feeds[value], self.model.dtype)))
+        past = [self._layer_past(feeds, i) for i in range(self.spec.num_layers)]
         out = self.model(
             input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past, use_cache=True, output_router=want_router,
         )  # fmt: skip
         return self._outputs(out.logits, out.past_key_values, out if want_router else None)
 
+    def _layer_past(self, feeds: Feeds, layer: int) -> tuple[torch.Tensor, ...]:
+        """Layer ``layer``'s state from ``feeds``, in its entries' order, on the device in its dtype."""
+        return tuple(self._tensor(feeds[name], dtypes.torch_dtype(self.spec.state_element_dtype(name)))
+                     for name in self.spec.state.past_names(layer))
+
     def _outputs(self, logits: torch.Tensor, presents, router_out) -> Feeds:
         outputs: Feeds = {"logits": logits.float().cpu().numpy()}  # [B, S, V]
-        for i, (k, v) in enumerate(presents):
-            key, value = present_names(i)
-            outputs[key], outputs[value] = k, v  # [B, G, P+S, Hd], stay on the device
+        for i, tensors in enumerate(presents):
+            for name, tensor in zip(self.spec.state.present_names(i), tensors, strict=True):
+                outputs[name] = tensor  # [B, G, P+S, Hd] for key/value, stays on the device
         if router_out is not None:
             routers = zip(self.spec.moe_layers, router_out.router_weights, router_out.router_indices, strict=True)
             for layer, weights, indices in routers:
@@ -225,25 +223,25 @@ class TorchBackend:
                 output_router=want_router, static_cache=cache, cache_position=cache_position,
             )  # fmt: skip
             logits, router_out = out.logits, (out if want_router else None)
-        presents = [(k[:, :, :total], v[:, :, :total]) for k, v in zip(cache.keys, cache.values)]  # [B, G, P+S, Hd]
+        presents = [self._written(cache, i, total) for i in range(self.spec.num_layers)]  # [B, G, P+S, Hd] for K/V
         outputs = self._outputs(logits, presents, router_out)
-        self._handed_out = outputs[present_names(0)[0]]
+        self._handed_out = outputs[self.spec.state.all_present_names()[0]]
         return outputs
 
     def _prepare_cache(self, feeds: Feeds, batch: int, past: int, total: int) -> StaticKVCache:
         """The cache this step writes into: the current one when the past is what we handed out last step."""
-        cache, key0 = self._cache, feeds[past_names(0)[0]]
-        if tuple(key0.shape) != self.spec.kv_shape(batch, past):
-            raise MoetrtError(
-                f"past_key_values.0.key must be {list(self.spec.kv_shape(batch, past))} "
-                f"(batch, kv heads, past, head dim), got {list(key0.shape)}"
-            )
+        first = self.spec.state.all_past_names()[0]
+        cache, key0 = self._cache, feeds[first]
+        expected = self.spec.state_shape(first, batch, past)
+        if tuple(key0.shape) != expected:
+            dims = ", ".join(map(str, self.spec.state.entries(0)[0].dims))
+            raise MoetrtError(f"{first} must be {list(expected)} ({dims}), got {list(key0.shape)}")
         ours = past > 0 and key0 is self._handed_out and cache is not None and cache.batch == batch
         if ours and total <= cache.capacity:
             return cache
         if cache is None or cache.batch != batch or cache.capacity < total or ours:
             if ours:  # grow: keep the written positions
-                past_kv = [(k[:, :, :past], v[:, :, :past]) for k, v in zip(cache.keys, cache.values)]
+                past_kv = [self._written(cache, i, past) for i in range(self.spec.num_layers)]
             capacity = max(total, 2 * cache.capacity if ours else 0)
             capacity = min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.spec.max_positions)
             self._cache, self._graphs = None, {}  # free the old buffers (and the graphs that write them) first
@@ -252,11 +250,13 @@ class TorchBackend:
                 new.load(past_kv)
             cache = self._cache = new
         if not ours and past > 0:  # a past that came from elsewhere: copy it in
-            cache.load(
-                [(self._tensor(feeds[k], self.model.dtype), self._tensor(feeds[v], self.model.dtype))
-                 for k, v in map(past_names, range(self.spec.num_layers))]
-            )  # fmt: skip
+            cache.load([self._layer_past(feeds, i) for i in range(self.spec.num_layers)])
         return cache
+
+    def _written(self, cache: StaticKVCache, layer: int, positions: int) -> tuple[torch.Tensor, ...]:
+        """Layer ``layer``'s buffers cut to the first ``positions`` (fixed-size state whole)."""
+        return tuple(b.narrow(e.concat_axis, 0, positions) if e.grows else b
+                     for e, b in zip(self.spec.state.entries(layer), cache.layer(layer), strict=True))
 
     def _capture(self, batch, input_ids, attention_mask, position_ids, past) -> _DecodeGraph:
         if self._graph_pool is None:

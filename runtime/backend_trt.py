@@ -28,13 +28,15 @@ import numpy as np
 
 from moetrt.artifact import METADATA_FILE, read_metadata
 from moetrt.config import MoEConfig
+from moetrt.dtypes import DTYPES, torch_dtype
 from moetrt.errors import CheckpointError, MoetrtError
 from moetrt.ops.plugins import ENGINE_FILE, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, import_tensorrt, version_tuple
-from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, past_names, present_names, router_names
+from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, router_names
+from moetrt.runtime.model_folder import read_state
+from moetrt.state import StateContract
 
 __all__ = ["TrtBackend", "EngineFolder", "read_engine_folder", "check_engine_compatible", "find_profile", "load_engine"]
 
-DTYPES = ("fp32", "fp16", "bf16")
 AXES = ("batch", "seq", "past", "total")
 
 
@@ -54,6 +56,11 @@ class EngineFolder:
     @property
     def engine_path(self) -> Path:
         return self.folder / self.meta.get("engine", {}).get("file", ENGINE_FILE)
+
+    @property
+    def state(self) -> StateContract:
+        """What each layer carries between steps (``io.state``; key/value for folders built before it)."""
+        return StateContract.read(self.meta, self.config)
 
 
 def read_engine_folder(folder: str | os.PathLike) -> EngineFolder:
@@ -82,6 +89,7 @@ def read_engine_folder(folder: str | os.PathLike) -> EngineFolder:
         raise CheckpointError(f"{meta_path} is incomplete ({exc}); rebuild the engine") from exc
     if dtype not in DTYPES or not profiles:
         raise CheckpointError(f"{meta_path}: precision {dtype!r} / {len(profiles)} profiles are not valid; rebuild the engine")
+    read_state(meta, config, meta_path)
     result = EngineFolder(folder, config, dtype, plugins, profiles,
                           router_outputs=bool((meta.get("export") or {}).get("router_outputs", False)), meta=meta)
     if not result.engine_path.exists():
@@ -218,7 +226,8 @@ class TrtBackend:
         index = _parse_device(device)
         self.device = f"cuda:{index}"
         self._device = torch.device("cuda", index)
-        self.spec = ModelSpec.from_config(info.config, KV_DTYPES[info.dtype], router_outputs=info.router_outputs)
+        self.spec = ModelSpec.from_config(info.config, KV_DTYPES[info.dtype], router_outputs=info.router_outputs,
+                                          state=info.state)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -229,8 +238,6 @@ class TrtBackend:
             raise CheckpointError(f"{info.engine_path} lacks the inputs/outputs moetrt expects ({', '.join(missing[:6])}); "
                                   "it was not built by moetrt from this model: rebuild the engine")
         self._dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-        kv_torch = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.spec.kv_dtype]
-        self._kv_dtype = kv_torch
         with torch.cuda.device(index):
             self.context = engine.create_execution_context()
             self._stream = torch.cuda.Stream(self._device)
@@ -265,12 +272,9 @@ class TrtBackend:
 
     # --- Backend ---------------------------------------------------------------------------------
     def empty_past(self, batch: int) -> Feeds:
-        empty = self._torch.empty(self.spec.kv_shape(batch, 0), dtype=self._kv_dtype, device=self._device)  # [B, G, 0, Hd]
-        feeds: Feeds = {}
-        for i in range(self.spec.num_layers):
-            key, value = past_names(i)
-            feeds[key], feeds[value] = empty, empty
-        return feeds
+        return {name: self._torch.empty(shape, dtype=torch_dtype(self.spec.state_element_dtype(name)),
+                                        device=self._device)  # [B, G, 0, Hd] for key/value
+                for name, shape in self.spec.state.empty_past(batch).items()}
 
     def _device_tensor(self, name: str, value: Any):
         torch = self._torch
@@ -296,7 +300,7 @@ class TrtBackend:
             )
         torch, context = self._torch, self.context
         batch, seq = np.shape(feeds["input_ids"])
-        past = int(np.shape(feeds[past_names(0)[0]])[2]) if self.spec.num_layers else 0
+        past = self.spec.state.past_length({n: np.shape(feeds[n]) for n in self.spec.state.all_past_names() if n in feeds})
         profile = find_profile(self.info.profiles, int(batch), int(seq), past)
         outputs: Feeds = {}
         with self._on_stream():
@@ -326,9 +330,8 @@ class TrtBackend:
             if not context.execute_async_v3(stream):
                 raise MoetrtError("TensorRT failed to run the engine; its log above says why")
             outputs["logits"] = device_out["logits"].float().cpu().numpy()  # [B, S, V]; waits for the stream
-            for i in range(self.spec.num_layers):
-                for name in present_names(i):
-                    outputs[name] = device_out[name]  # [B, G, P+S, Hd], stays on the GPU
+            for name in self.spec.state.all_present_names():
+                outputs[name] = device_out[name]  # [B, G, P+S, Hd] for key/value, stays on the GPU
             if want_router:
                 for layer in self.spec.moe_layers:
                     w_name, i_name = router_names(layer)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.runtime.backend import Backend, Feeds, past_names, present_names
+from moetrt.runtime.backend import Backend, Feeds
 from moetrt.runtime.expert_stats import ExpertStats
 
 __all__ = ["SamplingOptions", "Step", "Generation", "sample_next", "left_pad"]
@@ -216,9 +216,8 @@ class Generation:
                 "attention_mask": mask,
                 "position_ids": mask.sum(axis=1, keepdims=True) - 1,  # [B, 1]
             }
-            for i in range(spec.num_layers):
-                for past, present in zip(past_names(i), present_names(i)):
-                    feeds[past] = outputs[present]  # [B, G, P+1, Hd], back-end native
+            for present, past in spec.state.pairs():
+                feeds[past] = outputs[present]  # [B, G, P+1, Hd] for key/value, back-end native
             keep = active[:, None]  # [B, 1]: rows that stopped feed padding
 
     def run(self) -> Generation:

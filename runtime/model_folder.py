@@ -5,7 +5,7 @@ the tokenizer files of its source. ``moetrt.json``::
 
     {"format": "moetrt-onnx", "format_version": 1, "config": {...MoEConfig...},
      "export": {"dtype": "fp32"|"fp16"|"bf16", "opset": int, "router_outputs": bool, "target": ...},
-     "io": {"inputs": [...], "outputs": [...]}, "source": str | null, "versions": {...},
+     "io": {"inputs": [...], "outputs": [...], "state": {...moetrt.state...}}, "source": str | null, "versions": {...},
      "files": {"model.onnx": "<sha256>", ...}}
 """
 
@@ -18,15 +18,14 @@ from typing import Any
 
 from moetrt.artifact import FORMAT, FORMAT_VERSION, METADATA_FILE, check_artifact_files, read_metadata
 from moetrt.config import PRESETS, MoEConfig
+from moetrt.dtypes import DTYPES
 from moetrt.errors import CheckpointError, MoetrtError
+from moetrt.state import StateContract
 
 __all__ = [
     "ExportedModel", "read_exported", "source_kind", "check_artifact_files", "explain_broken_artifact",
     "FORMAT", "FORMAT_VERSION", "METADATA_FILE",
 ]
-
-DTYPES = ("fp32", "fp16", "bf16")
-
 
 def source_kind(source: str | os.PathLike) -> str:
     """``"exported"`` (a folder with moetrt.json), ``"checkpoint"`` (a folder with config.json) or ``"preset"``."""
@@ -69,6 +68,11 @@ class ExportedModel:
     def onnx_path(self) -> Path:
         return self.folder / "model.onnx"
 
+    @property
+    def state(self) -> StateContract:
+        """What each layer carries between steps (``io.state``; key/value for folders written before it)."""
+        return StateContract.read(self.meta, self.config)
+
     def verify_checksums(self) -> None:
         """Recompute the sha256 of every file listed in ``moetrt.json``; raise on a mismatch."""
         check_artifact_files(self.folder, self.meta, checksums=True)
@@ -98,6 +102,7 @@ def read_exported(folder: str | os.PathLike) -> ExportedModel:
     dtype = export.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise CheckpointError(f"{meta_path}: export.dtype {dtype!r} is not one of {DTYPES}; re-export the model")
+    read_state(meta, config, meta_path)
     check_artifact_files(folder, meta, checksums=False, required=("model.onnx",))
     return ExportedModel(
         folder=folder,
@@ -107,6 +112,20 @@ def read_exported(folder: str | os.PathLike) -> ExportedModel:
         source=meta.get("source"),
         meta=meta,
     )
+
+
+def read_state(meta: dict[str, Any], config: MoEConfig, meta_path: Path) -> StateContract:
+    """The per-layer state recorded in ``meta`` (key/value when it predates ``io.state``), checked against ``config``."""
+    try:
+        state = StateContract.read(meta, config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: io.state is not a valid state contract ({exc}); re-export the model") from exc
+    if state.num_layers != config.num_hidden_layers:
+        raise CheckpointError(
+            f"{meta_path}: io.state describes {state.num_layers} layers, the config {config.num_hidden_layers}; "
+            "re-export the model"
+        )
+    return state
 
 
 def explain_broken_artifact(path: str | os.PathLike, error: BaseException) -> None:

@@ -26,15 +26,15 @@ Nothing here imports tensorrt, triton or polygraphy at module import time.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from moetrt.artifact import Progress, atomic_output_dir, check_output_dir, package_versions, read_metadata, sha256_file, write_metadata
+from moetrt.artifact import Progress, atomic_output_dir, check_output_dir, package_versions, read_metadata, sha256_file, write_artifact
 from moetrt.config import MoEConfig
+from moetrt.dtypes import DTYPES, element_name, from_onnx
 from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError
 from moetrt.ops.plugins import (
     ENGINE_FILE,
@@ -52,10 +52,9 @@ from .profiles import parse_profiles
 
 __all__ = ["engine_from_onnx", "PRECISIONS", "precision_flags", "default_timing_cache", "ProgressLog", "io_from_graph"]
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = DTYPES
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # the prepared ONNX keeps weights beside it above 1 GiB (protobuf's 2 GiB limit)
-_DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT32": "int32",
-                "BOOL": "bool"}
+_INT_DTYPE_NAMES = {"INT64": "int64", "INT32": "int32", "BOOL": "bool"}  # onnx_ir DataType names -> io names
 
 
 def precision_flags(precision: str, strongly_typed: bool) -> dict[str, bool]:
@@ -153,7 +152,9 @@ def io_from_graph(model) -> dict[str, list[dict[str, Any]]]:
 
     def spec(value) -> dict[str, Any]:
         dims = [d if isinstance(d, int) else str(d) for d in (value.shape or ())]
-        return {"name": value.name, "dtype": _DTYPE_NAMES.get(value.dtype.name, value.dtype.name.lower()), "shape": dims}
+        dtype = from_onnx(value.dtype.value)
+        name = element_name(dtype) if dtype is not None else _INT_DTYPE_NAMES.get(value.dtype.name, value.dtype.name.lower())
+        return {"name": value.name, "dtype": name, "shape": dims}
 
     return {"inputs": [spec(v) for v in model.graph.inputs], "outputs": [spec(v) for v in model.graph.outputs]}
 
@@ -273,6 +274,8 @@ def engine_from_onnx(
     with steps.stage("prepare", f"plugins {plugins}"):
         passes.append(prepare_for_tensorrt(model, plugins, num_tokens=first.batch.opt * first.seq.opt))
     io = io_from_graph(model)
+    if "state" in (meta.get("io") or {}):  # the per-layer state contract of the source export
+        io["state"] = meta["io"]["state"]
     profiles = [{"axes": spec.to_dict(), "shapes": spec.shapes(io["inputs"])} for spec in specs]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -288,14 +291,8 @@ def engine_from_onnx(
 
     with steps.stage("save", str(out_dir)), atomic_output_dir(out_dir, overwrite) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine_bytes)
-        copied = []
-        for name in meta.get("tokenizer_files", []):
-            if (onnx_dir / name).exists():
-                shutil.copy2(onnx_dir / name, tmp / name)
-                copied.append(name)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         export.update(target="trt", dtype=precision)
-        write_metadata(tmp, {
+        write_artifact(tmp, {
             "format": ENGINE_FORMAT,
             "format_version": ENGINE_FORMAT_VERSION,
             "config": meta["config"],
@@ -321,10 +318,8 @@ def engine_from_onnx(
                 "files": meta.get("files", {}),
             },
             "source": meta.get("source"),
-            "tokenizer_files": copied,
             "versions": package_versions("moetrt", "torch", "onnx", "onnx-ir", "tensorrt", "polygraphy", "triton"),
-            "files": files,
-        })
+        }, tokenizer_from=onnx_dir, tokenizer_files=meta.get("tokenizer_files", []))
     steps.done(f"built a TensorRT engine into {out_dir}")
     return out_dir
 

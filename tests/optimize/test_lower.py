@@ -73,6 +73,7 @@ def test_folder_metadata_and_contract(optimized, options, passes, nodes):
             assert new["shape"] == old["shape"]
             want = kv if new["name"].startswith(("past_", "present")) else old["dtype"]
             assert new["dtype"] == want, new
+    assert meta["io"]["state"] == source["io"]["state"]  # the per-layer state contract travels with the graph
     graph = ir.load(out / "model.onnx")
     counts = node_counts(graph)
     for op, count in nodes.items():
