@@ -12,6 +12,17 @@
    values, one tensor in memory at a time. Exported with ``onnx_from_torch(folder, out,
    dtype="bf16")`` (the streaming path) in a child process under ``/usr/bin/time -v``; then
    a few initializers of the export are compared with the checkpoint tensors they come from.
+
+   ``--family gpt_oss``: gpt-oss-120b's dimensions instead (hidden 2880, expert ffn 2880, 128
+   experts, top-4, 64 heads, 8 KV heads, head_dim 64, sliding/full attention alternating, YaRN
+   RoPE, sinks, every bias, vocab 201088), the experts stored as released: MXFP4
+   ``mlp.experts.{gate_up,down}_proj_blocks`` ``[E, R, G, 16]`` / ``_scales`` ``[E, R, G]``
+   uint8 (random block bytes, scale bytes 120..127), the rest bf16, ``quantization_config``
+   ``{"quant_method": "mxfp4"}``. The export dequantizes the experts to bf16, so it is ~3x the
+   checkpoint (one layer: 1.7 GB MXFP4 -> 6.4 GB; one stacked gate/up 4.2 GB); by default the
+   layer count is the fewest whose export exceeds this machine's RAM by 5% (4 on 24 GiB: 9.3 GB
+   checkpoint, 28 GB export). The spot checks compare experts with ``dequantize_mxfp4`` of the
+   stored bytes. Its numbers are a section of their own in the report.
 2. **bench-small** (the preset of benchmarks/bench_runtime_cpu.py, random weights seeded 0,
    fp32, 1.4 GB): peak memory of ``moetrt export`` from its checkpoint folder (streaming), from
    the model in memory (the preset name), and of transformers' own exporter on the same
@@ -23,8 +34,8 @@ Debian package ``time``); where that is missing, ``resource.getrusage(RUSAGE_CHI
 the child exits (the report says which). Run one at a time on an otherwise quiet machine:
 memory is what it is, but wall times move with the load.
 
-    python benchmarks/bench_big_export.py [--layers 9] [--repeat 3] [--work DIR] [--keep]
-                                          [--skip-big] [--skip-small] [--out benchmarks/results]
+    python benchmarks/bench_big_export.py [--family mixtral|gpt_oss] [--layers N] [--repeat 3] [--work DIR]
+                                          [--keep] [--skip-big] [--skip-small] [--out benchmarks/results]
 
 Writes ``big_export.json`` and ``big_export.md``. The synthetic checkpoint and its export are
 deleted at the end unless ``--keep`` is given.
@@ -35,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -63,7 +75,25 @@ BIG_CONFIG = dict(
     rope_theta=1e6, sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     torch_dtype="bfloat16",
 )
+# gpt-oss-120b's dimensions (its config.json), the experts in MXFP4 as released; the layer count
+# is the benchmark's knob (by default the fewest whose bf16 export exceeds this machine's RAM)
+GPT_OSS_CONFIG = dict(
+    model_type="gpt_oss", architectures=["GptOssForCausalLM"], vocab_size=201088, hidden_size=2880,
+    intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128,
+    num_experts_per_tok=4, experts_per_token=4, hidden_act="silu", attention_bias=True,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=150000.0,
+    rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                  "original_max_position_embeddings": 4096},
+    sliding_window=128, swiglu_limit=7.0, tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999,
+    quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+    torch_dtype="bfloat16",
+)
+FAMILIES = {"mixtral": BIG_CONFIG, "gpt_oss": GPT_OSS_CONFIG}
+DEFAULT_LAYERS = {"mixtral": 9}  # gpt_oss: computed from the machine's RAM (layers_beyond_ram)
+RAM_MARGIN = 1.05  # the computed layer count makes the export at least 5% larger than RAM
 TARGET_RSS_GB = 4.0
+_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.uint8: "U8"}
 
 
 def log(message: str) -> None:
@@ -72,8 +102,22 @@ def log(message: str) -> None:
 
 # --- the synthetic checkpoint -------------------------------------------------------------------
 
-def big_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of a Mixtral checkpoint, in Hugging Face's on-disk layout."""
+def big_config(family: str, layers: int) -> dict:
+    """config.json of the synthetic checkpoint: ``family``'s dimensions, ``layers`` layers."""
+    cfg = dict(FAMILIES[family], num_hidden_layers=layers)
+    if family == "gpt_oss":  # sliding and full attention alternate, sliding first, as in the released models
+        cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return cfg
+
+
+def big_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor of the checkpoint, in Hugging Face's on-disk layout."""
+    if cfg["model_type"] == "gpt_oss":
+        return _gpt_oss_tensors(cfg)
+    return [(name, shape, torch.bfloat16) for name, shape in _mixtral_tensors(cfg)]
+
+
+def _mixtral_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
     out = [("model.embed_tokens.weight", (v, d))]
@@ -91,41 +135,92 @@ def big_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=torch.bfloat16)
+def _gpt_oss_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """openai/gpt-oss's tensors: bf16 everywhere but the experts' MXFP4 ``*_blocks`` / ``*_scales`` (uint8)."""
+    d, f, v, e = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_local_experts"]
+    heads, hd = cfg["num_attention_heads"], cfg["head_dim"]
+    q, kv = heads * hd, cfg["num_key_value_heads"] * hd
+    bf, u8 = torch.bfloat16, torch.uint8
+    out = [("model.embed_tokens.weight", (v, d), bf)]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.input_layernorm.weight", (d,), bf), (f"{p}.post_attention_layernorm.weight", (d,), bf)]
+        for proj, rows, cols in (("q", q, d), ("k", kv, d), ("v", kv, d), ("o", d, q)):
+            out += [(f"{p}.self_attn.{proj}_proj.weight", (rows, cols), bf),
+                    (f"{p}.self_attn.{proj}_proj.bias", (rows,), bf)]
+        out += [(f"{p}.self_attn.sinks", (heads,), bf),
+                (f"{p}.mlp.router.weight", (e, d), bf), (f"{p}.mlp.router.bias", (e,), bf)]
+        # [E, R, G, 16] blocks and [E, R, G] scales: R output rows (gate/up interleaved), G * 32 inputs
+        for proj, rows, cols in (("gate_up_proj", 2 * f, d), ("down_proj", d, f)):
+            out += [(f"{p}.mlp.experts.{proj}_blocks", (e, rows, cols // 32, 16), u8),
+                    (f"{p}.mlp.experts.{proj}_scales", (e, rows, cols // 32), u8),
+                    (f"{p}.mlp.experts.{proj}_bias", (e, rows), bf)]
+    out += [("model.norm.weight", (d,), bf), ("lm_head.weight", (v, d), bf)]
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
+def export_bytes(cfg: dict) -> int:
+    """Bytes of the bf16 export's weights: every parameter of the model ``cfg`` describes, two bytes each."""
+    from moetrt.checkpoint import config_from_hf
+    from moetrt.model import MoETransformer
+
+    with torch.device("meta"):
+        model = MoETransformer(config_from_hf(cfg))
+    return sum(p.numel() for p in model.parameters()) * 2
+
+
+def layers_beyond_ram(family: str) -> int:
+    """The fewest layers whose bf16 export exceeds this machine's RAM by :data:`RAM_MARGIN`."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    one, two = export_bytes(big_config(family, 1)), export_bytes(big_config(family, 2))
+    per_layer, rest = two - one, 2 * one - two  # the export grows linearly with the layers
+    return max(1, math.floor((RAM_MARGIN * ram - rest) / per_layer) + 1)
+
+
+def _tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+    if name.endswith("_blocks"):  # any byte is two valid e2m1 values
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    if name.endswith("_scales"):  # e8m0 exponents -7..0 (bias 127): dequantized magnitudes up to 6
+        return torch.randint(120, 128, shape, dtype=torch.uint8, generator=generator)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
 
 
 def write_checkpoint(folder: Path, cfg: dict) -> int:
-    """A sharded bf16 safetensors checkpoint, each tensor generated and written on its own; returns its bytes."""
+    """A sharded safetensors checkpoint, each tensor generated and written on its own; returns its bytes."""
     folder.mkdir(parents=True)
     tensors = big_tensors(cfg)
     shards, current, size = [], [], 0
-    for name, shape in tensors:
-        nbytes = torch.Size(shape).numel() * 2
+    for name, shape, dtype in tensors:
+        nbytes = _nbytes(shape, dtype)
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
             current, size = [], 0
-        current.append((name, shape))
+        current.append((name, shape, dtype))
         size += nbytes
     shards.append(current)
     weight_map, total, seed = {}, 0, 0
     for index, shard in enumerate(shards):
         file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            nbytes = torch.Size(shape).numel() * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        for name, shape, dtype in shard:
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         with open(folder / file, "wb") as f:
             f.write(len(blob).to_bytes(8, "little") + blob)
-            for name, _shape in shard:
+            for name, shape, dtype in shard:
                 seed += 1
-                f.write(memoryview(_tensor(name, _shape, seed).view(torch.uint8).numpy()))
+                f.write(memoryview(_tensor(name, shape, dtype, seed).view(torch.uint8).numpy()))
                 weight_map[name] = file
         total += offset
         log(f"wrote {file} ({offset / 1e9:.2f} GB)")
@@ -189,12 +284,17 @@ exported.save_pretrained({out!r})
 
 
 def verify_big(checkpoint: Path, export: Path, cfg: dict) -> dict:
-    """Spot checks: initializers of the export against the checkpoint tensors they come from."""
+    """Spot checks: initializers of the export against the checkpoint tensors they come from.
+
+    gpt-oss experts against :func:`moetrt.mxfp4.dequantize_mxfp4` of the stored bytes, the gate/up
+    rows de-interleaved here (gate rows at even indices) rather than by the family's transform.
+    """
     import ml_dtypes
     import numpy as np
     import onnx_ir as ir
 
     from moetrt.checkpoint import read_safetensors_header
+    from moetrt.mxfp4 import dequantize_mxfp4
 
     stored = {}
     for shard in sorted(checkpoint.glob("*.safetensors")):
@@ -203,24 +303,48 @@ def verify_big(checkpoint: Path, export: Path, cfg: dict) -> dict:
     inits = model.graph.initializers
     f, last = cfg["intermediate_size"], cfg["num_hidden_layers"] - 1
 
+    def bf16(tensor):
+        return tensor.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+
     def ckpt(name):
-        return stored[name].read().view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+        return bf16(stored[name].read())
 
     def onnx_slice(name, index):
         value = inits[name].const_value.numpy()[index]  # memory-mapped: only this slice is read
         return np.ascontiguousarray(value)
 
+    def dequantized(name, expert):  # one expert's [R, G * 32] in bf16, from the stored MXFP4 bytes
+        return dequantize_mxfp4(stored[f"{name}_blocks"].select(expert).read(),
+                                stored[f"{name}_scales"].select(expert).read(), torch.bfloat16)
+
     checks = {}
-    for layer in (0, last):
-        p = f"model.layers.{layer}.block_sparse_moe.experts"
-        gate_up, down = f"model.layers.{layer}.mlp.experts.gate_up_proj", f"model.layers.{layer}.mlp.experts.down_proj"
-        for expert in (0, cfg["num_local_experts"] - 1):
-            checks[f"layer {layer} expert {expert} w1 (gate rows)"] = np.array_equal(
-                onnx_slice(gate_up, (expert, slice(0, f))), ckpt(f"{p}.{expert}.w1.weight"))
-            checks[f"layer {layer} expert {expert} w3 (up rows)"] = np.array_equal(
-                onnx_slice(gate_up, (expert, slice(f, 2 * f))), ckpt(f"{p}.{expert}.w3.weight"))
-            checks[f"layer {layer} expert {expert} w2"] = np.array_equal(
-                onnx_slice(down, expert), ckpt(f"{p}.{expert}.w2.weight"))
+    if cfg["model_type"] == "gpt_oss":
+        for layer in (0, last):
+            p = f"model.layers.{layer}.mlp.experts"
+            for expert in (0, cfg["num_local_experts"] - 1):
+                gate_up = dequantized(f"{p}.gate_up_proj", expert)  # [2F, D], gate and up rows interleaved
+                checks[f"layer {layer} expert {expert} gate rows (MXFP4)"] = np.array_equal(
+                    onnx_slice(f"{p}.gate_up_proj", (expert, slice(0, f))), bf16(gate_up[0::2]))
+                checks[f"layer {layer} expert {expert} up rows (MXFP4)"] = np.array_equal(
+                    onnx_slice(f"{p}.gate_up_proj", (expert, slice(f, 2 * f))), bf16(gate_up[1::2]))
+                checks[f"layer {layer} expert {expert} down (MXFP4)"] = np.array_equal(
+                    onnx_slice(f"{p}.down_proj", expert), bf16(dequantized(f"{p}.down_proj", expert)))
+            bias = ckpt(f"{p}.gate_up_proj_bias")  # [E, 2F] interleaved
+            checks[f"layer {layer} gate_up bias"] = np.array_equal(onnx_slice(f"{p}.gate_up_proj_bias", slice(None)),
+                                                                   np.concatenate((bias[:, 0::2], bias[:, 1::2]), 1))
+            checks[f"layer {layer} down bias"] = np.array_equal(
+                onnx_slice(f"{p}.down_proj_bias", slice(None)), ckpt(f"{p}.down_proj_bias"))
+    else:
+        for layer in (0, last):
+            p = f"model.layers.{layer}.block_sparse_moe.experts"
+            gate_up, down = f"model.layers.{layer}.mlp.experts.gate_up_proj", f"model.layers.{layer}.mlp.experts.down_proj"
+            for expert in (0, cfg["num_local_experts"] - 1):
+                checks[f"layer {layer} expert {expert} w1 (gate rows)"] = np.array_equal(
+                    onnx_slice(gate_up, (expert, slice(0, f))), ckpt(f"{p}.{expert}.w1.weight"))
+                checks[f"layer {layer} expert {expert} w3 (up rows)"] = np.array_equal(
+                    onnx_slice(gate_up, (expert, slice(f, 2 * f))), ckpt(f"{p}.{expert}.w3.weight"))
+                checks[f"layer {layer} expert {expert} w2"] = np.array_equal(
+                    onnx_slice(down, expert), ckpt(f"{p}.{expert}.w2.weight"))
     embed = "model.embed_tokens.weight"
     checks["embed_tokens"] = np.array_equal(onnx_slice(embed, slice(None)), ckpt(embed))
     shapes = {n: tuple(v.shape) for n, v in inits.items() if v.shape is not None}
@@ -268,43 +392,22 @@ def write_report(out: Path, report: dict) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM; {m['platform']}.  ",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".  ",
         f"Peak memory: {report['rss_source']}. Recorded {report['date']}"
-        + "".join(f" ({k} section from the run of {d})" for k, d in report.get("kept_from_earlier_runs", {}).items())
+        + ("" if not report.get("kept_from_earlier_runs") else " (" + "; ".join(
+            f"{k} section from the run of {d}" for k, d in report["kept_from_earlier_runs"].items()) + ")")
         + "; "
         "the machine was shared with other jobs (wall times move with the load, memory does not).",
         "",
     ]
-    big = report.get("big")
-    if big:
-        run = big["export"]
-        lines += [
-            "## Big: synthetic Mixtral checkpoint, streamed export",
-            "",
-            f"{big['layers']} layers of Mixtral-8x7B's dimensions (hidden 4096, ffn 14336, 8 experts), bf16, "
-            f"{big['checkpoint_gb']:.1f} GB in {big['shards']} shards; exported as bf16 "
-            f"(`onnx_from_torch(folder, out, dtype=\"bf16\")`, streaming). Largest checkpoint tensor "
-            f"{big['largest_tensor_gb']:.3f} GB; largest stacked initializer {big['largest_initializer_gb']:.2f} GB.",
-            "",
-            "| what | value |",
-            "|---|---|",
-            f"| checkpoint write | {big['write_s']:.0f} s |",
-            f"| export wall time | {fmt(run['wall_s'], '.0f')} s |",
-            f"| export peak RSS | {fmt(run.get('peak_rss_gb'), '.2f')} GB (target < {TARGET_RSS_GB:.0f} GB: "
-            f"{'met' if (run.get('peak_rss_gb') or 1e9) < TARGET_RSS_GB else 'NOT met'}) |",
-            f"| machine RAM | {m['memory']} |",
-            f"| export size | {fmt(big.get('export_gb'), '.1f')} GB |",
-            f"| spot checks equal to the checkpoint | {big.get('verify', {}).get('all_equal')} |",
-            "",
-        ]
-        if run.get("stages_s"):
-            lines += ["Stages (s): " + ", ".join(f"{k} {val:.0f}" for k, val in run["stages_s"].items()), ""]
-        if run.get("error"):
-            lines += ["Export failed:", "", "```", run["error"][-1500:], "```", ""]
+    for family in FAMILIES:
+        big = report.get(big_section_name(family))
+        if big:
+            lines += _big_lines(big, m)
     small = report.get("small")
     if small:
         lines += [
             f"## bench-small ({small['weight_gb']:.2f} GB fp32): peak memory of the exporters",
             "",
-            f"Medians of {report['repeat']} runs, each in a fresh process.",
+            f"Medians of {report['small'].get('repeat', report['repeat'])} runs, each in a fresh process.",
             "",
         ] + _rss_table("exporter", small["contenders"]) + [""]
         for name, entry in small["contenders"].items():
@@ -322,8 +425,60 @@ def write_report(out: Path, report: dict) -> None:
             ] + _rss_table("optimize", small["optimize"])
             lines += [""] + [f"- {name}: {entry['how']}" for name, entry in small["optimize"].items()] + [""]
     lines += ["Reproduce: `python benchmarks/bench_big_export.py` (both parts; `--skip-big` or `--skip-small` runs "
-              "one and keeps the other's recorded numbers). This report: `" + report["command"] + "`", ""]
+              "one and keeps the other's recorded numbers; `--family gpt_oss --skip-small` measures the gpt-oss "
+              "checkpoint and keeps the rest). This report: `" + report["command"] + "`", ""]
     (out / "big_export.md").write_text("\n".join(lines))
+
+
+def big_section_name(family: str) -> str:
+    """The report's key for the big run of ``family`` (``big``: Mixtral, as first recorded)."""
+    return "big" if family == "mixtral" else f"big_{family}"
+
+
+def _big_lines(big: dict, m: dict) -> list[str]:
+    """The markdown section of one big run."""
+    run, cfg = big["export"], big["config"]
+    if big.get("family", "mixtral") == "gpt_oss":
+        title = "## Big: synthetic gpt-oss checkpoint (MXFP4 experts), streamed export"
+        what = (f"{big['layers']} layers of gpt-oss-120b's dimensions (hidden 2880, expert ffn 2880, 128 experts, "
+                "top-4, 64 heads, 8 KV heads, head_dim 64, sliding/full attention alternating, YaRN RoPE, sinks, "
+                f"every bias; vocab {cfg['vocab_size']}), the experts stored as MXFP4 `*_blocks` / `*_scales` "
+                "(random block bytes, scale bytes 120..127), everything else bf16: "
+                f"{big['checkpoint_gb']:.1f} GB in {big['shards']} shards; exported as bf16 with the experts "
+                "dequantized (`onnx_from_torch(folder, out, dtype=\"bf16\")`, streaming). ")
+        checks = "spot checks equal to `dequantize_mxfp4` of the checkpoint (gate/up de-interleaved)"
+    else:
+        title = "## Big: synthetic Mixtral checkpoint, streamed export"
+        what = (f"{big['layers']} layers of Mixtral-8x7B's dimensions (hidden 4096, ffn 14336, 8 experts), bf16, "
+                f"{big['checkpoint_gb']:.1f} GB in {big['shards']} shards; exported as bf16 "
+                "(`onnx_from_torch(folder, out, dtype=\"bf16\")`, streaming). ")
+        checks = "spot checks equal to the checkpoint"
+    what += (f"Largest checkpoint tensor {big['largest_tensor_gb']:.3f} GB; largest stacked initializer "
+             f"{big['largest_initializer_gb']:.2f} GB")
+    what += f" (one expert's gate/up piece {big['expert_piece_gb']:.3f} GB)." if "expert_piece_gb" in big else "."
+    lines = [
+        title, "", what, "",
+        "| what | value |",
+        "|---|---|",
+        f"| checkpoint write | {big['write_s']:.0f} s |",
+        f"| export wall time | {fmt(run['wall_s'], '.0f')} s |",
+        f"| export peak RSS | {fmt(run.get('peak_rss_gb'), '.2f')} GB (target < {TARGET_RSS_GB:.0f} GB: "
+        f"{'met' if (run.get('peak_rss_gb') or 1e9) < TARGET_RSS_GB else 'NOT met'}) |",
+        f"| machine RAM | {m['memory']} |",
+        f"| export size | {fmt(big.get('export_gb'), '.1f')} GB |",
+        f"| {checks} | {big.get('verify', {}).get('all_equal')} |",
+        "",
+    ]
+    if big.get("verify", {}).get("checks") and big.get("family", "mixtral") != "mixtral":
+        lines += ["Spot checks: " + ", ".join(f"{k} {'equal' if ok else 'DIFFERENT'}"
+                                              for k, ok in big["verify"]["checks"].items()) + ".", ""]
+    if run.get("stages_s"):
+        lines += ["Stages (s): " + ", ".join(f"{k} {val:.0f}" for k, val in run["stages_s"].items()), ""]
+    if big.get("note"):  # what a reader of the numbers must know, added to the JSON by whoever ran it
+        lines += [big["note"], ""]
+    if run.get("error"):
+        lines += ["Export failed:", "", "```", run["error"][-1500:], "```", ""]
+    return lines
 
 
 def _rss_table(what: str, entries: dict) -> list[str]:
@@ -336,9 +491,27 @@ def _rss_table(what: str, entries: dict) -> list[str]:
     return rows
 
 
+def _public_args(argv: list[str]) -> list[str]:
+    """The command line as the report shows it: without --work (a folder of this machine)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--work":
+            skip = True
+        elif not arg.startswith("--work="):
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=9, help="layers of the big checkpoint (default 9: 26.6 GB)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mixtral",
+                        help="the big checkpoint: Mixtral-8x7B's dimensions in bf16, or gpt-oss-120b's with MXFP4 "
+                             "experts (default mixtral)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers of the big checkpoint (default: 9 for mixtral, 26.6 GB; for gpt_oss the fewest "
+                             "whose bf16 export exceeds this machine's RAM by 5%%)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per bench-small exporter (medians)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the artifacts (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and its export")
@@ -353,25 +526,33 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(), "versions": versions(),
         "rss_source": ("GNU time -v (Maximum resident set size of the child)" if Path(GNU_TIME).exists()
                        else "resource.getrusage(RUSAGE_CHILDREN) (GNU time not installed)"),
-        "repeat": args.repeat, "command": "python benchmarks/bench_big_export.py " + " ".join(argv or sys.argv[1:]),
+        "repeat": args.repeat, "command": "python benchmarks/bench_big_export.py " + " ".join(_public_args(argv or sys.argv[1:])),
     }
+    big_section = big_section_name(args.family)
     previous = args.out / "big_export.json"
-    if previous.exists():  # a section this run skips keeps its last recorded numbers
+    if previous.exists():  # a section this run does not measure keeps its last recorded numbers
         with contextlib.suppress(json.JSONDecodeError):
             old = json.loads(previous.read_text())
-            for section, skipped in (("big", args.skip_big), ("small", args.skip_small)):
-                if skipped and section in old:
+            measures = {"small": not args.skip_small, big_section: not args.skip_big}
+            for section in ("small", *map(big_section_name, FAMILIES)):
+                if not measures.get(section) and section in old:
                     report[section] = old[section]
-                    report.setdefault("kept_from_earlier_runs", {})[section] = old.get("date")
+                    if section == "small":  # the runs it took, not this run's --repeat
+                        report[section].setdefault("repeat", old.get("repeat", args.repeat))
+                    dated = old.get("kept_from_earlier_runs", {}).get(section, old.get("date"))
+                    report.setdefault("kept_from_earlier_runs", {})[section] = dated
     try:
         if not args.skip_big:
-            cfg = dict(BIG_CONFIG, num_hidden_layers=args.layers)
+            layers = args.layers or DEFAULT_LAYERS.get(args.family) or layers_beyond_ram(args.family)
+            cfg = big_config(args.family, layers)
             tensors = big_tensors(cfg)
-            need = sum(torch.Size(s).numel() * 2 for _, s in tensors)
+            need, exported = sum(_nbytes(s, dt) for _, s, dt in tensors), export_bytes(cfg)
             free = shutil.disk_usage(work).free
-            if free < 2 * need + 5 * 10**9:
+            if free < need + exported + 5 * 10**9:
                 raise SystemExit(f"{work} has {free / 1e9:.0f} GB free; the checkpoint and its export need "
-                                 f"{2 * need / 1e9:.0f} GB (+5 GB margin): pass --work on a larger disk or fewer --layers")
+                                 f"{(need + exported) / 1e9:.0f} GB (+5 GB margin): pass --work on a larger disk or "
+                                 "fewer --layers")
+            log(f"{args.family}, {layers} layers: checkpoint {need / 1e9:.1f} GB, export {exported / 1e9:.1f} GB")
             checkpoint, export = work / "big-checkpoint", work / "big-export"
             start = time.perf_counter()
             if not (checkpoint / "config.json").exists():
@@ -382,17 +563,18 @@ def main(argv=None) -> int:
             run = measured(EXPORT_CODE.format(source=str(checkpoint), out=str(export), dtype="bf16", streaming=None),
                            "big export (streaming)")
             big = {
-                "layers": args.layers, "config": cfg, "checkpoint_gb": need / 1e9, "write_s": write_s,
-                "shards": len(list(checkpoint.glob("*.safetensors"))),
-                "largest_tensor_gb": max(torch.Size(s).numel() * 2 for _, s in tensors) / 1e9,
+                "family": args.family, "layers": layers, "config": cfg, "checkpoint_gb": need / 1e9,
+                "write_s": write_s, "shards": len(list(checkpoint.glob("*.safetensors"))),
+                "largest_tensor_gb": max(_nbytes(s, dt) for _, s, dt in tensors) / 1e9,
                 "largest_initializer_gb": 2 * cfg["num_local_experts"] * cfg["intermediate_size"] * cfg["hidden_size"] * 2 / 1e9,
+                "expert_piece_gb": 2 * cfg["intermediate_size"] * cfg["hidden_size"] * 2 / 1e9,
                 "export": run,
             }
             if run["returncode"] == 0:
                 big["export_gb"] = sum(p.stat().st_size for p in export.iterdir()) / 1e9
                 big["verify"] = verify_big(checkpoint, export, cfg)
                 log(f"spot checks: {big['verify']['checks']}")
-            report["big"] = big
+            report[big_section] = big
             if not args.keep:
                 shutil.rmtree(checkpoint, ignore_errors=True)
                 shutil.rmtree(export, ignore_errors=True)

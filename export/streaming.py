@@ -30,6 +30,7 @@ import onnx_ir as ir
 import torch
 
 from moetrt.checkpoint import ParamSource
+from moetrt.dtypes import from_torch, onnx_elem_type
 
 __all__ = ["StreamedTensor", "bind_sources", "fold_streamed_transposes", "fake_model", "to_ir_tensor", "EAGER_ELEMENTS"]
 
@@ -37,6 +38,10 @@ __all__ = ["StreamedTensor", "bind_sources", "fold_streamed_transposes", "fake_m
 # inputs of at most 8192 elements (DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT) and the initializer
 # deduplication at most 1024, so these must hold real data for the graph to come out the same
 EAGER_ELEMENTS = 8192
+# elements checked for NaN/Inf, or copied into a transposed slab, at a time: torch.isfinite of a
+# bf16 tensor makes temporaries ~3.5x its size (abs, two comparisons, their and), so a whole
+# 1.2 GB embedding checked at once held ~4 GB; slabs of 2**24 elements bound them to ~100 MB
+SLAB_ELEMENTS = 1 << 24
 
 
 def to_ir_tensor(tensor: torch.Tensor, name: str | None = None) -> ir.Tensor:
@@ -55,8 +60,7 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
 
 
 def _ir_dtype(dtype: torch.dtype) -> ir.DataType:
-    return {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
-            torch.bfloat16: ir.DataType.BFLOAT16}[dtype]
+    return ir.DataType(onnx_elem_type(from_torch(dtype)))
 
 
 class StreamedTensor(ir.LazyTensor):
@@ -79,8 +83,10 @@ class StreamedTensor(ir.LazyTensor):
         return StreamedTensor(self.source, self.torch_dtype, perm, name=name)
 
     def _check(self, chunk: torch.Tensor) -> torch.Tensor:
-        if not self.nonfinite and not bool(torch.isfinite(chunk).all()):
-            self.nonfinite = True
+        if not self.nonfinite:
+            flat = chunk.reshape(-1)
+            self.nonfinite = any(not bool(torch.isfinite(flat[start : start + SLAB_ELEMENTS]).all())
+                                 for start in range(0, flat.numel(), SLAB_ELEMENTS))
         return chunk
 
     def _whole(self) -> torch.Tensor:
@@ -92,8 +98,12 @@ class StreamedTensor(ir.LazyTensor):
         return to_ir_tensor(self._whole(), name=self.name)
 
     def tofile(self, file) -> None:
-        if self.perm is not None:  # a transposed matrix needs all of it at once
-            file.write(_bytes_of(self._whole()))
+        if self.perm is not None:  # a transposed matrix needs all of its source at once, not two copies
+            self.reads += 1
+            whole = self._check(self.source.read(self.torch_dtype)).permute(self.perm)  # a view
+            rows = max(1, SLAB_ELEMENTS // max(1, whole[0].numel())) if whole.shape[0] else 1
+            for start in range(0, whole.shape[0], rows):  # one slab of output rows copied at a time
+                file.write(_bytes_of(whole[start : start + rows]))
             return
         self.reads += 1
         for chunk in self.source.chunks(self.torch_dtype):  # one checkpoint tensor at a time
@@ -132,7 +142,7 @@ def bind_sources(ir_model: ir.Model, cfg, sources: dict[str, ParamSource], dtype
     ``sources``: model parameter name -> :class:`ParamSource`; initializers are named
     ``prefix + parameter name``. The rotary ``inv_freq`` buffer is recomputed from the config.
     """
-    from moetrt.model import RotaryEmbedding
+    from moetrt.model import rotary_embedding
 
     streamed = []
     for name, value in list(ir_model.graph.initializers.items()):
@@ -150,7 +160,7 @@ def bind_sources(ir_model: ir.Model, cfg, sources: dict[str, ParamSource], dtype
                 value.const_value = StreamedTensor(source, dtype, name=name)
                 streamed.append(value.const_value)
         elif param == "rotary.inv_freq":
-            inv_freq = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).inv_freq  # [Hd/2], as the loader rebuilds it
+            inv_freq = rotary_embedding(cfg).inv_freq  # [Hd/2], as the loader rebuilds it
             value.const_value = to_ir_tensor(inv_freq.to(dtype), name=name)
         else:
             raise AssertionError(f"the traced model has an initializer {name!r} that is no model parameter")

@@ -1,10 +1,10 @@
 """Hugging Face checkpoints in and out: config.json + safetensors (single or sharded).
 
-Supported ``model_type``: mixtral, qwen2_moe, qwen3_moe, olmoe. Both the on-disk layout
-(one tensor per expert projection: ``experts.{e}.w1`` or ``experts.{e}.gate_proj``) and the
-transformers v5 in-memory layout (``experts.gate_up_proj`` ``[E, 2F, D]``) are read. Every
-checkpoint tensor is either used or reported: an unknown tensor is an error, a derived buffer
-(``rotary_emb.inv_freq``) a warning.
+What is generic lives here: reading safetensors (whole files, or headers and byte ranges for
+streaming), placing tensors into a model, writing a checkpoint. What depends on the family
+(config translation, tensor names and transforms, the reverse mapping) is asked of its module in
+:mod:`moetrt.families`. Every checkpoint tensor is either used or reported: an unknown tensor is
+an error, a derived buffer (``rotary_emb.inv_freq``) a warning.
 
 :func:`checkpoint_sources` says where each parameter's data lies without reading it (the
 safetensors headers only), for the streaming export: it accepts and rejects exactly what
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,9 +23,11 @@ from typing import Any
 
 import torch
 
+from moetrt import families
 from moetrt.config import PRESETS, MoEConfig
 from moetrt.errors import CheckpointError, UnsupportedModelError
-from moetrt.model import MoETransformer
+from moetrt.families import COMPANION, DERIVED, SUPPORTED_MODEL_TYPES, Placement
+from moetrt.model import MoETransformer, rotary_embedding
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -41,215 +42,35 @@ __all__ = [
     "read_safetensors_header",
 ]
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 PRESET_DIR = Path(__file__).parent / "presets"
 # presets whose trained weights ship inside the package
 SHIPPED_PRESETS = ("tiny",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
-_SUPPORTED_MSG = "supported model_type values: " + ", ".join(SUPPORTED_MODEL_TYPES)
-
-
 # --- config ----------------------------------------------------------------------------------
-def _rope_theta(hf: dict[str, Any], default: float) -> float:
-    # transformers v5 writes rope_parameters, v4 checkpoints rope_scaling (+ top-level
-    # rope_theta); a scaled RoPE in either one must not be silently dropped
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-        if rope_type not in (None, "default"):
-            raise UnsupportedModelError(
-                f"RoPE type {rope_type!r} is not supported (only plain RoPE, rope_type 'default'); "
-                "remove rope_scaling from config.json only if the model was trained without it"
-            )
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
-
-
-def _field(hf: dict[str, Any], *names: str) -> Any:
-    """The first of ``names`` present in config.json (families alias some fields)."""
-    for name in names:
-        if hf.get(name) is not None:
-            return hf[name]
-    raise CheckpointError(
-        f"config.json of this {hf.get('model_type')} checkpoint lacks the field {' / '.join(names)}; "
-        "the config is incomplete, re-download it or add the field"
-    )
-
-
 def config_from_hf(hf: dict[str, Any]) -> MoEConfig:
-    """Translate a transformers ``config.json`` dict into a :class:`MoEConfig`."""
+    """Translate a transformers ``config.json`` dict into a :class:`MoEConfig` (through its family)."""
+    family = families.get(hf.get("model_type"))
     try:
-        return _config_from_hf(hf)
+        return family.config_from_hf(hf)
     except ValueError as exc:  # MoEConfig's validation: the file holds an impossible config
         raise CheckpointError(f"config.json of this {hf.get('model_type')} checkpoint is invalid: {exc}") from exc
-
-
-def _config_from_hf(hf: dict[str, Any]) -> MoEConfig:
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"model_type {model_type!r} is not supported; {_SUPPORTED_MSG}")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"hidden_act {act!r} is not supported (experts must be SwiGLU: 'silu')")
-    heads = _field(hf, "num_attention_heads")
-    # transformers' attribute_map aliases the expert count: Mixtral and Qwen3-MoE configs
-    # serialise "num_local_experts", Hub checkpoints of Qwen2/3-MoE and OLMoE say "num_experts"
-    num_experts = _field(hf, "num_local_experts", "num_experts") if model_type == "mixtral" else (
-        _field(hf, "num_experts", "num_local_experts")
-    )
-    common = dict(
-        vocab_size=_field(hf, "vocab_size"),
-        hidden_size=_field(hf, "hidden_size"),
-        num_hidden_layers=_field(hf, "num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim"),
-        num_experts=num_experts,
-        num_experts_per_tok=_field(hf, "num_experts_per_tok"),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if model_type.startswith("qwen") else 1e-5),  # transformers defaults
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-        model_type=model_type,
-    )
-    if model_type == "mixtral":
-        return MoEConfig(
-            **common, intermediate_size=_field(hf, "intermediate_size"),
-            normalize_topk=True, sliding_window=hf.get("sliding_window"),
-            rope_theta=_rope_theta(hf, 1e6),
-        )
-    if model_type in ("qwen2_moe", "qwen3_moe"):
-        if hf.get("use_sliding_window"):
-            raise UnsupportedModelError(
-                f"{model_type} with use_sliding_window=true (per-layer windows) is not supported"
-            )
-        qwen2 = model_type == "qwen2_moe"
-        bias = hf.get("qkv_bias", True) if qwen2 else hf.get("attention_bias", False)
-        return MoEConfig(
-            **common, intermediate_size=_field(hf, "moe_intermediate_size"),
-            normalize_topk=bool(hf.get("norm_topk_prob", False)),
-            shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
-            decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-            # intermediate_size is the dense layers' F; equal to the experts' F it says nothing new
-            dense_intermediate_size=(
-                None if hf.get("intermediate_size") == hf["moe_intermediate_size"] else hf.get("intermediate_size")
-            ),
-            attention_bias=bool(bias), attention_out_bias=False if qwen2 else bool(bias),
-            qk_norm=None if qwen2 else "head", rope_theta=_rope_theta(hf, 1e6),
-        )
-    # olmoe
-    bias = bool(hf.get("attention_bias", False))
-    return MoEConfig(
-        **common, intermediate_size=_field(hf, "intermediate_size"),
-        normalize_topk=bool(hf.get("norm_topk_prob", False)), qk_norm="full", clip_qkv=hf.get("clip_qkv"),
-        attention_bias=bias, attention_out_bias=bias, rope_theta=_rope_theta(hf, 10000.0),
-    )
-
-
-# the q/k norm each family's attention always has
-_FAMILY_QK_NORM = {"mixtral": None, "qwen2_moe": None, "qwen3_moe": "head", "olmoe": "full"}
-
-
-def _inexpressible(cfg: MoEConfig) -> list[str]:
-    """What of ``cfg`` its family's config.json cannot say (saving it would write another model)."""
-    model_type = cfg.model_type
-    problems = []
-    if cfg.scoring != "softmax" or cfg.routed_scaling_factor != 1.0:
-        problems.append("sigmoid scoring or routed_scaling_factor != 1")
-    if model_type == "mixtral" and not cfg.normalize_topk:
-        problems.append("normalize_topk=False (Mixtral always renormalises)")
-    if cfg.qk_norm != _FAMILY_QK_NORM[model_type]:
-        problems.append(f"qk_norm={cfg.qk_norm!r} (the family has {_FAMILY_QK_NORM[model_type]!r})")
-    if cfg.clip_qkv is not None and model_type != "olmoe":
-        problems.append("clip_qkv (OLMoE only)")
-    if cfg.sliding_window is not None and model_type != "mixtral":
-        problems.append("a sliding window (Mixtral only)")
-    if model_type == "qwen2_moe":
-        if not (cfg.shared_expert_intermediate_size and cfg.shared_expert_gate):
-            problems.append("no gated shared expert (every Qwen2-MoE MoE layer has one)")
-    elif cfg.shared_expert_intermediate_size:
-        problems.append("a shared expert")
-    if model_type in ("mixtral", "olmoe") and cfg.moe_layers != list(range(cfg.num_hidden_layers)):
-        problems.append("dense layers among MoE layers")
-    bias_ok = {
-        "mixtral": not cfg.attention_bias and not cfg.attention_out_bias,
-        "qwen2_moe": not cfg.attention_out_bias,  # bias on q/k/v (qkv_bias), never on o_proj
-        "qwen3_moe": cfg.attention_bias == cfg.attention_out_bias,  # one flag for all four projections
-        "olmoe": cfg.attention_bias == cfg.attention_out_bias,
-    }[model_type]
-    if not bias_ok:
-        problems.append(
-            f"attention_bias={cfg.attention_bias}, attention_out_bias={cfg.attention_out_bias} together"
-        )
-    if model_type == "olmoe" and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        problems.append("head_dim != hidden_size / num_attention_heads (OLMoE's k_norm assumes it)")
-    return problems
 
 
 def hf_config_from_config(cfg: MoEConfig) -> dict[str, Any]:
     """The transformers ``config.json`` for ``cfg`` in its own family; errors if the family cannot say it."""
     model_type = cfg.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"cannot save model_type {model_type!r}; {_SUPPORTED_MSG}")
-    problems = _inexpressible(cfg)
+        raise UnsupportedModelError(f"cannot save model_type {model_type!r}; {families.supported_message()}")
+    family = families.get(model_type)
+    problems = family.inexpressible(cfg)
     if problems:
         raise UnsupportedModelError(
             f"a {model_type} config cannot express: {'; '.join(problems)}; set MoEConfig.model_type to a "
             f"family that has these options ({', '.join(SUPPORTED_MODEL_TYPES)}), or export the model to ONNX "
             "without a Hugging Face checkpoint"
         )
-    hf: dict[str, Any] = dict(
-        model_type=model_type, architectures=[_ARCH[model_type]], vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, hidden_act="silu", num_experts_per_tok=cfg.num_experts_per_tok,
-        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        torch_dtype="float32",
-    )
-    if model_type == "mixtral":
-        hf.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size,
-                  sliding_window=cfg.sliding_window)
-    elif model_type in ("qwen2_moe", "qwen3_moe"):
-        hf.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.intermediate_size,
-                  intermediate_size=cfg.dense_ffn_size, norm_topk_prob=cfg.normalize_topk,
-                  decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
-                  use_sliding_window=False)
-        if model_type == "qwen2_moe":
-            hf.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size, qkv_bias=cfg.attention_bias)
-        else:
-            hf.update(attention_bias=cfg.attention_bias)
-    else:
-        hf.update(num_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size,
-                  norm_topk_prob=cfg.normalize_topk, clip_qkv=cfg.clip_qkv, attention_bias=cfg.attention_bias)
-    return hf
-
-
-_ARCH = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
-}
-
-# --- tensor names ------------------------------------------------------------------------------
-# one projection of one expert, as stored on disk
-_PER_EXPERT = re.compile(
-    r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
-)
-_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-_DERIVED = re.compile(r"rotary_emb\.inv_freq$|\.rotary_emb\.original_inv_freq$")
-
-
-def _canonical_name(name: str) -> str:
-    if name.startswith("model."):
-        name = name[len("model.") :]
-    return name.replace(".block_sparse_moe.", ".mlp.")
+    return {**family.common_hf_config(cfg), **family.hf_config(cfg)}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -317,10 +138,18 @@ def _empty_model(cfg: MoEConfig, dtype: torch.dtype) -> MoETransformer:
     with torch.device("meta"):
         model = MoETransformer(cfg)
     model = model.to_empty(device="cpu").to(dtype)
-    model.rotary = type(model.rotary)(cfg.head_dim, cfg.rope_theta)  # buffers are derived, not loaded
+    model.rotary = rotary_embedding(cfg)  # buffers are derived, not loaded
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model
+
+
+def _stacked(key: str) -> bool:
+    return key.endswith(".experts.gate_up_proj") or key.endswith(".experts.down_proj")
+
+
+def _expert_parts(key: str) -> tuple[str, ...]:
+    return ("down",) if key.endswith("down_proj") else ("gate", "up")
 
 
 class _Placer:
@@ -328,15 +157,19 @@ class _Placer:
 
     ``shapes``: parameter name -> shape, tied parameters under both names. Shared by the loader
     (which copies each tensor as it comes) and :func:`checkpoint_sources` (which only notes where
-    each tensor lies), so both accept and reject exactly the same checkpoints.
+    each tensor lies), so both accept and reject exactly the same checkpoints. The family says
+    where a tensor goes (:meth:`moetrt.families.Family.place`); this checks shapes and coverage.
     """
 
     def __init__(self, cfg: MoEConfig, shapes: dict[str, tuple[int, ...]], source: str):
         self.cfg, self.shapes, self.source = cfg, shapes, source
+        self.family = families.get(cfg.model_type)
         self.filled: set[str] = set()
         self.filled_parts: set[tuple[str, int, str]] = set()
         self.unused: list[str] = []
         self.derived: list[str] = []
+        self.companions: set[str] = set()  # companion tensors seen
+        self.needed: dict[str, str] = {}  # companion name -> the tensor whose transform reads it
 
     def _check(self, dst_name: str, dst_shape: tuple[int, ...], src_name: str, shape: tuple[int, ...], dtype) -> None:
         if tuple(dst_shape) != tuple(shape):
@@ -344,61 +177,69 @@ class _Placer:
                 f"{self.source}: tensor {src_name!r} has shape {tuple(shape)}, the config implies "
                 f"{tuple(dst_shape)} for {dst_name}; config.json and the weights disagree: use the config.json that came with these weights"
             )
-        if not dtype.is_floating_point:
+        if dtype is not None and not dtype.is_floating_point:
             raise CheckpointError(f"{self.source}: tensor {src_name!r} has dtype {dtype}; expected floating point")
 
-    def place(self, raw_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, int | None, str | None] | None:
-        """(parameter, expert, part) that checkpoint tensor ``raw_name`` fills, or None if it fills none.
+    def place(self, raw_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[Placement] | None:
+        """The placements checkpoint tensor ``raw_name`` fills, or None if it fills none.
 
-        ``expert``/``part`` are None for a whole parameter; ``part`` is gate | up | down of one
-        expert of a stacked ``[E, 2F, D]`` / ``[E, D, F]`` tensor.
+        A placement with ``expert`` set fills one expert of a stacked ``[E, 2F, D]`` / ``[E, D, F]``
+        parameter (``part``: its gate or up rows; None: all of them).
         """
-        name = _canonical_name(raw_name)
-        match = _PER_EXPERT.match(name)
-        if match:
-            layer, expert, part = int(match[1]), int(match[2]), _PART[match[3]]
-            base = f"layers.{layer}.mlp.experts"
-            key = f"{base}.down_proj" if part == "down" else f"{base}.gate_up_proj"
-            if key not in self.shapes or expert >= self.cfg.num_experts:
-                self.unused.append(raw_name)
-                return None
-            dst_shape = list(self.shapes[key][1:])  # [D, F] or [2F, D]
-            if part != "down":
-                dst_shape[0] = self.cfg.intermediate_size  # the gate or the up rows
-            self._check(f"{key}[{expert}] ({part})", tuple(dst_shape), raw_name, shape, dtype)
-            self.filled_parts.add((key, expert, part))
-            return key, expert, part
-        if name in self.shapes:
-            self._check(name, self.shapes[name], raw_name, shape, dtype)
-            self.filled.add(name)
-            return name, None, None
-        if _DERIVED.search(name):
-            self.derived.append(raw_name)
-        else:
+        where = self.family.place(raw_name, tuple(shape), self.cfg, self.shapes)
+        if where is None:
             self.unused.append(raw_name)
-        return None
+            return None
+        if where == DERIVED:
+            self.derived.append(raw_name)
+            return None
+        if where == COMPANION:
+            self.companions.add(raw_name)
+            return None
+        for p in where:
+            if p.expert is None:
+                dst_name, dst_shape = p.key, tuple(self.shapes[p.key])
+            else:
+                dst_shape = list(self.shapes[p.key][1:])  # [D, F] or [2F, D]
+                if p.part is not None:
+                    dst_shape[0] = self.cfg.intermediate_size  # the gate or the up rows
+                part = p.part or "/".join(_expert_parts(p.key))
+                dst_name, dst_shape = f"{p.key}[{p.expert}] ({part})", tuple(dst_shape)
+            if p.transform is None:
+                self._check(dst_name, dst_shape, raw_name, shape, dtype)
+            elif p.stored_shape is not None:  # the transform checks the dtype (MXFP4 blocks are uint8)
+                self._check(dst_name, p.stored_shape, raw_name, shape, None)
+            for need in p.needs:
+                self.needed[need] = raw_name
+            if p.expert is None:
+                self.filled.add(p.key)
+            else:
+                for part in (p.part,) if p.part is not None else _expert_parts(p.key):
+                    self.filled_parts.add((p.key, p.expert, part))
+        return where
 
     def finish(self) -> None:
         """Raise if a tensor had no place or a parameter was not filled; warn about ignored buffers."""
         cfg, filled, filled_parts = self.cfg, set(self.filled), self.filled_parts
-        for key in [k for k in self.shapes if k.endswith(".experts.gate_up_proj") or k.endswith(".experts.down_proj")]:
-            parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
-            if key not in filled and all((key, e, p) in filled_parts for e in range(cfg.num_experts) for p in parts):
+        for key in [k for k in self.shapes if _stacked(k)]:
+            if key not in filled and all((key, e, p) in filled_parts
+                                         for e in range(cfg.num_experts) for p in _expert_parts(key)):
                 filled.add(key)
         if cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
             filled.add("lm_head.weight")
         missing = sorted(set(self.shapes) - filled)
         for i, key in enumerate(missing):  # a stacked expert tensor filled in part: say which parts lack
-            if key.endswith(".experts.gate_up_proj") or key.endswith(".experts.down_proj"):
-                parts = ("down",) if key.endswith("down_proj") else ("gate", "up")
-                lacking = [f"expert {e} {p}" for e in range(cfg.num_experts) for p in parts
+            if _stacked(key):
+                lacking = [f"expert {e} {p}" for e in range(cfg.num_experts) for p in _expert_parts(key)
                            if (key, e, p) not in filled_parts]
-                if len(lacking) < cfg.num_experts * len(parts):
+                if len(lacking) < cfg.num_experts * len(_expert_parts(key)):
                     missing[i] = f"{key} ({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''})"
-        if self.unused:
+        missing += [f"{need} (read with {by})" for need, by in sorted(self.needed.items()) if need not in self.companions]
+        unused = self.unused + sorted(self.companions - set(self.needed))
+        if unused:
             raise CheckpointError(
-                f"{self.source}: {len(self.unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model "
-                f"with this config (first: {', '.join(self.unused[:5])}); config.json and the weights disagree: use the config.json that came with these weights"
+                f"{self.source}: {len(unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model "
+                f"with this config (first: {', '.join(unused[:5])}); config.json and the weights disagree: use the config.json that came with these weights"
             )
         if missing:
             raise CheckpointError(
@@ -411,24 +252,49 @@ class _Placer:
             )
 
 
+def _apply(p: Placement, tensor: torch.Tensor, companions: list[torch.Tensor]) -> torch.Tensor:
+    """The values placement ``p`` writes, from its stored tensor (and companions)."""
+    if p.select is not None:
+        tensor, companions = tensor[p.select], [c[p.select] for c in companions]
+    return tensor if p.transform is None else p.transform(tensor, *companions)
+
+
 def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy checkpoint tensors into ``model``; every parameter must be filled, every tensor used."""
+    """Copy checkpoint tensors into ``model``; every parameter must be filled, every tensor used.
+
+    A tensor whose transform reads companions (MXFP4 blocks and their scales) waits until they
+    have been read too.
+    """
     cfg = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     placer = _Placer(cfg, {name: tuple(p.shape) for name, p in params.items()}, source)
     ffn = cfg.intermediate_size
+    companions: dict[str, torch.Tensor] = {}
+    waiting: list[tuple[list[Placement], torch.Tensor]] = []
+
+    def write(placements: list[Placement], tensor: torch.Tensor) -> None:
+        for p in placements:
+            dst = params[p.key] if p.expert is None else params[p.key][p.expert]  # [D, F] or [2F, D] for one expert
+            if p.part == "gate":
+                dst = dst[:ffn]
+            elif p.part == "up":
+                dst = dst[ffn:]
+            with torch.no_grad():
+                dst.copy_(_apply(p, tensor, [companions[n] for n in p.needs]))
+
     for raw_name, tensor in tensors:
-        where = placer.place(raw_name, tuple(tensor.shape), tensor.dtype)
-        if where is None:
-            continue
-        key, expert, part = where
-        dst = params[key] if expert is None else params[key][expert]  # [D, F] or [2F, D] for one expert
-        if part == "gate":
-            dst = dst[:ffn]
-        elif part == "up":
-            dst = dst[ffn:]
-        with torch.no_grad():
-            dst.copy_(tensor)
+        placements = placer.place(raw_name, tuple(tensor.shape), tensor.dtype)
+        if raw_name in placer.companions:
+            companions[raw_name] = tensor
+        elif placements is not None:
+            waiting.append((placements, tensor))
+        still = []
+        for placements, tensor in waiting:
+            if all(n in companions for p in placements for n in p.needs):
+                write(placements, tensor)
+            else:
+                still.append((placements, tensor))
+        waiting = still
     placer.finish()
     nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if nonfinite:
@@ -471,6 +337,38 @@ class StoredTensor:
                 "the file is truncated, re-download it"
             )
         return torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+
+    def select(self, index: int) -> "StoredTensor":
+        """Row ``index`` of the first axis (one expert of a stacked tensor), read on its own."""
+        if not self.shape or not 0 <= index < self.shape[0]:
+            raise IndexError(f"{self.name}: index {index} outside its first axis of {self.shape[:1]}")
+        row = self.nbytes // self.shape[0]
+        return StoredTensor(self.path, f"{self.name}[{index}]", self.dtype, self.shape[1:],
+                            self.offset + index * row, row)
+
+
+@dataclass(frozen=True)
+class TransformedPiece:
+    """A parameter's piece computed from stored tensors by a family's transform (read on demand)."""
+
+    stored: StoredTensor
+    placement: Placement
+    companions: tuple[StoredTensor, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.stored.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes + sum(c.nbytes for c in self.companions)
+
+    def read(self) -> torch.Tensor:
+        p = self.placement
+        stored, companions = self.stored, self.companions
+        if p.select is not None:  # read only that expert's bytes
+            stored, companions = stored.select(p.select), tuple(c.select(p.select) for c in companions)
+        return p.transform(stored.read(), *(c.read() for c in companions))
 
 
 def read_safetensors_header(path: str | os.PathLike) -> list[StoredTensor]:
@@ -523,7 +421,7 @@ class ParamSource:
 
     name: str  # model parameter name, e.g. layers.0.mlp.experts.gate_up_proj
     shape: tuple[int, ...]
-    pieces: tuple[StoredTensor, ...]
+    pieces: tuple[StoredTensor | TransformedPiece, ...]
 
     def chunks(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """The pieces in memory order, each read and converted to ``dtype`` on its own."""
@@ -561,30 +459,40 @@ def checkpoint_sources(folder: str | os.PathLike) -> tuple[MoEConfig, dict[str, 
         model.lm_head.weight = model.embed_tokens.weight
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     placer = _Placer(cfg, shapes, str(folder))
-    whole: dict[str, StoredTensor] = {}
-    parts: dict[tuple[str, int, str], StoredTensor] = {}
+    stored_by_name: dict[str, StoredTensor] = {}
+    placed: list[tuple[Placement, StoredTensor]] = []
     for path in _shard_files(folder):
         for stored in read_safetensors_header(path):
-            where = placer.place(stored.name, stored.shape, stored.dtype)
-            if where is None:
-                continue
-            key, expert, part = where
-            if expert is None:
-                if cfg.tie_word_embeddings and key == "lm_head.weight":
-                    key = "embed_tokens.weight"  # one tensor under two names: the last one read wins
-                whole[key] = stored
-            else:
-                parts[(key, expert, part)] = stored
+            stored_by_name[stored.name] = stored
+            for p in placer.place(stored.name, stored.shape, stored.dtype) or ():
+                placed.append((p, stored))
     placer.finish()
+    whole: dict[str, StoredTensor | TransformedPiece] = {}
+    parts: dict[tuple[str, int, str], StoredTensor | TransformedPiece] = {}
+    for p, stored in placed:
+        piece = stored if p.transform is None else TransformedPiece(
+            stored, p, tuple(stored_by_name[n] for n in p.needs))
+        if p.expert is None:
+            key = p.key
+            if cfg.tie_word_embeddings and key == "lm_head.weight":
+                key = "embed_tokens.weight"  # one tensor under two names: the last one read wins
+            whole[key] = piece
+        else:
+            for part in (p.part,) if p.part is not None else ("all",):
+                parts[(p.key, p.expert, part)] = piece
     sources = {}
     for name, p in model.named_parameters():
-        order = (("down",) if name.endswith(".experts.down_proj") else ("gate", "up"))
-        stacked = [parts.get((name, e, part)) for e in range(cfg.num_experts) for part in order]
-        if all(stacked) and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            pieces = tuple(stacked)
-        else:
-            pieces = (whole[name],)
-        sources[name] = ParamSource(name, tuple(p.shape), pieces)
+        if _stacked(name):
+            stacked = []
+            for e in range(cfg.num_experts):
+                if (name, e, "all") in parts:
+                    stacked.append(parts[(name, e, "all")])
+                else:
+                    stacked += [parts.get((name, e, part)) for part in _expert_parts(name)]
+            if all(stacked):
+                sources[name] = ParamSource(name, tuple(p.shape), tuple(stacked))
+                continue
+        sources[name] = ParamSource(name, tuple(p.shape), (whole[name],))
     return cfg, sources
 
 
@@ -603,7 +511,7 @@ def from_pretrained(
     """Load a model in eval mode from a checkpoint folder, a preset name, or a transformers model.
 
     - a folder: Hugging Face ``config.json`` + ``*.safetensors`` (sharded index too) of a
-      supported family (mixtral, qwen2_moe, qwen3_moe, olmoe);
+      supported family (``moetrt.SUPPORTED_MODEL_TYPES``, one module each in ``moetrt/families``);
     - ``"tiny"``: the small trained model shipped with moetrt; any other preset name
       (``MoEConfig.from_name``) gives a randomly initialised model (seeded by ``seed``);
     - an in-memory ``transformers`` model of a supported family.
@@ -641,32 +549,6 @@ def from_pretrained(
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _hf_tensors(model: MoETransformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under the on-disk names of its family (one tensor per expert projection)."""
-    cfg = model.config
-    mixtral = cfg.model_type == "mixtral"
-    names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {p: f"{p}_proj" for p in ("gate", "up", "down")}
-    ffn = cfg.intermediate_size
-    for name, tensor in model.state_dict().items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        prefix = "" if name == "lm_head.weight" else "model."
-        if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
-            base = name.rsplit(".", 1)[0]
-            if mixtral:
-                base = base.replace(".mlp.", ".block_sparse_moe.")
-            for e in range(cfg.num_experts):
-                if name.endswith("down_proj"):
-                    yield f"model.{base}.{e}.{names['down']}.weight", tensor[e]
-                else:
-                    yield f"model.{base}.{e}.{names['gate']}.weight", tensor[e, :ffn]
-                    yield f"model.{base}.{e}.{names['up']}.weight", tensor[e, ffn:]
-            continue
-        if mixtral:
-            name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
-        yield prefix + name, tensor
-
-
 def save_pretrained(model: MoETransformer, folder: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder (config.json + model.safetensors).
 
@@ -683,7 +565,7 @@ def save_pretrained(model: MoETransformer, folder: str | os.PathLike, extra_file
         raise CheckpointError(f"{tmp} exists (left by an interrupted save?); remove it and retry")
     tmp.mkdir(parents=True)
     try:
-        tensors = {name: t.detach().contiguous().clone() for name, t in _hf_tensors(model)}
+        tensors = {name: t.detach().contiguous().clone() for name, t in families.get(model.config.model_type).hf_tensors(model)}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         umask = os.umask(0)
         os.umask(umask)

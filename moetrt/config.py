@@ -15,7 +15,11 @@ from typing import Any
 __all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS"]
 
 SCORINGS = ("softmax", "sigmoid")
-ACTIVATIONS = ("silu",)
+# the experts' activation, moetrt::SparseMoE's `activation` attribute: silu (SwiGLU) or gpt-oss's
+# clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit)
+ACTIVATIONS = ("silu", "clamped_swiglu")
+# per-layer attention kinds (transformers' layer_types): full causal, or causal within sliding_window
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # None: no q/k norm; "head": RMSNorm over head_dim per head (Qwen3-MoE);
 # "full": RMSNorm over the whole projection before the head split (OLMoE).
 QK_NORMS = (None, "head", "full")
@@ -40,6 +44,10 @@ class MoEConfig:
     num_experts_per_tok: int = 2
     intermediate_size: int = 14336  # F of each routed expert
     activation: str = "silu"
+    swiglu_alpha: float = 1.702  # clamped_swiglu only
+    swiglu_limit: float = 7.0  # clamped_swiglu only
+    expert_bias: bool = False  # biases on the experts' gate/up [E, 2F] and down [E, D] (gpt-oss)
+    router_bias: bool = False  # bias on the router's logits [E] (gpt-oss)
     # router (the moetrt::TopKRouting attributes)
     scoring: str = "softmax"
     normalize_topk: bool = True
@@ -58,7 +66,12 @@ class MoEConfig:
     attention_bias: bool = False  # bias on q, k, v projections
     attention_out_bias: bool = False  # bias on o_proj
     sliding_window: int | None = None
+    # per layer, "full_attention" or "sliding_attention" (gpt-oss); None: sliding_window (if any) on every layer
+    layer_types: tuple[str, ...] | None = None
+    attention_sinks: bool = False  # a learned per-head logit in every softmax, dropped after it (gpt-oss)
     rope_theta: float = 1e6
+    # RoPE scaling (moetrt.rope: linear, dynamic, yarn, llama3 and their parameters); None: plain RoPE
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -72,6 +85,8 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "num_experts", "num_experts_per_tok", "intermediate_size",
@@ -115,6 +130,28 @@ class MoEConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"MoEConfig.sliding_window must be None or >= 1, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"MoEConfig.layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers "
+                    "(num_hidden_layers); give one per layer"
+                )
+            bad_types = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+            if bad_types:
+                raise ValueError(f"MoEConfig.layer_types must hold only {LAYER_TYPES}, got {bad_types}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("MoEConfig.layer_types has sliding_attention layers but sliding_window is None")
+        if self.activation == "clamped_swiglu" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
+            raise ValueError(
+                f"MoEConfig.swiglu_limit and swiglu_alpha must be > 0, got {self.swiglu_limit!r}, {self.swiglu_alpha!r}"
+            )
+        if self.rope_scaling is not None:
+            from moetrt.rope import canonical_rope_scaling
+
+            if not isinstance(self.rope_scaling, dict):
+                raise ValueError(f"MoEConfig.rope_scaling must be None or a dict with a rope_type, got {self.rope_scaling!r}")
+            # every parameter checked, transformers' defaults filled in: one config, one spelling
+            self.rope_scaling = canonical_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         if self.clip_qkv is not None and self.clip_qkv <= 0:
             raise ValueError(f"MoEConfig.clip_qkv must be None or > 0, got {self.clip_qkv!r}")
         if not self.rope_theta > 0:
@@ -146,6 +183,12 @@ class MoEConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer ``i``'s attention, None for full attention."""
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
+
     @property
     def dense_ffn_size(self) -> int:
         return self.dense_intermediate_size or self.intermediate_size
@@ -161,6 +204,8 @@ class MoEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        if self.layer_types is not None:
+            d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod

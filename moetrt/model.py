@@ -18,6 +18,7 @@ from torch import nn
 from moetrt.config import MoEConfig
 from moetrt.errors import MoetrtError
 from moetrt.ops import kernels, sparse_moe, topk_routing
+from moetrt.rope import RotaryEmbedding
 
 __all__ = ["MoETransformer", "MoEOutput", "KVCache", "StaticKVCache"]
 
@@ -47,26 +48,49 @@ class StaticKVCache:
                 f"StaticKVCache capacity {capacity} exceeds the model's max_position_embeddings "
                 f"({config.max_position_embeddings}); ask for at most that many positions"
             )
-        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)  # [B, G, C, Hd]
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        from moetrt.dtypes import dtype_name, torch_dtype
+        from moetrt.state import state_contract
+
+        self.state = state_contract(config)
+        sizes, model_dtype = self.state.size_map, dtype_name(dtype)
+        # per layer, one buffer per state entry: [B, G, C, Hd] for key and value (C positions)
+        self.buffers = [
+            tuple(torch.zeros(e.shape(sizes, batch, capacity), dtype=torch_dtype(e.element_dtype(model_dtype)),
+                              device=device) for e in entries)
+            for entries in self.state.layers
+        ]
+        self._batch, self._capacity = batch, capacity
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [self._buffer(i, "key") for i in range(len(self.buffers))]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [self._buffer(i, "value") for i in range(len(self.buffers))]
+
+    def _buffer(self, layer: int, name: str) -> torch.Tensor:
+        return next(b for e, b in zip(self.state.entries(layer), self.buffers[layer], strict=True) if e.name == name)
 
     @property
     def batch(self) -> int:
-        return self.keys[0].shape[0]
+        return self._batch
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self._capacity
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[i], self.values[i]
+    def layer(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self.buffers[i]
 
     def load(self, past: KVCache) -> None:
-        """Copy a dynamic cache (``[B, G, P, Hd]`` per layer) into positions ``0..P-1``."""
-        for (key, value), k_buf, v_buf in zip(past, self.keys, self.values, strict=True):
-            k_buf[:, :, : key.shape[2]].copy_(key)
-            v_buf[:, :, : value.shape[2]].copy_(value)
+        """Copy a dynamic cache (``[B, G, P, Hd]`` per entry and layer) into positions ``0..P-1``."""
+        for layer, (given, buffers) in enumerate(zip(past, self.buffers, strict=True)):
+            for entry, value, buf in zip(self.state.entries(layer), given, buffers, strict=True):
+                if entry.grows:
+                    buf.narrow(entry.concat_axis, 0, value.shape[entry.concat_axis]).copy_(value)
+                else:  # fixed-size state: the whole buffer
+                    buf.copy_(value)
 
 
 @dataclass
@@ -91,18 +115,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Hd/2]
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[:, :, None].float() * self.inv_freq  # [B, S, Hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, Hd]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -123,6 +135,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
         self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(self.n_heads))  # [H] one logit per head, in every softmax
+        else:
+            self.sinks = None
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -157,7 +173,11 @@ class Attention(nn.Module):
         k = k.repeat_interleave(groups, dim=1)  # [B, H, P+S, Hd]
         v = v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask  # [B, H, S, P+S]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if self.sinks is not None:  # a per-head extra logit that takes probability mass and no value
+            sinks = self.sinks.float().view(1, -1, 1, 1).expand(batch, -1, seq, 1)  # [B, H, S, 1]
+            probs = torch.softmax(torch.cat((scores.float(), sinks), dim=-1), dim=-1)[..., :-1].to(q.dtype)
+        else:
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = (probs @ v).transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         return self.o_proj(out), present
 
@@ -176,12 +196,14 @@ class DenseMLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts of a layer as two stacked tensors (transformers v5 layout)."""
+    """All routed experts of a layer as two stacked tensors (transformers v5 layout), optional biases."""
 
-    def __init__(self, num_experts: int, dim: int, ffn: int):
+    def __init__(self, num_experts: int, dim: int, ffn: int, bias: bool = False):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn, dim))  # [E, 2F, D] gate rows, then up
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn))  # [E, D, F]
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * ffn)) if bias else None  # [E, 2F]
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, dim)) if bias else None  # [E, D]
 
 
 class MoEBlock(nn.Module):
@@ -189,8 +211,11 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
         self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # router
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.activation = cfg.activation
+        # the clamped SwiGLU's constants (SparseMoE attributes); silu takes none
+        self.act_args = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit) if cfg.activation != "silu" else {}
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)  # router
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_bias)
         self.shared_expert = None
         self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
@@ -201,9 +226,16 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)  # [T, D]
-        router_logits = kernels.router_logits(tokens, self.gate.weight)  # [T, E], fp32 in every dtype
+        router_logits = kernels.router_logits(tokens, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
         weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
-        y = sparse_moe(tokens, weights, indices, self.experts.gate_up_proj, self.experts.down_proj)  # [T, D]
+        experts = self.experts
+        if experts.gate_up_proj_bias is None and self.activation == "silu":  # the plain call, as exported before
+            y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D]
+        else:
+            y = sparse_moe(
+                tokens, weights, indices, experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias,
+                experts.down_proj_bias, activation=self.activation, **self.act_args,
+            )  # [T, D]
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)  # [T, D]
             if self.shared_expert_gate is not None:
@@ -231,6 +263,13 @@ class DecoderLayer(nn.Module):
         return x + ffn, present, router
 
 
+def rotary_embedding(cfg: MoEConfig) -> RotaryEmbedding:
+    """The model's RoPE (its buffers are derived from the config, never loaded)."""
+    if cfg.rope_scaling is None:
+        return RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    return RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+
+
 class MoETransformer(nn.Module):
     """Decoder-only MoE transformer; ``model(input_ids, ...)`` returns a :class:`MoEOutput`."""
 
@@ -243,7 +282,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = rotary_embedding(config)
 
     @classmethod
     def from_config(cls, config: MoEConfig, seed: int | None = 0, std: float = 0.02) -> "MoETransformer":
@@ -262,7 +301,8 @@ class MoETransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def _mask(self, attention_mask, batch, seq, past, dtype, device, cache_position=None, total=None) -> torch.Tensor:
+    def _mask(self, attention_mask, batch, seq, past, dtype, device, cache_position=None, total=None,
+              window: int | None = None) -> torch.Tensor:
         """Additive mask [B, 1, S, P+S] (static cache: [B, 1, S, C]): causal over cache positions, padding, sliding window."""
         if cache_position is None:
             total = past + seq
@@ -271,8 +311,8 @@ class MoETransformer(nn.Module):
             q_pos = cache_position[:, None]  # [S, 1]
         k_pos = torch.arange(total, device=device)[None, :]  # [1, P+S] or [1, C]
         allowed = k_pos <= q_pos  # [S, P+S]
-        if self.config.sliding_window is not None:
-            allowed = allowed & (k_pos > q_pos - self.config.sliding_window)
+        if window is not None:
+            allowed = allowed & (k_pos > q_pos - window)
         allowed = allowed[None, None]  # [1, 1, S, P+S]
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()  # [B, 1, S, P+S]
@@ -366,16 +406,21 @@ class MoETransformer(nn.Module):
                 position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)  # [B, S, D]
         cos, sin = self.rotary(position_ids, x.dtype)  # [B, S, Hd] x2
-        if static:
-            mask = self._mask(
-                attention_mask, batch, seq, 0, x.dtype, x.device, cache_position, static_cache.capacity
-            )  # [B, 1, S, C]
-        else:
-            mask = self._mask(attention_mask, batch, seq, past, x.dtype, x.device)  # [B, 1, S, P+S]
+        masks = {}  # one per sliding window in use (None: full attention)
+        for window in dict.fromkeys(self.config.layer_window(i) for i in range(len(self.layers))):
+            if static:
+                masks[window] = self._mask(
+                    attention_mask, batch, seq, 0, x.dtype, x.device, cache_position, static_cache.capacity, window
+                )  # [B, 1, S, C]
+            else:
+                masks[window] = self._mask(
+                    attention_mask, batch, seq, past, x.dtype, x.device, window=window
+                )  # [B, 1, S, P+S]
         presents: KVCache = []
         hidden = [x] if output_hidden_states else None
         routers = []
         for i, layer in enumerate(self.layers):
+            mask = masks[self.config.layer_window(i)]
             if static:
                 x, present, router = layer(x, cos, sin, mask, static_cache.layer(i), cache_position)
             else:

@@ -17,65 +17,24 @@ import torch
 
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
-    "left_padded", "rel_err",
+    "left_padded", "rel_err", "save_mxfp4_checkpoint", "hf_greedy",
 ]
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+from moetrt import families as _families
 
-# shared by every variant unless overridden: D=64, 3 layers, H=4, G=2, E=6, K=2, V=96
-_BASE: dict[str, Any] = dict(
-    vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-)
+FAMILIES = _families.SUPPORTED_MODEL_TYPES
 
-# variant name -> (family, config overrides)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mixtral": ("mixtral", dict(num_local_experts=6, intermediate_size=48)),
-    "mixtral-tied": ("mixtral", dict(num_local_experts=4, intermediate_size=40, tie_word_embeddings=True)),
-    "mixtral-window": ("mixtral", dict(num_local_experts=4, intermediate_size=40, sliding_window=5)),
-    # shared expert on every MoE layer, MoE only on odd layers (1), softmax weights not renormalised
-    "qwen2_moe-shared": ("qwen2_moe", dict(
-        num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=80, intermediate_size=56,
-        decoder_sparse_step=2, norm_topk_prob=False, num_hidden_layers=4,
-    )),
-    # layer 0 dense through mlp_only_layers, renormalised top-k, top-3 of 8
-    "qwen2_moe-dense0": ("qwen2_moe", dict(
-        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-        intermediate_size=72, mlp_only_layers=[0], norm_topk_prob=True,
-    )),
-    # per-head q/k norm, head_dim 24 != hidden/heads (16)
-    "qwen3_moe": ("qwen3_moe", dict(
-        num_experts=8, moe_intermediate_size=32, intermediate_size=64, head_dim=24, norm_topk_prob=True,
-    )),
-    "qwen3_moe-bias": ("qwen3_moe", dict(
-        num_experts=5, moe_intermediate_size=32, intermediate_size=64, attention_bias=True, norm_topk_prob=False,
-        mlp_only_layers=[2],
-    )),
-    # full-width q/k norm and clipped q/k/v
-    "olmoe": ("olmoe", dict(num_experts=6, intermediate_size=32, clip_qkv=0.6, norm_topk_prob=False)),
-    "olmoe-norm": ("olmoe", dict(num_experts=4, intermediate_size=32, norm_topk_prob=True, attention_bias=True)),
-}
+# variant name -> (family, overrides of the family's tiny_config); each family module declares its own
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = _families.tiny_variants()
 FAMILY_OF = {name: family for name, (family, _) in VARIANTS.items()}
 
 
 def hf_tiny_config(variant: str, **overrides: Any):
     """The transformers config of a variant (a family name is its base variant)."""
-    import transformers
-
     if variant not in VARIANTS:
         raise KeyError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
     family, extra = VARIANTS[variant]
-    cls = {
-        "mixtral": transformers.MixtralConfig,
-        "qwen2_moe": transformers.Qwen2MoeConfig,
-        "qwen3_moe": transformers.Qwen3MoeConfig,
-        "olmoe": transformers.OlmoeConfig,
-    }[family]
-    kwargs = {**_BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **extra, **overrides}
-    kwargs.setdefault("bos_token_id", 1)
-    kwargs.setdefault("eos_token_id", 2)
-    kwargs.setdefault("pad_token_id", 0)
-    return cls(attn_implementation="eager", **kwargs)
+    return _families.get(family).tiny_config(**{**extra, **overrides})
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
@@ -142,3 +101,50 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ours, ref = ours.detach().double(), ref.detach().double()
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def save_mxfp4_checkpoint(hf_model, folder, variant: str = "gpt_oss", **overrides):
+    """Save ``hf_model`` as the released checkpoints store it: expert matrices as MXFP4 blocks + scales.
+
+    ``hf_model`` must be a gpt-oss model of ``variant`` (with ``overrides``). Returns a transformers model
+    holding the dequantized expert weights (what the checkpoint holds), transformers' own dequantization.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    from moetrt.mxfp4 import quantize_mxfp4
+
+    hf_model.save_pretrained(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    reference = hf_tiny_model(variant, **overrides)  # the same architecture; its weights are replaced
+    state = reference.state_dict()
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weight = tensors.pop(name)  # [E, in, out] as transformers holds it
+        blocks, scales = quantize_mxfp4(weight.transpose(1, 2).contiguous())  # [E, out, in/32, 16], [E, out, in/32]
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        # transformers' own dequantization: what the model computes with (bf16, as it loads them)
+        state[name] = _convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).float()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    reference.load_state_dict(state)
+    return reference.eval()
+
+
+def hf_greedy(hf_model, prompts, steps, pad_id: int = 0):
+    """transformers' own greedy generate on left-padded prompts: the new tokens per prompt."""
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        mask[row, longest - len(prompt) :] = 1
+    with torch.no_grad():
+        out = hf_model.generate(
+            ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            eos_token_id=None, pad_token_id=pad_id,
+        )
+    return out[:, longest:].tolist()

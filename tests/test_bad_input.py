@@ -75,6 +75,18 @@ def nothing(paths, folder):
     pass
 
 
+def drop_tensor(name: str):
+    def prepare(paths, folder):
+        from safetensors.torch import load_file, save_file
+
+        path = Path(paths[folder]) / "model.safetensors"
+        tensors = load_file(str(path))
+        del tensors[name]
+        save_file(tensors, str(path))
+
+    return prepare
+
+
 LONG = " ".join(["5"] * 300)  # the tiny checkpoint has max_position_embeddings 256
 
 # (case, argv, folder the prepare step breaks, prepare, exit code, words the one-line message must hold)
@@ -92,6 +104,14 @@ CASES = [
      edit_config(intermediate_size=40), 2, ["shape", "config.json and the weights disagree"]),
     ("unsupported model_type", ["export", "{ckpt}", "-o", "{out}", "-q"], "ckpt", edit_config(model_type="llama"), 2,
      ["'llama'", "mixtral, qwen2_moe, qwen3_moe, olmoe"]),
+    ("unsupported rope type", ["export", "{ckpt}", "-o", "{out}", "-q"], "ckpt",
+     edit_config(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0]}), 2,
+     ["RoPE type 'longrope'", "linear, dynamic, yarn, llama3"]),
+    ("MXFP4 scale tensor missing", ["export", "{ckpt_oss}", "-o", "{out}", "-q"], "ckpt_oss",
+     drop_tensor("model.layers.1.mlp.experts.down_proj_scales"), 2,
+     ["missing from the checkpoint", "layers.1.mlp.experts.down_proj_scales"]),
+    ("layer_types disagree with the layer count", ["generate", "{ckpt_oss}", "-p", "1 2"], "ckpt_oss",
+     edit_config(layer_types=["full_attention"]), 2, ["1 layer_types for 3 layers", "one entry per layer"]),
     ("unknown preset (generate)", ["generate", "tinyy", "-p", "hi"], None, nothing, 2,
      ["'tinyy'", "neither an existing folder nor a preset", "tiny"]),
     ("unknown preset (export)", ["export", "tinyy", "-o", "{out}", "-q"], None, nothing, 2, ["'tinyy'", "presets"]),
@@ -189,8 +209,18 @@ def test_the_external_data_folder_runs(external):
     assert len(Session(external, backend="ort").generate([1, 2], max_new_tokens=2).tokens[0]) == 2
 
 
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    """A tiny gpt-oss checkpoint with its experts in MXFP4, as the released ones store them."""
+    from tests.hf_tiny import hf_tiny_model, save_mxfp4_checkpoint
+
+    folder = tmp_path_factory.mktemp("bad-input") / "gpt_oss"
+    save_mxfp4_checkpoint(hf_tiny_model("gpt_oss"), folder)
+    return folder
+
+
 @pytest.fixture
-def paths(exported, external, tiny_checkpoint, tmp_path):
+def paths(exported, external, tiny_checkpoint, mxfp4_checkpoint, tmp_path):
     _, checkpoint = tiny_checkpoint("mixtral")
     work = tmp_path / "work"
     work.mkdir()
@@ -201,6 +231,7 @@ def paths(exported, external, tiny_checkpoint, tmp_path):
         "export": exported, "external": external, "userdir": userdir, "out": work / "out",
         "copy": shutil.copytree(exported, work / "copy"), "copy_ext": shutil.copytree(external, work / "copy_ext"),
         "ckpt": shutil.copytree(checkpoint, work / "ckpt"),
+        "ckpt_oss": shutil.copytree(mxfp4_checkpoint, work / "ckpt_oss"),
     }
     return {name: str(path) for name, path in paths.items()}
 

@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 
 # (batch, new tokens, past tokens): none is the traced (2, 5, 3)
 SHAPES = [(1, 1, 0), (1, 1, 64), (3, 17, 0), (4, 300, 0), (2, 9, 64), (4, 1, 13), (1, 64, 1)]
-FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral-window"]
+FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral-window", "gpt_oss", "gpt_oss-defaults"]
 
 
 def _feeds(model, input_ids, mask, positions, past):

@@ -14,11 +14,16 @@ the traced (2, 5, 3), left padding), exports once per config and checks every in
 - ``logits``, ``present`` key/value and router weights on the real (unpadded) tokens, within
   the fp32 entries of the tolerance table.
 
+A second strategy draws gpt-oss-style configs: a config as above with gpt-oss's clamped SwiGLU
+experts, expert and router biases, attention sinks, ``layer_types`` mixing full attention with a
+sliding window shorter than the drawn sequences, and sometimes YaRN RoPE.
+
 ``pytest`` runs a few dozen derandomized examples; ``pytest -m slow`` runs many more.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +47,16 @@ MAX_POSITIONS = 64
 # generated model examples (3 explicit corner examples run besides): each is one export, ~3-4 s of
 # CPU that dwarfs the checks, so an example checks up to 3 input cases against its one export
 EXAMPLES = {"ci": 17, "slow": 300}
+# gpt-oss-style models: a few more examples on top of the ones above
+GPT_OSS_EXAMPLES = {"ci": 4, "slow": 150}
+# windows of 1-4 positions: shorter than most drawn sequences (past + new tokens up to 16)
+WINDOWS = (1, 2, 3, 4)
+# gpt-oss's YaRN (factor 32 over 4096 positions), scaled to MAX_POSITIONS; with and without truncation
+YARN = [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+     "truncate": False},
+]
 # tracing time grows with the layers: CI draws 1-2 (a 3-layer corner example keeps MoE, dense, MoE)
 MAX_LAYERS = {"ci": 2, "slow": 3}
 # derived head_dim values with an odd factor, so hidden = heads * head_dim is never a power of two
@@ -93,6 +108,32 @@ def configs(draw, max_layers: int = 3) -> moetrt.MoEConfig:
         tie_word_embeddings=draw(st.booleans(), label="tie_word_embeddings"),
         rope_theta=10000.0,
         max_position_embeddings=MAX_POSITIONS,
+    )
+
+
+@st.composite
+def gpt_oss_configs(draw, max_layers: int = 3) -> moetrt.MoEConfig:
+    """A :func:`configs` draw made gpt-oss-like: clamped SwiGLU experts (alpha, limit) with biases, a router
+    bias, attention sinks, q/k/v/o biases, per-layer full or sliding-window attention, sometimes YaRN."""
+    base = draw(configs(max_layers), label="base config")
+    layers = base.num_hidden_layers
+    layer_types = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=layers,
+                                max_size=layers), label="layer_types")
+    attention_bias = draw(st.sampled_from([True, True, False]), label="attention_bias")
+    return dataclasses.replace(
+        base,
+        activation="clamped_swiglu",
+        swiglu_alpha=draw(st.sampled_from([1.702, 1.0]), label="swiglu_alpha"),
+        # 0.3 clips gate and up of random weights often; 7.0 (the released models') rarely
+        swiglu_limit=draw(st.sampled_from([0.3, 7.0]), label="swiglu_limit"),
+        expert_bias=draw(st.sampled_from([True, True, False]), label="expert_bias"),
+        router_bias=draw(st.sampled_from([True, True, False]), label="router_bias"),
+        attention_sinks=draw(st.sampled_from([True, True, False]), label="attention_sinks"),
+        attention_bias=attention_bias,
+        attention_out_bias=attention_bias,
+        sliding_window=draw(st.sampled_from(WINDOWS), label="sliding_window"),
+        layer_types=tuple(layer_types),
+        rope_scaling=draw(st.sampled_from([None, *YARN]), label="rope_scaling"),
     )
 
 
@@ -258,3 +299,42 @@ def test_exported_model_matches_reference(property_settings, tmp_path, record_ma
         record_max("property examples (count, seconds)", f"export [{profile}] input cases", sum(ran))
         record_max("property examples (count, seconds)", f"export [{profile}] seconds", time.perf_counter() - start)
         record_max("property examples (count, seconds)", f"export [{profile}] seconds exporting", sum(exporting))
+
+
+# gpt-oss's own shape: alternating window and full attention, every bias, sinks, YaRN, a clipping limit
+GPT_OSS_CORNER = moetrt.MoEConfig(
+    vocab_size=45, hidden_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+    num_experts=5, num_experts_per_tok=2, intermediate_size=10, activation="clamped_swiglu", swiglu_limit=0.3,
+    expert_bias=True, router_bias=True, attention_bias=True, attention_out_bias=True, attention_sinks=True,
+    sliding_window=2, layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    rope_scaling=YARN[0], rope_theta=10000.0, max_position_embeddings=MAX_POSITIONS,
+)
+
+
+def test_gpt_oss_style_export_matches_reference(property_settings, tmp_path, record_max):
+    """The property above for gpt-oss-style configs: every drawn input case runs past the sliding window."""
+    profile = property_settings.profile
+    ran = []
+
+    @property_settings(ci=GPT_OSS_EXAMPLES["ci"], slow=GPT_OSS_EXAMPLES["slow"])
+    @example(cfg=GPT_OSS_CORNER, cases=[(2, 9, 4, (0, 6)), (1, 1, 7, (2,))], seed=4, std=0.3)
+    @given(cfg=gpt_oss_configs(MAX_LAYERS[profile]), cases=st.lists(input_cases(), min_size=1, max_size=3),
+           seed=st.integers(0, 2**16), std=st.sampled_from([0.1, 0.3]))
+    def check(cfg, cases, seed, std):
+        note(f"MoEConfig: {cfg.to_dict()}")
+        ran.append(len(cases))
+        model = moetrt.MoETransformer.from_config(cfg, seed=seed, std=std)
+        with tempfile.TemporaryDirectory(dir=tmp_path) as work:
+            folder = onnx_from_torch(model, Path(work) / "onnx", router_outputs=True, progress=False)
+            session = _session(folder)
+        for n, case in enumerate(cases):
+            _check_case(model, session, case, seed + n)
+
+    start = time.perf_counter()
+    try:
+        check()
+    finally:
+        record_max("property examples (count, seconds)", f"gpt-oss-style [{profile}] models", len(ran))
+        record_max("property examples (count, seconds)", f"gpt-oss-style [{profile}] input cases", sum(ran))
+        record_max("property examples (count, seconds)", f"gpt-oss-style [{profile}] seconds",
+                   time.perf_counter() - start)

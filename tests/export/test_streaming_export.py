@@ -253,3 +253,33 @@ def test_optimize_rewrites_weights_one_at_a_time_when_saving(tmp_path, checkpoin
     _, inits = _initializers(out)
     assert sum(a.nbytes for a in inits.values()) > 0 and all(np.isfinite(a).all() for a in inits.values()
                                                              if a.dtype.kind == "f")
+
+
+def test_slabs_write_the_same_bytes_and_find_nonfinite(tmp_path, checkpoint, monkeypatch):
+    """Transposed weights are written, and NaN/Inf looked for, a slab at a time: same bytes, same warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import moetrt.export.streaming as streaming
+
+    folder = checkpoint("mixtral", "per-expert", torch.float32)
+    transposed = []
+    make_transposed = StreamedTensor.transposed
+    monkeypatch.setattr(StreamedTensor, "transposed",
+                        lambda self, *a, **k: transposed.append(self.name) or make_transposed(self, *a, **k))
+    onnx_from_torch(folder, tmp_path / "whole", external_data=True, progress=False)
+    assert transposed, "the tiny model has no transposed streamed weight: the test checks nothing"
+    monkeypatch.setattr(streaming, "SLAB_ELEMENTS", 5)  # many slabs, the last one partial
+    onnx_from_torch(folder, tmp_path / "slabs", external_data=True, progress=False)
+    assert (tmp_path / "slabs" / "model.onnx.data").read_bytes() == (tmp_path / "whole" / "model.onnx.data").read_bytes()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    shard = broken / index["weight_map"]["lm_head.weight"]
+    tensors = load_file(shard)
+    tensors["lm_head.weight"].view(-1)[-1] = float("nan")  # in the last slab of a transposed weight
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="non-finite"):
+        onnx_from_torch(broken, tmp_path / "broken-out", external_data=True, progress=False)

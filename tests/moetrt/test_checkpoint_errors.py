@@ -109,16 +109,33 @@ def test_config_json_with_invalid_values_is_a_checkpoint_error(checkpoint):
     "changes,needle",
     [
         # transformers v4 style: top-level rope_theta + rope_scaling
-        (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 4.0}), "'yarn'"),
-        (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"rope_type": "linear", "factor": 2.0}), "'linear'"),
-        # v5 style, and a v5 file that still carries a v4 rope_scaling
-        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "'dynamic'"),
-        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "'llama3'"),
+        (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "longrope", "factor": 4.0}), "'longrope'"),
+        (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"rope_type": "su", "factor": 2.0}), "'su'"),
+        # v5 style; and a parameter the type does not read is refused, never dropped
+        (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}), "'proportional'"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 3}), "beta_fast"),
     ],
 )
 def test_unsupported_rope_scaling(checkpoint, changes, needle):
     _edit_config(checkpoint, **changes)
     _raises(UnsupportedModelError, needle, "RoPE", call=lambda: moetrt.from_pretrained(checkpoint))
+
+
+@pytest.mark.parametrize(
+    "changes,rope_type",
+    [
+        (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 4.0}), "yarn"),
+        (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"rope_type": "linear", "factor": 2.0}), "linear"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "dynamic"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 64}), "llama3"),
+    ],
+)
+def test_scaled_rope_is_read(checkpoint, changes, rope_type):
+    """Scaled RoPE types moetrt implements land in MoEConfig.rope_scaling (their parity: test_hf_parity)."""
+    _edit_config(checkpoint, **changes)
+    cfg = moetrt.from_pretrained(checkpoint).config
+    assert cfg.rope_scaling["rope_type"] == rope_type and cfg.rope_theta == 1e4
 
 
 def test_transformers_v4_style_config_loads(checkpoint):

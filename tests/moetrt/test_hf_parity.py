@@ -10,6 +10,7 @@ of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -155,3 +156,36 @@ def test_routing_is_not_degenerate(variant):
     for weights, indices in zip(out.router_weights, out.router_indices):
         assert indices.unique().numel() >= min(3, ours.config.num_experts)
         assert float(weights.max() - weights.min()) > 0.05
+
+
+# RoPE scaling types, each with the parameters transformers reads (max_position_embeddings is 256)
+ROPE_CASES = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32},
+    "yarn-deepseek": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                      "original_max_position_embeddings": 64, "beta_fast": 16.0, "beta_slow": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_scaled_rope_matches_transformers(case, tmp_path, record_max):
+    """A Mixtral with scaled RoPE, read from its saved folder, on positions past the original window."""
+    # head_dim explicit: transformers' dynamic init reads config.head_dim, which MixtralConfig leaves None
+    hf = hf_tiny_model("mixtral", head_dim=16, rope_parameters={**ROPE_CASES[case], "rope_theta": 10000.0})
+    hf.save_pretrained(tmp_path / "ckpt")
+    ours = moetrt.from_pretrained(tmp_path / "ckpt")
+    assert ours.config.rope_scaling["rope_type"] == ROPE_CASES[case]["rope_type"]
+    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(3))
+    ref, _ = hf_forward(hf, ids)
+    with torch.no_grad():
+        err = rel_err(ours(ids).logits, ref)
+    record_max("HF parity: max |ours - hf| / max |hf| (fp32)", f"rope {case}", err)
+    assert err <= 1e-5
+    if case != "dynamic":  # dynamic NTK only acts past max_position_embeddings, which moetrt refuses
+        plain = moetrt.MoETransformer(dataclasses.replace(ours.config, rope_scaling=None))
+        plain.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            assert rel_err(plain.eval()(ids).logits, ref) > 1e-3  # the scaling is really applied

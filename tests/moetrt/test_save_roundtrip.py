@@ -17,6 +17,9 @@ REL_TOL = 1e-5
 BASE = dict(vocab_size=80, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             num_experts=5, num_experts_per_tok=2, intermediate_size=24, rope_theta=10000.0,
             max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+GPT_OSS = dict(normalize_topk=True, router_bias=True, expert_bias=True, activation="clamped_swiglu",
+               attention_sinks=True, attention_bias=True, attention_out_bias=True, sliding_window=4,
+               layer_types=("sliding_attention", "full_attention", "sliding_attention"))
 # every family with the options it can express
 CONFIGS = {
     "mixtral": dict(model_type="mixtral"),
@@ -31,6 +34,10 @@ CONFIGS = {
     "olmoe": dict(model_type="olmoe", qk_norm="full", clip_qkv=0.7, normalize_topk=False),
     "olmoe-bias": dict(model_type="olmoe", qk_norm="full", attention_bias=True, attention_out_bias=True,
                        normalize_topk=True, num_experts_per_tok=3),
+    "gpt_oss": dict(model_type="gpt_oss", **GPT_OSS),
+    "gpt_oss-yarn": dict(model_type="gpt_oss", **{**GPT_OSS, "swiglu_limit": 0.5, "swiglu_alpha": 1.5,
+                                                  "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                                   "original_max_position_embeddings": 32}}),
 }
 # options a family's config.json cannot say: saving must refuse rather than write a wrong checkpoint
 INEXPRESSIBLE = {
@@ -56,6 +63,14 @@ INEXPRESSIBLE = {
     "olmoe with dense layers": ("olmoe", dict(qk_norm="full", mlp_only_layers=(1,))),
     "olmoe with head_dim != hidden/heads": ("olmoe", dict(qk_norm="full", head_dim=16)),
     "olmoe with a sliding window": ("olmoe", dict(qk_norm="full", sliding_window=8)),
+    "mixtral with expert biases": ("mixtral", dict(expert_bias=True)),
+    "olmoe with the clamped SwiGLU": ("olmoe", dict(qk_norm="full", activation="clamped_swiglu")),
+    "qwen3 with attention sinks": ("qwen3_moe", dict(qk_norm="head", attention_sinks=True)),
+    "mixtral with layer_types": ("mixtral", dict(sliding_window=4, layer_types=("sliding_attention",) * 3)),
+    "gpt_oss without expert biases": ("gpt_oss", {**GPT_OSS, "expert_bias": False}),
+    "gpt_oss with plain SwiGLU": ("gpt_oss", {**GPT_OSS, "activation": "silu"}),
+    "gpt_oss without sinks": ("gpt_oss", {**GPT_OSS, "attention_sinks": False}),
+    "gpt_oss with q/k norm": ("gpt_oss", {**GPT_OSS, "qk_norm": "head"}),
     "unknown family": ("llama", dict()),
 }
 
@@ -79,7 +94,7 @@ def test_transformers_loads_the_saved_checkpoint(name, tmp_path, record_max):
         folder, output_loading_info=True, attn_implementation="eager", dtype=torch.float32
     )
     hf.eval()
-    assert type(hf).__name__ == moetrt.checkpoint._ARCH[model.config.model_type]
+    assert type(hf).__name__ == moetrt.families.get(model.config.model_type).architecture
     problems = {key: value for key, value in info.items() if value}
     assert not problems, f"transformers loading info: {problems}"
     ids = torch.randint(0, BASE["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(0))

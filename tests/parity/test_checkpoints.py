@@ -11,7 +11,7 @@ from moetrt.ops.topk_routing import routing_weights
 from moetrt.parity import checkpoints_for, mark_checkpoints
 from moetrt.parity.checkpoints import LAYER_POINTS, POINTS, capture, forward_order
 
-VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe"]
+VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss-defaults"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -17,7 +17,7 @@ from moetrt.parity import TOLERANCES, compare, default_inputs
 pytest.importorskip("polygraphy")
 pytest.importorskip("onnxruntime")
 
-VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe"]
+VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss-defaults"]
 STEPS = 8
 
 
@@ -42,6 +42,53 @@ def test_canonical_export_passes(parity_export, record_max, variant, dtype):
     assert all(r.tokens == real_tokens and r.failures == 0 for r in result.router)
     assert result.generation.passed and len(result.generation.reference_tokens) >= 1
     assert by_name["logits"].max_abs <= TOLERANCES[(dtype, "logits")].atol
+
+
+# optimize options -> the checkpoints the lowered graph no longer holds (per MoE layer): the experts' output
+# is inside an If's branches (auto) or, with the router, inside com.microsoft::MoE (always)
+OPTIMIZED = [
+    (dict(), {"experts"}),
+    (dict(moe_lowering="always"), {"experts", "router_logits", "router_indices", "router_weights"}),
+    (dict(last_logits=True), {"experts"}),
+]
+
+
+@pytest.mark.parametrize("options,hidden", OPTIMIZED, ids=["auto", "always", "last_logits"])
+def test_optimized_gpt_oss_folder_passes(parity_export, tmp_path, options, hidden):
+    from moetrt.optimize import optimize
+
+    model, folder = parity_export("gpt_oss")
+    cfg = model.config
+    out = optimize(folder, tmp_path / "optimized", progress=False, **options)
+    report = compare(model, out, steps=STEPS)
+    result = report.backends["ort"]
+    assert report.passed, report.summary()
+    assert set(result.missing_checkpoints) <= {f"layers.{i}.{point}" for i in cfg.moe_layers for point in hidden}
+    by_name = {c.name for c in result.checkpoints}
+    assert {"logits", *(f"layers.{i}.output" for i in range(cfg.num_hidden_layers))} <= by_name
+    assert result.generation.passed and len(result.generation.reference_tokens) >= 1
+
+
+def test_parity_command_on_an_optimized_gpt_oss_folder(parity_export, tmp_path, capsys):
+    """``moetrt parity CHECKPOINT OPTIMIZED``: the reference read from a transformers checkpoint folder."""
+    import argparse
+
+    from moetrt.optimize import optimize
+    from moetrt.parity.cli import add_arguments, run
+    from tests.hf_tiny import hf_tiny_model
+
+    _, folder = parity_export("gpt_oss")
+    hf_tiny_model("gpt_oss").save_pretrained(tmp_path / "checkpoint")
+    out = optimize(folder, tmp_path / "optimized", quantize_experts="int4", expert_activations="fp32", progress=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # int4 experts are not the fp32 model: the command says FAIL (exit 1) and names the first divergence
+    code = run(parser.parse_args([str(tmp_path / "checkpoint"), str(out), "-n", "2"]))
+    text = capsys.readouterr().out
+    assert code == 1 and text.strip().endswith("FAIL") and "first divergence" in text
+    out = optimize(folder, tmp_path / "fp32", progress=False)
+    assert run(parser.parse_args([str(tmp_path / "checkpoint"), str(out), "-n", "2"])) == 0
+    assert capsys.readouterr().out.strip().endswith("PASS")
 
 
 def test_fp32_errors_are_rounding_only(parity_export):

@@ -12,7 +12,8 @@ from moetrt.errors import MoetrtError
 from moetrt.runtime import ModelSpec, SamplingOptions, Session, sample_next
 from moetrt.runtime.backend import past_names, present_names
 from moetrt.runtime.generate import Generation, left_pad
-from tests.runtime.tiny_models import EOS, PAD
+from tests.hf_tiny import hf_greedy
+from tests.runtime.tiny_models import EOS
 
 # prompts of different lengths (ids of the 96-token transformers model)
 HF_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
@@ -26,22 +27,6 @@ SAMPLING_CASES = [  # (temperature, top_k, top_p)
     (1.3, None, 0.8),
     (0.9, 8, 0.9),
 ]
-
-
-def hf_greedy(hf_model, prompts, steps):
-    """transformers' own greedy generate on left-padded prompts: the new tokens per prompt."""
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-        mask[row, longest - len(prompt) :] = 1
-    with torch.no_grad():
-        out = hf_model.generate(
-            ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            eos_token_id=None, pad_token_id=PAD,
-        )
-    return out[:, longest:].tolist()
 
 
 # --- parity with transformers -------------------------------------------------------------------

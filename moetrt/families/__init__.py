@@ -1,0 +1,49 @@
+"""Model families: one module per Hugging Face ``model_type``, registered by that name.
+
+``get("mixtral")`` returns the family; an unknown type raises ``UnsupportedModelError`` listing
+the supported ones. To add a family, write ``moetrt/families/<model_type>.py`` with a
+:class:`~moetrt.families._base.Family` subclass decorated with :func:`register`, and import it
+below (README: "Adding a model family").
+"""
+
+from __future__ import annotations
+
+from moetrt.errors import UnsupportedModelError
+
+from ._base import COMPANION, DERIVED, Family, Placement
+
+__all__ = ["Family", "Placement", "DERIVED", "COMPANION", "register", "get", "SUPPORTED_MODEL_TYPES", "tiny_variants"]
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: register one instance of ``cls`` under its ``model_type``."""
+    if not getattr(cls, "model_type", None) or cls.model_type in _REGISTRY:
+        raise ValueError(f"family {cls.__name__} needs a model_type not yet registered, got {cls.__dict__.get('model_type')!r}")
+    _REGISTRY[cls.model_type] = cls()
+    return cls
+
+
+def supported_message() -> str:
+    return "supported model_type values: " + ", ".join(_REGISTRY)
+
+
+def get(model_type: str | None) -> Family:
+    """The family registered for ``model_type``."""
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported; {supported_message()}") from None
+
+
+def tiny_variants() -> dict[str, tuple[str, dict]]:
+    """Every family's tiny test configs: variant name -> (model_type, overrides of ``Family.tiny_config``)."""
+    return {name: (family.model_type, overrides)
+            for family in _REGISTRY.values() for name, overrides in family.tiny_variants.items()}
+
+
+# the families, in the order they are listed to users
+from . import mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss  # noqa: E402,F401
+
+SUPPORTED_MODEL_TYPES = tuple(_REGISTRY)
