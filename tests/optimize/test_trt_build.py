@@ -291,19 +291,22 @@ def test_check_script_exits_3_without_tensorrt(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def trt_engines(tmp_path_factory):
     """A random model exported fp32 and built fp16, with AOT and with JIT plugins."""
+    model = moetrt.MoETransformer.from_config(_config(), seed=3, std=0.2)
+    return model, _fp16_engines(model, tmp_path_factory.mktemp("trt"))
+
+
+def _fp16_engines(model, work):
+    """``model`` exported fp32 and built fp16 with AOT and with JIT plugins: mode -> engine folder."""
     import warnings
 
     from moetrt.export import onnx_from_torch
 
-    work = tmp_path_factory.mktemp("trt")
-    model = moetrt.MoETransformer.from_config(_config(), seed=3, std=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = onnx_from_torch(model, work / "exported", progress=False)
-    engines = {mode: engine_from_onnx(exported, work / f"engine-{mode}", precision="fp16", plugins=mode,
-                                      profile=SMALL_PROFILE, timing_cache=work / "timing.cache", progress=False)
-               for mode in ("aot", "jit")}
-    return model, engines
+    return {mode: engine_from_onnx(exported, work / f"engine-{mode}", precision="fp16", plugins=mode,
+                                   profile=SMALL_PROFILE, timing_cache=work / "timing.cache", progress=False)
+            for mode in ("aot", "jit")}
 
 
 @pytest.mark.trt
@@ -374,22 +377,11 @@ def test_engine_folder_from_a_gpt_oss_export(canonical, tmp_path, fake_build):
 @pytest.fixture(scope="module")
 def gpt_oss_engines(tmp_path_factory):
     """The tiny gpt-oss (sliding window 3, sinks, biases, clamped SwiGLU) exported fp32 and built fp16, AOT and JIT."""
-    import warnings
-
-    from moetrt.export import onnx_from_torch
-
     pytest.importorskip("transformers")
     from tests.hf_tiny import hf_tiny_model
 
-    work = tmp_path_factory.mktemp("trt-gpt-oss")
     model = moetrt.from_pretrained(hf_tiny_model("gpt_oss"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exported = onnx_from_torch(model, work / "exported", progress=False)
-    engines = {mode: engine_from_onnx(exported, work / f"engine-{mode}", precision="fp16", plugins=mode,
-                                      profile=SMALL_PROFILE, timing_cache=work / "timing.cache", progress=False)
-               for mode in ("aot", "jit")}
-    return model, engines
+    return model, _fp16_engines(model, tmp_path_factory.mktemp("trt-gpt-oss"))
 
 
 @pytest.mark.trt
