@@ -17,6 +17,7 @@ Nothing outside ``moetrt/families`` branches on ``model_type``.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -96,7 +97,7 @@ def rope_theta(hf: dict[str, Any], default: float) -> float:
     return rope(hf, default)["rope_theta"]
 
 
-class Family:
+class Family(ABC):
     """One Hugging Face model family. Subclass, fill in the class attributes, override what differs."""
 
     model_type: ClassVar[str]
@@ -114,8 +115,9 @@ class Family:
     tiny_variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
     # --- config.json -> MoEConfig --------------------------------------------------------------
+    @abstractmethod
     def config_from_hf(self, hf: dict[str, Any]) -> MoEConfig:
-        raise NotImplementedError
+        ...
 
     def common_config(self, hf: dict[str, Any], num_experts: Any) -> dict[str, Any]:
         """The fields every family reads the same way."""
@@ -142,9 +144,10 @@ class Family:
         )
 
     # --- MoEConfig -> config.json --------------------------------------------------------------
+    @abstractmethod
     def inexpressible(self, cfg: MoEConfig) -> list[str]:
         """What of ``cfg`` this family's config.json cannot say (saving it would write another model)."""
-        raise NotImplementedError
+        ...
 
     def common_inexpressible(self, cfg: MoEConfig) -> list[str]:
         problems = []
@@ -169,9 +172,10 @@ class Family:
     def shared_expert_problems(self, cfg: MoEConfig) -> list[str]:
         return ["a shared expert"] if cfg.shared_expert_intermediate_size else []
 
+    @abstractmethod
     def hf_config(self, cfg: MoEConfig) -> dict[str, Any]:
         """The family's own fields of config.json (the common ones come from :meth:`common_hf_config`)."""
-        raise NotImplementedError
+        ...
 
     def common_hf_config(self, cfg: MoEConfig) -> dict[str, Any]:
         return dict(

@@ -5,6 +5,7 @@ routed ones, biases on q/k/v (never on o_proj), dense layers through ``mlp_only_
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 from moetrt.config import MoEConfig
@@ -44,8 +45,9 @@ class QwenMoE(Family):
     def shared_expert_size(self, hf: dict[str, Any]) -> int:
         return 0
 
+    @abstractmethod
     def attention_biases(self, hf: dict[str, Any]) -> dict[str, bool]:
-        raise NotImplementedError
+        ...
 
     def inexpressible(self, cfg: MoEConfig) -> list[str]:
         problems = self.common_inexpressible(cfg)
@@ -60,8 +62,9 @@ class QwenMoE(Family):
             )
         return problems
 
+    @abstractmethod
     def biases_expressible(self, cfg: MoEConfig) -> bool:
-        raise NotImplementedError
+        ...
 
     def hf_config(self, cfg: MoEConfig) -> dict[str, Any]:
         return dict(num_experts=cfg.num_experts, moe_intermediate_size=cfg.intermediate_size,
