@@ -132,7 +132,7 @@ def test_body_matches_torch_fp16(activation, gate_up_bias, down_bias, path):
     try:
         session = _session(6, PATHS[path], activation, gate_up_bias, down_bias, "fp16")
     except Exception as exc:  # ORT CPU lacks some fp16 kernels on some builds
-        pytest.skip(f"ONNX Runtime CPU cannot run this fp16 graph here: {exc}")
+        pytest.skip(reason=f"ONNX Runtime CPU cannot run this fp16 graph here: {exc}")
     got = session.run(None, feeds)[0]
     assert got.dtype == np.float16
     # NOTE: fp16 matmuls and activations rounded at every op, in a different order than torch's
