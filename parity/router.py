@@ -9,8 +9,11 @@ inside the k chosen never matters). A token whose sets differ is
 - a **failure** otherwise: the artifact routed the token to an expert the reference ranks clearly
   below its k-th choice.
 
-Scores are what ``TopKRouting`` ranks: ``softmax(logits)`` or ``sigmoid(logits)``, computed here in
-float64 from the reference's float32 router logits.
+Scores are what ``TopKRouting`` ranks, computed here in float64 from the reference's float32 router
+logits: ``softmax(logits)`` or ``sigmoid(logits)``, plus the layer's selection bias, ``-inf`` outside
+the groups the reference kept (version 2: DeepSeek-V3 and kin). The gap is measured on these
+selection scores, not on the weights (which come from the unbiased scores). A token whose groups
+differ from the reference's is a failure: its experts lie outside the reference's kept groups.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RouterLayerResult", "RoutingEvent", "router_scores", "boundary_gap", "classify", "router_agreement",
-           "near_tie_events",
+__all__ = ["RouterLayerResult", "RoutingEvent", "router_scores", "selection_scores", "layer_selection",
+           "boundary_gap", "classify", "router_agreement", "near_tie_events",
            "MATCH", "NEAR_TIE", "FAILURE", "IGNORED", "MAX_EVENTS"]
 
 MAX_EVENTS = 20  # events kept per layer in a report (the counts are always complete)
@@ -88,6 +91,39 @@ def router_scores(logits: np.ndarray, scoring: str) -> np.ndarray:
     raise ValueError(f"scoring must be softmax or sigmoid, got {scoring!r}")
 
 
+def selection_scores(
+    logits: np.ndarray, scoring: str, selection_bias: np.ndarray | None = None, n_group: int = 1,
+    topk_group: int = 1, group_scoring: str = "top2_sum",
+) -> np.ndarray:
+    """The scores TopKRouting chooses by, float64 [T, E]: :func:`router_scores` plus ``selection_bias``
+    [E], ``-inf`` outside each token's ``topk_group`` best of ``n_group`` groups."""
+    from moetrt.ops.topk_routing import check_routing, selection_scores_reference
+
+    scores = router_scores(logits, scoring)  # [T, E]
+    num_experts = scores.shape[-1]
+    check_routing(num_experts, 1, scoring, n_group, topk_group, group_scoring)  # k is checked by classify
+    bias = None if selection_bias is None else np.asarray(selection_bias, dtype=np.float64).reshape(-1)
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"selection_bias must be [E={num_experts}], got {list(np.shape(selection_bias))}")
+    return selection_scores_reference(scores, bias, n_group, topk_group, group_scoring)
+
+
+def layer_selection(config, layer: int, model=None) -> dict:
+    """How MoE layer ``layer`` chooses its experts, as keywords of :func:`classify`: the config's
+    scoring and groups, and the reference ``model``'s ``layers.{layer}.mlp.selection_bias`` [E] where
+    the config has one."""
+    options = {"scoring": config.scoring}
+    if getattr(config, "n_group", 1) > 1:
+        options.update(n_group=config.n_group, topk_group=config.topk_group, group_scoring=config.group_scoring)
+    if getattr(config, "selection_bias", False):
+        if model is None:
+            raise ValueError(f"layer {layer} routes with a selection bias: pass the reference model, whose "
+                             f"layers.{layer}.mlp.selection_bias holds it")
+        bias = model.get_parameter(f"layers.{layer}.mlp.selection_bias")
+        options["selection_bias"] = bias.detach().float().cpu().numpy()
+    return options
+
+
 def boundary_gap(scores: np.ndarray, k: int) -> np.ndarray:
     """Per token, the k-th largest score minus the (k+1)-th [T]; +inf when k equals the number of experts."""
     if k >= scores.shape[-1]:
@@ -101,15 +137,16 @@ MATCH, NEAR_TIE, FAILURE, IGNORED = 0, 1, 2, -1
 
 def classify(
     reference_logits: np.ndarray, reference_indices: np.ndarray, artifact_indices: np.ndarray, *,
-    scoring: str, gap_tolerance: float, valid: np.ndarray | None = None,
+    scoring: str, gap_tolerance: float, valid: np.ndarray | None = None, selection_bias: np.ndarray | None = None,
+    n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per token: status (MATCH, NEAR_TIE, FAILURE; IGNORED where ``valid`` [T] is False) [T] and the
-    reference's boundary gap [T]."""
+    reference's boundary gap [T], on the selection scores (:func:`selection_scores`)."""
     ref = np.asarray(reference_indices, dtype=np.int64)
     art = np.asarray(artifact_indices, dtype=np.int64)
     if ref.shape != art.shape:
         raise ValueError(f"router indices of different shapes: reference {ref.shape}, artifact {art.shape}")
-    scores = router_scores(reference_logits, scoring)  # [T, E]
+    scores = selection_scores(reference_logits, scoring, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     if scores.shape[0] != ref.shape[0]:
         raise ValueError(f"{scores.shape[0]} router logit rows for {ref.shape[0]} tokens")
     num_experts, k = scores.shape[1], ref.shape[1]
@@ -147,15 +184,17 @@ def router_agreement(
     step: int | None = None,
     forced: dict[int, RoutingEvent] | None = None,
     valid: np.ndarray | None = None,
+    **selection,
 ) -> RouterLayerResult:
     """Compare one layer's expert choices; ``*_indices`` are [T, K], ``reference_logits`` [T, E].
 
     ``forced``: token -> the near-tie event for which the reference was made to follow the
     artifact's choice; such tokens count as near-ties (as first seen), not as matches.
-    ``valid`` [T]: the tokens to compare (padding is not); default all.
+    ``valid`` [T]: the tokens to compare (padding is not); default all. ``selection``: the layer's
+    selection bias and groups, as :func:`classify` takes them (see :func:`layer_selection`).
     """
     status, gaps = classify(reference_logits, reference_indices, artifact_indices,
-                            scoring=scoring, gap_tolerance=gap_tolerance, valid=valid)
+                            scoring=scoring, gap_tolerance=gap_tolerance, valid=valid, **selection)
     ref = np.asarray(reference_indices, dtype=np.int64)
     art = np.asarray(artifact_indices, dtype=np.int64)
     forced = forced or {}
@@ -180,11 +219,11 @@ def router_agreement(
 
 def near_tie_events(
     layer: int, reference_logits, reference_indices, artifact_indices, *, scoring: str, gap_tolerance: float,
-    input_index: int = 0, step: int | None = None, valid: np.ndarray | None = None,
+    input_index: int = 0, step: int | None = None, valid: np.ndarray | None = None, **selection,
 ) -> dict[int, RoutingEvent]:
-    """token -> event for every near-tie token of one layer (not capped)."""
+    """token -> event for every near-tie token of one layer (not capped); ``selection`` as for :func:`classify`."""
     status, gaps = classify(reference_logits, reference_indices, artifact_indices,
-                            scoring=scoring, gap_tolerance=gap_tolerance, valid=valid)
+                            scoring=scoring, gap_tolerance=gap_tolerance, valid=valid, **selection)
     ref = np.asarray(reference_indices, dtype=np.int64)
     art = np.asarray(artifact_indices, dtype=np.int64)
     return {int(t): RoutingEvent(int(t), ref[t].tolist(), art[t].tolist(), float(gaps[t]), True, input_index, step, layer)

@@ -85,11 +85,14 @@ def make_function(
 
 @contextlib.contextmanager
 def registered_schemas(schemas: Sequence[onnx.defs.OpSchema]) -> Iterator[None]:
-    """Register ``schemas`` with onnx for the duration of an export (so the exporter can emit them)."""
+    """Register ``schemas`` with onnx for the duration of an export (so the exporter can emit them);
+    one op may come in several versions (``TopKRouting`` 1 and 2)."""
     added = []
     try:
         for schema in schemas:
-            if not onnx.defs.has(schema.name, schema.domain):
+            version = schema.since_version
+            if not (onnx.defs.has(schema.name, version, schema.domain) and onnx.defs.get_schema(
+                    schema.name, version, schema.domain).since_version == version):
                 onnx.defs.register_schema(schema)
                 added.append(schema)
         yield

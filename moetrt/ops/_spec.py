@@ -34,6 +34,7 @@ class Attr:
     # written on every node even at its default: the attributes version-1 nodes have always carried
     # (keeps their exports byte-identical) and plugin_namespace, which TensorRT's parser looks for
     always: bool = False
+    since: int = 1  # the op version that added it; a node carrying it needs that version of the domain
 
     def __post_init__(self) -> None:
         assert self.kind in _KINDS, (self.name, self.kind)
@@ -70,6 +71,7 @@ class Port:
     types: str
     doc: str = ""
     optional: bool = False
+    since: int = 1  # the op version that added it (only optional inputs are added later)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,17 @@ class OpSpec:
                 out[a.name] = value
         return out
 
+    def version_for(self, values: Mapping[str, Any], inputs: tuple[str, ...] = ()) -> int:
+        """The op version a node needs: the newest ``since`` among the attributes it carries
+        (:meth:`non_default`) and the inputs it passes (``inputs``: names of the present ones).
+
+        A node that uses none of the newer options needs version 1, so its model keeps importing
+        the domain at the version it always did.
+        """
+        needed = [self.attr(name).since for name in self.non_default(values)]
+        needed += [self.inputs[self.input_index(name)].since for name in inputs]
+        return max(needed, default=1)
+
     def unsupported(self, values: Mapping[str, Any], implements: Mapping[str, tuple[Any, ...]],
                     what: str) -> str | None:
         """Why ``what`` (a lowering) cannot take a node with these attribute values, or None.
@@ -179,8 +192,9 @@ class OpSpec:
         return [p.name for p in self.outputs]
 
     # --- ONNX ------------------------------------------------------------------------------------
-    def onnx_schema(self):
-        """The ``onnx.defs.OpSchema`` (registered only while exporting).
+    def onnx_schema(self, version: int | None = None):
+        """The ``onnx.defs.OpSchema`` of ``version`` (default the newest; registered only while exporting):
+        the inputs and attributes that version has (their ``since``).
 
         Only required and ``always`` attributes are declared with their default: torch's dynamo
         exporter writes every default a schema declares onto each node, so the others are declared
@@ -197,8 +211,13 @@ class OpSpec:
             return OpSchema.FormalParameter(p.name, p.types, p.doc,
                                             param_option=option.Optional if p.optional else option.Single)
 
+        version = self.version if version is None else version
+        if not 1 <= version <= self.version:
+            raise ValueError(f"{self.name}: version must be in 1..{self.version}, got {version}")
         attributes = []
         for a in self.attrs:
+            if a.since > version:
+                continue
             if a.required:
                 attributes.append(OpSchema.Attribute(a.name, kinds[a.kind], a.doc))
             elif a.always:
@@ -207,26 +226,43 @@ class OpSpec:
                 doc = f"{a.doc} (default {a.default!r})" if a.doc else f"default {a.default!r}"
                 attributes.append(OpSchema.Attribute(a.name, kinds[a.kind], doc, required=False))
         return OpSchema(
-            self.name, self.domain, self.version, doc=self.doc,
-            inputs=[port(p) for p in self.inputs], outputs=[port(p) for p in self.outputs],
+            self.name, self.domain, version, doc=self.doc,
+            inputs=[port(p) for p in self.inputs if p.since <= version], outputs=[port(p) for p in self.outputs],
             type_constraints=[(t, list(allowed), doc) for t, allowed, doc in self.type_constraints],
             attributes=attributes,
         )
 
     # --- torch -------------------------------------------------------------------------------------
-    def torch_schema(self, attrs: tuple[str, ...], returns: str) -> str:
-        """The ``torch.library`` schema of the torch op: every input (optional ones ``Tensor? = None``)
+    def torch_schema(self, attrs: tuple[str, ...], returns: str, kinds: Mapping[str, str] | None = None) -> str:
+        """The ``torch.library`` schema of the torch op: the inputs (optional ones ``Tensor? = None``)
         and the attributes ``attrs`` with the spec's kinds and defaults, e.g.
-        ``(Tensor x, Tensor? b=None, str activation="silu") -> Tensor``."""
-        kinds = {int: "int", float: "float", str: "str"}
-        args = [f"Tensor? {p.name}=None" if p.optional else f"Tensor {p.name}" for p in self.inputs]
+        ``(Tensor x, Tensor? b=None, str activation="silu") -> Tensor``.
+
+        Inputs come first unless ``attrs`` names them: an input added in a later version goes after
+        the attributes existing callers pass by position (``attrs=("k", ..., "selection_bias", ...)``).
+        ``kinds`` overrides the torch type of an attribute (``{"normalize": "bool"}``).
+        """
+        names = {int: "int", float: "float", str: "str"}
+        kinds = dict(kinds or {})
+        inputs = {p.name: p for p in self.inputs}
+
+        def tensor(p: Port) -> str:
+            return f"Tensor? {p.name}=None" if p.optional else f"Tensor {p.name}"
+
+        args = [tensor(p) for p in self.inputs if p.name not in attrs]
         for name in attrs:
+            if name in inputs:
+                args.append(tensor(inputs[name]))
+                continue
             a = self.attr(name)
+            kind = kinds.get(name, names[a.kind])
             if a.required:
-                args.append(f"{kinds[a.kind]} {a.name}")
+                args.append(f"{kind} {a.name}")
+            elif kind == "bool":
+                args.append(f"bool {a.name}={bool(a.default)}")
             else:
                 default = f'"{a.default}"' if a.kind is str else repr(a.kind(a.default))
-                args.append(f"{kinds[a.kind]} {a.name}={default}")
+                args.append(f"{kind} {a.name}={default}")
         return f"({', '.join(args)}) -> {returns}"
 
     def read_ir_attributes(self, node) -> dict[str, Any]:

@@ -1,24 +1,33 @@
-"""``moetrt::TopKRouting(logits) -> (weights, indices)``: the router of an MoE layer.
+"""``moetrt::TopKRouting(logits[, selection_bias]) -> (weights, indices)``: the router of an MoE layer.
 
-Semantics (DESIGN.md, domain ``moetrt`` version 1)::
+Semantics (DESIGN.md, domain ``moetrt``)::
 
     logits  float32 [T, E]
     scores  = softmax(logits, -1)            if scoring == "softmax"
             = sigmoid(logits)                if scoring == "sigmoid"
-    indices = the k largest scores per row, sorted descending, ties to the lower expert
+    sel     = scores + selection_bias        (version 2: optional input, float32 [E]; else sel = scores)
+    if n_group > 1:                          (version 2: attributes n_group, topk_group, group_scoring)
+        the experts form n_group groups of E / n_group consecutive experts; a group's score is
+        the sum of its two largest sel ("top2_sum", DeepSeek-V3) or its largest sel ("max",
+        DeepSeek-V2); the topk_group best groups are kept (ties to the lower group index) and
+        sel of every expert in another group becomes -inf
+    indices = the k largest sel per row, sorted descending, ties to the lower expert
               index (ONNX TopK's rule)                                   int32 [T, k]
-    weights = scores[indices]                                            float32 [T, k]
+    weights = scores[indices]  (the unbiased scores)                     float32 [T, k]
     if normalize: weights /= weights.sum(-1)
     weights *= scale
 
 Router math is float32 in every model dtype. Presets: Mixtral (softmax, k=2, normalize=1),
 Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), Qwen3-MoE
-(softmax, normalize=1).
+(softmax, normalize=1); DeepSeek-V3 / Kimi-K2 / GLM-4.5 (sigmoid, selection bias, groups with
+top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups).
 
-This file holds the op's faces that need nothing but torch and numpy: the
-``torch.library.custom_op`` (eager kernel, fake, autograd) and the NumPy reference. The ONNX
-function body and the per-target lowerings live with the export and optimize stages and are
-registered against the same name.
+Versions: a node that passes a selection bias or carries a group attribute needs domain
+``moetrt`` version 2; a model whose nodes use none keeps importing version 1 and exports exactly
+as before.
+
+This file holds all the op's faces: the ``torch.library.custom_op`` (eager kernel, fake,
+autograd), the NumPy reference, the ONNX schema and the model-local function body.
 """
 
 from __future__ import annotations
@@ -28,76 +37,153 @@ import torch
 
 from moetrt.ops._spec import Attr, OpSpec, Port
 
-__all__ = ["topk_routing", "topk_routing_reference", "routing_weights", "OP_NAME", "SCORINGS", "SPEC"]
+__all__ = [
+    "topk_routing", "topk_routing_reference", "routing_weights", "selection_scores", "check_routing",
+    "OP_NAME", "SCORINGS", "GROUP_SCORINGS", "SPEC", "TORCH_ARGS", "RoutingVariant", "onnx_variant",
+]
 
 OP_NAME = "TopKRouting"
 SCORINGS = ("softmax", "sigmoid")
+# a group's score for group-limited routing: the sum of its two best selection scores (DeepSeek-V3)
+# or its best one (DeepSeek-V2)
+GROUP_SCORINGS = ("top2_sum", "max")
 
 SPEC = OpSpec(
-    name=OP_NAME, domain="moetrt", version=1, doc=__doc__,
-    inputs=(Port("logits", "T", "router logits [T, E]"),),
+    name=OP_NAME, domain="moetrt", version=2, doc=__doc__,
+    inputs=(
+        Port("logits", "T", "router logits [T, E]"),
+        Port("selection_bias", "T", "[E] added to the scores for choosing only", optional=True, since=2),
+    ),
     outputs=(Port("weights", "T", "routing weights [T, k]"), Port("indices", "I", "expert indices [T, k], best first")),
     type_constraints=(("T", ("tensor(float)",), "router math is float32"), ("I", ("tensor(int32)",), "")),
-    attrs=(  # version-1 nodes carry every attribute
+    attrs=(  # version-1 nodes carry every version-1 attribute; version-2 ones only where not default
         Attr("k", int, None, None, "experts per token, 1..E"),
         Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid", always=True),
         Attr("normalize", int, 0, (0, 1), "1: divide the k weights by their sum", always=True),
         Attr("scale", float, 1.0, None, "multiplies the weights last", always=True),
+        Attr("n_group", int, 1, None, "groups of experts, a divisor of E (1: no groups)", since=2),
+        Attr("topk_group", int, 1, None, "groups a token may choose from, 1..n_group", since=2),
+        Attr("group_scoring", str, "top2_sum", GROUP_SCORINGS, "with n_group > 1, a group's score: top2_sum | max",
+             since=2),
         Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
     ),
 )
-# The torch op takes k, scoring, normalize (as bool) and scale; tests/moetrt/test_op_spec.py checks
-# its schema against SPEC.
+# the torch op's arguments after logits, in order: the version-1 ones positionally as callers always
+# passed them, then the version-2 ones (keywords); plugin_namespace is for TensorRT only
+TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring")
+TORCH_KINDS = {"normalize": "bool"}  # an int 0/1 attribute in ONNX, a bool in torch
 
 
-def _check(logits: torch.Tensor, k: int, scoring: str) -> None:
+def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
+                  group_scoring: str = "top2_sum") -> None:
+    """ValueError naming the attribute and what it takes, for attribute values no node may have."""
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"{OP_NAME}: k must be in 1..E={num_experts}, got {k}")
+    SPEC.attr("scoring").coerce(scoring, OP_NAME)
+    SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME)
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{OP_NAME}: attribute {name!r} must be a positive int (n_group 1: no groups), got {value!r}")
+    if num_experts % n_group:
+        raise ValueError(f"{OP_NAME}: n_group ({n_group}) must divide the expert count E={num_experts}")
+    if topk_group > n_group:
+        raise ValueError(f"{OP_NAME}: topk_group must be in 1..n_group={n_group}, got {topk_group}")
+    size = num_experts // n_group
+    if n_group > 1 and group_scoring == "top2_sum" and size < 2:
+        raise ValueError(f"{OP_NAME}: group_scoring 'top2_sum' needs groups of >= 2 experts, got E={num_experts} / "
+                         f"n_group={n_group} = {size}; use group_scoring 'max' or fewer groups")
+    if k > topk_group * size:
+        raise ValueError(f"{OP_NAME}: k ({k}) exceeds the {topk_group * size} experts of the topk_group={topk_group} "
+                         f"groups of {size} a token may choose from")
+
+
+def _check(logits: torch.Tensor, k: int, scoring: str, selection_bias: torch.Tensor | None = None,
+           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum") -> None:
     if logits.dim() != 2:
         raise ValueError(f"TopKRouting: logits must be [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
         raise ValueError(f"TopKRouting: logits must be float32 (router math is fp32), got {logits.dtype}")
     num_experts = logits.shape[1]
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"TopKRouting: k must be in 1..E={num_experts}, got {k}")
-    SPEC.attr("scoring").coerce(scoring, OP_NAME)
+    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring)
+    if selection_bias is not None:
+        if tuple(selection_bias.shape) != (num_experts,) or selection_bias.dtype != torch.float32:
+            raise ValueError(
+                f"TopKRouting: selection_bias must be float32 [E={num_experts}], got {selection_bias.dtype} "
+                f"{list(selection_bias.shape)} (or pass None for no bias)")
 
 
 def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
 
 
+def selection_scores(
+    scores: torch.Tensor, selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+    group_scoring: str = "top2_sum",
+) -> torch.Tensor:
+    """The scores the experts are chosen by ``[T, E]``: biased, ``-inf`` outside the kept groups."""
+    sel = scores if selection_bias is None else scores + selection_bias  # [T, E]
+    if n_group == 1:
+        return sel
+    num_tokens, num_experts = sel.shape
+    size = num_experts // n_group
+    grouped = sel.view(num_tokens, n_group, size)  # [T, G, S]
+    if group_scoring == "top2_sum":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    else:  # max
+        group_scores = grouped.amax(dim=-1)  # [T, G]
+    # stable descending sort: equal group scores keep the lower group first
+    kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]  # [T, TG]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)  # [T, G]
+    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(num_tokens, num_experts)  # [T, E]
+
+
 def routing_weights(
     logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float
 ) -> torch.Tensor:
-    """Weights of the chosen experts, differentiable in ``logits`` (indices fixed)."""
+    """Weights of the chosen experts, differentiable in ``logits`` (indices fixed).
+
+    The unbiased scores, so the selection bias (which only chooses) never reaches the weights.
+    """
     weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * scale
 
 
-@torch.library.custom_op("moetrt::TopKRouting", mutates_args=())
-def topk_routing(
-    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0
+def _topk_routing(
+    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+    group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to its ``k`` best experts; returns ``(weights f32 [T,k], indices i32 [T,k])``."""
-    _check(logits, k, scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
     scores = _scores(logits, scoring)  # [T, E]
+    sel = selection_scores(scores, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     # A stable descending sort keeps equal scores in expert order, so ties go to the lower
     # index; torch.topk gives no such guarantee.
-    indices = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]  # [T, K]
+    indices = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]  # [T, K]
     weights = routing_weights(logits, indices, scoring, normalize, scale)
     return weights.contiguous(), indices.to(torch.int32).contiguous()
 
 
+# The schema comes from SPEC (TORCH_ARGS with the spec's kinds and defaults);
+# tests/moetrt/test_op_spec.py checks it and the Python signatures against SPEC.
+topk_routing = torch.library.custom_op(
+    "moetrt::TopKRouting", _topk_routing, mutates_args=(),
+    schema=SPEC.torch_schema(TORCH_ARGS, "(Tensor, Tensor)", TORCH_KINDS),
+)
+
+
 @topk_routing.register_fake
-def _(logits, k, scoring="softmax", normalize=False, scale=1.0):
-    _check(logits, k, scoring)
+def _(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
+      group_scoring="top2_sum"):
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
     num_tokens = logits.shape[0]
     return logits.new_empty(num_tokens, k), logits.new_empty(num_tokens, k, dtype=torch.int32)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _k, scoring, normalize, scale = inputs
+    logits, _k, scoring, normalize, scale = inputs[:5]
     ctx.save_for_backward(logits, output[1])
     ctx.options = (scoring, normalize, scale)
 
@@ -108,25 +194,53 @@ def _backward(ctx, grad_weights, _grad_indices):
         leaf = logits.detach().requires_grad_()
         weights = routing_weights(leaf, indices, *ctx.options)
         (grad_logits,) = torch.autograd.grad(weights, leaf, grad_weights)
-    return grad_logits, None, None, None, None
+    # the selection bias only chooses (indices are piecewise constant in it): no gradient
+    return (grad_logits,) + (None,) * len(TORCH_ARGS)
 
 
 topk_routing.register_autograd(_backward, setup_context=_setup_context)
 
 
+def selection_scores_reference(
+    scores: np.ndarray, selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
+    group_scoring: str = "top2_sum",
+) -> np.ndarray:
+    """:func:`selection_scores` in NumPy, in the dtype of ``scores`` (``-inf`` outside the kept groups)."""
+    sel = np.asarray(scores)
+    if selection_bias is not None:
+        sel = sel + np.asarray(selection_bias, dtype=sel.dtype)
+    if n_group == 1:
+        return sel
+    num_tokens, num_experts = sel.shape
+    grouped = sel.reshape(num_tokens, n_group, num_experts // n_group)  # [T, G, S]
+    ranked = -np.sort(-grouped, axis=-1)  # [T, G, S] descending
+    group_scores = ranked[..., 0] + ranked[..., 1] if group_scoring == "top2_sum" else ranked[..., 0]  # [T, G]
+    kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, :topk_group]  # [T, TG]
+    keep = np.zeros(group_scores.shape, dtype=bool)
+    np.put_along_axis(keep, kept, True, axis=-1)
+    return np.where(keep[:, :, None], grouped, -np.inf).reshape(num_tokens, num_experts)
+
+
 def topk_routing_reference(
-    logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0
+    logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
+    group_scoring: str = "top2_sum",
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
-    SPEC.attr("scoring").coerce(scoring, OP_NAME)
     logits = np.asarray(logits, dtype=np.float64)
+    check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring)
+    if selection_bias is not None and np.shape(selection_bias) != (logits.shape[-1],):
+        raise ValueError(f"TopKRouting: selection_bias must be [E={logits.shape[-1]}], got {list(np.shape(selection_bias))}")
     if scoring == "softmax":
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         scores = shifted / shifted.sum(axis=-1, keepdims=True)
     else:  # sigmoid
         scores = 1.0 / (1.0 + np.exp(-logits))
-    # float32 scores decide ties, as the op does; stable sort of the negation keeps lower index first
-    order = np.argsort(-scores.astype(np.float32), axis=-1, kind="stable")[:, :k]
+    # float32 scores (and the float32 bias and group sums) decide ties, as the op does; a stable sort
+    # of the negation keeps the lower index first
+    bias = None if selection_bias is None else np.asarray(selection_bias, dtype=np.float32)
+    sel = selection_scores_reference(scores.astype(np.float32), bias, n_group, topk_group, group_scoring)
+    order = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(scores, order, axis=-1)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -134,15 +248,68 @@ def topk_routing_reference(
 
 
 # --- ONNX face ---------------------------------------------------------------------------------
-def onnx_schema():
-    """The ``OpSchema`` of ``moetrt::TopKRouting`` (version 1), registered only while exporting."""
-    return SPEC.onnx_schema()
+def onnx_schema(version: int | None = None):
+    """The ``OpSchema`` of ``moetrt::TopKRouting`` (default the newest version), registered only while exporting."""
+    return SPEC.onnx_schema(version)
 
 
-def onnx_function(opset: int):
-    """The model-local ``FunctionProto``: the op in standard ONNX ops, honouring every attribute."""
+def onnx_schemas() -> list:
+    """Every version's ``OpSchema`` (1: logits only, version-1 attributes; 2: selection bias and groups)."""
+    return [SPEC.onnx_schema(v) for v in range(1, SPEC.version + 1)]
+
+
+class RoutingVariant:
+    """What a function body is specialised for: a selection bias input, groups and their scoring.
+
+    The body never compares ``group_scoring`` (TensorRT's parser rejects string Constants): each
+    scoring gets its own body; ``n_group`` and ``topk_group`` stay int attribute references.
+    """
+
+    def __init__(self, selection_bias: bool = False, n_group: int = 1, group_scoring: str = "top2_sum"):
+        self.selection_bias = bool(selection_bias)
+        self.grouped = n_group > 1
+        self.group_scoring = SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME) if self.grouped else None
+
+    @property
+    def key(self) -> tuple[bool, bool, str | None]:
+        return self.selection_bias, self.grouped, self.group_scoring
+
+    @property
+    def name(self) -> str:
+        """``""`` for the version-1 body, else e.g. ``selection_bias+groups_top2_sum``."""
+        parts = ["selection_bias"] * self.selection_bias + [f"groups_{self.group_scoring}"] * self.grouped
+        return "+".join(parts)
+
+    @property
+    def inputs(self) -> list[str]:
+        return SPEC.input_names if self.selection_bias else ["logits"]
+
+
+def onnx_variant(node) -> RoutingVariant:
+    """The body variant an onnx-ir ``TopKRouting`` node needs (its selection bias input and groups)."""
+    attrs = SPEC.read_ir_attributes(node)
+    inputs = list(node.inputs)
+    i = SPEC.input_index("selection_bias")
+    return RoutingVariant(i < len(inputs) and inputs[i] is not None, attrs["n_group"], attrs["group_scoring"])
+
+
+def node_version(node) -> int:
+    """The ``moetrt`` domain version an onnx-ir ``TopKRouting`` node needs (``OpSpec.version_for``)."""
+    inputs = list(node.inputs)
+    present = tuple(name for i, name in enumerate(SPEC.input_names) if i < len(inputs) and inputs[i] is not None)
+    return SPEC.version_for(SPEC.read_ir_attributes(node), present)
+
+
+def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: str = ""):
+    """The model-local ``FunctionProto``: the op in standard ONNX ops, honouring every attribute.
+
+    ``variant`` None (or one with no selection bias and no groups) gives the version-1 body, byte
+    for byte; otherwise the body takes the bias input and/or groups (any ``n_group`` > 1 and
+    ``topk_group``, read from the node's attributes; ``group_scoring`` fixed by the variant).
+    """
     from moetrt.ops._onnx import BOOL, INT32, Body, make_function
 
+    variant = variant or RoutingVariant()
     b = Body("tkr_")
     softmax = b.op("Softmax", "logits", axis=-1)  # [T, E]
     # 1 / (1 + exp(-x)) rather than Sigmoid: ONNX Runtime's CPU Sigmoid is exact to ~1e-7 absolute but
@@ -152,16 +319,52 @@ def onnx_function(opset: int):
     use_sigmoid = b.op("Equal", b.attr_const("scoring", "string"), b.const("sigmoid", dtype=object))
     scores = b.op("Where", use_sigmoid, sigmoid, softmax)  # [T, E]
     k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
-    # ONNX TopK: sorted descending, equal values keep the lower index first
-    top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    if not variant.name:
+        # ONNX TopK: sorted descending, equal values keep the lower index first
+        top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    else:
+        sel = b.op("Add", scores, "selection_bias") if variant.selection_bias else scores  # [T, E]
+        if variant.grouped:
+            sel = _grouped_selection(b, sel, variant.group_scoring)  # [T, E], -inf outside the kept groups
+        _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+        top = b.op("GatherElements", scores, top_idx, axis=-1)  # [T, K] the unbiased scores
     normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
     normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
     weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
     b.rename_output(weights, "weights")
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
+    since = 2 if variant.name else 1
     return make_function(
-        OP_NAME, b, ["logits"], ["weights", "indices"], opset,
+        OP_NAME, b, variant.inputs, ["weights", "indices"], opset,
         attributes=[a.name for a in SPEC.attrs if a.required],
-        attribute_defaults=SPEC.defaults,
-        doc="moetrt::TopKRouting in standard ONNX ops",
+        attribute_defaults={a.name: a.default for a in SPEC.attrs if not a.required and a.since <= since},
+        doc="moetrt::TopKRouting in standard ONNX ops", overload=overload,
     )
+
+
+def _grouped_selection(b, sel: str, group_scoring: str) -> str:
+    """``sel`` [T, E] with ``-inf`` outside each row's ``topk_group`` best of ``n_group`` groups."""
+    from onnx import numpy_helper
+
+    from moetrt.ops._onnx import BOOL
+    n_group = b.op("Reshape", b.attr_const("n_group", "int"), b.const([1]))  # [1]
+    size = b.op("Div", b.op("Shape", sel, start=1, end=2), n_group)  # [1] E / n_group (no -1: T may be 0)
+    grouped_shape = b.op("Concat", b.op("Shape", sel, start=0, end=1), n_group, size, axis=0)  # [3]
+    grouped = b.op("Reshape", sel, grouped_shape)  # [T, G, S]
+    if group_scoring == "top2_sum":
+        top2, _ = b.op("TopK", grouped, b.const([2]), axis=-1, largest=1, sorted=1, outputs=2)  # [T, G, 2] x2
+        group_scores = b.op("ReduceSum", top2, b.const([-1]), keepdims=0)  # [T, G]
+    else:  # max
+        group_scores = b.op("ReduceMax", grouped, b.const([-1]), keepdims=0)  # [T, G]
+    topk_group = b.op("Reshape", b.attr_const("topk_group", "int"), b.const([1]))  # [1]
+    # equal group scores keep the lower group first (TopK's rule), as the torch op's stable sort
+    _, kept = b.op("TopK", group_scores, topk_group, axis=-1, largest=1, sorted=1, outputs=2)  # [T, TG]
+    # a one-hot of the kept groups: 1 where kept (ScatterElements without reduction, which the
+    # TensorRT parser accepts)
+    ones = b.op("Expand", b.const(1.0, dtype=np.float32), b.op("Shape", kept))  # [T, TG]
+    zeros = b.op("ConstantOfShape", b.op("Shape", group_scores),
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))  # [T, G]
+    mask = b.op("ScatterElements", zeros, kept, ones, axis=1)  # [T, G]
+    keep = b.op("Cast", b.op("Unsqueeze", mask, b.const([-1])), to=BOOL)  # [T, G, 1]
+    masked = b.op("Where", keep, grouped, b.const(-np.inf, dtype=np.float32))  # [T, G, S]
+    return b.op("Reshape", masked, b.op("Shape", sel))  # [T, E]

@@ -33,6 +33,7 @@ from moetrt.ops._onnx import DOMAIN
 from moetrt.ops.plugins import BIAS_FLAGS, PLUGIN_ATTRIBUTES, PLUGIN_MODES, PLUGIN_NAMESPACE
 from moetrt.ops.plugins.aot import SPARSE_MOE_PLUGINS, sparse_moe_attributes, sparse_moe_plan
 from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
+from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING_SPEC
 
 from .._common import FLOAT_TYPES, PassResult, refusal
 
@@ -226,6 +227,22 @@ def _aot_refusal(node: ir.Node) -> str | None:
     return None if reason is None else f"{reason}; build with plugins='jit' or for ONNX Runtime"
 
 
+def _routing_refusal(node: ir.Node) -> str | None:
+    """Why the TopKRouting plugin cannot compute this node, or None (reject by default: its kernel takes
+    the plugin attributes only, so a selection bias input or groups, version 2, are refused)."""
+    values = {name: value for name, value in _attribute_values(node).items() if name != "aot"}
+    try:
+        resolved = TOPK_ROUTING_SPEC.resolve(values)
+    except ValueError as exc:
+        return f"{exc}; re-export the model"
+    what = "the TopKRouting plugin"
+    reason = refusal(TOPK_ROUTING_SPEC, values, {n: (resolved[n],) for n in PLUGIN_ATTRIBUTES["TopKRouting"]}, what)
+    bias = TOPK_ROUTING_SPEC.input_index("selection_bias")
+    if reason is None and bias < len(node.inputs) and node.inputs[bias] is not None:
+        reason = f"{what} does not implement the selection_bias input"
+    return None if reason is None else f"{reason} (TopKRouting version 2); build for ONNX Runtime"
+
+
 def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> None:
     """One SparseMoE node -> MoEAlign, MoEGateUp, MoEDown, MoECombine (AOT plugins, one kernel each)."""
     x, weights, indices, w_gate_up, w_down = node.inputs[:5]
@@ -290,6 +307,7 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
     result = PassResult(f"prepare_for_tensorrt_{plugins}")
     casts = _cast_pow_exponents(graph)
     decomposed = 0
+    skipped_ops: dict[str, str] = {}  # skipped node -> its op type (SparseMoE where not named)
     for node in list(graph):
         if node.domain != DOMAIN or node.op_type not in ("TopKRouting", "SparseMoE"):
             continue
@@ -302,6 +320,12 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
         missing = [a for a in PLUGIN_ATTRIBUTES[node.op_type] if a not in values]
         if missing:
             raise MoetrtError(f"{node.op_type} node {node.name!r} lacks attributes {missing}; re-export the model")
+        if node.op_type == "TopKRouting":
+            reason = _routing_refusal(node)
+            if reason is not None:  # reject by default: left as it is, reported with the problems below
+                result.skipped[node.name or "TopKRouting"] = reason
+                skipped_ops[node.name or "TopKRouting"] = "TopKRouting"
+                continue
         if plugins == "aot" and node.op_type == "SparseMoE":
             reason = _aot_refusal(node)
             if reason is not None:  # reject by default: left as it is, reported with the problems below
@@ -315,7 +339,7 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
     if DOMAIN not in model.opset_imports:
         model.opset_imports[DOMAIN] = 1
     renamed = _name_nodes(graph)
-    problems = [f"SparseMoE node {name!r}: {why}" for name, why in result.skipped.items()]
+    problems = [f"{skipped_ops.get(name, 'SparseMoE')} node {name!r}: {why}" for name, why in result.skipped.items()]
     problems += tensorrt_problems(model, plugins)
     if problems:
         shown = "\n  ".join(problems[:12])

@@ -30,9 +30,23 @@ def test_non_default_keeps_version_1_attributes_and_only_changed_new_ones():
         "activation": "clamped_swiglu", "limit": 3.0, "plugin_namespace": "moetrt"}
     # alpha and limit do not apply to silu: never written there
     assert SMOE.non_default({"activation": "silu", "alpha": 2.0, "limit": 1.0}) == base
-    # every TopKRouting attribute is on version-1 nodes
-    assert TKR.non_default({"k": 2}) == {"k": 2, "scoring": "softmax", "normalize": 0, "scale": 1.0,
-                                          "plugin_namespace": "moetrt"}
+    # every version-1 TopKRouting attribute is on version-1 nodes; version-2 ones only where not default
+    v1 = {"k": 2, "scoring": "softmax", "normalize": 0, "scale": 1.0, "plugin_namespace": "moetrt"}
+    assert TKR.non_default({"k": 2}) == v1
+    assert TKR.non_default({"k": 2, "n_group": 1, "topk_group": 1, "group_scoring": "top2_sum"}) == v1
+    assert TKR.non_default({"k": 2, "n_group": 4, "topk_group": 2}) == {
+        "k": 2, "scoring": "softmax", "normalize": 0, "scale": 1.0, "n_group": 4, "topk_group": 2,
+        "plugin_namespace": "moetrt"}
+
+
+def test_version_for_is_1_without_version_2_options():
+    assert TKR.version_for({"k": 2}) == 1
+    assert TKR.version_for({"k": 2, "n_group": 1, "topk_group": 1, "group_scoring": "top2_sum"}) == 1
+    assert TKR.version_for({"k": 2}, ("logits",)) == 1
+    assert TKR.version_for({"k": 2}, ("logits", "selection_bias")) == 2
+    assert TKR.version_for({"k": 2, "n_group": 2}) == 2
+    assert TKR.version_for({"k": 2, "group_scoring": "max"}) == 2
+    assert SMOE.version_for({"activation": "clamped_swiglu"}, ("x", "b_down")) == 1
 
 
 @pytest.mark.parametrize("spec,values,match", [
@@ -44,6 +58,8 @@ def test_non_default_keeps_version_1_attributes_and_only_changed_new_ones():
     (TKR, {}, r"'k' is required"),
     (TKR, {"k": 2, "normalize": 2}, r"'normalize' must be one of \(0, 1\)"),
     (TKR, {"k": 2, "scoring": "relu"}, r"'scoring' must be one of"),
+    (TKR, {"k": 2, "group_scoring": "mean"}, r"'group_scoring' must be one of \('top2_sum', 'max'\)"),
+    (TKR, {"k": 2, "n_group": 2.0}, r"'n_group' must be int"),
 ])
 def test_resolve_rejects_bad_values(spec, values, match):
     with pytest.raises(ValueError, match=match):
@@ -62,6 +78,8 @@ def test_unsupported_rejects_by_default_and_skips_attributes_that_do_not_apply()
     assert reason == "Y does not implement limit=2.0 (only the default 7.0)"
     assert TKR.unsupported({"k": 2, "scoring": "sigmoid"}, {"k": range(1, 9), "scoring": ("softmax",)}, "Z") == (
         "Z implements scoring in ('softmax',), the node has scoring='sigmoid'")
+    assert TKR.unsupported({"k": 2, "n_group": 4, "topk_group": 2}, {"k": range(1, 9)}, "Z") == (
+        "Z does not implement n_group=4 (only the default 1)")
 
 
 def test_defaults_for_leaves_out_attributes_that_do_not_apply():
@@ -78,13 +96,33 @@ def test_onnx_schema_is_the_spec(module):
 
     spec, schema = module.SPEC, module.onnx_schema()
     assert (schema.name, schema.domain, schema.since_version) == (spec.name, spec.domain, spec.version)
-    assert [p.name for p in schema.inputs] == spec.input_names
+    _assert_schema_is_the_spec(spec, schema, spec.version)
+
+
+def test_topk_routing_version_1_schema_has_only_version_1_members():
+    schemas = topk_routing_mod.onnx_schemas()
+    assert [s.since_version for s in schemas] == [1, 2]
+    v1 = schemas[0]
+    assert [p.name for p in v1.inputs] == ["logits"]
+    assert set(v1.attributes) == {"k", "scoring", "normalize", "scale", "plugin_namespace"}
+    _assert_schema_is_the_spec(TKR, v1, 1)
+    with pytest.raises(ValueError, match=r"version must be in 1..2, got 3"):
+        TKR.onnx_schema(3)
+
+
+def _assert_schema_is_the_spec(spec, schema, version):
+    from onnx import helper
+    from onnx.defs import OpSchema
+
+    inputs = [p for p in spec.inputs if p.since <= version]
+    attrs = [a for a in spec.attrs if a.since <= version]
+    assert [p.name for p in schema.inputs] == [p.name for p in inputs]
     optional = OpSchema.FormalParameterOption.Optional
-    assert [p.option == optional for p in schema.inputs] == [p.optional for p in spec.inputs]
+    assert [p.option == optional for p in schema.inputs] == [p.optional for p in inputs]
     assert [p.name for p in schema.outputs] == spec.output_names
     kinds = {int: OpSchema.AttrType.INT, float: OpSchema.AttrType.FLOAT, str: OpSchema.AttrType.STRING}
-    assert set(schema.attributes) == {a.name for a in spec.attrs}
-    for a in spec.attrs:
+    assert set(schema.attributes) == {a.name for a in attrs}
+    for a in attrs:
         got = schema.attributes[a.name]
         assert got.type == kinds[a.kind] and got.required == a.required, a.name
         if a.always:  # the exporter writes these defaults onto every node
@@ -104,9 +142,13 @@ def test_function_bodies_take_their_defaults_from_the_spec(activation, gate_up_b
     assert list(got) == list(want)
     for name, value in want.items():
         assert got[name] == (value.encode() if isinstance(value, str) else pytest.approx(value)), name
-    fn = topk_routing_mod.onnx_function(20)
+    fn = topk_routing_mod.onnx_function(20)  # the version-1 body declares the version-1 defaults only
     assert list(fn.attribute) == [a.name for a in TKR.attrs if a.required]
+    assert [a.name for a in fn.attribute_proto] == [a.name for a in TKR.attrs if not a.required and a.since == 1]
+    assert list(fn.input) == ["logits"]
+    fn = topk_routing_mod.onnx_function(20, topk_routing_mod.RoutingVariant(True, 4, "max"))
     assert [a.name for a in fn.attribute_proto] == list(TKR.defaults)
+    assert list(fn.input) == TKR.input_names
 
 
 # --- torch op and Python signatures ---------------------------------------------------------------
@@ -116,9 +158,16 @@ def _torch_args(op):
 
 
 def _want_torch_args(spec, attrs, kinds):
-    out = [(p.name, "Optional[Tensor]" if p.optional else "Tensor",
-            None if p.optional else inspect.Parameter.empty) for p in spec.inputs]
+    """Inputs first unless ``attrs`` places them (TopKRouting's selection_bias after the version-1 attributes)."""
+    def tensor(p):
+        return (p.name, "Optional[Tensor]" if p.optional else "Tensor", None if p.optional else inspect.Parameter.empty)
+
+    inputs = {p.name: p for p in spec.inputs}
+    out = [tensor(p) for p in spec.inputs if p.name not in attrs]
     for name in attrs:
+        if name in inputs:
+            out.append(tensor(inputs[name]))
+            continue
         a = spec.attr(name)
         out.append((name, kinds.get(name, a.kind.__name__), inspect.Parameter.empty if a.required else a.default))
     return out
@@ -132,8 +181,11 @@ def test_sparse_moe_torch_schema_is_the_spec():
 
 def test_topk_routing_torch_schema_is_the_spec():
     # normalize is an int 0/1 attribute in ONNX and a bool in torch; its default 0 == False
-    assert _torch_args(torch.ops.moetrt.TopKRouting) == _want_torch_args(
-        TKR, ("k", "scoring", "normalize", "scale"), {"normalize": "bool"})
+    args = topk_routing_mod.TORCH_ARGS
+    assert args[:4] == ("k", "scoring", "normalize", "scale")  # existing callers pass these by position
+    assert _torch_args(torch.ops.moetrt.TopKRouting) == _want_torch_args(TKR, args, {"normalize": "bool"})
+    assert str(torch.ops.moetrt.TopKRouting.default._schema) == "moetrt::TopKRouting" + TKR.torch_schema(
+        args, "(Tensor, Tensor)", {"normalize": "bool"}).replace("=1.0", "=1.")  # torch prints 1.0 as 1.
 
 
 @pytest.mark.parametrize("fn", [
@@ -147,9 +199,10 @@ def test_sparse_moe_python_signatures_are_the_spec(fn):
 
 
 @pytest.mark.parametrize("fn", [
-    topk_routing_mod.topk_routing_reference, _translation_table()[torch.ops.moetrt.TopKRouting.default],
-], ids=["reference", "onnx translation"])
+    topk_routing_mod.topk_routing_reference, topk_routing_mod._topk_routing,
+    _translation_table()[torch.ops.moetrt.TopKRouting.default],
+], ids=["reference", "custom_op", "onnx translation"])
 def test_topk_routing_python_signatures_are_the_spec(fn):
     params = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
-    want = [(name, default) for name, _, default in _want_torch_args(TKR, ("k", "scoring", "normalize", "scale"), {})]
+    want = [(name, default) for name, _, default in _want_torch_args(TKR, topk_routing_mod.TORCH_ARGS, {})]
     assert params == want

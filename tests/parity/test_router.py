@@ -124,3 +124,54 @@ def test_mixed_batch_counts_and_merge():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="different shapes"):
         classify(_logits(SCORES[:1]), [[0, 1]], [[0, 1, 2]], scoring="softmax", gap_tolerance=GAP)
+
+
+# --- version-2 routing: the gap is measured on the selection scores ---------------------------------
+def test_near_tie_is_measured_on_the_biased_selection_scores():
+    logits = _logits([[0.5, 0.3, 0.19, 0.01]])  # scores: a clear 0.11 gap between experts 1 and 2
+    bias = np.array([0.0, 0.0, 0.11 - 4e-6, 0.0], np.float32)  # the bias brings expert 2 within 4e-6 of expert 1
+    _, ref = topk_routing_reference(logits, 2, selection_bias=bias)
+    assert ref.tolist() == [[0, 1]]
+    assert classify(logits, ref, [[0, 2]], scoring="softmax", gap_tolerance=GAP)[0].tolist() == [FAILURE]
+    status, gaps = classify(logits, ref, [[0, 2]], scoring="softmax", gap_tolerance=GAP, selection_bias=bias)
+    assert status.tolist() == [NEAR_TIE] and gaps[0] < GAP
+    # and a bias that opens a gap the scores alone do not have makes a swap a failure
+    tied = _logits([[0.4, 0.3, 0.3, 0.0001]])
+    wide = np.array([0.0, 0.1, 0.0, 0.0], np.float32)
+    assert classify(tied, [[0, 1]], [[0, 2]], scoring="softmax", gap_tolerance=GAP)[0].tolist() == [NEAR_TIE]
+    assert classify(tied, [[0, 1]], [[0, 2]], scoring="softmax", gap_tolerance=GAP,
+                    selection_bias=wide)[0].tolist() == [FAILURE]
+
+
+def test_an_expert_outside_the_kept_groups_is_a_failure_however_close_its_score():
+    # groups {0, 1} and {2, 3}; top-2 sums 0.6 and 0.4: only the first group is kept
+    logits = np.log(np.array([[0.3, 0.3, 0.3 - 1e-6, 0.1 + 1e-6]])).astype(np.float32)
+    options = dict(n_group=2, topk_group=1)
+    _, ref = topk_routing_reference(logits, 1, **options)
+    assert ref.tolist() == [[0]]
+    # within the group, expert 1 ties expert 0: a near-tie; expert 2 ties too but lies in the dropped group
+    assert classify(logits, ref, [[1]], scoring="softmax", gap_tolerance=GAP, **options)[0].tolist() == [NEAR_TIE]
+    assert classify(logits, ref, [[2]], scoring="softmax", gap_tolerance=GAP)[0].tolist() == [NEAR_TIE]
+    assert classify(logits, ref, [[2]], scoring="softmax", gap_tolerance=GAP, **options)[0].tolist() == [FAILURE]
+
+
+def test_layer_selection_reads_the_config_and_the_reference_bias():
+    import torch
+
+    from moetrt.config import MoEConfig
+    from moetrt.model import MoETransformer
+    from moetrt.parity.router import layer_selection
+
+    plain = MoEConfig.from_name("tiny", num_hidden_layers=1)
+    assert layer_selection(plain, 0) == {"scoring": "softmax"}
+    cfg = MoEConfig.from_name("tiny", num_hidden_layers=1, scoring="sigmoid", selection_bias=True, n_group=4,
+                              topk_group=2, group_scoring="max")
+    model = MoETransformer(cfg)
+    with torch.no_grad():
+        model.get_parameter("layers.0.mlp.selection_bias").copy_(torch.arange(8.0))
+    got = layer_selection(cfg, 0, model)
+    assert {k: v for k, v in got.items() if k != "selection_bias"} == {
+        "scoring": "sigmoid", "n_group": 4, "topk_group": 2, "group_scoring": "max"}
+    np.testing.assert_array_equal(got["selection_bias"], np.arange(8.0, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"pass the reference model, whose layers.0.mlp.selection_bias holds it"):
+        layer_selection(cfg, 0)

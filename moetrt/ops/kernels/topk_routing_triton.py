@@ -84,15 +84,28 @@ def topk_routing_kernel(
 
 
 def topk_routing_triton(
-    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0
+    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+    group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``moetrt::TopKRouting`` on the Triton kernel: ``(weights f32 [T, k], indices i32 [T, k])``.
 
     Runs on CUDA tensors, or on CPU tensors when triton runs in its interpreter
     (``TRITON_INTERPRET=1`` set before triton is imported). Arguments are checked as the op
     checks them; nothing here synchronizes with the host, so a CUDA graph can capture it.
+
+    The kernel implements version 1: a selection bias or groups (version 2) raise ValueError
+    naming them, never ignored.
     """
-    _check(logits, k, scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+    unsupported = (["selection_bias"] * (selection_bias is not None) + [f"n_group={n_group}"] * (n_group != 1)
+                   + [f"topk_group={topk_group}"] * (topk_group != 1)
+                   + [f"group_scoring={group_scoring!r}"] * (group_scoring != "top2_sum"))
+    if unsupported:
+        raise ValueError(
+            f"TopKRouting's Triton kernel does not implement {', '.join(unsupported)} (TopKRouting version 2: "
+            "selection bias and groups); run this model's router with the PyTorch op (do not call "
+            "moetrt.ops.kernels.maybe_register_cuda_kernels) or on the CPU")
     check_device(logits)
     num_tokens, num_experts = logits.shape
 

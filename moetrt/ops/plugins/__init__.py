@@ -80,10 +80,20 @@ def _sparse_moe_spec_names() -> tuple[tuple[str, ...], dict[str, str]]:
 
 # SPARSE_MOE_ATTRIBUTES: ("activation", "alpha", "limit"); BIAS_FLAGS: {"b_gate_up": "has_b_gate_up", ...}
 SPARSE_MOE_ATTRIBUTES, BIAS_FLAGS = _sparse_moe_spec_names()
+
+
+def _topk_routing_spec_names() -> tuple[str, ...]:
+    """TopKRouting's version-1 attributes (all but plugin_namespace): what its kernel takes. Version-2 nodes
+    (a selection bias, groups) are refused by ``prepare_for_tensorrt`` with the reason."""
+    from moetrt.ops.topk_routing import SPEC
+
+    return tuple(a.name for a in SPEC.attrs if a.since == 1 and a.name != "plugin_namespace")
+
+
 _GEMM_ATTRIBUTES = ("num_experts", "hidden_size", "ffn", "k", "block_m", "block_n", "block_k", "num_warps",
                     "num_stages", "group_m")
 PLUGIN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "TopKRouting": ("k", "scoring", "normalize", "scale"),
+    "TopKRouting": _topk_routing_spec_names(),  # ("k", "scoring", "normalize", "scale")
     "SparseMoE": (*SPARSE_MOE_ATTRIBUTES, *BIAS_FLAGS.values()),
     "MoEAlign": ("num_experts", "k", "block_m"),
     "MoEGateUp": (*_GEMM_ATTRIBUTES, *SPARSE_MOE_ATTRIBUTES, BIAS_FLAGS["b_gate_up"]),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -220,6 +221,41 @@ def test_topk_routing_rejects_what_the_op_rejects():
         topk_routing_triton(torch.zeros(3, 8), 9)
     with pytest.raises(ValueError, match="scoring"):
         topk_routing_triton(torch.zeros(3, 8), 2, "relu")
+    with pytest.raises(ValueError, match="n_group"):  # checked as the op checks it, before the kernel's refusal
+        topk_routing_triton(torch.zeros(3, 8), 2, n_group=3)
+
+
+@in_process
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(selection_bias=torch.zeros(8)), "selection_bias"),
+    (dict(n_group=4, topk_group=2), "n_group=4, topk_group=2"),
+    (dict(n_group=2, group_scoring="max"), "n_group=2, group_scoring='max'"),
+])
+def test_topk_routing_refuses_version_2_arguments_by_name(kwargs, named):
+    logits = _distinct_logits(3, 8, seed=1)
+    with pytest.raises(ValueError, match=r"Triton kernel does not implement " + re.escape(named)):
+        topk_routing_triton(logits, 2, "sigmoid", True, 1.0, **kwargs)
+
+
+@in_process
+@pytest.mark.parametrize("kwargs", [
+    dict(selection_bias=torch.linspace(-0.3, 0.4, 8)),
+    dict(n_group=4, topk_group=2),
+    dict(selection_bias=torch.linspace(0.5, -0.2, 8), n_group=2, topk_group=1, group_scoring="max"),
+], ids=["bias", "groups", "bias-groups-max"])
+def test_topk_routing_cuda_wrapper_runs_version_2_on_the_composite(kwargs):
+    """The wrapper CUDA dispatch calls takes the op's PyTorch composite for version-2 calls: the reference's result."""
+    logits = _distinct_logits(37, 8, seed=2)
+    weights, indices = _topk_routing_cuda(logits, 3, "sigmoid", True, 2.5, **kwargs)
+    numpy_kwargs = {name: v.numpy() if isinstance(v, torch.Tensor) else v for name, v in kwargs.items()}
+    ref_w, ref_i = topk_routing_reference(logits.numpy(), 3, "sigmoid", True, 2.5, **numpy_kwargs)
+    assert indices.dtype == torch.int32 and weights.dtype == torch.float32
+    np.testing.assert_array_equal(indices.numpy(), ref_i)  # distinct logits: no ties to break
+    np.testing.assert_allclose(weights.numpy(), ref_w, rtol=1e-6, atol=0)  # fp32 sigmoid vs float64: a few ulps
+    # version-1 calls still take the kernel
+    w1, i1 = _topk_routing_cuda(logits, 3, "sigmoid", True, 2.5)
+    k1, j1 = topk_routing_triton(logits, 3, "sigmoid", True, 2.5)
+    assert torch.equal(i1, j1) and torch.equal(w1, k1)
 
 
 # --- alignment -----------------------------------------------------------------------------------
