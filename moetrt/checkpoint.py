@@ -9,6 +9,11 @@ an error, a derived buffer (``rotary_emb.inv_freq``) a warning.
 :func:`checkpoint_sources` says where each parameter's data lies without reading it (the
 safetensors headers only), for the streaming export: it accepts and rejects exactly what
 :func:`from_pretrained` does, through the same placement rules (``_Placer``).
+
+FP8 block-quantized checkpoints (config.json ``quantization_config.quant_method`` ``"fp8"``:
+DeepSeek-V3, Kimi-K2) are read for every family here, not in the families: each float8_e4m3fn
+tensor is dequantized exactly with its ``*_scale_inv`` companion before the family's transform
+(:mod:`moetrt.fp8`), and ``MoEConfig.extra["source_quantization"]`` records the source format.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 from moetrt import families
 from moetrt.config import PRESETS, MoEConfig
 from moetrt.errors import CheckpointError, UnsupportedModelError
-from moetrt.families import COMPANION, DERIVED, SUPPORTED_MODEL_TYPES, Placement
+from moetrt.families import COMPANION, DERIVED, SKIPPED, SUPPORTED_MODEL_TYPES, Placement
+from moetrt.fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Scheme, is_scale_name, scale_name, scale_shape
 from moetrt.model import MoETransformer, rotary_embedding
 
 __all__ = [
@@ -161,13 +167,18 @@ class _Placer:
     where a tensor goes (:meth:`moetrt.families.Family.place`); this checks shapes and coverage.
     """
 
-    def __init__(self, cfg: MoEConfig, shapes: dict[str, tuple[int, ...]], source: str):
-        self.cfg, self.shapes, self.source = cfg, shapes, source
+    def __init__(self, cfg: MoEConfig, shapes: dict[str, tuple[int, ...]], source: str, fp8: FP8Scheme | None = None):
+        self.cfg, self.shapes, self.source, self.fp8 = cfg, shapes, source, fp8
+        # FP8 checkpoints: scale name -> (its shape, dtype); scale name -> (the shape it must have, weight, its shape)
+        self.fp8_scales: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.fp8_expected: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]] = {}
+        self.fp8_skipped: set[str] = set()  # scales of skipped FP8 tensors
         self.family = families.get(cfg.model_type)
         self.filled: set[str] = set()
         self.filled_parts: set[tuple[str, int, str]] = set()
         self.unused: list[str] = []
         self.derived: list[str] = []
+        self.skipped: list[str] = []  # tensors transformers does not load either (Family.skipped_reason)
         self.companions: set[str] = set()  # companion tensors seen
         self.needed: dict[str, str] = {}  # companion name -> the tensor whose transform reads it
 
@@ -184,14 +195,37 @@ class _Placer:
         """The placements checkpoint tensor ``raw_name`` fills, or None if it fills none.
 
         A placement with ``expert`` set fills one expert of a stacked ``[E, 2F, D]`` / ``[E, D, F]``
-        parameter (``part``: its gate or up rows; None: all of them).
+        parameter (``part``: its gate or up rows; None: all of them). In an FP8 checkpoint
+        (:mod:`moetrt.fp8`) every scale is a companion and every FP8 tensor is dequantized with its
+        scale before the family's own transform: any family reads FP8 checkpoints.
         """
+        stored_fp8 = dtype in FLOAT8_DTYPES
+        if stored_fp8 and self.fp8 is None:
+            raise CheckpointError(
+                f"{self.source}: tensor {raw_name!r} is stored as {dtype}, but config.json has no quantization_config "
+                "with quant_method 'fp8' to say how to scale it; use the config.json that came with these weights"
+            )
+        if stored_fp8 and dtype != FP8_DTYPE:
+            raise UnsupportedModelError(
+                f"{self.source}: tensor {raw_name!r} is stored as {dtype}; moetrt reads FP8 weights in {FP8_DTYPE} "
+                "(e4m3) only: use the e4m3 release or a bf16 checkpoint"
+            )
+        if self.fp8 is not None and is_scale_name(raw_name):
+            self.companions.add(raw_name)
+            self.fp8_scales[raw_name] = (tuple(shape), dtype)
+            self._check_fp8_scale(raw_name)
+            return None
         where = self.family.place(raw_name, tuple(shape), self.cfg, self.shapes)
         if where is None:
             self.unused.append(raw_name)
             return None
         if where == DERIVED:
             self.derived.append(raw_name)
+            return None
+        if where == SKIPPED:
+            self.skipped.append(raw_name)
+            if stored_fp8:  # its scale goes with it
+                self.fp8_skipped.add(scale_name(raw_name))
             return None
         if where == COMPANION:
             self.companions.add(raw_name)
@@ -216,6 +250,12 @@ class _Placer:
             else:
                 for part in (p.part,) if p.part is not None else _expert_parts(p.key):
                     self.filled_parts.add((p.key, p.expert, part))
+        if stored_fp8 and where:
+            where = self.fp8.placements(where, raw_name)
+            scale = where[0].needs[0]
+            self.needed[scale] = raw_name
+            self.fp8_expected[scale] = (scale_shape(tuple(shape), self.fp8.block), raw_name, tuple(shape))
+            self._check_fp8_scale(scale)
         return where
 
     def finish(self) -> None:
@@ -235,7 +275,8 @@ class _Placer:
                 if len(lacking) < cfg.num_experts * len(_expert_parts(key)):
                     missing[i] = f"{key} ({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''})"
         missing += [f"{need} (read with {by})" for need, by in sorted(self.needed.items()) if need not in self.companions]
-        unused = self.unused + sorted(self.companions - set(self.needed))
+        self.skipped += sorted(self.companions & self.fp8_skipped)
+        unused = self.unused + sorted(self.companions - set(self.needed) - self.fp8_skipped)
         if unused:
             raise CheckpointError(
                 f"{self.source}: {len(unused)} checkpoint tensor(s) have no place in a {cfg.model_type} model "
@@ -246,10 +287,40 @@ class _Placer:
                 f"{self.source}: {len(missing)} tensor(s) the config needs are missing from the checkpoint "
                 f"(first: {', '.join(missing[:5])}); the checkpoint is incomplete or of another architecture"
             )
+        self._finish_fp8()
+        if self.skipped:
+            warnings.warn(
+                f"{self.source}: skipped {len(self.skipped)} tensor(s) ({self.skipped[0]}, ...): "
+                f"{self.family.skipped_reason}"
+            )
         if self.derived:
             warnings.warn(
                 f"{self.source}: ignored {len(self.derived)} derived buffer(s) recomputed from the config (rotary inv_freq)"
             )
+
+    def _check_fp8_scale(self, scale: str) -> None:
+        """Once an FP8 scale and its weight have both been seen: the scale's dtype and its block grid."""
+        if scale not in self.fp8_scales or scale not in self.fp8_expected:
+            return
+        bn, bk = self.fp8.block
+        expected, weight, weight_shape = self.fp8_expected[scale]
+        shape, dtype = self.fp8_scales[scale]
+        if not dtype.is_floating_point or dtype in FLOAT8_DTYPES:
+            raise CheckpointError(
+                f"{self.source}: FP8 scale {scale!r} has dtype {dtype}; expected float32 (one scale per block, "
+                "quantization_config.scale_fmt 'float')"
+            )
+        if shape != expected:
+            raise CheckpointError(
+                f"{self.source}: FP8 scale {scale!r} has shape {shape}, but weight {weight!r} {weight_shape} in "
+                f"blocks of [{bn}, {bk}] needs {expected} ([..., ceil(N/{bn}), ceil(K/{bk})]); "
+                "quantization_config.weight_block_size and the weights disagree"
+            )
+
+    def _finish_fp8(self) -> None:
+        """Record the source format in ``cfg.extra`` (every scale was checked as it met its weight)."""
+        if self.fp8 is not None and self.fp8_expected:  # what the GPU path needs to use the FP8 bytes as they are
+            self.cfg.extra["source_quantization"] = self.fp8.record(len(self.fp8_expected))
 
 
 def _apply(p: Placement, tensor: torch.Tensor, companions: list[torch.Tensor]) -> torch.Tensor:
@@ -259,15 +330,16 @@ def _apply(p: Placement, tensor: torch.Tensor, companions: list[torch.Tensor]) -
     return tensor if p.transform is None else p.transform(tensor, *companions)
 
 
-def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
+def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
+               fp8: FP8Scheme | None = None) -> None:
     """Copy checkpoint tensors into ``model``; every parameter must be filled, every tensor used.
 
     A tensor whose transform reads companions (MXFP4 blocks and their scales) waits until they
-    have been read too.
+    have been read too. ``fp8``: the checkpoint's FP8 scheme (:meth:`FP8Scheme.from_hf`), if any.
     """
     cfg = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
-    placer = _Placer(cfg, {name: tuple(p.shape) for name, p in params.items()}, source)
+    placer = _Placer(cfg, {name: tuple(p.shape) for name, p in params.items()}, source, fp8)
     ffn = cfg.intermediate_size
     companions: dict[str, torch.Tensor] = {}
     waiting: list[tuple[list[Placement], torch.Tensor]] = []
@@ -305,7 +377,7 @@ def load_state(model: MoETransformer, tensors: Iterator[tuple[str, torch.Tensor]
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -452,13 +524,14 @@ def checkpoint_sources(folder: str | os.PathLike) -> tuple[MoEConfig, dict[str, 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; point at a Hugging Face checkpoint folder")
-    cfg = config_from_hf(_read_config_json(folder))
+    hf = _read_config_json(folder)
+    cfg = config_from_hf(hf)
     with torch.device("meta"):
         model = MoETransformer(cfg)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    placer = _Placer(cfg, shapes, str(folder))
+    placer = _Placer(cfg, shapes, str(folder), FP8Scheme.from_hf(hf))
     stored_by_name: dict[str, StoredTensor] = {}
     placed: list[tuple[Placement, StoredTensor]] = []
     for path in _shard_files(folder):
@@ -501,7 +574,7 @@ def _from_transformers(hf_model: Any, dtype: torch.dtype | None) -> MoETransform
     cfg = config_from_hf(hf_cfg)
     model = _empty_model(cfg, dtype or torch.float32)
     state = hf_model.state_dict()
-    load_state(model, iter(state.items()), f"transformers model {type(hf_model).__name__}")
+    load_state(model, iter(state.items()), f"transformers model {type(hf_model).__name__}", FP8Scheme.from_hf(hf_cfg))
     return model.eval()
 
 
@@ -540,9 +613,10 @@ def from_pretrained(
             )
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; point at a Hugging Face checkpoint folder")
-    cfg = config_from_hf(_read_config_json(folder))
+    hf = _read_config_json(folder)
+    cfg = config_from_hf(hf)
     model = _empty_model(cfg, dtype or torch.float32)
-    load_state(model, iter_safetensors(folder), str(folder))
+    load_state(model, iter_safetensors(folder), str(folder), FP8Scheme.from_hf(hf))
     model.source_dir = folder  # where tokenizer files may be found
     model.source = str(source) if str(source) in SHIPPED_PRESETS else str(folder.resolve())
     return model.eval()

@@ -12,12 +12,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS"]
+__all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS", "GROUP_SCORINGS"]
 
 SCORINGS = ("softmax", "sigmoid")
 # the experts' activation, moetrt::SparseMoE's `activation` attribute: silu (SwiGLU) or gpt-oss's
 # clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit)
 ACTIVATIONS = ("silu", "clamped_swiglu")
+# how a group of experts is scored for group-limited routing (TopKRouting's group_scoring)
+GROUP_SCORINGS = ("top2_sum", "max")
 # per-layer attention kinds (transformers' layer_types): full causal, or causal within sliding_window
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # None: no q/k norm; "head": RMSNorm over head_dim per head (Qwen3-MoE);
@@ -52,9 +54,17 @@ class MoEConfig:
     scoring: str = "softmax"
     normalize_topk: bool = True
     routed_scaling_factor: float = 1.0
-    # shared expert beside the routed ones (Qwen2-MoE); 0 = none
+    # DeepSeek-V3 routing (TopKRouting version 2): a learned bias [E] added to the scores for choosing
+    # the experts only (e_score_correction_bias; the weights come from the unbiased scores), and
+    # group-limited choice: the experts form n_group groups, a token picks among the topk_group best
+    # groups, a group scored by the sum of its top-2 biased scores ("top2_sum") or their max ("max")
+    selection_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_scoring: str = "top2_sum"
+    # shared expert beside the routed ones (Qwen2-MoE; DeepSeek's n_shared_experts merged into one); 0 = none
     shared_expert_intermediate_size: int = 0
-    shared_expert_gate: bool = True  # sigmoid(Linear(D, 1)) gate on the shared expert
+    shared_expert_gate: bool = True  # sigmoid(Linear(D, 1)) gate on the shared expert (Qwen2-MoE; not DeepSeek)
     # dense layers among MoE layers (Qwen2/3-MoE): layer i is MoE iff
     # i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
     decoder_sparse_step: int = 1
@@ -69,6 +79,18 @@ class MoEConfig:
     # per layer, "full_attention" or "sliding_attention" (gpt-oss); None: sliding_window (if any) on every layer
     layer_types: tuple[str, ...] | None = None
     attention_sinks: bool = False  # a learned per-head logit in every softmax, dropped after it (gpt-oss)
+    # the leading dims of each head RoPE rotates (partial rotary: GLM-4.5, MiniMax-M2); None: the whole head
+    rotary_dim: int | None = None
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, GLM-4.7-Flash), on when kv_lora_rank is set:
+    # keys and values are expanded from a cached latent [B, P, kv_lora_rank] by kv_b_proj, beside one
+    # rotary key [B, P, qk_rope_head_dim] shared by all heads; q from a rank-q_lora_rank bottleneck (None:
+    # one projection). A head's q.k dim is head_dim = qk_nope_head_dim + qk_rope_head_dim (rotary_dim
+    # = qk_rope_head_dim), its value dim v_head_dim.
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
     rope_theta: float = 1e6
     # RoPE scaling (moetrt.rope: linear, dynamic, yarn, llama3 and their parameters); None: plain RoPE
     rope_scaling: dict[str, Any] | None = None
@@ -101,6 +123,15 @@ class MoEConfig:
                 f"MoEConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.kv_lora_rank is not None:
+            self._check_mla()
+        else:
+            stray = [n for n in ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if getattr(self, n) is not None]
+            if stray:
+                raise ValueError(
+                    f"MoEConfig.{stray[0]} is set but kv_lora_rank is None; latent attention needs kv_lora_rank "
+                    "(or leave the latent-attention fields None)"
+                )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -108,13 +139,21 @@ class MoEConfig:
                     f"({self.num_attention_heads}); set head_dim explicitly"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim < 2 or self.head_dim % 2:
+        if not self.latent_attention and (self.head_dim < 2 or self.head_dim % 2):
             raise ValueError(f"MoEConfig.head_dim must be an even integer >= 2 (RoPE), got {self.head_dim!r}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"MoEConfig.num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
                 f"got {self.num_experts_per_tok}"
             )
+        if self.rotary_dim is not None and not (
+            isinstance(self.rotary_dim, int) and 2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0
+        ):
+            raise ValueError(
+                f"MoEConfig.rotary_dim must be None (the whole head) or an even integer in 2..head_dim "
+                f"({self.head_dim}), got {self.rotary_dim!r}"
+            )
+        self._check_groups()
         if self.scoring not in SCORINGS:
             raise ValueError(f"MoEConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.activation not in ACTIVATIONS:
@@ -175,7 +214,80 @@ class MoEConfig:
                 "decoder_sparse_step); moetrt is for Mixture-of-Experts models"
             )
 
+    def _check_mla(self) -> None:
+        names = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in names + ("q_lora_rank",) * (self.q_lora_rank is not None):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"MoEConfig.{name} must be a positive integer with latent attention (kv_lora_rank set), got {value!r}"
+                )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"MoEConfig.qk_rope_head_dim must be even (RoPE), got {self.qk_rope_head_dim}")
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.head_dim not in (None, qk):
+            raise ValueError(
+                f"MoEConfig.head_dim ({self.head_dim}) must be qk_nope_head_dim + qk_rope_head_dim ({qk}) with "
+                "latent attention; leave it None"
+            )
+        if self.rotary_dim not in (None, self.qk_rope_head_dim):
+            raise ValueError(
+                f"MoEConfig.rotary_dim ({self.rotary_dim}) must be qk_rope_head_dim ({self.qk_rope_head_dim}) with "
+                "latent attention; leave it None"
+            )
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"MoEConfig.num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
+                f"({self.num_attention_heads}) with latent attention: every head expands its own keys and values"
+            )
+        for name in ("qk_norm", "clip_qkv", "sliding_window", "layer_types"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"MoEConfig.{name} is not supported with latent attention (kv_lora_rank set)")
+        if self.attention_sinks:
+            raise ValueError("MoEConfig.attention_sinks is not supported with latent attention (kv_lora_rank set)")
+        self.head_dim, self.rotary_dim = qk, self.qk_rope_head_dim
+
+    def _check_groups(self) -> None:
+        if self.group_scoring not in GROUP_SCORINGS:
+            raise ValueError(f"MoEConfig.group_scoring must be one of {GROUP_SCORINGS}, got {self.group_scoring!r}")
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive integer (1: no groups), got {value!r}")
+        if self.num_experts % self.n_group:
+            raise ValueError(
+                f"MoEConfig.num_experts ({self.num_experts}) must be a multiple of n_group ({self.n_group})"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"MoEConfig.topk_group ({self.topk_group}) must be in 1..n_group ({self.n_group})")
+        if self.n_group > 1:
+            size = self.num_experts // self.n_group
+            if self.group_scoring == "top2_sum" and size < 2:
+                raise ValueError(
+                    f"MoEConfig.group_scoring 'top2_sum' needs groups of >= 2 experts, got {size} "
+                    f"(num_experts {self.num_experts} / n_group {self.n_group})"
+                )
+            if self.num_experts_per_tok > self.topk_group * size:
+                raise ValueError(
+                    f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts of the "
+                    f"topk_group ({self.topk_group}) groups a token may use ({self.topk_group * size})"
+                )
+
     # --- derived -------------------------------------------------------------------------
+    @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention (DeepSeek's MLA): the cache holds a latent, not keys and values."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of each head RoPE rotates."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.latent_attention else self.head_dim
+
     def is_moe_layer(self, i: int) -> bool:
         return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 

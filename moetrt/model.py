@@ -22,8 +22,9 @@ from moetrt.rope import RotaryEmbedding
 
 __all__ = ["MoETransformer", "MoEOutput", "KVCache", "StaticKVCache"]
 
-# one (key, value) pair per layer, each [B, G, P, Hd]
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+# one tuple per layer holding its state-contract entries (moetrt.state): (key, value) [B, G, P, Hd] each,
+# or with latent attention (latent [B, P, R], rope_key [B, P, Dr])
+KVCache = list[tuple[torch.Tensor, ...]]
 
 
 def _capturing() -> bool:
@@ -121,8 +122,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, H, S, Hd]; cos/sin [B, S, Hd]
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    # x [B, H, S, Hd]; cos/sin [B, S, R] with R <= Hd: the first R dims rotate, the rest pass (partial rotary)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos[:, None] + _rotate_half(x_rot) * sin[:, None], x_pass), dim=-1)
+
+
+def _attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in fp32 softmax; q [B, H, S, Dqk], k [B, H, P+S, Dqk], v [B, H, P+S, Dv]."""
+    batch, _, seq, _ = q.shape
+    scores = (q @ k.transpose(-1, -2)) * scale + mask  # [B, H, S, P+S]
+    if sinks is not None:  # a per-head extra logit that takes probability mass and no value
+        sinks = sinks.float().view(1, -1, 1, 1).expand(batch, -1, seq, 1)  # [B, H, S, 1]
+        probs = torch.softmax(torch.cat((scores.float(), sinks), dim=-1), dim=-1)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v  # [B, H, S, Dv]
 
 
 class Attention(nn.Module):
@@ -172,13 +189,74 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv
         k = k.repeat_interleave(groups, dim=1)  # [B, H, P+S, Hd]
         v = v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask  # [B, H, S, P+S]
-        if self.sinks is not None:  # a per-head extra logit that takes probability mass and no value
-            sinks = self.sinks.float().view(1, -1, 1, 1).expand(batch, -1, seq, 1)  # [B, H, S, 1]
-            probs = torch.softmax(torch.cat((scores.float(), sinks), dim=-1), dim=-1)[..., :-1].to(q.dtype)
+        out = _attend(q, k, v, mask, self.head_dim**-0.5, self.sinks)  # [B, H, S, Hd]
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, H*Hd]
+        return self.o_proj(out), present
+
+
+def latent_softmax_scale(cfg: MoEConfig) -> float:
+    """DeepSeek's attention scale: head_dim^-0.5, times mscale^2 under YaRN with ``mscale_all_dim``."""
+    scale = cfg.head_dim**-0.5
+    scaling = cfg.rope_scaling
+    if scaling and scaling["rope_type"] != "default" and scaling.get("mscale_all_dim"):
+        from moetrt.rope import yarn_mscale
+
+        mscale = yarn_mscale(scaling["factor"], scaling["mscale_all_dim"])
+        scale = scale * mscale * mscale
+    return scale
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): the cache is a latent, keys and values are expanded from it.
+
+    Shapes: R kv_lora_rank, Rq q_lora_rank, N qk_nope_head_dim, Dr qk_rope_head_dim (the rotary
+    part), Dv v_head_dim; a head's q.k dim is N + Dr. Projection names follow transformers.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.n_heads, self.nope, self.rope, self.v_dim = (
+            cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        )
+        self.rank, dim, qk = cfg.kv_lora_rank, cfg.hidden_size, cfg.head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, self.n_heads * qk, bias=False)
         else:
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, H*Hd]
+            self.q_a_proj = nn.Linear(dim, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # transformers' default eps for these norms
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk, bias=False)
+        self.q_lora = cfg.q_lora_rank is not None
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=cfg.attention_out_bias)
+        self.scale = latent_softmax_scale(cfg)
+
+    def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
+        # past: (latent [B, P, R], rope_key [B, P, Dr]), or with cache_position [S] the static buffers [B, C, R|Dr]
+        batch, seq, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)  # [B, S, H*(N+Dr)]
+        q = q.view(batch, seq, self.n_heads, self.nope + self.rope).transpose(1, 2)  # [B, H, S, N+Dr]
+        q_nope, q_rot = q.split((self.nope, self.rope), dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split((self.rank, self.rope), dim=-1)  # [B, S, R], [B, S, Dr]
+        latent = self.kv_a_layernorm(latent)
+        q_rot = apply_rope(q_rot, cos, sin)  # [B, H, S, Dr]
+        k_rot = apply_rope(k_rot[:, None], cos, sin)[:, 0]  # [B, S, Dr]: one rotary key for every head
+        if cache_position is not None:  # static: write in place, attend over all C positions
+            past[0].index_copy_(1, cache_position, latent)
+            past[1].index_copy_(1, cache_position, k_rot)
+            latent, k_rot = past  # [B, C, R], [B, C, Dr]
+        elif past is not None:
+            latent = torch.cat((past[0], latent), dim=1)  # [B, P+S, R]
+            k_rot = torch.cat((past[1], k_rot), dim=1)  # [B, P+S, Dr]
+        present = (latent, k_rot)
+        total = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(batch, total, self.n_heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)  # [B, H, P+S, N], [B, H, P+S, Dv]
+        k = torch.cat((k_nope, k_rot[:, None].expand(-1, self.n_heads, -1, -1)), dim=-1)  # [B, H, P+S, N+Dr]
+        q = torch.cat((q_nope, q_rot), dim=-1)  # [B, H, S, N+Dr]
+        out = _attend(q, k, v, mask, self.scale)  # [B, H, S, Dv]
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)  # [B, S, H*Dv]
         return self.o_proj(out), present
 
 
@@ -215,6 +293,11 @@ class MoEBlock(nn.Module):
         # the clamped SwiGLU's constants (SparseMoE attributes); silu takes none
         self.act_args = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit) if cfg.activation != "silu" else {}
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)  # router
+        # DeepSeek-V3 routing (TopKRouting version 2): a bias [E] on the scores that only chooses, and groups
+        self.selection_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.selection_bias else None
+        self.route_args = {}
+        if cfg.n_group > 1:
+            self.route_args = dict(n_group=cfg.n_group, topk_group=cfg.topk_group, group_scoring=cfg.group_scoring)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_bias)
         self.shared_expert = None
         self.shared_expert_gate = None
@@ -223,11 +306,27 @@ class MoEBlock(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
+    def _apply(self, fn, recurse=True):
+        # the selection bias stays float32 when the model moves to fp16/bf16 (router math is fp32; TopKRouting's spec)
+        kept = None if self.selection_bias is None else self.selection_bias.data
+        super()._apply(fn, recurse)
+        if kept is not None and self.selection_bias.dtype != torch.float32:
+            device = self.selection_bias.device
+            self.selection_bias.data = (torch.empty(kept.shape, dtype=torch.float32, device=device) if kept.is_meta
+                                        else kept.to(device=device, dtype=torch.float32))
+        return self
+
     def forward(self, x: torch.Tensor):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)  # [T, D]
         router_logits = kernels.router_logits(tokens, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
-        weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
+        if self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
+            weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
+        else:
+            weights, indices = topk_routing(
+                router_logits, self.k, self.scoring, self.normalize, self.scale,
+                selection_bias=self.selection_bias, **self.route_args,
+            )  # [T, K] x2
         experts = self.experts
         if experts.gate_up_proj_bias is None and self.activation == "silu":  # the plain call, as exported before
             y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D]
@@ -248,7 +347,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size)
@@ -266,8 +365,8 @@ class DecoderLayer(nn.Module):
 def rotary_embedding(cfg: MoEConfig) -> RotaryEmbedding:
     """The model's RoPE (its buffers are derived from the config, never loaded)."""
     if cfg.rope_scaling is None:
-        return RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-    return RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        return RotaryEmbedding(cfg.rope_dim, cfg.rope_theta)
+    return RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
 
 class MoETransformer(nn.Module):
@@ -283,6 +382,9 @@ class MoETransformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_embedding(config)
+        from moetrt.state import state_contract
+
+        self.state = state_contract(config)  # what each layer carries between steps
 
     @classmethod
     def from_config(cls, config: MoEConfig, seed: int | None = 0, std: float = 0.02) -> "MoETransformer":
@@ -320,6 +422,14 @@ class MoETransformer(nn.Module):
         neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
         return torch.where(allowed, zero, neg).expand(batch, 1, seq, total)
 
+    def _past_length(self, past_key_values: KVCache | None) -> int:
+        """The positions a dynamic cache holds, read along its first growing entry (state contract)."""
+        if not past_key_values:
+            return 0
+        entries = self.state.entries(0)
+        i = next(i for i, e in enumerate(entries) if e.grows)
+        return past_key_values[0][i].shape[entries[i].concat_axis]
+
     def _validate(self, input_ids, attention_mask, position_ids, past_key_values, past, static_cache=None) -> None:
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
@@ -347,16 +457,17 @@ class MoETransformer(nn.Module):
             )
         if past_key_values is not None and len(past_key_values) != cfg.num_hidden_layers:
             raise MoetrtError(
-                f"past_key_values must hold one (key, value) pair per layer ({cfg.num_hidden_layers}), "
+                f"past_key_values must hold one tuple of state ({', '.join(e.name for e in self.state.entries(0))}) per layer "
+                f"({cfg.num_hidden_layers}), "
                 f"got {len(past_key_values)}"
             )
 
     def _validate_static(self, batch, seq, attention_mask, past_key_values, cache: StaticKVCache) -> None:
         if past_key_values is not None:
             raise MoetrtError("pass either past_key_values (a dynamic cache) or static_cache, not both")
-        if cache.batch != batch or len(cache.keys) != self.config.num_hidden_layers:
+        if cache.batch != batch or len(cache.buffers) != self.config.num_hidden_layers:
             raise MoetrtError(
-                f"static_cache holds batch {cache.batch} and {len(cache.keys)} layers; this model and input need "
+                f"static_cache holds batch {cache.batch} and {len(cache.buffers)} layers; this model and input need "
                 f"batch {batch} and {self.config.num_hidden_layers} layers: build it with StaticKVCache(config, {batch}, ...)"
             )
         if seq > cache.capacity:
@@ -391,7 +502,7 @@ class MoETransformer(nn.Module):
                 raise MoetrtError("static_cache needs cache_position: the int64 positions [S] this step writes")
             past = 0  # unknown on the host; positions come from cache_position
         else:
-            past = past_key_values[0][0].shape[2] if past_key_values else 0
+            past = self._past_length(past_key_values)
         if not torch.compiler.is_compiling() and not _capturing():
             self._validate(input_ids, attention_mask, position_ids, past_key_values, past, static_cache)
             if static and (int(cache_position.min()) < 0 or int(cache_position.max()) >= static_cache.capacity):

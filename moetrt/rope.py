@@ -41,7 +41,9 @@ from torch import nn
 
 from moetrt.errors import UnsupportedModelError
 
-__all__ = ["ROPE_TYPES", "RotaryEmbedding", "canonical_rope_scaling", "rope_scaling_from_hf"]
+__all__ = [
+    "ROPE_TYPES", "RotaryEmbedding", "canonical_rope_scaling", "rope_scaling_from_hf", "partial_rotary_factor", "yarn_mscale",
+]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -109,6 +111,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
+
+
+yarn_mscale = _yarn_mscale  # DeepSeek's attention scale reads it too (moetrt.model.latent_softmax_scale)
 
 
 def canonical_rope_scaling(
@@ -210,11 +215,29 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
             f"RoPE parameters per layer type ({sorted(params)}) are not supported; "
             "moetrt applies one RoPE to all layers"
         )
-    params = dict(params)
+    params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}  # read by partial_rotary_factor()
     max_pos = hf.get("max_position_embeddings")
     if params and _rope_type(params) in ("yarn", "llama3") and hf.get("original_max_position_embeddings") is not None:
         params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     return canonical_rope_scaling(params, max_pos)
+
+
+def partial_rotary_factor(hf: dict[str, Any]) -> float:
+    """The share of each head RoPE rotates, as a transformers ``config.json`` says it (1.0: the whole head).
+
+    Read from ``rope_parameters`` / ``rope_scaling`` (v5), a top-level ``partial_rotary_factor``
+    (v4: GLM-4.5), or MiniMax-M2's ``rotary_dim`` over ``head_dim``.
+    """
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = hf.get("partial_rotary_factor")
+    if factor is None and hf.get("rotary_dim") and hf.get("head_dim"):
+        factor = hf["rotary_dim"] / hf["head_dim"]
+    factor = 1.0 if factor is None else float(factor)
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"config.json partial_rotary_factor must be in (0, 1], got {factor!r}")
+    return factor
 
 
 def _default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

@@ -3,9 +3,20 @@
 Every stage reads the names, shapes and dtypes of that state from here (DESIGN.md, "Model
 families, op specs, state")::
 
-    entry    dims                                     dtype   grows along
-    key      (batch, kv_heads, past, head_dim)        model   past (axis 2)
-    value    (batch, kv_heads, past, head_dim)        model   past (axis 2)
+    entry      dims                                     dtype   grows along
+    key        (batch, kv_heads, past, head_dim)        model   past (axis 2)
+    value      (batch, kv_heads, past, head_dim)        model   past (axis 2)
+
+and with multi-head latent attention (``MoEConfig.kv_lora_rank`` set: DeepSeek-V3, Kimi-K2,
+GLM-4.7-Flash), instead of key and value::
+
+    latent     (batch, past, kv_lora_rank)              model   past (axis 1)
+    rope_key   (batch, past, qk_rope_head_dim)          model   past (axis 1)
+
+``latent`` is the normalised compressed key/value (``kv_a_layernorm`` of ``kv_a_proj_with_mqa``'s
+first ``kv_lora_rank`` outputs), ``rope_key`` the rotary key shared by every head, after RoPE: the
+step expands keys and values from them (``kv_b_proj``). For DeepSeek-V3 that is 512 + 64 values
+per token and layer against 2 x 128 heads x (192 | 128) for full keys and values.
 
 A layer's state is a tuple of :class:`StateEntry`. An entry names its dims symbolically:
 ``batch`` (the batch axis), ``past`` (the positions seen so far: the step's output holds
@@ -32,12 +43,13 @@ from typing import Any
 
 __all__ = [
     "BATCH", "PAST", "SIZES", "DTYPE_RULES", "StateEntry", "StateContract", "KEY", "VALUE",
-    "state_entries", "state_contract", "past_name", "present_name", "PAST_PREFIX", "PRESENT_PREFIX",
+    "LATENT", "ROPE_KEY", "state_entries", "state_contract", "past_name", "present_name", "PAST_PREFIX", "PRESENT_PREFIX",
 ]
 
 BATCH, PAST = "batch", "past"
 # symbolic dim -> the MoEConfig field that sizes it
-SIZES = {"kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+SIZES = {"kv_heads": "num_key_value_heads", "head_dim": "head_dim", "kv_lora_rank": "kv_lora_rank",
+         "qk_rope_head_dim": "qk_rope_head_dim"}
 # "model": the artifact's dtype (fp32 | fp16 | bf16); "fp32": float32 whatever the artifact's dtype
 DTYPE_RULES = ("model", "fp32")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
@@ -99,11 +111,14 @@ class StateEntry:
 
 KEY = StateEntry("key", (BATCH, "kv_heads", PAST, "head_dim"))
 VALUE = StateEntry("value", (BATCH, "kv_heads", PAST, "head_dim"))
+LATENT = StateEntry("latent", (BATCH, PAST, "kv_lora_rank"))
+ROPE_KEY = StateEntry("rope_key", (BATCH, PAST, "qk_rope_head_dim"))
 
 
 def state_entries(config) -> list[tuple[StateEntry, ...]]:
-    """What each layer of ``config`` carries between steps, in graph order (today: key and value)."""
-    return [(KEY, VALUE) for _ in range(config.num_hidden_layers)]
+    """What each layer of ``config`` carries between steps, in graph order."""
+    entries = (LATENT, ROPE_KEY) if getattr(config, "kv_lora_rank", None) is not None else (KEY, VALUE)
+    return [entries for _ in range(config.num_hidden_layers)]
 
 
 def _entry_name(entry: StateEntry | str) -> str:
@@ -129,8 +144,10 @@ class StateContract:
 
     @classmethod
     def from_config(cls, config) -> StateContract:
-        sizes = tuple(sorted((dim, int(getattr(config, field))) for dim, field in SIZES.items()))
-        return cls(layers=tuple(tuple(e) for e in state_entries(config)), sizes=sizes)
+        layers = tuple(tuple(e) for e in state_entries(config))
+        used = {d for layer in layers for e in layer for d in e.dims if d in SIZES}
+        sizes = tuple(sorted((dim, int(getattr(config, SIZES[dim]))) for dim in used))
+        return cls(layers=layers, sizes=sizes)
 
     @classmethod
     def key_value(cls, num_layers: int, kv_heads: int, head_dim: int) -> StateContract:

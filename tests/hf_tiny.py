@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
-    "left_padded", "rel_err", "save_mxfp4_checkpoint", "hf_greedy",
+    "left_padded", "rel_err", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
 ]
 
 from moetrt import families as _families
@@ -38,7 +38,8 @@ def hf_tiny_config(variant: str, **overrides: Any):
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Redraw every parameter: normal(0, std); norm weights 1 + normal(0, 0.1). In place."""
+    """Redraw every parameter: normal(0, std); norm weights 1 + normal(0, 0.1); DeepSeek's selection bias
+    buffers normal(0, 2 std). In place."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -47,6 +48,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
                 param.copy_(1.0 + 0.1 * noise)
             else:
                 param.copy_(std * noise)
+        for name, buf in model.named_buffers():
+            # DeepSeek's e_score_correction_bias: a learned buffer; large enough to change which experts win
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(2 * std * torch.randn(buf.shape, generator=generator, dtype=torch.float32))
     return model
 
 
@@ -131,6 +136,75 @@ def save_mxfp4_checkpoint(hf_model, folder, variant: str = "gpt_oss", **override
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
     (folder / "config.json").write_text(json.dumps(config))
     reference.load_state_dict(state)
+    return reference.eval()
+
+
+def fp8_quantized_names(hf_model, tensors, modules_to_not_convert=("lm_head",)) -> list[str]:
+    """The on-disk tensors an FP8 release of ``hf_model`` stores as FP8, as DeepSeek-V3's are laid out.
+
+    transformers' FP8 quantizer converts every plain ``nn.Linear`` and every ``.experts`` module
+    outside ``modules_to_not_convert`` (its default: the output embedding, ``lm_head``): so
+    attention and dense/shared MLP projections and each expert's projections; embeddings, norms,
+    routers (``mlp.gate.weight``, ``e_score_correction_bias``) and ``lm_head`` stay as they are.
+    ``tensors``: name -> tensor as ``hf_model.save_pretrained`` wrote them.
+    """
+    linear = {name for name, module in hf_model.named_modules()
+              if type(module) is torch.nn.Linear and not any(name == s or name.startswith(s + ".") or name.endswith("." + s)
+                                                             for s in modules_to_not_convert)}
+    out = []
+    for name, t in tensors.items():
+        if t.dim() < 2 or not t.dtype.is_floating_point or name.endswith("bias"):
+            continue
+        if (name.endswith(".weight") and name[: -len(".weight")] in linear) or ".experts." in name:
+            out.append(name)
+    return sorted(out)
+
+
+def save_fp8_checkpoint(hf_model, folder, block=(128, 128), modules_to_not_convert=None):
+    """Save ``hf_model`` as DeepSeek-V3 / Kimi-K2 FP8 releases are stored; return what the checkpoint holds.
+
+    Every tensor of :func:`fp8_quantized_names` becomes float8_e4m3fn ``X.weight`` + float32
+    ``X.weight_scale_inv`` in blocks of ``block`` (``quantize_fp8_blocks``, transformers' recipe;
+    partial edge blocks where ``block`` does not divide), and config.json gets the releases'
+    ``quantization_config`` (``modules_to_not_convert`` too, when given). Returns a transformers
+    model (fp32, eager) holding the dequantized weights, dequantized by transformers' own code:
+    its load-time ``Fp8Dequantize`` where the blocks divide the shape, else the partial-block
+    ``_dequantize_fp8_weight`` of its FP8 linear.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
+
+    from moetrt.fp8 import quantize_fp8_blocks, scale_name
+
+    folder = Path(folder)
+    hf_model.save_pretrained(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    dequantized = dict(tensors)
+    for name in fp8_quantized_names(hf_model, tensors, tuple(modules_to_not_convert or ("lm_head",))):
+        q, scale_inv = quantize_fp8_blocks(tensors[name], block)
+        tensors[name], tensors[scale_name(name)] = q, scale_inv
+        rows, cols = q.shape[-2:]
+        if rows % block[0] == 0 and cols % block[1] == 0 or tuple(scale_inv.shape[-2:]) == (1, 1):
+            dequantized[name] = Fp8Dequantize(None)._dequantize_one(q, scale_inv, output_dtype=torch.float32)
+        else:  # transformers' load path derives the block from the grid and cannot read partial blocks
+            dequantized[name] = _dequantize_fp8_weight(q, scale_inv, list(block), torch.float32)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    if modules_to_not_convert is not None:
+        config["quantization_config"]["modules_to_not_convert"] = list(modules_to_not_convert)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with tempfile.TemporaryDirectory() as tmp:  # the dequantized weights, loaded by transformers' own renames
+        hf_model.config.save_pretrained(tmp)
+        save_file(dequantized, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        reference = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
     return reference.eval()
 
 

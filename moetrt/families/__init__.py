@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from moetrt.errors import UnsupportedModelError
 
-from ._base import COMPANION, DERIVED, Family, Placement
+from ._base import COMPANION, DERIVED, SKIPPED, Family, Placement
 
-__all__ = ["Family", "Placement", "DERIVED", "COMPANION", "register", "get", "SUPPORTED_MODEL_TYPES", "tiny_variants"]
+__all__ = ["Family", "Placement", "DERIVED", "COMPANION", "SKIPPED", "register", "get", "SUPPORTED_MODEL_TYPES", "tiny_variants"]
 
 _REGISTRY: dict[str, Family] = {}
 
@@ -44,6 +44,6 @@ def tiny_variants() -> dict[str, tuple[str, dict]]:
 
 
 # the families, in the order they are listed to users
-from . import mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss  # noqa: E402,F401
+from . import mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v3, glm4_moe, minimax_m2  # noqa: E402,F401
 
 SUPPORTED_MODEL_TYPES = tuple(_REGISTRY)

@@ -30,7 +30,7 @@ from moetrt.errors import CheckpointError, UnsupportedModelError
 if TYPE_CHECKING:
     from moetrt.model import MoETransformer
 
-__all__ = ["Family", "Placement", "field", "rope", "rope_theta", "DERIVED", "COMPANION"]
+__all__ = ["Family", "Placement", "field", "rope", "rope_theta", "DERIVED", "COMPANION", "SKIPPED"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class Placement:
 DERIVED = "derived"
 # a tensor that only another tensor's transform reads (MXFP4 scales beside their blocks)
 COMPANION = "companion"
+# a tensor transformers does not load either (DeepSeek's multi-token-prediction layers), skipped with a
+# warning that gives the family's skipped_reason
+SKIPPED = "skipped"
 
 # one projection of one expert, as Mixtral/Qwen/OLMoE checkpoints store them on disk
 _PER_EXPERT = re.compile(
@@ -79,17 +82,29 @@ def field(hf: dict[str, Any], *names: str) -> Any:
     )
 
 
-def rope(hf: dict[str, Any], default_theta: float) -> dict[str, Any]:
+def rope(hf: dict[str, Any], default_theta: float, partial: bool = False) -> dict[str, Any]:
     """``rope_theta`` and ``rope_scaling`` of a config.json (v5 ``rope_parameters`` or v4 ``rope_scaling``).
 
     A scaled RoPE of a type moetrt does not implement raises ``UnsupportedModelError`` naming it
-    (:func:`moetrt.rope.rope_scaling_from_hf`); it is never silently dropped.
+    (:func:`moetrt.rope.rope_scaling_from_hf`); it is never silently dropped. With ``partial`` (a
+    family whose transformers code rotates part of each head), a ``partial_rotary_factor`` below 1
+    becomes ``rotary_dim``; other families refuse it.
     """
-    from moetrt.rope import rope_scaling_from_hf
+    from moetrt.rope import partial_rotary_factor, rope_scaling_from_hf
 
     params = hf.get("rope_parameters") or {}
     theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
-    return dict(rope_theta=theta, rope_scaling=rope_scaling_from_hf(hf))
+    out = dict(rope_theta=theta, rope_scaling=rope_scaling_from_hf(hf))
+    factor = partial_rotary_factor(hf)
+    if factor != 1.0:
+        if not partial:
+            raise UnsupportedModelError(
+                f"RoPE partial_rotary_factor={factor!r} is not supported for {hf.get('model_type')} "
+                "(only 1.0: RoPE over the whole head)"
+            )
+        head_dim = hf.get("head_dim") or field(hf, "hidden_size") // field(hf, "num_attention_heads")
+        out["rotary_dim"] = int(head_dim * factor)  # transformers' int(head_dim * partial_rotary_factor)
+    return out
 
 
 def rope_theta(hf: dict[str, Any], default: float) -> float:
@@ -111,6 +126,8 @@ class Family(ABC):
     all_layers_moe: ClassVar[bool] = True  # no dense layers among the MoE ones
     # MoEConfig options beyond the Mixtral/Qwen/OLMoE set that the family's config.json says
     expresses: ClassVar[frozenset[str]] = frozenset()
+    # why place() skips some tensors (SKIPPED), said in the warning
+    skipped_reason: ClassVar[str] = ""
     # the tiny configs the tests build (variant name -> overrides of tiny_config's defaults)
     tiny_variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -151,10 +168,13 @@ class Family(ABC):
 
     def common_inexpressible(self, cfg: MoEConfig) -> list[str]:
         problems = []
-        if cfg.scoring != "softmax" or cfg.routed_scaling_factor != 1.0:
+        if "scoring" not in self.expresses and (cfg.scoring != "softmax" or cfg.routed_scaling_factor != 1.0):
             problems.append("sigmoid scoring or routed_scaling_factor != 1")
         defaults = MoEConfig.__dataclass_fields__
-        for name in ("activation", "expert_bias", "router_bias", "attention_sinks", "layer_types"):
+        for name in ("activation", "expert_bias", "router_bias", "attention_sinks", "layer_types", "selection_bias",
+                     "n_group", "kv_lora_rank", "rotary_dim"):
+            if name == "rotary_dim" and cfg.latent_attention:
+                continue  # derived from qk_rope_head_dim (kv_lora_rank says the rest)
             if name not in self.expresses and getattr(cfg, name) != defaults[name].default:
                 problems.append(f"{name}={getattr(cfg, name)!r} (the family has {defaults[name].default!r})")
         return problems

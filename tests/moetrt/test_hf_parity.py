@@ -83,7 +83,9 @@ def test_cached_decode_matches(variant, batch, prompt, steps, record_max):
             out = ours(token, past_key_values=cache)
         cache = out.past_key_values
         assert len(cache) == cfg.num_hidden_layers
-        assert cache[0][0].shape == (batch, cfg.num_key_value_heads, step + 1, cfg.head_dim)
+        for layer, state in enumerate(cache):  # what each layer carries, as the state contract says
+            for entry, tensor in zip(ours.state.entries(layer), state, strict=True):
+                assert tuple(tensor.shape) == ours.state.shape(layer, entry, batch, step + 1), entry.name
         _check(record_max, variant, "prefill + decode", out.logits, ref)
 
 

@@ -241,11 +241,27 @@ def test_unsupported_type_names_it_and_the_supported_ones(rope_type):
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "mscale": 1.0},
      "mscale"),
     ({"rope_type": "default", "factor": 2.0}, "factor"),
-    ({"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
 ])
 def test_unknown_parameter_is_refused(scaling, unknown):
     with pytest.raises(UnsupportedModelError, match=unknown):
         rope_scaling_from_hf({"max_position_embeddings": 4096, "rope_parameters": scaling})
+
+
+@pytest.mark.parametrize("hf,rotary_dim", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,
+                          "original_max_position_embeddings": 64}}, 8),
+    ({"partial_rotary_factor": 0.25}, 4),
+    ({"rotary_dim": 8}, 8),
+], ids=["rope_parameters", "top-level", "rotary_dim"])
+def test_partial_rotary_only_where_the_family_rotates_part_of_a_head(hf, rotary_dim):
+    """Partial RoPE becomes rotary_dim for families whose transformers code has it, and is refused elsewhere."""
+    from moetrt.families._base import rope
+
+    hf = {"model_type": "mixtral", "max_position_embeddings": 4096, "hidden_size": 64, "num_attention_heads": 4,
+          "head_dim": 16, **hf}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor"):
+        rope(hf, 1e4)
+    assert rope(hf, 1e4, partial=True)["rotary_dim"] == rotary_dim
 
 
 def test_per_layer_rope_is_refused():

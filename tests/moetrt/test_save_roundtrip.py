@@ -20,8 +20,22 @@ BASE = dict(vocab_size=80, hidden_size=48, num_hidden_layers=3, num_attention_he
 GPT_OSS = dict(normalize_topk=True, router_bias=True, expert_bias=True, activation="clamped_swiglu",
                attention_sinks=True, attention_bias=True, attention_out_bias=True, sliding_window=4,
                layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+DEEPSEEK = dict(scoring="sigmoid", selection_bias=True, normalize_topk=True, routed_scaling_factor=2.5,
+                num_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, shared_expert_intermediate_size=48, shared_expert_gate=False,
+                mlp_only_layers=(0,), dense_intermediate_size=40, num_key_value_heads=4)
+MLA = dict(kv_lora_rank=20, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10)
 # every family with the options it can express
 CONFIGS = {
+    "deepseek_v3": dict(model_type="deepseek_v3", **DEEPSEEK, **MLA, attention_bias=True, attention_out_bias=True,
+                        rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+                                      "original_max_position_embeddings": 32}),
+    "deepseek_v3-noq": dict(model_type="deepseek_v3", **{**DEEPSEEK, "n_group": 1, "topk_group": 1,
+                                                        "normalize_topk": False}, **{**MLA, "q_lora_rank": None}),
+    "glm4_moe": dict(model_type="glm4_moe", **DEEPSEEK, attention_bias=True, qk_norm="head", head_dim=16,
+                     rotary_dim=8),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", **{**DEEPSEEK, "mlp_only_layers": (0, 2)}, **MLA),
+    "minimax_m2": dict(model_type="minimax_m2", scoring="sigmoid", selection_bias=True, normalize_topk=True,
+                       qk_norm="full", head_dim=16, rotary_dim=4),
     "mixtral": dict(model_type="mixtral"),
     "mixtral-tied-window": dict(model_type="mixtral", tie_word_embeddings=True, sliding_window=6, head_dim=16),
     "qwen2_moe": dict(model_type="qwen2_moe", normalize_topk=False, shared_expert_intermediate_size=40,
@@ -71,6 +85,19 @@ INEXPRESSIBLE = {
     "gpt_oss with plain SwiGLU": ("gpt_oss", {**GPT_OSS, "activation": "silu"}),
     "gpt_oss without sinks": ("gpt_oss", {**GPT_OSS, "attention_sinks": False}),
     "gpt_oss with q/k norm": ("gpt_oss", {**GPT_OSS, "qk_norm": "head"}),
+    "mixtral with a selection bias": ("mixtral", dict(selection_bias=True)),
+    "qwen3 with groups": ("qwen3_moe", dict(qk_norm="head", num_experts=8, n_group=4, topk_group=2)),
+    "mixtral with latent attention": ("mixtral", dict(**MLA, num_key_value_heads=4)),
+    "mixtral with partial RoPE": ("mixtral", dict(rotary_dim=6)),
+    "deepseek_v3 with softmax": ("deepseek_v3", {**DEEPSEEK, **MLA, "scoring": "softmax"}),
+    "deepseek_v3 without latent attention": ("deepseek_v3", DEEPSEEK),
+    "deepseek_v3 gated shared expert": ("deepseek_v3", {**DEEPSEEK, **MLA, "shared_expert_gate": True}),
+    "deepseek_v3 dense layer last": ("deepseek_v3", {**DEEPSEEK, **MLA, "mlp_only_layers": (2,)}),
+    "deepseek_v3 group max": ("deepseek_v3", {**DEEPSEEK, **MLA, "group_scoring": "max"}),
+    "glm4_moe with latent attention": ("glm4_moe", {**DEEPSEEK, **MLA}),
+    "glm4_moe with o_proj bias": ("glm4_moe", {**DEEPSEEK, "attention_bias": True, "attention_out_bias": True}),
+    "minimax_m2 with groups": ("minimax_m2", dict(scoring="sigmoid", selection_bias=True, qk_norm="full",
+                                                  num_experts=8, n_group=4, topk_group=2)),
     "unknown family": ("llama", dict()),
 }
 
