@@ -28,7 +28,8 @@ from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC, BodyVariant, gather_t
 from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
 from moetrt.ops.sparse_moe import onnx_schema as sparse_moe_schema
 from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING_SPEC, onnx_function as topk_routing_function
-from moetrt.ops.topk_routing import onnx_schema as topk_routing_schema
+from moetrt.ops.topk_routing import node_version as topk_routing_version, onnx_schemas as topk_routing_schemas
+from moetrt.ops.topk_routing import onnx_variant as topk_routing_variant
 
 from moetrt.dtypes import dtype_name, torch_dtype
 from moetrt.state import StateContract
@@ -43,6 +44,23 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data
 TORCH_DTYPES = {d: torch_dtype(d) for d in DTYPES}
 STAGES = ["load", "trace", "attach functions", "save"]
 STREAMING_STAGES = ["read checkpoint index", "trace", "attach functions", "save"]
+# parameters (by last name part) that stay float32 in every export dtype: TopKRouting takes its
+# selection_bias input in float32 (its op spec; router math is fp32), and fp16 would move near-ties
+FLOAT32_PARAMETERS = frozenset({"selection_bias"})
+
+
+def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of model parameter ``name`` in an export of ``dtype``."""
+    return torch.float32 if name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
+
+
+def _converted(model: MoETransformer, dtype: torch.dtype) -> MoETransformer:
+    """A copy of ``model`` in ``dtype`` (the caller's is left as it was), :data:`FLOAT32_PARAMETERS` in float32."""
+    converted = copy.deepcopy(model).to(dtype)
+    for name, param in model.named_parameters():
+        if parameter_dtype(name, dtype) != dtype:
+            converted.get_parameter(name).data = param.detach().to(parameter_dtype(name, dtype), copy=True)
+    return converted
 
 
 class _ExportWrapper(nn.Module):
@@ -89,11 +107,16 @@ def _translation_table() -> dict:
 
     moetrt_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-    def topk_routing(logits, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0):
-        attrs = TOPK_ROUTING_SPEC.non_default(
-            {"k": k, "scoring": scoring, "normalize": int(normalize), "scale": float(scale),
-             "plugin_namespace": PLUGIN_NAMESPACE})
-        return moetrt_opset.TopKRouting(logits, **attrs, _outputs=2)
+    def topk_routing(logits, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+                     selection_bias=None, n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum"):
+        values = {"k": k, "scoring": scoring, "normalize": int(normalize), "scale": float(scale), "n_group": n_group,
+                  "topk_group": topk_group, "group_scoring": group_scoring, "plugin_namespace": PLUGIN_NAMESPACE}
+        attrs = TOPK_ROUTING_SPEC.non_default(values)
+        inputs = (logits,) if selection_bias is None else (logits, selection_bias)
+        version = TOPK_ROUTING_SPEC.version_for(values, ("selection_bias",) * (selection_bias is not None))
+        if version == DOMAIN_VERSION:  # a version-1 node, emitted as it always was
+            return moetrt_opset.TopKRouting(*inputs, **attrs, _outputs=2)
+        return onnxscript.values.Opset(DOMAIN, version).TopKRouting(*inputs, **attrs, _outputs=2)
 
     def sparse_moe(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation: str = "silu",
                    alpha: float = 1.702, limit: float = 7.0):
@@ -185,7 +208,7 @@ def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, o
     streaming export binds the fake-traced weights there). Returns the ``onnx_ir`` model,
     before the function bodies are attached.
     """
-    with registered_schemas([topk_routing_schema(), sparse_moe_schema()]), warnings.catch_warnings(), \
+    with registered_schemas([*topk_routing_schemas(), sparse_moe_schema()]), warnings.catch_warnings(), \
             _quiet_logger("torch.onnx"), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -214,9 +237,15 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
     counts = {"TopKRouting": 0, "SparseMoE": 0}
     variants = {}  # key -> the variant, in the order the layers first need them
     experts_nodes = []
+    routing_variants, routing_nodes, domain_version = {}, [], DOMAIN_VERSION
     for node in ir_model.graph:
         if node.domain == DOMAIN:
             counts[node.op_type] += 1
+            if node.op_type == "TopKRouting":  # version 2: a selection bias and/or groups
+                routing = topk_routing_variant(node)
+                routing_variants.setdefault(routing.key, routing)
+                routing_nodes.append((node, routing))
+                domain_version = max(domain_version, topk_routing_version(node))
             if node.op_type == "SparseMoE":
                 variant = onnx_variant(node)
                 variants.setdefault(variant.key, variant)
@@ -231,7 +260,9 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
                 gather_below = gather_threshold(num_experts, expert_bytes)
             break
     mixed = len(variants) > 1
-    protos = [topk_routing_function(opset)]
+    mixed_routing = len(routing_variants) > 1
+    protos = [topk_routing_function(opset, r, overload=r.name if mixed_routing else "")
+              for r in list(routing_variants.values()) or [None]]  # no TopKRouting node: the version-1 body
     for variant in list(variants.values()) or [BodyVariant()]:  # no SparseMoE node: the version-1 body
         protos.append(sparse_moe_function(
             opset, num_experts, gather_below, activation=variant.activation, gate_up_bias=variant.gate_up_bias,
@@ -240,10 +271,14 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
         for node, variant in experts_nodes:
             node.overload = variant.name
         ir_model.ir_version = max(ir_model.ir_version, 10)  # overloads of functions need IR version 10
+    if mixed_routing:
+        for node, routing in routing_nodes:
+            node.overload = routing.name
+        ir_model.ir_version = max(ir_model.ir_version, 10)
     for proto in protos:
         function = ir.serde.deserialize_function(proto)
         ir_model.functions[function.identifier()] = function
-    ir_model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    ir_model.opset_imports[DOMAIN] = domain_version  # 1 unless a node uses a version-2 option
     return counts
 
 
@@ -306,7 +341,7 @@ def onnx_from_torch(
         if not isinstance(model, MoETransformer):
             raise UnsupportedModelError(f"expected a moetrt.MoETransformer, got {type(model).__name__}")
         if model.dtype != torch_dtype:
-            model = copy.deepcopy(model).to(torch_dtype)  # the caller's model is left as it was
+            model = _converted(model, torch_dtype)  # the caller's model is left as it was
         prepare = None
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
@@ -369,7 +404,7 @@ def onnx_from_torch(
             "config": cfg.to_dict(),
             "export": {
                 "target": "canonical", "dtype": dtype, "opset": ir_model.opset_imports[""],
-                "domain": {DOMAIN: DOMAIN_VERSION}, "router_outputs": router_outputs,
+                "domain": {DOMAIN: ir_model.opset_imports[DOMAIN]}, "router_outputs": router_outputs,
                 "external_data": use_external, "nodes": counts,
             },
             "io": spec.to_dict(),

@@ -32,6 +32,8 @@ import torch
 from moetrt.checkpoint import ParamSource
 from moetrt.dtypes import from_torch, onnx_elem_type
 
+from .onnx_from_torch import parameter_dtype
+
 __all__ = ["StreamedTensor", "bind_sources", "fold_streamed_transposes", "fake_model", "to_ir_tensor", "EAGER_ELEMENTS"]
 
 # initializers up to this many elements are read at once: onnxscript's constant folder reads
@@ -130,6 +132,11 @@ def fake_model(cfg, dtype: torch.dtype):
                                                and name not in module._non_persistent_buffers_set)
             if cfg.tie_word_embeddings:
                 model.lm_head.weight = model.embed_tokens.weight
+            for name, param in list(model.named_parameters()):  # the few kept float32 in every export dtype
+                if parameter_dtype(name, dtype) != dtype:
+                    module_name, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(
+                        torch.zeros(param.shape, dtype=parameter_dtype(name, dtype)), requires_grad=False))
     finally:
         torch.set_default_dtype(default)
     return model.eval()
@@ -150,14 +157,14 @@ def bind_sources(ir_model: ir.Model, cfg, sources: dict[str, ParamSource], dtype
         if param == "lm_head.weight" and cfg.tie_word_embeddings:
             param = "embed_tokens.weight"  # one tensor, which the tracer may name either way
         if param in sources:
-            source = sources[param]
-            if value.dtype != _ir_dtype(dtype) or tuple(value.shape) != tuple(source.shape):
+            source, want = sources[param], parameter_dtype(param, dtype)
+            if value.dtype != _ir_dtype(want) or tuple(value.shape) != tuple(source.shape):
                 raise AssertionError(f"traced {name} is {value.dtype} {value.shape}, the checkpoint gives "
-                                     f"{dtype} {source.shape}")
+                                     f"{want} {source.shape}")
             if torch.Size(source.shape).numel() <= EAGER_ELEMENTS:
-                value.const_value = to_ir_tensor(source.read(dtype), name=name)
+                value.const_value = to_ir_tensor(source.read(want), name=name)
             else:
-                value.const_value = StreamedTensor(source, dtype, name=name)
+                value.const_value = StreamedTensor(source, want, name=name)
                 streamed.append(value.const_value)
         elif param == "rotary.inv_freq":
             inv_freq = rotary_embedding(cfg).inv_freq  # [Hd/2], as the loader rebuilds it

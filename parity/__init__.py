@@ -9,7 +9,7 @@ from .checkpoints import POINTS, Checkpoint, checkpoints_for, mark_checkpoints
 from .compare import BACKENDS, compare, default_inputs
 from .generation import GenerationResult, explain_divergence
 from .report import SCHEMA, SCHEMA_VERSION, BackendResult, CheckpointResult, ParityReport
-from .router import RouterLayerResult, RoutingEvent, boundary_gap, classify, router_agreement, router_scores
+from .router import RouterLayerResult, RoutingEvent, boundary_gap, classify, router_agreement, router_scores, selection_scores
 from .tolerances import (DTYPES, KINDS, TOLERANCES, Closeness, Tolerance, check_close, parse_tolerance,
                          resolve_tolerances, tolerance)
 
@@ -23,7 +23,7 @@ __all__ = [
     # localisation
     "Checkpoint", "POINTS", "checkpoints_for", "mark_checkpoints",
     # routing and generation
-    "RouterLayerResult", "RoutingEvent", "router_agreement", "classify", "router_scores", "boundary_gap",
+    "RouterLayerResult", "RoutingEvent", "router_agreement", "classify", "router_scores", "selection_scores", "boundary_gap",
     "GenerationResult", "explain_divergence",
     # the PyTorch reference as a Polygraphy runner (imports polygraphy)
     "TorchRunner",

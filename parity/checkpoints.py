@@ -41,8 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # torch's hook for s
 
 from moetrt.config import MoEConfig
 from moetrt.model import MoETransformer
-from moetrt.ops.topk_routing import routing_weights
-from moetrt.state import KEY, PRESENT_PREFIX, VALUE, present_name
+from moetrt.ops.topk_routing import TORCH_ARGS as TOPK_ROUTING_ARGS, routing_weights
+from moetrt.state import KEY, LATENT, PRESENT_PREFIX, ROPE_KEY, VALUE, present_name, state_contract
 
 __all__ = ["Checkpoint", "POINTS", "checkpoints_for", "forward_order", "default_name", "mark_checkpoints", "capture",
            "ForcedRouting"]
@@ -51,7 +51,8 @@ __all__ = ["Checkpoint", "POINTS", "checkpoints_for", "forward_order", "default_
 POINTS: dict[str, tuple[str, str | None]] = {
     "embedding": ("embedding", "hidden"),
     "input_norm": ("norm", "hidden"),
-    **{f"{PRESENT_PREFIX}{entry.name}": ("attention", "kv") for entry in (KEY, VALUE)},  # the layer's state
+    # the layer's state (moetrt.state): key and value, or multi-head latent attention's latent and rope_key
+    **{f"{PRESENT_PREFIX}{entry.name}": ("attention", "kv") for entry in (KEY, VALUE, LATENT, ROPE_KEY)},
     "attention": ("attention", "hidden"),
     "post_attention_norm": ("norm", "hidden"),
     "router_logits": ("router", "router_logits"),
@@ -106,9 +107,13 @@ def forward_order(c: Checkpoint, num_layers: int) -> tuple[int, int]:
 def checkpoints_for(config: MoEConfig, available: set[str] | None = None) -> list[Checkpoint]:
     """Every checkpoint the reference can produce for ``config`` in forward order (only ``available`` names if given)."""
     out = [Checkpoint(default_name("embedding", None), "embedding", None)]
+    state = state_contract(config)
     for i in range(config.num_hidden_layers):
         moe = config.is_moe_layer(i)
+        carried = {f"{PRESENT_PREFIX}{e.name}" for e in state.entries(i)}
         for point in LAYER_POINTS:
+            if point.startswith(PRESENT_PREFIX) and point not in carried:
+                continue  # state this layer does not carry
             if point.startswith("router_") or point == "experts":
                 if not moe:
                     continue
@@ -271,7 +276,9 @@ class _MoEOps(TorchDispatchMode):
             weights, indices = out
             if layer in self.forced:
                 rows, chosen = self.forced[layer]
-                options = dict(zip(("k", "scoring", "normalize", "scale"), args[1:]), **kwargs)
+                # the op's arguments by name; the weights come from the unbiased scores (the selection
+                # bias and groups only choose), so the forced choice's weights need scoring, normalize, scale
+                options = dict(zip(TOPK_ROUTING_ARGS, args[1:]), **kwargs)
                 rows_t = torch.as_tensor(rows, dtype=torch.long)
                 indices = indices.clone()
                 indices[rows_t] = torch.as_tensor(chosen, dtype=indices.dtype)

@@ -43,7 +43,7 @@ from moetrt.state import PAST_PREFIX, StateContract, state_contract
 from .checkpoints import Checkpoint, ForcedRouting, checkpoints_for, forward_order, mark_checkpoints
 from .generation import greedy_agreement
 from .report import BackendResult, CheckpointResult, ParityReport
-from .router import RoutingEvent, near_tie_events, router_agreement
+from .router import RoutingEvent, layer_selection, near_tie_events, router_agreement
 from .tolerances import DTYPES, Tolerance, resolve_tolerances
 
 __all__ = ["compare", "default_inputs", "load_reference", "Artifact", "resolve_artifact", "BACKENDS"]
@@ -52,7 +52,7 @@ BACKENDS = ("ort", "trt")
 ONNX_DTYPES = {elem: dtype for dtype, elem in ONNX_ELEM_TYPES.items()}  # onnx.TensorProto elem types of the KV cache
 # config fields that must agree between the reference and the artifact's metadata
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "head_dim", "num_experts", "num_experts_per_tok")
+                 "head_dim", "kv_lora_rank", "qk_rope_head_dim", "num_experts", "num_experts_per_tok")
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
@@ -202,12 +202,12 @@ def _graph_output_names(onnx_path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
 
 
-def _artifact_runner(backend: str, path: Path, feeds, generation_lengths: tuple[int, int]):
+def _artifact_runner(backend: str, path: Path, feeds, generation_lengths: tuple[int, int], state: StateContract):
     from .runners import ort_runner, profile_shapes, trt_runner
 
     if backend == "ort":
         return ort_runner(path, name="ort")
-    return trt_runner(path, profile_shapes(feeds, generation_lengths), name="trt")
+    return trt_runner(path, profile_shapes(feeds, generation_lengths, state), name="trt")
 
 
 def _sorted_routing(result):
@@ -227,11 +227,12 @@ def _real_tokens(feed) -> np.ndarray:
     return np.asarray(feed["attention_mask"])[:, -new:] == 1 if new else np.zeros((len(feed["input_ids"]), 0), bool)
 
 
-def _zero_padding(result, checkpoints: dict[str, Checkpoint], feed) -> None:
+def _zero_padding(result, checkpoints: dict[str, Checkpoint], feed, state: StateContract) -> None:
     """Zero the values at padding positions in one IterationResult, in place.
 
     A padded position's attention row is fully masked, so what it computes is arbitrary (and
     differs between precisions); it feeds nothing a real token uses, so it is not compared.
+    A state output (``present.*``) is masked along the axis its entry grows by (``state``).
     """
     real = _real_tokens(feed)  # [B, S]
     full = np.asarray(feed["attention_mask"]) == 1  # [B, P+S]
@@ -243,7 +244,12 @@ def _zero_padding(result, checkpoints: dict[str, Checkpoint], feed) -> None:
             continue
         array = np.array(result[name])
         if c.point.startswith("present."):
-            array[~full[:, None, :, None].repeat(array.shape[1], 1).repeat(array.shape[3], 3)] = 0
+            entry = state.entry_of(name)[1]
+            if not entry.grows:  # fixed-size state: no positions to mask
+                continue
+            axis = entry.concat_axis  # [B, G, P+S, Hd] for key/value: axis 2; [B, P+S, R] for latent: axis 1
+            padding = np.expand_dims(~full, tuple(d for d in range(1, array.ndim) if d != axis))
+            array[np.broadcast_to(padding, array.shape)] = 0
         elif array.ndim >= 2 and array.shape[:2] == real.shape:
             array[~real] = 0
         elif array.shape[0] == real.size:
@@ -262,8 +268,8 @@ def _resolve_routing(reference_runner, feed, ref_out, art_out, config: MoEConfig
         for layer in layers:
             found = near_tie_events(layer, ref_out[f"layers.{layer}.router_logits"],
                                     ref_out[f"layers.{layer}.router_indices"],
-                                    art_out[f"layers.{layer}.router_indices"], scoring=config.scoring,
-                                    gap_tolerance=gap, input_index=input_index, valid=_real_tokens(feed))
+                                    art_out[f"layers.{layer}.router_indices"],
+                                    **layer_selection(config, layer, reference_runner.model), gap_tolerance=gap, input_index=input_index, valid=_real_tokens(feed))
             new = {t: e for t, e in found.items() if t not in events.get(layer, {})}
             if new:
                 events.setdefault(layer, {}).update(new)
@@ -314,7 +320,8 @@ def _routing(reference_runner, feeds, art_iters, ref_iters, config: MoEConfig, g
                 art_idx, ref_idx = _get(art_iters[n], *indices), _get(ref_iters[n], *indices)
                 if ref_logits is None or art_idx is None or ref_idx is None:
                     continue
-                result = router_agreement(layer, ref_logits, ref_idx, art_idx, scoring=config.scoring, gap_tolerance=gap,
+                result = router_agreement(layer, ref_logits, ref_idx, art_idx,
+                                          **layer_selection(config, layer, reference_runner.model), gap_tolerance=gap,
                                           input_index=n, forced=events.get(layer), valid=_real_tokens(feed))
                 if layer in routers:
                     routers[layer].merge(result)
@@ -335,7 +342,7 @@ def _compare_backend(backend: str, model: MoETransformer, artifact: Artifact, dt
     path, checkpoints = _artifact_checkpoints(backend, artifact, cfg, localize, workdir)
     with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL):
         # 1. run both; the reference returns what the artifact exposes (plus router logits for the gaps)
-        art_runner = _artifact_runner(backend, path, feeds, (len(prompt), len(prompt) + steps))
+        art_runner = _artifact_runner(backend, path, feeds, (len(prompt), len(prompt) + steps), state_contract(cfg))
         art_run = Comparator.run([art_runner], data_loader=feeds)
         produced = set(art_run[0][1][0].keys())
         checkpoints = [c for c in checkpoints if c.name in produced]
@@ -348,10 +355,10 @@ def _compare_backend(backend: str, model: MoETransformer, artifact: Artifact, dt
         routers = _routing(ref_runner, feeds, art_iters, ref_iters, cfg, gap)
 
         # 3. every value under its tolerance (padding positions excluded, routing weights in expert order)
-        by_name = {c.name: c for c in checkpoints}
+        by_name, state = {c.name: c for c in checkpoints}, state_contract(cfg)
         for n, feed in enumerate(feeds):
-            _zero_padding(art_iters[n], by_name, feed)
-            _zero_padding(ref_iters[n], by_name, feed)
+            _zero_padding(art_iters[n], by_name, feed, state)
+            _zero_padding(ref_iters[n], by_name, feed, state)
         run_results = RunResults()
         run_results.append((art_runner.name, art_iters))
         run_results.append((ref_runner.name, ref_iters))

@@ -24,7 +24,7 @@ import numpy as np
 from moetrt.config import MoEConfig
 from moetrt.state import state_contract
 
-from .router import FAILURE, MAX_EVENTS, NEAR_TIE, RoutingEvent, classify
+from .router import FAILURE, MAX_EVENTS, NEAR_TIE, RoutingEvent, classify, layer_selection
 from .tolerances import Tolerance
 
 __all__ = ["GenerationResult", "greedy_agreement", "explain_divergence"]
@@ -122,7 +122,8 @@ def greedy_agreement(
             if not all(n in out_ref and n in out_art for n in names):
                 continue
             status, gaps = classify(out_ref[names[0]], out_ref[names[1]], out_art[names[1]],
-                                    scoring=config.scoring, gap_tolerance=gap_tolerance)
+                                    **layer_selection(config, layer, getattr(reference, "model", None)),
+                                    gap_tolerance=gap_tolerance)
             # after a near-tie (an earlier step or layer), later differences are its consequences
             after_near_tie = bool(result.near_ties)
             for t in np.flatnonzero((status == NEAR_TIE) | (status == FAILURE)):

@@ -24,7 +24,7 @@ from polygraphy.common import TensorMetadata
 from moetrt import dtypes
 from moetrt.errors import BackendMissingError, MoetrtError
 from moetrt.model import MoETransformer
-from moetrt.state import PAST_PREFIX, state_contract
+from moetrt.state import PAST_PREFIX, StateContract, state_contract
 
 from .checkpoints import Checkpoint, ForcedRouting, capture, default_name
 
@@ -167,9 +167,11 @@ def trt_runner(path: str | Path, shapes: dict[str, tuple[tuple[int, ...], tuple[
     return TrtRunner(engine, name=name)
 
 
-def profile_shapes(feeds: list[dict[str, np.ndarray]], extra_lengths: tuple[int, int] = (1, 1)):
+def profile_shapes(feeds: list[dict[str, np.ndarray]], extra_lengths: tuple[int, int] = (1, 1),
+                   state: StateContract | None = None):
     """One (min, opt, max) per input covering every feed, plus a batch-1 generation of ``extra_lengths``
-    = (prompt length, total length)."""
+    = (prompt length, total length). ``state``: the model's state contract, which says along which axis
+    each ``past_key_values.*`` input holds its positions (default: key/value, ``[B, G, P, Hd]``)."""
     shapes: dict[str, list[tuple[int, ...]]] = {}
     for feed in feeds:
         for name, array in feed.items():
@@ -186,8 +188,10 @@ def profile_shapes(feeds: list[dict[str, np.ndarray]], extra_lengths: tuple[int,
         elif name == "attention_mask":
             high[1] = max(high[1], total)
             low = (low[0], 1)
-        elif name.startswith(PAST_PREFIX):  # key/value: [B, G, P, Hd]
-            high[2] = max(high[2], total)
-            low = low[:2] + (0,) + low[3:]
+        elif name.startswith(PAST_PREFIX):  # key/value [B, G, P, Hd]; latent [B, P, R]; fixed-size state
+            axis = 2 if state is None else state.entry_of(name)[1].concat_axis
+            if axis is not None:
+                high[axis] = max(high[axis], total)
+                low = low[:axis] + (0,) + low[axis + 1:]
         out[name] = (low, tuple(high), tuple(high))
     return out

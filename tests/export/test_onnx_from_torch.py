@@ -23,19 +23,21 @@ ort = pytest.importorskip("onnxruntime")
 
 # (batch, new tokens, past tokens): none is the traced (2, 5, 3)
 SHAPES = [(1, 1, 0), (1, 1, 64), (3, 17, 0), (4, 300, 0), (2, 9, 64), (4, 1, 13), (1, 64, 1)]
-FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral-window", "gpt_oss", "gpt_oss-defaults"]
+FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral-window", "gpt_oss", "gpt_oss-defaults",
+                   # multi-head latent attention (state: latent, rope_key) and TopKRouting version 2
+                   "deepseek_v3", "deepseek_v3-plain", "glm4_moe_lite",
+                   # key/value attention with TopKRouting version 2 (selection bias; partial rotary)
+                   "glm4_moe", "minimax_m2"]
 
 
 def _feeds(model, input_ids, mask, positions, past):
     cfg = model.config
     feeds = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
-    batch = input_ids.shape[0]
+    batch, state = input_ids.shape[0], model.state  # each layer's state entries (key/value, or latent/rope_key)
     for i in range(cfg.num_hidden_layers):
-        for j, kind in enumerate(("key", "value")):
-            feeds[f"past_key_values.{i}.{kind}"] = (
-                past[i][j].numpy() if past is not None
-                else np.zeros((batch, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
-            )
+        for j, entry in enumerate(state.entries(i)):
+            feeds[state.past_names(i)[j]] = (past[i][j].numpy() if past is not None
+                                             else np.zeros(state.shape(i, entry, batch, 0), np.float32))
     return feeds
 
 
@@ -59,8 +61,8 @@ def _compare(model, session, batch, seq, past_len, seed=0):
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, _feeds(model, ids[:, past_len:], mask, positions[:, past_len:], past))))
     logits = check_close(got["logits"], ref.logits.numpy(), tolerance("fp32", "logits"))
-    kv = [check_close(got[f"present.{i}.{kind}"], ref.past_key_values[i][j].numpy(), tolerance("fp32", "kv"))
-          for i in range(cfg.num_hidden_layers) for j, kind in enumerate(("key", "value"))]
+    kv = [check_close(got[name], ref.past_key_values[i][j].numpy(), tolerance("fp32", "kv"))
+          for i in range(cfg.num_hidden_layers) for j, name in enumerate(model.state.present_names(i))]
     return logits, max(kv, key=lambda c: c.max_abs)
 
 
@@ -252,6 +254,44 @@ def test_fp16_export_keeps_router_and_logits_fp32(exported, record_max):
     close = check_close(got, ref, tolerance("fp16", "logits"))
     record_max("export fp16 max abs error vs fp32 reference", "tiny logits", close.max_abs)
     assert close.ok, str(close)
+
+
+@pytest.mark.parametrize("dtype,elem", [("fp32", onnx.TensorProto.FLOAT), ("fp16", onnx.TensorProto.FLOAT16)])
+def test_latent_attention_export_carries_the_latent_cache(exported, dtype, elem):
+    """DeepSeek-V3's state is latent [B, P, R] and rope_key [B, P, Dr] per layer, in the model dtype; its
+    routing imports moetrt opset 2 and keeps the selection bias float32 in an fp16 export."""
+    model, folder = exported("deepseek_v3", dtype=dtype)
+    cfg, state = model.config, model.state
+    proto = onnx.load(str(folder / "model.onnx"))
+    inputs = {v.name: v.type.tensor_type for v in proto.graph.input}
+    outputs = {v.name: v.type.tensor_type for v in proto.graph.output}
+    dims = lambda t: [d.dim_param or d.dim_value for d in t.shape.dim]  # noqa: E731
+    for i in range(cfg.num_hidden_layers):
+        assert state.past_names(i) == (f"past_key_values.{i}.latent", f"past_key_values.{i}.rope_key")
+        assert dims(inputs[f"past_key_values.{i}.latent"]) == ["batch_size", "past_sequence_length", cfg.kv_lora_rank]
+        assert dims(outputs[f"present.{i}.rope_key"]) == ["batch_size", "total_sequence_length", cfg.qk_rope_head_dim]
+        assert inputs[f"past_key_values.{i}.latent"].elem_type == elem == outputs[f"present.{i}.latent"].elem_type
+    assert not any(".key" in name or ".value" in name for name in inputs)
+    assert {o.domain: o.version for o in proto.opset_import}["moetrt"] == 2
+    meta = json.loads((folder / "moetrt.json").read_text())
+    assert meta["io"]["state"] == state.to_dict() and meta["export"]["domain"] == {"moetrt": 2}
+    routing = [n for n in proto.graph.node if n.op_type == "TopKRouting"]
+    initializers = {t.name: t for t in proto.graph.initializer}
+    assert len(routing) == len(cfg.moe_layers) and all(len(n.input) == 2 for n in routing)
+    assert all(initializers[n.input[1]].data_type == onnx.TensorProto.FLOAT for n in routing)  # selection bias
+
+    batch, seq, past = 3, 4, 7  # not the traced shapes; ORT runs the graph and the state grows along axis 1
+    session = _session(folder)
+    feeds = {"input_ids": np.ones((batch, seq), np.int64), "attention_mask": np.ones((batch, past + seq), np.int64),
+             "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64)}
+    rng = np.random.default_rng(0)
+    for name, shape in state.shapes(batch, past).items():
+        feeds[name] = rng.standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    for name in state.all_present_names():
+        assert got[name].shape == state.shape(*state.entry_of(name), batch, past + seq)
+        np.testing.assert_array_equal(got[name][:, :past], feeds[name.replace("present.", "past_key_values.")])
+    assert np.isfinite(got["logits"]).all()
 
 
 def test_bf16_export_is_valid_onnx(tmp_path):

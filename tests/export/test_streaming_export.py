@@ -31,6 +31,8 @@ CASES = [
     ("mixtral", "per-expert", torch.float32, "fp32", True),
     ("mixtral-tied", "stacked", torch.bfloat16, "fp32", False),
     ("qwen3_moe", "per-expert", torch.float32, "bf16", True),
+    # latent attention state, and a selection bias that stays float32 in an fp16 export
+    ("deepseek_v3", "per-expert", torch.float32, "fp16", True),
 ]
 # two layers, the vocabulary wide enough that the embedding is streamed (> EAGER_ELEMENTS), as
 # the expert and attention weights are
@@ -79,17 +81,20 @@ def checkpoint(tmp_path_factory, hf_tiny_model):
     return make
 
 
-def _feeds(cfg, batch=3, seq=4, past=6, seed=0):
+def _feeds(cfg, dtype="fp32", batch=3, seq=4, past=6, seed=0):
+    from moetrt.dtypes import numpy_dtype
+    from moetrt.state import state_contract
+
     rng = np.random.default_rng(seed)
     feeds = {
         "input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64),
         "attention_mask": np.ones((batch, past + seq), np.int64),
         "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64),
     }
-    for i in range(cfg.num_hidden_layers):
-        for kind in ("key", "value"):
-            kv = rng.standard_normal((batch, cfg.num_key_value_heads, past, cfg.head_dim)).astype(np.float32)
-            feeds[f"past_key_values.{i}.{kind}"] = kv
+    state = state_contract(cfg)  # key/value [B, G, P, Hd], or latent [B, P, R] and rope_key [B, P, Dr]
+    for name, shape in state.shapes(batch, past).items():
+        element = state.entry_of(name)[1].element_dtype(dtype)
+        feeds[name] = rng.standard_normal(shape).astype(numpy_dtype(element))
     return feeds
 
 
@@ -123,7 +128,7 @@ def test_streaming_equals_in_memory_export(tmp_path, checkpoint, variant, layout
     cfg = moetrt.checkpoint.config_from_hf(json.loads((folder / "config.json").read_text()))
     if dtype == "bf16":
         return  # ONNX Runtime's CPU provider has no bf16 kernels for this graph: equal graphs and weights suffice
-    feeds = _feeds(cfg)
+    feeds = _feeds(cfg, dtype)
     out_m = ort.InferenceSession(str(in_memory / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     out_s = ort.InferenceSession(str(streamed / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert len(out_s) == 1 + 2 * cfg.num_hidden_layers

@@ -14,6 +14,7 @@ import torch
 
 import moetrt
 from moetrt.parity import Closeness, Tolerance, check_close, tolerance
+from moetrt.state import past_name, present_name, state_contract
 
 KV_NUMPY = {"fp32": np.float32, "fp16": np.float16}
 
@@ -57,11 +58,12 @@ def batch_inputs(model, batch: int, seq: int, past: int, seed: int = 0, pad: boo
 def feeds(model, ids, mask, positions, past, kv_dtype=np.float32) -> dict:
     cfg = model.config
     out = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    contract = state_contract(cfg)  # key/value, or MLA's latent/rope_key
     for i in range(cfg.num_hidden_layers):
-        for j, kind in enumerate(("key", "value")):
+        for j, entry in enumerate(contract.entries(i)):
             value = (past[i][j].numpy() if past is not None
-                     else np.zeros((ids.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim), np.float32))
-            out[f"past_key_values.{i}.{kind}"] = value.astype(kv_dtype)
+                     else np.zeros(contract.shape(i, entry, ids.shape[0], 0), np.float32))
+            out[past_name(i, entry)] = value.astype(kv_dtype)
     return out
 
 
@@ -85,10 +87,12 @@ def compare(model, sess, batch: int, seq: int, past: int, dtype: str = "fp32", s
     real_kv = mask.bool().numpy()  # [B, P+S]
     logits = check_close(got["logits"][real_q], ref.logits.numpy()[real_q], tol or tolerance(dtype, "logits"))
     kv = []
+    contract = state_contract(model.config)
     for i in range(model.config.num_hidden_layers):
-        for j, kind in enumerate(("key", "value")):
-            a = got[f"present.{i}.{kind}"].astype(np.float32).transpose(0, 2, 1, 3)[real_kv]  # [n, G, Hd]
-            e = ref.past_key_values[i][j].numpy().transpose(0, 2, 1, 3)[real_kv]
+        for j, entry in enumerate(contract.entries(i)):
+            axis = entry.concat_axis  # the positions: [B, P, ...] after moving it next to the batch
+            a = np.moveaxis(got[present_name(i, entry)].astype(np.float32), axis, 1)[real_kv]  # [n, ...]
+            e = np.moveaxis(ref.past_key_values[i][j].numpy(), axis, 1)[real_kv]
             kv.append(check_close(a, e, tol or tolerance(dtype, "kv")))
     return logits, max(kv, key=lambda c: c.max_abs), got
 

@@ -17,7 +17,8 @@ from moetrt.parity import TOLERANCES, compare, default_inputs
 pytest.importorskip("polygraphy")
 pytest.importorskip("onnxruntime")
 
-VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss-defaults"]
+# deepseek_v3: latent attention state (present.{i}.latent / rope_key) and TopKRouting version 2
+VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss-defaults", "deepseek_v3"]
 STEPS = 8
 
 
@@ -170,6 +171,20 @@ def test_tensorrt_profile_covers_every_input_and_the_generation(parity_export):
         assert shapes[name] == ((1, 1), (2, 16), (2, 16))
     assert shapes["attention_mask"] == ((1, 1), (2, 24), (2, 24))
     assert shapes["past_key_values.3.value"] == ((1, 2, 0, 32), (2, 2, 24, 32), (2, 2, 24, 32))
+    assert set(shapes) == set(feeds[0])
+
+
+def test_tensorrt_profile_of_the_latent_state_ranges_its_positions(parity_export):
+    """Latent attention's state holds its positions along axis 1 ([B, P, R]), not 2 as key/value do."""
+    from moetrt.parity.runners import profile_shapes
+
+    model, _ = parity_export("deepseek_v3")
+    cfg = model.config
+    feeds = default_inputs(model, "fp16", batch=2, seq=16, new_tokens=4)
+    shapes = profile_shapes(feeds, (16, 16 + STEPS), model.state)
+    assert shapes["past_key_values.0.latent"] == ((1, 0, cfg.kv_lora_rank), (2, 24, cfg.kv_lora_rank),
+                                                  (2, 24, cfg.kv_lora_rank))
+    assert shapes["past_key_values.2.rope_key"][0] == (1, 0, cfg.qk_rope_head_dim)
     assert set(shapes) == set(feeds[0])
 
 
