@@ -229,13 +229,21 @@ def ratios_to_peer(prefill: list[float], decode: list[float], peer_prefill: list
 
 def tiny_quality(work: Path) -> dict:
     """Held-out perplexity and logits error of the trained tiny model: fp32 vs each quantization."""
+    import moetrt
+
+    return heldout_quality(moetrt.from_pretrained("tiny"), work, "tiny")
+
+
+def heldout_quality(model, work: Path, name: str, quality: dict | None = None) -> dict:
+    """Held-out perplexity and logits error of ``model`` (tiny's tokenizer and heldout.txt): fp32 vs each
+    of ``quality`` (default :data:`QUALITY`), exported and optimized under ``work`` as ``quality-{name}-*``."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
     import moetrt
 
-    src = work / "quality-tiny-canonical"
-    export(moetrt.from_pretrained("tiny"), src)
+    src = work / f"quality-{name}-canonical"
+    export(model, src)
     preset = Path(moetrt.__file__).parent / "presets" / "tiny"
     ids = Tokenizer.from_file(str(preset / "tokenizer.json")).encode((preset / "heldout.txt").read_text()).ids
     seq = 128
@@ -249,8 +257,9 @@ def tiny_quality(work: Path) -> dict:
             x, y = window[:, :-1], window[:, 1:]
             feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.tile(np.arange(seq), (len(x), 1))}
             for inp in sess.get_inputs():
-                if inp.name.startswith("past_key_values"):
-                    feeds[inp.name] = np.zeros((len(x), inp.shape[1], 0, inp.shape[3]), np.float32)
+                if inp.name.startswith("past_key_values"):  # batch first, the past axis (a name) empty
+                    shape = [len(x)] + [d if isinstance(d, int) else 0 for d in inp.shape[1:]]
+                    feeds[inp.name] = np.zeros(shape, np.float32)
             logits = sess.run(["logits"], feeds)[0].astype(np.float64)
             top = logits.max(-1, keepdims=True)
             nats += float((np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
@@ -261,13 +270,13 @@ def tiny_quality(work: Path) -> dict:
 
     ppl32, logits32, count = evaluate(src)
     rows = {"fp32": {"perplexity": ppl32}}
-    for name, options in QUALITY.items():
-        folder = optimized(src, work, f"quality-tiny-{name}", options)
+    for row, options in (QUALITY if quality is None else quality).items():
+        folder = optimized(src, work, f"quality-{name}-{row}", options)
         ppl, logits, _ = evaluate(folder)
         error = np.abs(logits - logits32)
-        rows[name] = {"perplexity": ppl, "perplexity_ratio": ppl / ppl32, "logits_max_abs": float(error.max()),
-                      "logits_mean_abs": float(error.mean()),
-                      "top1_agreement": float((logits.argmax(-1) == logits32.argmax(-1)).mean())}
+        rows[row] = {"perplexity": ppl, "perplexity_ratio": ppl / ppl32, "logits_max_abs": float(error.max()),
+                     "logits_mean_abs": float(error.mean()),
+                     "top1_agreement": float((logits.argmax(-1) == logits32.argmax(-1)).mean())}
     return {"tokens": count, "windows": f"{len(starts)} x {seq} tokens", "rows": rows}
 
 

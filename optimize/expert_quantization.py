@@ -1,10 +1,15 @@
 """Pass: weight-only block-wise int8/int4 experts, ``moetrt`` pair -> ``com.microsoft::QMoE``.
 
-Each MoE layer ONNX Runtime's fused op computes exactly (the attribute values
-:data:`ROUTER_IMPLEMENTS` and :func:`experts_implements` declare: softmax routing, ``scale == 1``,
-``silu`` or gpt-oss's ``clamped_swiglu``, with or without expert biases; every other value is
-refused, see :func:`moetrt.optimize.moe_lowering.lowering_blocker`) becomes one ``QMoE`` node that
-routes on the router logits and runs the experts from quantized weights. Every other op keeps its
+Each MoE layer ONNX Runtime's fused op computes exactly (the routing values
+:data:`ROUTER_IMPLEMENTS` or :func:`log_weights_implements` declare and the expert values
+:func:`experts_implements` declares: ``silu`` or gpt-oss's ``clamped_swiglu``, with or without
+expert biases; every other value is refused, see
+:func:`moetrt.optimize.moe_lowering.lowering_blocker`) becomes one ``QMoE`` node that runs the
+experts from quantized weights: it routes on the router logits where its softmax routing is
+TopKRouting's (softmax, ``scale == 1``, no selection bias, no groups), and otherwise mixes the kept
+TopKRouting node's weights (the log-weights path, moe_lowering's docstring: ``router_probs`` the
+log-scores that choose, ``router_weights`` the weights scattered to [T, E] that mix, with
+``normalize_routing_weights=0``; DeepSeek-V3, GLM-4.5, MiniMax-M2). Every other op keeps its
 precision; the expert biases stay in the activation dtype (``fc1_experts_bias`` interleaved like
 fc1, ``fc2_experts_bias`` as it is).
 
@@ -49,8 +54,9 @@ from moetrt.ops._onnx import DOMAIN
 
 from ._common import ORT_DOMAIN, MoELayer, PassResult, SharedResult, lazy_tensor, read_moe_layer, remove_dead_code
 from .moe_lowering import (
-    ROUTER_IMPLEMENTS, expert_bias_inputs, experts_implements, interleave_gate_up, interleaved_gate_up_bias,
-    lowering_blocker, moe_attributes,
+    cast_like,
+    chosen_weights, expert_bias_inputs, experts_implements, interleave_gate_up, interleaved_gate_up_bias,
+    log_weight_scores, lowering_blocker, moe_attributes, routing_of,
 )
 from .targets import DEFAULT_BLOCK_SIZE
 
@@ -60,8 +66,8 @@ __all__ = [
 
 BITS = {"int8": 8, "int4": 4}
 # QMoE takes MoE's routing and SwiGLU attributes, so it implements the same TopKRouting and SparseMoE
-# values (ROUTER_IMPLEMENTS, experts_implements); its routing renormalises the top k even with
-# normalize_routing_weights=0, which the rewrite below makes up for with router_weights.
+# values (ROUTER_IMPLEMENTS or log_weights_implements, experts_implements); its routing renormalises the
+# top k even with normalize_routing_weights=0, which the rewrite below makes up for with router_weights.
 _WHAT = "com.microsoft::QMoE"
 _NUMPY_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
@@ -124,15 +130,6 @@ def _quantizer(tensor: ir.TensorProtocol, interleave: bool, bits: int, block: in
     return compute
 
 
-def _in_dtype(op, value: ir.Value, like: ir.Value) -> ir.Value:
-    """``value`` cast to ``like``'s dtype (the fused ops take router inputs in the activation dtype)."""
-    if value.dtype == like.dtype:
-        return value
-    cast = op.Cast(value, to=like.dtype)
-    cast.type, cast.shape = ir.TensorType(like.dtype), value.shape
-    return cast
-
-
 class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
     def __init__(self, bits: int, block_size: int, dtypes: tuple[ir.DataType, ...], accuracy_level: int | None,
                  result: PassResult):
@@ -149,7 +146,7 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
         check = pattern.MatchResult()
         node = y.producer()
         layer = read_moe_layer(node)
-        reason = lowering_blocker(layer, self.dtypes, _WHAT, ROUTER_IMPLEMENTS, experts_implements)
+        reason = lowering_blocker(layer, self.dtypes, _WHAT, experts=experts_implements)
         if reason is None and pick_block_size(layer.hidden_size, layer.ffn_size, self.block_size) is None:
             reason = (f"D={layer.hidden_size} and F={layer.ffn_size} share no power-of-two block of 16.."
                       f"{self.block_size} (QMoE needs one dividing both)")
@@ -178,14 +175,20 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
         fc1, fc1_scales, fc2, fc2_scales = tensors
         b_gate_up, b_down = expert_bias_inputs(y.producer())
         fc1_bias = interleaved_gate_up_bias(op, layer, b_gate_up)  # [E, 2F] interleaved like fc1, or None
-        logits = _in_dtype(op, layer.logits, x)  # [T, E]
+        logits = cast_like(op, layer.logits, x)  # [T, E]
         mixing = []
-        if not layer.normalize:
+        attributes = moe_attributes(layer)
+        if routing_of(layer, _WHAT)[0] == "log_weights":
+            # the kept TopKRouting routes: the log-scores choose its experts, its weights mix as they are
+            logits = cast_like(op, log_weight_scores(op, layer), x)  # [T, E]
+            mixing = [None] * 6 + [cast_like(op, chosen_weights(op, layer), x)]  # [T, E]
+            attributes = moe_attributes(layer, normalize=0)
+        elif not layer.normalize:
             # QMoE renormalises the top-k weights even with normalize_routing_weights=0 (measured on
             # ORT 1.32 CPU); its router_weights input carries the full-softmax weights to mix with.
             probs = op.Softmax(layer.logits, axis=-1)  # [T, E] float32
             probs.type, probs.shape = layer.logits.type, layer.logits.shape
-            mixing = [None] * 6 + [_in_dtype(op, probs, x)]
+            mixing = [None] * 6 + [cast_like(op, probs, x)]
         inputs = [x, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, b_down, *mixing]
         while inputs[-1] is None:  # a layer without biases keeps the inputs it always had
             inputs.pop()
@@ -194,7 +197,7 @@ class _QuantizeToQMoE(pattern.RewriteRuleClassBase):
         return op.QMoE(
             *inputs, _domain=ORT_DOMAIN,
             expert_weight_bits=self.bits, block_size=block, quant_type="int", weights_prepacked=0,
-            **moe_attributes(layer), **self.extra,
+            **attributes, **self.extra,
         )
 
 

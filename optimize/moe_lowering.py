@@ -51,6 +51,26 @@ there it beats the fused op: ``auto`` lowers only layers whose body still gather
 (``_body_wins_at_decode``).
 ``policy="always"`` emits the fused op alone (smaller graph, for runtimes where it wins at
 every T, such as CUDA).
+
+Routings ORT cannot compute (TopKRouting version 2: a ``selection_bias`` input or groups; sigmoid
+scoring; ``scale != 1``) still use the fused expert kernel, through the log-weights path
+(:data:`ROUTINGS` ``"log_weights"``; the attribute values :func:`log_weights_implements`
+declares): the ``TopKRouting`` node stays (its function body runs the routing, bias, groups and
+all) and the fused op is fed ``router_probs = ScatterElements(lowest float32 [T, E], indices,
+Log(weights))``, finite only at the k chosen experts, the log-scores ONNX Runtime's own
+``MoEGroupRouter`` writes for it. ORT's softmax then top-k over that row chooses exactly those
+experts (every other entry underflows to weight 0) with weights ``w_i / sum_j w_j``
+(``normalize_routing_weights=1``), so the output is multiplied by what the weights sum to:
+``ReduceSum(weights)`` [T, 1] without ``normalize``, the constant ``scale`` with it (the router's
+weights sum to ``scale`` there; nothing where ``scale == 1``). That is exact up to float32 rounding
+of the exp/log round trip (a few ulps of each weight: the lowered families' logits stay within
+3e-6 of the PyTorch reference, as the canonical export's do; tests/optimize/test_moe_lowering.py). The weights must be positive (``scale > 0``: their log); a zero weight (a sigmoid that
+underflowed) gives ``-inf``, whose expert then mixes with weight 0 as it should. QMoE takes the
+weights themselves instead: its ``router_weights`` input ``ScatterElements(zeros [T, E], indices,
+weights)`` is what it mixes with (the gathered values, neither renormalised nor exponentiated, with
+``normalize_routing_weights=0``; checked on ORT 1.32 CPU), so it needs neither the log's
+rounding nor the product, and ``router_probs`` (the same log-scores) only chooses. The plain
+com.microsoft::MoE has no such input (ORT 1.32), hence the product there.
 """
 
 from __future__ import annotations
@@ -63,13 +83,13 @@ from onnxscript.rewriter import pattern
 
 from moetrt.ops._onnx import DOMAIN
 from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE, gather_threshold
-from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING
+from moetrt.ops.topk_routing import GROUP_SCORINGS, SCORINGS, SPEC as TOPK_ROUTING
 
 from ._common import ORT_DOMAIN, MoELayer, PassResult, lazy_tensor, read_moe_layer, refusal, remove_dead_code
 
 __all__ = [
     "lower_moe", "interleave_gate_up", "moe_attributes", "lowering_blocker", "experts_implements", "ROUTER_IMPLEMENTS",
-    "POLICIES",
+    "POLICIES", "ROUTINGS", "log_weights_implements", "routing_of", "log_weight_scores", "chosen_weights",
 ]
 
 POLICIES = ("auto", "always")
@@ -80,6 +100,117 @@ _ROUTER_LIMITS = {
     "scoring": "ONNX Runtime's MoE ops route with softmax only",
     "scale": "ONNX Runtime's MoE ops have no routed scaling factor",
 }
+# how the fused op gets its routing: "logits" (it routes on the router logits itself: ROUTER_IMPLEMENTS)
+# or "log_weights" (the TopKRouting node stays and routes; the fused op mixes its weights)
+ROUTINGS = ("logits", "log_weights")
+_LOG_WEIGHTS_LIMITS = {"scale": "the log-weights path feeds the fused op log(weights), which needs scale > 0"}
+# where the fused ops' router input is not chosen: below every log-weight, and exp() of it underflows to 0
+_UNCHOSEN = float(np.finfo(np.float32).min)
+
+
+def log_weights_implements(values: dict) -> dict:
+    """The TopKRouting attribute values the log-weights path computes, for a node with ``values``.
+
+    The kept TopKRouting node routes (any scoring, bias, groups); the fused op only mixes its weights,
+    through their log, so they must be positive: a finite ``scale > 0``.
+    """
+    scale = values["scale"]
+    return {
+        "scoring": SCORINGS, "normalize": (0, 1), "scale": (scale,) if np.isfinite(scale) and scale > 0 else (),
+        "n_group": (values["n_group"],), "topk_group": (values["topk_group"],), "group_scoring": GROUP_SCORINGS,
+    }
+
+
+def _has_selection_bias(router: ir.Node) -> bool:
+    index = TOPK_ROUTING.input_index("selection_bias")
+    return len(router.inputs) > index and router.inputs[index] is not None
+
+
+def routing_of(layer: MoELayer, what: str = "com.microsoft::MoE") -> tuple[str | None, str | None]:
+    """(routing, None): how ``what`` takes this layer's routing (one of :data:`ROUTINGS`); (None, reason) if not at all.
+
+    ``"logits"`` where ORT's own softmax routing computes TopKRouting exactly (the layers lowered
+    before version 2, unchanged), ``"log_weights"`` for every other routing the kept node computes.
+    """
+    attributes = layer.router_attributes
+    if not _has_selection_bias(layer.router) and refusal(TOPK_ROUTING, attributes, ROUTER_IMPLEMENTS, what) is None:
+        return "logits", None
+    reason = refusal(TOPK_ROUTING, attributes, log_weights_implements(attributes), what, _LOG_WEIGHTS_LIMITS)
+    return (None, reason) if reason is not None else ("log_weights", None)
+
+
+def log_weight_scores(op, layer: MoELayer) -> ir.Value:
+    """[T, E] float32: ``log(weights)`` at each token's chosen experts, the lowest float32 elsewhere.
+
+    ``op`` builds the nodes (a rewriter's ``op``, or :class:`_Nodes` for an If branch).
+    """
+    weights, indices = layer.router.outputs  # [T, K] float32, [T, K] int32
+    fill = op.Expand(op.Constant(value=ir.tensor(np.array(_UNCHOSEN, np.float32))), op.Shape(layer.logits))  # [T, E]
+    scores = op.ScatterElements(fill, indices, op.Log(weights), axis=1)  # [T, E]
+    scores.type, scores.shape = layer.logits.type, layer.logits.shape
+    return scores
+
+
+def chosen_weights(op, layer: MoELayer) -> ir.Value:
+    """[T, E] float32: the routing weights at each token's chosen experts, 0 elsewhere (QMoE's router_weights)."""
+    weights, indices = layer.router.outputs  # [T, K] float32, [T, K] int32
+    zeros = op.Expand(op.Constant(value=ir.tensor(np.array(0.0, np.float32))), op.Shape(layer.logits))  # [T, E]
+    mixing = op.ScatterElements(zeros, indices, weights, axis=1)  # [T, E]
+    mixing.type, mixing.shape = layer.logits.type, layer.logits.shape
+    return mixing
+
+
+def _weights_total(op, layer: MoELayer, like: ir.Value) -> ir.Value | None:
+    """What the router's k weights sum to, in ``like``'s dtype ([T, 1], or a scalar), or None where it is 1."""
+    if layer.normalize:  # the router divided by the sum, then scaled
+        if layer.scale == 1.0:
+            return None
+        total = op.Constant(value=ir.tensor(np.array(layer.scale, np.float32)))  # [] float32
+        total.type, total.shape = layer.logits.type, ir.Shape([])
+        return cast_like(op, total, like)
+    total = op.ReduceSum(layer.router.outputs[0], op.Constant(value=ir.tensor(np.array([1], np.int64))),
+                         keepdims=1)  # [T, 1] float32
+    total.type = layer.logits.type
+    return cast_like(op, total, like)
+
+
+def cast_like(op, value: ir.Value, like: ir.Value) -> ir.Value:
+    """``value`` cast to ``like``'s dtype (the fused ops take router inputs in the activation dtype)."""
+    if value.dtype == like.dtype:
+        return value
+    cast = op.Cast(value, to=like.dtype)
+    cast.type, cast.shape = ir.TensorType(like.dtype), value.shape
+    return cast
+
+
+class _Nodes:
+    """``op.X(*inputs, _domain=..., **attributes)`` that collects plain nodes (for an If branch): one output each."""
+
+    def __init__(self):
+        self.nodes: list[ir.Node] = []
+
+    def __getattr__(self, op_type: str):
+        def make(*inputs, _domain: str = "", **attributes):
+            node = ir.node(op_type, list(inputs), attributes=attributes, domain=_domain)
+            self.nodes.append(node)
+            return node.outputs[0]
+
+        return make
+
+
+def log_weights_moe(op, layer: MoELayer, x: ir.Value, fc1: ir.Value, w_down: ir.Value, fc1_bias: ir.Value | None,
+                    fc2_bias: ir.Value | None) -> ir.Value:
+    """The log-weights path's ``com.microsoft::MoE`` (times the weights' total): y [T, D]."""
+    router = cast_like(op, log_weight_scores(op, layer), x)  # [T, E]
+    y = op.MoE(*_moe_inputs(x, router, fc1, fc1_bias, w_down, fc2_bias), _domain=ORT_DOMAIN,
+               **moe_attributes(layer, normalize=1))  # [T, D]
+    y.type, y.shape = x.type, x.shape
+    total = _weights_total(op, layer, x)
+    if total is None:
+        return y
+    out = op.Mul(y, total)  # [T, D]
+    out.type, out.shape = x.type, x.shape
+    return out
 
 
 def experts_implements(values: dict) -> dict:
@@ -108,7 +239,7 @@ def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs.reshape(w_gate_up.shape))
 
 
-def moe_attributes(layer: MoELayer) -> dict:
+def moe_attributes(layer: MoELayer, normalize: int | None = None) -> dict:
     """The routing and activation attributes ``com.microsoft::MoE`` and ``QMoE`` share.
 
     ORT applies softmax to ``router_probs`` itself (it takes the logits), keeps the top ``k`` and,
@@ -116,10 +247,11 @@ def moe_attributes(layer: MoELayer) -> dict:
     scoring and ``scale == 1``. SwiGLU is ``G * sigmoid(alpha * G) * (clamp(up, +-limit) + beta)``
     with ``G = min(gate, limit)``: ``silu`` is ``alpha=1, beta=0`` (set explicitly: their defaults
     have changed between releases) and no ``swiglu_limit`` (no clamp); ``clamped_swiglu`` is
-    the node's ``alpha``, ``beta=1`` (gpt-oss's ``up + 1``) and its ``limit``.
+    the node's ``alpha``, ``beta=1`` (gpt-oss's ``up + 1``) and its ``limit``. ``normalize``
+    replaces the layer's ``normalize_routing_weights`` (the log-weights path sets its own).
     """
-    attributes = dict(k=layer.k, normalize_routing_weights=int(layer.normalize), activation_type="swiglu",
-                      swiglu_fusion=1)
+    normalize = int(layer.normalize) if normalize is None else normalize
+    attributes = dict(k=layer.k, normalize_routing_weights=normalize, activation_type="swiglu", swiglu_fusion=1)
     if layer.activation == "silu":
         return {**attributes, "activation_alpha": 1.0, "activation_beta": 0.0}
     assert layer.activation == "clamped_swiglu", layer.activation  # lowering_blocker refused the others
@@ -129,17 +261,23 @@ def moe_attributes(layer: MoELayer) -> dict:
 
 def lowering_blocker(
     layer: MoELayer | str, dtypes: tuple[ir.DataType, ...], what: str = "com.microsoft::MoE",
-    router: dict = ROUTER_IMPLEMENTS, experts: Callable[[dict], dict] = experts_implements,
+    router: dict | None = None, experts: Callable[[dict], dict] = experts_implements,
 ) -> str | None:
     """Why the fused ORT op ``what`` cannot compute this layer exactly, or None when it can.
 
     ``router`` / ``experts(values)``: the TopKRouting / SparseMoE attribute values the lowering
-    implements (every other value is refused: ``OpSpec.unsupported``).
+    implements (every other value is refused: ``OpSpec.unsupported``); ``router`` None: either
+    routing path (:func:`routing_of`), the fused op routing itself or the kept node routing.
     """
     if isinstance(layer, str):
         return layer
-    reason = (refusal(TOPK_ROUTING, layer.router_attributes, router, what, _ROUTER_LIMITS)
-              or refusal(SPARSE_MOE, layer.expert_attributes, experts(layer.expert_attributes), what))
+    if router is None:
+        reason = routing_of(layer, what)[1]
+    elif _has_selection_bias(layer.router):
+        reason = f"{what} routes on the logits alone: the node's selection_bias cannot reach it"
+    else:
+        reason = refusal(TOPK_ROUTING, layer.router_attributes, router, what, _ROUTER_LIMITS)
+    reason = reason or refusal(SPARSE_MOE, layer.expert_attributes, experts(layer.expert_attributes), what)
     if reason is not None:
         return reason
     dtype = layer.x.dtype
@@ -228,6 +366,8 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
                 name=f"{w_gate_up.name}.interleaved", sources=[source],
             ))
             fc1_bias = interleaved_gate_up_bias(op, layer, b_gate_up)
+            if routing_of(layer)[0] == "log_weights":
+                return log_weights_moe(op, layer, x, fc1, w_down, fc1_bias, b_down)
             logits = layer.logits
             if x.dtype != ir.DataType.FLOAT:  # the fused op takes the router input in the activation dtype
                 logits = op.Cast(layer.logits, to=x.dtype)
@@ -255,7 +395,13 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
             fc1_bias.type, fc1_bias.shape = b_gate_up.type, ir.Shape([E, 2 * F])
         tokens = op.Shape(x, start=0, end=1)  # [1]: T
         decode = op.LessOrEqual(tokens, op.Constant(value=ir.tensor(np.array([E // layer.k], np.int64))))  # [1] bool
-        fused = fused_moe_nodes(layer, x, fc1, w_down, fc1_bias, b_down)
+        if routing_of(layer)[0] == "log_weights":
+            branch = _Nodes()
+            out = log_weights_moe(branch, layer, x, fc1, w_down, fc1_bias, b_down)
+            fused = branch.nodes
+            assert fused[-1].outputs[0] is out
+        else:
+            fused = fused_moe_nodes(layer, x, fc1, w_down, fc1_bias, b_down)
         kept = ir.node("SparseMoE", list(experts.inputs), attributes=dict(experts.attributes), domain=DOMAIN,
                        overload=experts.overload)  # the overload names the function body variant it runs
         kept.outputs[0].type, kept.outputs[0].shape = y.type, y.shape

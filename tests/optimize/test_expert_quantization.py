@@ -15,6 +15,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+import moetrt
 from moetrt.ops.sparse_moe import sparse_moe_reference
 from moetrt.ops.topk_routing import topk_routing_reference
 from moetrt.optimize.expert_quantization import (
@@ -26,7 +27,11 @@ from tests.optimize.helpers import (
 
 pytest.importorskip("onnxruntime")
 
-FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe"]
+FAMILY_VARIANTS = [
+    "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2",
+]
+# the tiny DeepSeek-line variants have F=24, which no QMoE block (a power of two >= 16) divides: F=32 here
+FAMILY_OVERRIDES = {v: dict(moe_intermediate_size=32) for v in ("deepseek_v3", "glm4_moe", "glm4_moe_lite")}
 
 # Quality bounds on the trained tiny model, against the fp32 export on heldout.txt.
 # Symmetric rounding to a step of max|w_block| / qmax leaves each weight off by at most half a
@@ -82,20 +87,37 @@ def test_block_size_falls_back_to_a_divisor():
 
 
 @pytest.fixture(scope="module")
-def quantized(canonical, tmp_path_factory):
+def quantized(canonical, hf_tiny_model, tmp_path_factory):
     """(variant, scheme) -> (reference, dequantized reference, PassResult, model, session), cached."""
     cache = {}
 
     def get(variant, scheme):
         """``scheme``: int8 | int4 | int4-act8 (int4 weights, accuracy_level 4)."""
         if (variant, scheme) not in cache:
-            model, folder = canonical(variant)
+            if variant in FAMILY_OVERRIDES:
+                model, folder = _exported(hf_tiny_model(variant, **FAMILY_OVERRIDES[variant]),
+                                          tmp_path_factory.mktemp(f"canonical-{variant}") / "exported")
+            else:
+                model, folder = canonical(variant)
             path = tmp_path_factory.mktemp(f"q-{scheme}") / "model.onnx"
             result, graph = apply_pass(folder, path, quantize_experts, scheme[:4], accuracy_level=ACCURACY[scheme])
             cache[(variant, scheme)] = (model, _dequantized(model, scheme[:4], result), result, graph, session(path))
         return cache[(variant, scheme)]
 
     return get
+
+
+def _exported(hf_model, folder):
+    """(reference, exported folder) of a transformers model."""
+    import warnings
+
+    from moetrt.export import onnx_from_torch
+
+    model = moetrt.from_pretrained(hf_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_from_torch(model, folder, progress=False)
+    return model, folder
 
 
 def _dequantized(model, scheme: str, result):
@@ -182,8 +204,21 @@ def test_one_layer_against_numpy(tmp_path, record_max, scheme, accuracy_level, n
 def test_families(quantized, record_max, variant):
     """int4 (fp32 activations on CPU) on each family equals the reference with dequantized experts."""
     model, dequantized, result, graph, sess = quantized(variant, "int4")
-    assert result.count == len(model.config.moe_layers)
-    assert node_counts(graph)["com.microsoft::QMoE"] == len(model.config.moe_layers)
+    layers = len(model.config.moe_layers)
+    assert result.count == layers
+    counts = node_counts(graph)
+    assert counts["com.microsoft::QMoE"] == layers and counts["moetrt::SparseMoE"] == 0
+    if variant in FAMILY_OVERRIDES or variant == "minimax_m2":  # sigmoid routing with a selection bias
+        # the log-weights path: TopKRouting stays (a function), its weights mix as QMoE's router_weights
+        assert counts["moetrt::TopKRouting"] == layers and "TopKRouting" in {f.name for f in graph.functions.values()}
+        for node in graph.graph:
+            if node.op_type == "QMoE":
+                attrs = {k: a.value for k, a in node.attributes.items()}
+                assert attrs["normalize_routing_weights"] == 0, attrs
+                assert node.inputs[1].producer().op_type == "ScatterElements"  # the log-scores choose
+                assert node.inputs[14].producer().op_type == "ScatterElements"  # the weights mix
+    else:
+        assert counts["moetrt::TopKRouting"] == 0
     for batch, seq, past in [(1, 1, 0), (2, 9, 20)]:
         logits, kv, _ = compare(dequantized, sess, batch, seq, past, seed=seq)
         record_max("quantize_experts int4 max abs error vs dequantized reference (families)", variant, logits.max_abs)

@@ -9,14 +9,19 @@ import pytest
 
 import moetrt
 from moetrt.optimize.moe_lowering import interleave_gate_up, lower_moe
+from moetrt.parity import check_close, tolerance
 from tests.optimize.helpers import apply_pass, compare, node_counts, session
 
 pytest.importorskip("onnxruntime")
 
 # (batch, new tokens, past): T = batch * new tokens; tiny has E=8, K=2, so T <= 4 takes the fused op under "auto"
 SHAPES = [(1, 1, 0), (1, 1, 37), (4, 1, 13), (1, 4, 0), (1, 5, 0), (3, 17, 0), (2, 9, 20), (1, 256, 0)]
-FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe"]
+FAMILY_VARIANTS = [
+    "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2",
+]
 FAMILY_SHAPES = [(1, 1, 0), (2, 1, 7), (2, 9, 20)]
+# sigmoid scoring with a selection bias (and groups, but for minimax_m2): the log-weights path
+LOG_WEIGHTS_VARIANTS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2")
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +101,17 @@ def test_tiny_matches_reference(lowered, record_max, policy, batch, seq, past):
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
 def test_families_lowered_and_match_reference(lowered, record_max, variant):
     model, result, graph, sess = lowered(variant, "auto")
-    assert result.count == len(model.config.moe_layers) and not result.skipped
-    assert node_counts(graph)["com.microsoft::MoE"] == len(model.config.moe_layers)
+    layers = len(model.config.moe_layers)
+    assert result.count == layers and not result.skipped
+    counts = node_counts(graph)
+    assert counts["com.microsoft::MoE"] == layers
+    # auto keeps TopKRouting for the function-body branch in any case; the fused op's router input tells the paths
+    assert counts["moetrt::TopKRouting"] == layers and "TopKRouting" in {f.name for f in graph.functions.values()}
+    log_weights = variant in LOG_WEIGHTS_VARIANTS  # ORT's softmax routing cannot compute theirs: the node routes
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        if node.op_type == "MoE":
+            router = node.inputs[1].producer().op_type
+            assert (router == "ScatterElements") == log_weights, (variant, router)  # log(weights), or the logits
     for batch, seq, past in FAMILY_SHAPES:
         logits, kv, _ = compare(model, sess, batch, seq, past, seed=batch * 100 + seq)
         record_max("lower_moe fp32 max abs error (families logits)", variant, logits.max_abs)
@@ -122,19 +136,76 @@ def _random_config(**overrides):
     return moetrt.MoEConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("overrides,reason", [
-    (dict(scoring="sigmoid"), "scoring 'sigmoid'"),
-    (dict(routed_scaling_factor=2.5), "scale 2.5"),
-])
-def test_layers_the_fused_op_cannot_compute_keep_their_body(canonical, tmp_path, overrides, reason):
-    model, folder = canonical(_random_config(**overrides))
-    result, graph = apply_pass(folder, tmp_path / "model.onnx", lower_moe, policy="always")
-    assert result.count == 0
-    assert len(result.skipped) == 2 and all(reason in why for why in result.skipped.values()), result.skipped
+# routings ORT's softmax cannot compute: the log-weights path (TopKRouting kept, log(weights) into MoE)
+LOG_WEIGHTS_ROUTINGS = {
+    "sigmoid": dict(scoring="sigmoid"),
+    "scale": dict(routed_scaling_factor=2.5),
+    "sigmoid-unnormalized-scale": dict(scoring="sigmoid", normalize_topk=False, routed_scaling_factor=1.5),
+    "deepseek": dict(scoring="sigmoid", selection_bias=True, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                     num_experts=8, num_experts_per_tok=3),
+    "bias-softmax-max-groups": dict(selection_bias=True, n_group=4, topk_group=2, group_scoring="max",
+                                    normalize_topk=False, num_experts=8),
+}
+# T=1 decode, T=37 prefill, batch 3 (decode and prefill): shapes the graph was not exported with
+LOG_WEIGHTS_SHAPES = [(1, 1, 0), (1, 1, 6), (1, 37, 0), (3, 1, 9), (3, 37, 0)]
+
+
+@pytest.fixture(scope="module")
+def log_weights_model(canonical):
+    """routing name -> (reference with a random selection bias, exported folder)."""
+    import torch
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, folder = canonical(_random_config(**LOG_WEIGHTS_ROUTINGS[name]))
+            bias = [layer.mlp.selection_bias for layer in model.layers if getattr(layer.mlp, "selection_bias", None)
+                    is not None]
+            assert not bias or all(torch.count_nonzero(b) for b in bias), "the export must see a non-zero bias"
+            cache[name] = (model, folder)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("policy", ["auto", "always"])
+@pytest.mark.parametrize("name", list(LOG_WEIGHTS_ROUTINGS))
+def test_routings_ort_cannot_compute_take_the_log_weights_path(log_weights_model, tmp_path, record_max, name,
+                                                                policy):
+    model, folder = log_weights_model(name)
+    result, graph = apply_pass(folder, tmp_path / "model.onnx", lower_moe, policy=policy)
+    assert result.count == 2 and not result.skipped, result.skipped
     counts = node_counts(graph)
-    assert counts["moetrt::SparseMoE"] == 2 and counts["com.microsoft::MoE"] == 0
-    logits, kv, _ = compare(model, session(tmp_path / "model.onnx"), 2, 7, 3)
-    assert logits.ok and kv.ok
+    assert counts["com.microsoft::MoE"] == 2 and counts["moetrt::TopKRouting"] == 2
+    assert counts["moetrt::SparseMoE"] == (2 if policy == "auto" else 0)
+    assert "TopKRouting" in {f.name for f in graph.functions.values()}, "the kept router needs its function body"
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        if node.op_type == "MoE":
+            assert node.attributes["normalize_routing_weights"].value == 1
+            assert node.inputs[1].producer().op_type == "ScatterElements"
+            assert node.inputs[1].producer().inputs[2].producer().op_type == "Log"
+    sess, canonical_sess = session(tmp_path / "model.onnx"), session(folder / "model.onnx")
+    for batch, seq, past in LOG_WEIGHTS_SHAPES:
+        logits, kv, got = compare(model, sess, batch, seq, past, seed=seq)
+        record_max("lower_moe log-weights path fp32 max abs error (logits)", f"{name} {policy} b{batch} s{seq} p{past}",
+                   logits.max_abs)
+        assert logits.ok and kv.ok, (batch, seq, past, logits, kv)
+        _, _, body = compare(model, canonical_sess, batch, seq, past, seed=seq)  # the canonical export
+        assert check_close(got["logits"], body["logits"], tolerance("fp32", "logits")).ok
+
+
+def test_a_routing_no_path_computes_keeps_its_body(canonical, tmp_path):
+    """scale <= 0 has no log: refused with the reason, the body kept."""
+    _, folder = canonical(_random_config(scoring="sigmoid"))
+    model = ir.load(folder / "model.onnx")
+    for node in model.graph:
+        if node.op_type == "TopKRouting":
+            node.attributes["scale"] = ir.AttrFloat32("scale", -1.0)
+    result = lower_moe(model, policy="always")
+    assert result.count == 0 and len(result.skipped) == 2, result.skipped
+    assert all("scale -1: the log-weights path" in why for why in result.skipped.values()), result.skipped
+    assert node_counts(model)["moetrt::SparseMoE"] == 2 and node_counts(model)["com.microsoft::MoE"] == 0
 
 
 @pytest.mark.parametrize("num_experts,k", [(4, 4), (1, 1), (8, 3)])
