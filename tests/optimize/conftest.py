@@ -39,3 +39,22 @@ def canonical(tmp_path_factory, request):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def optimized_variant(canonical, tmp_path_factory):
+    """``optimized_variant(variant, **optimize_options)`` -> (reference, exported folder, optimized folder), cached."""
+    from moetrt.optimize import optimize
+
+    cache: dict = {}
+
+    def get(variant, **options):
+        key = (variant, tuple(sorted(options.items())))
+        if key not in cache:
+            model, folder = canonical(variant)
+            out = tmp_path_factory.mktemp(f"{variant}-optimized") / "out"
+            optimize(folder, out, progress=False, **options)
+            cache[key] = (model, folder, out)
+        return cache[key]
+
+    return get

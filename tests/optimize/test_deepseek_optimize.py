@@ -13,7 +13,6 @@ import json
 import onnx_ir as ir
 import pytest
 
-from moetrt.optimize import optimize
 from tests.optimize.helpers import compare, node_counts, session
 
 pytest.importorskip("onnxruntime")
@@ -30,20 +29,9 @@ IDS = ["default", "last_logits", "fp16", "fuse_norms"]
 
 
 @pytest.fixture(scope="module")
-def optimized(canonical, tmp_path_factory):
-    """(options) -> (reference, exported folder, optimized folder), cached."""
-    cache = {}
-
-    def get(**options):
-        key = tuple(sorted(options.items()))
-        if key not in cache:
-            model, folder = canonical(VARIANT)
-            out = tmp_path_factory.mktemp("deepseek-optimized") / "out"
-            optimize(folder, out, progress=False, **options)
-            cache[key] = (model, folder, out)
-        return cache[key]
-
-    return get
+def optimized(optimized_variant):
+    """(options) -> (reference, exported folder, optimized folder) of VARIANT, cached."""
+    return lambda **options: optimized_variant(VARIANT, **options)
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=IDS)

@@ -73,20 +73,9 @@ WEIGHTS_BOUND = 0.05
 
 
 @pytest.fixture(scope="module")
-def optimized(canonical, tmp_path_factory):
-    """(options) -> (reference, exported folder, optimized folder), cached."""
-    cache = {}
-
-    def get(**options):
-        key = tuple(sorted(options.items()))
-        if key not in cache:
-            model, folder = canonical(VARIANT)
-            out = tmp_path_factory.mktemp("gpt-oss-optimized") / "out"
-            optimize(folder, out, progress=False, **options)
-            cache[key] = (model, folder, out)
-        return cache[key]
-
-    return get
+def optimized(optimized_variant):
+    """(options) -> (reference, exported folder, optimized folder) of VARIANT, cached."""
+    return lambda **options: optimized_variant(VARIANT, **options)
 
 
 def _fused_nodes(graph: ir.Model) -> list[ir.Node]:
