@@ -44,25 +44,6 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data
 TORCH_DTYPES = {d: torch_dtype(d) for d in DTYPES}
 STAGES = ["load", "trace", "attach functions", "save"]
 STREAMING_STAGES = ["read checkpoint index", "trace", "attach functions", "save"]
-# parameters (by last name part) that stay float32 in every export dtype: TopKRouting takes its
-# selection_bias input in float32 (its op spec; router math is fp32), and fp16 would move near-ties
-FLOAT32_PARAMETERS = frozenset({"selection_bias"})
-
-
-def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of model parameter ``name`` in an export of ``dtype``."""
-    return torch.float32 if name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
-
-
-def _converted(model: MoETransformer, dtype: torch.dtype) -> MoETransformer:
-    """A copy of ``model`` in ``dtype`` (the caller's is left as it was), :data:`FLOAT32_PARAMETERS` in float32."""
-    converted = copy.deepcopy(model).to(dtype)
-    for name, param in model.named_parameters():
-        if parameter_dtype(name, dtype) != dtype:
-            converted.get_parameter(name).data = param.detach().to(parameter_dtype(name, dtype), copy=True)
-    return converted
-
-
 class _ExportWrapper(nn.Module):
     """Flat tensors in, flat tensors out, in the order of :func:`io_spec`."""
 
@@ -341,7 +322,7 @@ def onnx_from_torch(
         if not isinstance(model, MoETransformer):
             raise UnsupportedModelError(f"expected a moetrt.MoETransformer, got {type(model).__name__}")
         if model.dtype != torch_dtype:
-            model = _converted(model, torch_dtype)  # the caller's model is left as it was
+            model = copy.deepcopy(model).to(torch_dtype)  # the caller's model is left as it was (selection bias: fp32)
         prepare = None
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config

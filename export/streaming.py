@@ -32,7 +32,7 @@ import torch
 from moetrt.checkpoint import ParamSource
 from moetrt.dtypes import from_torch, onnx_elem_type
 
-from .onnx_from_torch import parameter_dtype
+from moetrt.model import parameter_dtype
 
 __all__ = ["StreamedTensor", "bind_sources", "fold_streamed_transposes", "fake_model", "to_ir_tensor", "EAGER_ELEMENTS"]
 

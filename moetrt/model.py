@@ -27,6 +27,16 @@ __all__ = ["MoETransformer", "MoEOutput", "KVCache", "StaticKVCache"]
 KVCache = list[tuple[torch.Tensor, ...]]
 
 
+# parameters (by last name part) that stay float32 whatever the model's dtype: TopKRouting takes its
+# selection_bias input in float32 (its op spec; router math is fp32), and fp16 would move near-ties
+FLOAT32_PARAMETERS = frozenset({"selection_bias"})
+
+
+def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of parameter ``name`` in a model (or an export) of ``dtype``."""
+    return torch.float32 if name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
+
+
 def _capturing() -> bool:
     """Whether a CUDA graph is being captured (the checks, which read values on the host, are skipped then)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -307,7 +317,7 @@ class MoEBlock(nn.Module):
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def _apply(self, fn, recurse=True):
-        # the selection bias stays float32 when the model moves to fp16/bf16 (router math is fp32; TopKRouting's spec)
+        # the selection bias stays float32 when the model moves to fp16/bf16 (FLOAT32_PARAMETERS)
         kept = None if self.selection_bias is None else self.selection_bias.data
         super()._apply(fn, recurse)
         if kept is not None and self.selection_bias.dtype != torch.float32:
