@@ -351,6 +351,72 @@ def _parity(args: argparse.Namespace) -> int:
     return parity_cli.run(args)
 
 
+# --- moetrt serve ------------------------------------------------------------------------------
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC",
+                   help="an exported folder (moetrt export), a Hugging Face checkpoint folder, or a preset name (e.g. tiny)")
+    p.add_argument("--backend", "-b", default="torch", choices=("torch", "ort", "trt"),
+                   help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; trt: cuda)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the name clients pass as `model` (default: the preset's or the folder's name)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests that share a forward pass (default: %(default)s; 1 runs one at a time)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request still running after this gets a 504 (default: %(default)s)")
+    r = p.add_argument_group("Ray Serve replicas")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve N replicas on Ray Serve, each with its own copy of the model")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster (e.g. ray://head:10001; default: start a local one)")
+    r.add_argument("--replica-cpus", type=float, default=None, metavar="CPUS",
+                   help="CPUs Ray reserves per replica (default: 1)")
+    r.add_argument("--autoscaling", default=None, metavar="JSON",
+                   help="Ray Serve autoscaling_config as JSON, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
+
+
+@command("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP: POST /v1/completions and /v1/chat/completions (stream: true as
+    server-sent events), GET /v1/models and /health, for any OpenAI client:
+
+        moetrt serve exported/tiny --backend ort
+        python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
+                   print(c.completions.create(model='tiny', prompt='Return the ').choices[0].text)"
+
+    Concurrent requests share forward passes (up to --max-batch). --replicas N deploys N copies
+    on Ray Serve behind the same API. Runs until interrupted (Ctrl-C).
+    """
+    import json
+
+    from moetrt.serve import serve
+
+    if args.replicas is not None and args.replicas < 1:
+        raise MoetrtError(f"--replicas must be >= 1, got {args.replicas}")
+    if not 0 < args.port < 65536:
+        raise MoetrtError(f"--port must be in 1..65535, got {args.port}")
+    autoscaling = None
+    if args.autoscaling is not None:
+        try:
+            autoscaling = json.loads(args.autoscaling)
+        except json.JSONDecodeError as exc:
+            raise MoetrtError(f"--autoscaling is not valid JSON ({exc}); e.g. '{{\"min_replicas\": 1, \"max_replicas\": 4}}'") from exc
+        if not isinstance(autoscaling, dict):
+            raise MoetrtError("--autoscaling must be a JSON object, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {args.source} ({args.backend}) at {where}; Ctrl-C stops", file=sys.stderr, flush=True)
+    serve(args.source, backend=args.backend, device=args.device, host=args.host, port=args.port,
+          model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
+          request_timeout=args.request_timeout, replicas=args.replicas, ray_address=args.ray_address,
+          autoscaling=autoscaling, replica_cpus=args.replica_cpus)
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from moetrt import __version__
