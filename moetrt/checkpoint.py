@@ -51,7 +51,8 @@ __all__ = [
 PRESET_DIR = Path(__file__).parent / "presets"
 # presets whose trained weights ship inside the package
 SHIPPED_PRESETS = ("tiny",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")  # the chat template newer transformers saves beside tokenizer_config.json
 
 # --- config ----------------------------------------------------------------------------------
 def config_from_hf(hf: dict[str, Any]) -> MoEConfig:

@@ -14,7 +14,7 @@ past the server's request timeout.
 
 The app does not run the model itself: it talks to a :class:`Generator` (token ids and sampling
 options in, :class:`~moetrt.serve.engine.TokenEvent` out). :class:`LocalGenerator` runs a
-:class:`~moetrt.serve.engine.BatchEngine` in this process; ``moetrt.serve.ray`` sends requests
+:class:`~moetrt.serve.engine.BatchEngine` in this process; ``moetrt.serve.replicas`` sends requests
 to Ray Serve replicas.
 """
 
@@ -85,8 +85,8 @@ class Generator(Protocol):
 class LocalGenerator:
     """Requests run on a :class:`BatchEngine` in this process."""
 
-    def __init__(self, session: Any, max_batch: int = 16):
-        self.engine = BatchEngine(session, max_batch=max_batch)
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
 
     async def events(self, params: GenerateParams) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
@@ -538,7 +538,7 @@ async def _sse(run: _Run, first: TokenEvent | None, chat: bool, include_usage: b
             offset = run.sent
             text = run.ready_text()
             events = run.logprobs[done:]
-            if text or finish is not None or (events and run.params.report_logprobs):
+            if events or finish is not None:  # a chunk per token, its text empty while held back
                 yield chunk(piece(text, events, finish, offset))
                 done = len(run.logprobs)
             if finish is not None:

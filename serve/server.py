@@ -37,11 +37,12 @@ def app_from_source(
     """The FastAPI app serving ``source`` from one :class:`Session` in this process."""
     from moetrt.runtime import Session
     from moetrt.serve.app import LocalGenerator, ModelInfo, create_app
+    from moetrt.serve.engine import BatchEngine
 
     _check_options(max_batch, request_timeout)
     session = Session(source, backend=backend, device=device)
     info = ModelInfo.from_session(session, model_name or model_name_of(source))
-    return create_app(info, LocalGenerator(session, max_batch=max_batch), api_key=api_key, request_timeout=request_timeout)
+    return create_app(info, LocalGenerator(BatchEngine(session, max_batch=max_batch)), api_key=api_key, request_timeout=request_timeout)
 
 
 def serve(
@@ -63,19 +64,19 @@ def serve(
 
     ``replicas=None`` runs the model in this process; ``replicas=N`` (or ``autoscaling``, Ray
     Serve's ``autoscaling_config``) deploys N Ray Serve replicas of it, each with its own
-    Session, behind this process's HTTP front end (:mod:`moetrt.serve.ray`).
+    Session, behind Ray Serve's HTTP proxy (:mod:`moetrt.serve.replicas`).
     """
-    uvicorn = _import("uvicorn")
     _check_options(max_batch, request_timeout)
     if replicas is None and autoscaling is None and ray_address is None:
+        uvicorn = _import("uvicorn")
         app = app_from_source(source, backend, device, model_name, api_key, max_batch, request_timeout)
-    else:
-        from moetrt.serve.ray import app_on_ray
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    from moetrt.serve.replicas import serve_on_ray
 
-        app = app_on_ray(source, backend=backend, device=device, model_name=model_name, api_key=api_key,
-                         max_batch=max_batch, request_timeout=request_timeout, replicas=replicas or 1,
-                         ray_address=ray_address, autoscaling=autoscaling, replica_cpus=replica_cpus)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serve_on_ray(source, host=host, port=port, ray_address=ray_address, backend=backend, device=device,
+                 model_name=model_name, api_key=api_key, max_batch=max_batch, request_timeout=request_timeout,
+                 replicas=replicas or 1, autoscaling=autoscaling, replica_cpus=replica_cpus)
 
 
 def _check_options(max_batch: int, request_timeout: float) -> None:
