@@ -156,8 +156,10 @@ def write_report(out: Path, report: dict) -> None:
         "",
         f"Versions: {', '.join(f'{k} {val}' for k, val in v.items() if val)}.",
         "",
-        "The machine is shared with other jobs (2 cores under load while this ran), so absolute numbers move between "
-        "runs; the ratios compare servers measured in turn within the same minutes.",
+        f"The machine is shared with other jobs ({report['load_note']}: 1-minute load average "
+        f"{report['load_average'][0]:.1f}-{report['load_average'][1]:.1f} on {m['cores']} cores while this ran), so the "
+        "absolute numbers are far below an idle machine's (`runtime_cpu.md` measured 93 tok/s single-stream decode on "
+        "this model) and move between runs; the ratios compare the two servers measured in turn within the same minutes.",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             for clients in args.clients:
                 for mode, server in servers.items():
                     result = asyncio.run(load(server.url, clients, args.requests, prompts, args.max_tokens))
+                    result["load_average"] = os.getloadavg()[0]
                     runs[clients][mode].append(result)
                     log(f"round {round_}, {clients} clients, {mode}: {result['tokens_per_s']:.1f} tok/s, "
                         f"TTFT p50 {result['ttft_p50_s']:.2f} s")
@@ -200,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.stop()
 
+    loads = [r["load_average"] for by_mode in runs.values() for rs in by_mode.values() for r in rs]
     results = {}
     for clients, by_mode in runs.items():
         counts = {r["tokens"] for rs in by_mode.values() for r in rs}
         assert len(counts) == 1, f"the servers gave different token counts at {clients} clients: {counts}"
-        row = {mode: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for mode, rs in by_mode.items()}
+        row = {mode: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "load_average"}
+               for mode, rs in by_mode.items()}
         row["ratio"] = statistics.median(b["tokens_per_s"] / o["tokens_per_s"]
                                          for b, o in zip(by_mode["batching"], by_mode["one at a time"]))
         results[str(clients)] = row
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(args.threads),
         "versions": versions(),
         "load_note": args.load_note,
+        "load_average": [min(loads), max(loads)],
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
         "runs": {str(c): r for c, r in runs.items()},

@@ -167,6 +167,10 @@ def create_app(
     async def _validation_error(request, exc):
         return error_response(ApiError(400, str(exc)))
 
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):  # a bug in moetrt: still OpenAI's shape, with what it was
+        return error_response(ApiError(500, f"the server failed: {type(exc).__name__}: {exc}"))
+
     @app.middleware("http")
     async def _check_key(request: HttpRequest, call_next):
         if api_key is not None and request.url.path != "/health":
@@ -194,19 +198,15 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        body = await _json_body(request)
-        prompt = _completion_prompt(body, info)
-        params = _params(body, info, prompt, chat=False)
-        return await _respond(body, params, chat=False)
+        return await _respond(await _json_body(request), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
-        body = await _json_body(request)
-        prompt = _chat_prompt(body, info)
-        params = _params(body, info, prompt, chat=True)
-        return await _respond(body, params, chat=True)
+        return await _respond(await _json_body(request), chat=True)
 
-    async def _respond(body: dict[str, Any], params: GenerateParams, chat: bool):
+    async def _respond(body: dict[str, Any], chat: bool):
+        prompt = _chat_prompt(body, info) if chat else _completion_prompt(body, info)
+        params = _params(body, info, prompt, chat=chat)
         stops = _stop_strings(body)
         run = _Run(info, generator, params, stops, request_timeout, chat)
         if body.get("stream"):
@@ -320,9 +320,10 @@ def _params(body: dict[str, Any], info: ModelInfo, prompt: list[int], chat: bool
     if _number(body, "n", 1, int, 1) != 1:
         raise ApiError(400, "n must be 1 here; send several requests (the server batches them) for several choices",
                        param="n")
-    for name in ("echo", "best_of", "suffix", "tools", "functions", "logit_bias"):
-        if body.get(name) not in (None, False, 1, {}, []) or (name == "suffix" and body.get(name)):
-            raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
+    unsupported = [name for name in ("echo", "suffix", "tools", "functions", "logit_bias") if body.get(name)]
+    unsupported += ["best_of"] if body.get("best_of") not in (None, 1) else []
+    if unsupported:
+        raise ApiError(400, f"{unsupported[0]} is not supported by this server; leave it out", param=unsupported[0])
     room = info.max_positions - len(prompt)
     if room < 1:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens, which leaves no room in the model's "

@@ -140,7 +140,7 @@ class Frontend:
 
 def deploy(
     source: str | os.PathLike,
-    backend: str = "ort",
+    backend: str = "torch",
     device: str | None = None,
     model_name: str | None = None,
     api_key: str | None = None,

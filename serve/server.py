@@ -27,7 +27,7 @@ def model_name_of(source: str | os.PathLike) -> str:
 
 def app_from_source(
     source: str | os.PathLike,
-    backend: str = "ort",
+    backend: str = "torch",
     device: str | None = None,
     model_name: str | None = None,
     api_key: str | None = None,
@@ -47,7 +47,7 @@ def app_from_source(
 
 def serve(
     source: str | os.PathLike,
-    backend: str = "ort",
+    backend: str = "torch",
     device: str | None = None,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,

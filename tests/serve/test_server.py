@@ -152,6 +152,8 @@ def test_models_and_health(client, server):
     (dict(model="tiny", prompt="x", n=2), openai.BadRequestError, "n must be 1"),
     (dict(model="tiny", prompt="x", temperature=-1), openai.BadRequestError, "temperature"),
     (dict(model="tiny", prompt=[10 ** 9]), openai.BadRequestError, "vocabulary"),
+    (dict(model="tiny", prompt="x", echo=True), openai.BadRequestError, "echo"),
+    (dict(model="tiny", prompt="x", top_p=0), openai.BadRequestError, "top_p"),
 ])
 def test_bad_requests_are_4xx_with_a_message(client, kwargs, error, match):
     with pytest.raises(error, match=match) as info:
