@@ -184,7 +184,10 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": info.name}
+        status = {"status": "ok", "model": info.name}
+        if hasattr(generator, "retried"):  # replicas: requests resent after their replica failed
+            status["retried"] = generator.retried
+        return status
 
     @app.get("/v1/models")
     async def models():
