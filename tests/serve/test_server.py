@@ -3,8 +3,9 @@ equality with a local Session, log-probabilities, usage, and the 4xx answers to 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
-import json
+import time
 
 import pytest
 
@@ -173,28 +174,51 @@ def test_malformed_json_and_wrong_key(server):
             c.models.list()
 
 
-def test_request_timeout_is_504(tiny_export, run_server):
-    running = run_server(app_from_source(tiny_export, backend="ort", model_name="tiny", request_timeout=0.05))
-    r = httpx.post(running.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 400}, timeout=60)
+class Stalled:
+    """A model side that never produces a token."""
+
+    async def events(self, params):
+        await asyncio.sleep(3600)
+        yield None
+
+    def close(self):
+        pass
+
+
+def test_request_timeout_is_504(local, run_server):
+    from moetrt.serve.app import ModelInfo, create_app
+
+    app = create_app(ModelInfo.from_session(local, "tiny"), Stalled(), request_timeout=0.5)
+    running = run_server(app)
+    start = time.monotonic()
+    r = httpx.post(running.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4}, timeout=60)
     assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 30
+    with httpx.stream("POST", running.url + "/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "x", "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 504  # nothing streamed yet: still an HTTP error
 
 
-def test_moetrt_serve_tiny_answers_the_openai_client(tmp_path):
-    """The CLI in its own process: `moetrt serve tiny` on a free port, stopped at the end."""
-    import os
+@pytest.mark.parametrize("extra", [[], pytest.param(["--replicas", "1", "--replica-cpus", "0.5"], marks=pytest.mark.slow)],
+                         ids=["one-process", "ray-replicas"])
+def test_moetrt_serve_tiny_answers_the_openai_client(tmp_path, extra):
+    """The CLI in its own process: `moetrt serve tiny` on a free port (on a local Ray with --replicas), stopped
+    at the end (Ctrl-C, which also shuts the Ray it started down)."""
+    import importlib.util
     import signal
     import subprocess
     import sys
-    import time
 
     from tests.serve.conftest import free_port
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "moetrt.cli", "serve", "tiny", "--port", str(port)],
+    if extra and importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (pip install 'moetrt[serve]')")
+    proc = subprocess.Popen([sys.executable, "-m", "moetrt.cli", "serve", "tiny", "--port", str(port), *extra],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, (log.seek(0), log.read())[1]
             try:
@@ -202,7 +226,7 @@ def test_moetrt_serve_tiny_answers_the_openai_client(tmp_path):
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "moetrt serve did not answer /health in 90 s"
+            assert time.monotonic() < deadline, "moetrt serve did not answer /health in 180 s"
             time.sleep(0.2)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60) as c:
             out = c.completions.create(model="tiny", prompt="Return the ", max_tokens=8, temperature=0)
@@ -210,7 +234,7 @@ def test_moetrt_serve_tiny_answers_the_openai_client(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(30)
+            proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
