@@ -10,7 +10,8 @@ Request fields: ``model``, ``max_tokens`` (chat: also ``max_completion_tokens``)
 chat: a bool with ``top_logprobs`` 0..20), ``stream``, ``stream_options.include_usage``. Errors
 have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with 400 for a bad
 request, 401 for a missing or wrong API key, 404 for an unknown model, 504 when a request runs
-past the server's request timeout.
+past the server's request timeout, 503 when a Ray replica failed after the request had started
+streaming. ``GET /health`` needs no key.
 
 The app does not run the model itself: it talks to a :class:`Generator` (token ids and sampling
 options in, :class:`~moetrt.serve.engine.TokenEvent` out). :class:`LocalGenerator` runs a

@@ -240,3 +240,17 @@ def test_moetrt_serve_tiny_answers_the_openai_client(tmp_path, extra):
             proc.wait(10)
         log.close()
     assert proc.returncode in (0, 130, -signal.SIGINT), proc.returncode
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--autoscaling", "{min_replicas: 1"], "--autoscaling is not valid JSON"),
+    (["--autoscaling", "[1, 4]"], "--autoscaling must be a JSON object"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+])
+def test_cli_refuses_bad_options_before_starting_anything(argv, match, capsys):
+    from moetrt.cli import main
+
+    assert main(["serve", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1]
