@@ -1,12 +1,14 @@
 """A checkpoint's chat template: the Jinja template in ``tokenizer_config.json`` (``chat_template``)
-or ``chat_template.jinja``, rendered as transformers' ``apply_chat_template(..., add_generation_prompt=True)``
-renders it (sandboxed Jinja, ``raise_exception``, the tokenizer's special tokens as variables).
+or ``chat_template.jinja``, rendered as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it:
+sandboxed Jinja with ``loopcontrols``, ``raise_exception``, ``strftime_now``, transformers' ``tojson``
+filter, and the tokenizer's special tokens as variables.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,14 @@ class ChatTemplate:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers' filter: Jinja's own escapes HTML characters
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(source)
         self._error = TemplateError
 
