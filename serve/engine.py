@@ -32,6 +32,7 @@ import numpy as np
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.generate import SamplingOptions, left_pad, sample_next
+from moetrt.runtime.session import RunLock
 
 __all__ = ["BatchEngine", "Request", "TokenEvent"]
 
@@ -126,7 +127,7 @@ class BatchEngine:
             if batch is None and not self._waiting:
                 continue
             try:
-                with self.session._lock.hold("served batch"):
+                with RunLock.of(self.backend).hold("served batch"):
                     # hold the back end while the batch runs; let go when it drains so that other
                     # users of the same session get their turn between busy periods
                     while True:
