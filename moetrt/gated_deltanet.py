@@ -57,7 +57,10 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(q, k, v, g, beta):
-    """[B, S, H, d] inputs -> float32 [B, Hv, S, d] with Hk heads repeated to Hv, q/k normalised, q scaled."""
+    """[B, S, H, d] inputs -> float32 [B, Hv, S, d] with Hk heads repeated to Hv, q/k normalised.
+
+    Each form then scales q by ``Dk^-0.5`` the way transformers' does (a product or a quotient).
+    """
     hk, hv = k.shape[2], v.shape[2]
     if hk != hv:
         q = q.repeat_interleave(hv // hk, dim=2)
@@ -65,7 +68,7 @@ def _prepare(q, k, v, g, beta):
     q, k, v, beta, g = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
                         for x in (q, k, v, beta, g))
     q, k = _l2norm(q), _l2norm(k)
-    return q * q.shape[-1] ** -0.5, k, v, g, beta  # [B, Hv, S, Dk] x2, [B, Hv, S, Dv], [B, Hv, S] x2
+    return q, k, v, g, beta  # [B, Hv, S, Dk] x2, [B, Hv, S, Dv], [B, Hv, S] x2
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +78,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> tuple[t
     """
     dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    q = q / q.shape[-1] ** 0.5
     state = state.to(v)
     out = torch.zeros_like(v)  # [B, Hv, S, Dv]
     for t in range(q.shape[2]):
@@ -92,6 +96,7 @@ def scan_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.
 
     dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    q = q / q.shape[-1] ** 0.5
 
     def step(s, xs):  # s [B, Hv, Dk, Dv]; one token of each input, the sequence axis removed
         q_t, k_t, v_t, g_t, b_t = xs
@@ -110,6 +115,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None,
     dtype = q.dtype
     batch, seq = q.shape[:2]
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    q = q * q.shape[-1] ** -0.5
     heads, dk, dv = v.shape[1], k.shape[-1], v.shape[-1]
     pad = (chunk_size - seq % chunk_size) % chunk_size
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -173,8 +179,12 @@ class GatedDeltaNet(nn.Module):
             conv_past, recurrent = past
         window = torch.cat((conv_past.to(mixed.dtype), mixed), dim=-1)  # [B, C, W-1+S]
         conv_present = window[:, :, window.shape[-1] - (self.width - 1):]  # [B, C, W-1]
-        weight = self.conv1d.weight  # [C, 1, W]
-        mixed = F.silu(F.conv1d(window.to(weight.dtype), weight, groups=mixed.shape[1])).to(x.dtype)  # [B, C, S]
+        weight, channels = self.conv1d.weight, mixed.shape[1]  # [C, 1, W]
+        if past is None:  # the conv's own zero padding, as transformers' prefill (bitwise: another conv kernel)
+            mixed = F.conv1d(mixed.to(weight.dtype), weight, padding=self.width - 1, groups=channels)[:, :, :seq]
+        else:
+            mixed = F.conv1d(window.to(weight.dtype), weight, groups=channels)
+        mixed = F.silu(mixed).to(x.dtype)  # [B, C, S]
         q, k, v = mixed.transpose(1, 2).split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
         q = q.reshape(batch, seq, self.hk, self.dk)
         k = k.reshape(batch, seq, self.hk, self.dk)
