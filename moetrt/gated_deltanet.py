@@ -105,8 +105,8 @@ def scan_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.
         s = s + k_t[..., None] * delta[..., None, :]
         return s, (s * q_t[..., None]).sum(dim=-2)  # [B, Hv, Dv]
 
-    state, out = scan(step, state.to(v), (q, k, v, g, beta), dim=2)  # out [S, B, Hv, Dv]
-    return out.permute(1, 0, 2, 3).to(dtype), state
+    state, out = scan(step, state.to(v), (q, k, v, g, beta), dim=2)  # out [B, Hv, S, Dv]: stacked along dim
+    return out.transpose(1, 2).contiguous().to(dtype), state
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None,
