@@ -508,6 +508,19 @@ class MoETransformer(nn.Module):
                 f"({cfg.num_hidden_layers}), "
                 f"got {len(past_key_values)}"
             )
+        if past_key_values is not None:
+            self._validate_fixed_state(past_key_values, batch)
+
+    def _validate_fixed_state(self, past_key_values: KVCache, batch: int) -> None:
+        """Fixed-size state (a linear-attention layer's conv and recurrent state) must have its one shape."""
+        for i, (entries, tensors) in enumerate(zip(self.state.layers, past_key_values, strict=True)):
+            for entry, tensor in zip(entries, tensors):
+                want = self.state.shape(i, entry, batch, 0)
+                if not entry.grows and tuple(tensor.shape) != want:
+                    raise MoetrtError(
+                        f"past_key_values[{i}] {entry.name} must be {list(want)} ({', '.join(map(str, entry.dims))}), "
+                        f"got {list(tensor.shape)}; pass the state the previous step returned (zeros before a prefill)"
+                    )
 
     def _validate_static(self, batch, seq, attention_mask, past_key_values, cache: StaticKVCache) -> None:
         if past_key_values is not None:

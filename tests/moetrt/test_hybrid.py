@@ -193,9 +193,41 @@ def test_image_text_checkpoint_imports_its_text_model(tmp_path, record_max):
     assert err <= REL_TOL
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_export_matches_on_ort(pair, exported, variant, record_max):
+# each export costs ~1 minute on 2 cores: Qwen3-Next's goes through ORT with -m slow, Qwen3.5-MoE's always
+ORT_VARIANTS = [pytest.param("qwen3_next", marks=pytest.mark.slow), "qwen3_5_moe"]
+
+
+def _skip_unless_slow_selected(request) -> None:
+    """A slow case runs where -m selects slow (the project's rule: tests/conftest.py's property_settings)."""
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("an export of another variant (about a minute on 2 cores): run with -m slow")
+
+
+def test_wrong_state_shape_is_refused(pair):
+    _, ours = pair("qwen3_5_moe")
+    with torch.no_grad():
+        past = list(ours(_ids(1, 3, seed=2)).past_key_values)
+    past[0] = (past[0][0], past[0][1][:, :1])
+    with pytest.raises(moetrt.MoetrtError, match=r"past_key_values\[0\] recurrent_state must be \[1, 4, 8, 12\]"):
+        ours(_ids(1, 1, seed=2), past_key_values=past)
+
+
+def test_incomplete_configs_are_refused(pair):
+    from moetrt.checkpoint import config_from_hf
+
+    hf, _ = pair("qwen3_next")
+    config = hf.config.to_dict()
+    del config["linear_num_value_heads"]
+    with pytest.raises(moetrt.CheckpointError, match="lacks the field linear_num_value_heads"):
+        config_from_hf(config)
+    with pytest.raises(moetrt.CheckpointError, match="lacks the text_config object"):
+        config_from_hf({"model_type": "qwen3_5_moe"})
+
+
+@pytest.mark.parametrize("variant", ORT_VARIANTS)
+def test_export_matches_on_ort(pair, exported, variant, record_max, request):
     """The Scan-based DeltaNet runs on plain ONNX Runtime: prefill, then decode through the graph's own state."""
+    _skip_unless_slow_selected(request)
     ort = pytest.importorskip("onnxruntime")
     _, ours = pair(variant)
     session = ort.InferenceSession(str(exported(variant) / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -224,12 +256,15 @@ def test_export_matches_on_ort(pair, exported, variant, record_max):
             out = ours(ids, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values)
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch-static", "ort"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_tokens_match_transformers_generate(pair, exported, variant, backend):
+@pytest.mark.parametrize("variant,backend", [
+    *((v, b) for v in VARIANTS for b in ("torch", "torch-static")),
+    *(pytest.param(p.values[0], "ort", marks=p.marks) if hasattr(p, "values") else (p, "ort") for p in ORT_VARIANTS),
+])
+def test_greedy_tokens_match_transformers_generate(pair, exported, variant, backend, request):
     """32 greedy tokens for a left-padded batch of three prompts equal transformers' generate."""
     from moetrt.runtime import Session
 
+    _skip_unless_slow_selected(request)
     if backend == "ort":
         pytest.importorskip("onnxruntime")
     hf, ours = pair(variant)
