@@ -261,6 +261,8 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} is not supported with latent attention (kv_lora_rank set)")
         if self.attention_sinks:
             raise ValueError("MoEConfig.attention_sinks is not supported with latent attention (kv_lora_rank set)")
+        if self.attention_output_gate:
+            raise ValueError("MoEConfig.attention_output_gate is not supported with latent attention (kv_lora_rank set)")
         self.head_dim, self.rotary_dim = qk, self.qk_rope_head_dim
 
     def _check_groups(self) -> None:

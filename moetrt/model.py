@@ -186,8 +186,8 @@ class Attention(nn.Module):
             self.q_norm = rms_norm(cfg, self.head_dim)
             self.k_norm = rms_norm(cfg, self.head_dim)
         elif cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
+            self.q_norm = rms_norm(cfg, q_dim)
+            self.k_norm = rms_norm(cfg, kv_dim)
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
         # past: the dynamic cache [B, G, P, Hd] x2, or with cache_position [S] the static buffers [B, G, C, Hd] x2
