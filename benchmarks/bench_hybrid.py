@@ -8,6 +8,7 @@ bench-small's 3584, so the export fits a shared 2-core machine). Measured in one
 
 - ``transformers eager``: ``Qwen3_5MoeForCausalLM`` with its torch fallbacks (chunked delta rule
   for prefill, recurrent step for decode);
+- ``moetrt torch``: the reference model in PyTorch (the same chunked / recurrent math);
 - ``ort canonical``: the canonical export on ONNX Runtime (the delta rule as a standard ``Scan``);
 - ``ort-cpu lowered``: ``optimize --target ort-cpu`` of it (``com.microsoft::LinearAttention`` for
   the Scan, the MoE as it lowers by default).
@@ -72,6 +73,24 @@ def time_hf(model, prompt: list[int], steps: int, repeats: int) -> tuple[float, 
     return 1e3 * statistics.median(prefill), 1.0 / statistics.median(step_times)
 
 
+def time_moetrt_torch(model, prompt: list[int], steps: int, repeats: int) -> tuple[float, float]:
+    """The reference model in PyTorch (its chunked prefill and recurrent decode, the same math as transformers')."""
+    ids = torch.tensor([prompt])
+    prefill = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model(ids)
+            prefill.append(time.perf_counter() - start)
+        cache, token, step_times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(token, past_key_values=cache)
+            step_times.append(time.perf_counter() - start)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return 1e3 * statistics.median(prefill), 1.0 / statistics.median(step_times)
+
+
 def time_ort(folder: Path, state, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple[float, float]:
     import onnxruntime as ort
 
@@ -124,6 +143,7 @@ def main() -> int:
         canonical = onnx_from_torch(model, Path(tmp) / "canonical", progress=False)
         lowered = optimize(canonical, Path(tmp) / "lowered", "ort-cpu", progress=False)
         rows["transformers eager"] = time_hf(hf, prompt, args.steps, args.repeats)
+        rows["moetrt torch (reference model)"] = time_moetrt_torch(model, prompt, args.steps, args.repeats)
         rows["ort canonical (Scan)"] = time_ort(canonical, model.state, prompt, args.steps, args.repeats, args.threads)
         rows["ort-cpu lowered (LinearAttention)"] = time_ort(lowered, model.state, prompt, args.steps, args.repeats,
                                                              args.threads)
@@ -153,6 +173,8 @@ def main() -> int:
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items())
               + " (2 shared cores under load: other jobs ran at the same time, so ratios within this run "
               "are what to read, not absolute numbers)", "",
+              "transformers runs its torch fallbacks here (no flash-linear-attention / causal-conv1d kernels on the "
+              "CPU) and its eager per-expert loop; the moetrt torch row is the reference model on the same torch.", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), ""]
     (out / "hybrid.md").write_text("\n".join(lines))
     print("\n".join(lines))
