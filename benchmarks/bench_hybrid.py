@@ -56,39 +56,38 @@ def hf_model(ffn: int):
     return model.eval()
 
 
-def time_hf(model, prompt: list[int], steps: int, repeats: int) -> tuple[float, float]:
+def time_torch(forward, prompt: list[int], steps: int, repeats: int) -> tuple[float, float]:
+    """Median prefill ms and decode tok/s of ``forward(ids, cache) -> (logits, cache)`` (cache None: prefill)."""
     ids = torch.tensor([prompt])
     prefill = []
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            logits, cache = forward(ids, None)
             prefill.append(time.perf_counter() - start)
-        cache, token, step_times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        token, step_times = logits[:, -1:].argmax(-1), []
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            logits, cache = forward(token, cache)
             step_times.append(time.perf_counter() - start)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token = logits[:, -1:].argmax(-1)
     return 1e3 * statistics.median(prefill), 1.0 / statistics.median(step_times)
 
 
-def time_moetrt_torch(model, prompt: list[int], steps: int, repeats: int) -> tuple[float, float]:
+def hf_forward(model):
+    """transformers' forward with its cache (the moetrt torch row: the reference model's own)."""
+    def forward(ids, cache):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+    return forward
+
+
+def moetrt_forward(model):
     """The reference model in PyTorch (its chunked prefill and recurrent decode, the same math as transformers')."""
-    ids = torch.tensor([prompt])
-    prefill = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = model(ids)
-            prefill.append(time.perf_counter() - start)
-        cache, token, step_times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
-        for _ in range(steps):
-            start = time.perf_counter()
-            out = model(token, past_key_values=cache)
-            step_times.append(time.perf_counter() - start)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return 1e3 * statistics.median(prefill), 1.0 / statistics.median(step_times)
+    def forward(ids, cache):
+        out = model(ids, past_key_values=cache)
+        return out.logits, out.past_key_values
+    return forward
 
 
 def time_ort(folder: Path, state, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple[float, float]:
@@ -142,8 +141,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         canonical = onnx_from_torch(model, Path(tmp) / "canonical", progress=False)
         lowered = optimize(canonical, Path(tmp) / "lowered", "ort-cpu", progress=False)
-        rows["transformers eager"] = time_hf(hf, prompt, args.steps, args.repeats)
-        rows["moetrt torch (reference model)"] = time_moetrt_torch(model, prompt, args.steps, args.repeats)
+        rows["transformers eager"] = time_torch(hf_forward(hf), prompt, args.steps, args.repeats)
+        rows["moetrt torch (reference model)"] = time_torch(moetrt_forward(model), prompt, args.steps,
+                                                            args.repeats)
         rows["ort canonical (Scan)"] = time_ort(canonical, model.state, prompt, args.steps, args.repeats, args.threads)
         rows["ort-cpu lowered (LinearAttention)"] = time_ort(lowered, model.state, prompt, args.steps, args.repeats,
                                                              args.threads)
