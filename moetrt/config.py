@@ -21,7 +21,8 @@ ACTIVATIONS = ("silu", "clamped_swiglu")
 # how a group of experts is scored for group-limited routing (TopKRouting's group_scoring)
 GROUP_SCORINGS = ("top2_sum", "max")
 # per-layer attention kinds (transformers' layer_types): full causal, or causal within sliding_window
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+# linear_attention: a Gated DeltaNet layer (Qwen3-Next, Qwen3.5-MoE) in place of attention, see the linear_* fields
 # None: no q/k norm; "head": RMSNorm over head_dim per head (Qwen3-MoE);
 # "full": RMSNorm over the whole projection before the head split (OLMoE).
 QK_NORMS = (None, "head", "full")
@@ -104,6 +105,19 @@ class MoEConfig:
     # the Hugging Face family the weights are laid out as (used when saving)
     model_type: str = "mixtral"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # hybrid linear attention (Qwen3-Next, Qwen3.5-MoE): layers whose layer_types entry is "linear_attention"
+    # are Gated DeltaNet layers with linear_num_key_heads query/key heads of linear_key_head_dim and
+    # linear_num_value_heads value heads of linear_value_head_dim, a causal depthwise conv of width
+    # linear_conv_kernel_dim over q/k/v; they carry a conv state and a recurrent state (moetrt.state)
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int = 4
+    # attention output gate (Qwen3-Next): q_proj also yields a per-head gate, out *= sigmoid(gate) before o_proj
+    attention_output_gate: bool = False
+    # RMSNorm as x * (1 + w) (Qwen3-Next's zero-centred weights) on every norm but the DeltaNet's gated one
+    rms_norm_unit_offset: bool = False
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
@@ -178,6 +192,8 @@ class MoEConfig:
             bad_types = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
             if bad_types:
                 raise ValueError(f"MoEConfig.layer_types must hold only {LAYER_TYPES}, got {bad_types}")
+            if "linear_attention" in self.layer_types:
+                self._check_linear_attention()
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("MoEConfig.layer_types has sliding_attention layers but sliding_window is None")
         if self.activation == "clamped_swiglu" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
@@ -245,6 +261,8 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} is not supported with latent attention (kv_lora_rank set)")
         if self.attention_sinks:
             raise ValueError("MoEConfig.attention_sinks is not supported with latent attention (kv_lora_rank set)")
+        if self.attention_output_gate:
+            raise ValueError("MoEConfig.attention_output_gate is not supported with latent attention (kv_lora_rank set)")
         self.head_dim, self.rotary_dim = qk, self.qk_rope_head_dim
 
     def _check_groups(self) -> None:
@@ -273,7 +291,40 @@ class MoEConfig:
                     f"topk_group ({self.topk_group}) groups a token may use ({self.topk_group * size})"
                 )
 
+    def _check_linear_attention(self) -> None:
+        names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_conv_kernel_dim")
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"MoEConfig.{name} must be a positive integer with linear_attention layers, got {value!r}"
+                )
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(
+                f"MoEConfig.linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                f"linear_num_key_heads ({self.linear_num_key_heads})"
+            )
+        if self.linear_conv_kernel_dim < 2:
+            raise ValueError(f"MoEConfig.linear_conv_kernel_dim must be >= 2, got {self.linear_conv_kernel_dim}")
+        if self.latent_attention:
+            raise ValueError("MoEConfig.layer_types with linear_attention is not supported with latent attention")
+
     # --- derived -------------------------------------------------------------------------
+    def is_linear_attention_layer(self, i: int) -> bool:
+        """Whether layer ``i`` is a Gated DeltaNet (linear attention) layer."""
+        return self.layer_types is not None and self.layer_types[i] == "linear_attention"
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """The channels of the DeltaNet's causal conv: queries, keys and values (2 Hk Dk + Hv Dv)."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_state_size(self) -> int:
+        """The positions the conv state holds: the conv's width minus the new one."""
+        return self.linear_conv_kernel_dim - 1
+
     @property
     def latent_attention(self) -> bool:
         """Multi-head latent attention (DeepSeek's MLA): the cache holds a latent, not keys and values."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from moetrt.config import MoEConfig
 from moetrt.errors import MoetrtError
+from moetrt.gated_deltanet import GatedDeltaNet
 from moetrt.ops import kernels, sparse_moe, topk_routing
 from moetrt.rope import RotaryEmbedding
 
@@ -126,6 +127,20 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class UnitOffsetRMSNorm(RMSNorm):
+    """RMSNorm with zero-centred weights: ``x * (1 + w)`` in float32 (Qwen3-Next's norms)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rms_norm(cfg: MoEConfig, dim: int) -> RMSNorm:
+    """The model's RMSNorm over ``dim``: ``w * x`` or, with ``rms_norm_unit_offset``, ``(1 + w) * x``."""
+    return (UnitOffsetRMSNorm if cfg.rms_norm_unit_offset else RMSNorm)(dim, cfg.rms_norm_eps)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -157,7 +172,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.output_gate = cfg.attention_output_gate  # q_proj also yields a per-head gate [H, Hd]
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim * (2 if self.output_gate else 1), bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
@@ -167,16 +183,20 @@ class Attention(nn.Module):
         else:
             self.sinks = None
         if cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = rms_norm(cfg, self.head_dim)
+            self.k_norm = rms_norm(cfg, self.head_dim)
         elif cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
+            self.q_norm = rms_norm(cfg, q_dim)
+            self.k_norm = rms_norm(cfg, kv_dim)
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
         # past: the dynamic cache [B, G, P, Hd] x2, or with cache_position [S] the static buffers [B, G, C, Hd] x2
         batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Hd], [B, S, G*Hd] x2
+        gate = None
+        if self.output_gate:  # per head: Hd query dims, then Hd gate dims
+            q, gate = q.view(batch, seq, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, S, H, Hd] x2
+            q, gate = q.reshape(batch, seq, -1), gate.reshape(batch, seq, -1)  # [B, S, H*Hd] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -201,6 +221,8 @@ class Attention(nn.Module):
         v = v.repeat_interleave(groups, dim=1)
         out = _attend(q, k, v, mask, self.head_dim**-0.5, self.sinks)  # [B, H, S, Hd]
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, H*Hd]
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return self.o_proj(out), present
 
 
@@ -356,14 +378,26 @@ class MoEBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = rms_norm(cfg, cfg.hidden_size)
+        self.linear = cfg.is_linear_attention_layer(layer_idx)
+        if self.linear:  # a Gated DeltaNet in place of attention (transformers names it linear_attn)
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg)
+        self.post_attention_layernorm = rms_norm(cfg, cfg.hidden_size)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size)
 
-    def forward(self, x, cos, sin, mask, past, cache_position=None):
-        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, cache_position)
+    def forward(self, x, cos, sin, mask, past, cache_position=None, padding=None):
+        # padding [B, S] (1 = real token) or None: what a linear-attention layer masks out of its states
+        if self.linear:
+            attn, present = self.linear_attn(self.input_layernorm(x), padding, past)
+            if cache_position is not None:  # static buffers: the fixed-size states are replaced in place
+                for buf, new in zip(past, present, strict=True):
+                    buf.copy_(new)
+                present = past
+        else:
+            attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, cache_position)
         x = x + attn
         if self.is_moe:
             ffn, router = self.mlp(self.post_attention_layernorm(x))
@@ -387,7 +421,7 @@ class MoETransformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = rms_norm(config, config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -404,7 +438,8 @@ class MoETransformer(nn.Module):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
-                    param.fill_(1.0)
+                    unit_offset = config.rms_norm_unit_offset and not name.endswith("linear_attn.norm.weight")
+                    param.fill_(0.0 if unit_offset else 1.0)  # a norm that starts as the identity's scale
                 else:
                     param.normal_(0.0, std, generator=generator)
         return model.eval()
@@ -436,9 +471,11 @@ class MoETransformer(nn.Module):
         """The positions a dynamic cache holds, read along its first growing entry (state contract)."""
         if not past_key_values:
             return 0
-        entries = self.state.entries(0)
-        i = next(i for i, e in enumerate(entries) if e.grows)
-        return past_key_values[0][i].shape[entries[i].concat_axis]
+        for layer, entries in enumerate(self.state.layers):  # linear-attention layers carry fixed-size state only
+            for i, e in enumerate(entries):
+                if e.grows:
+                    return past_key_values[layer][i].shape[e.concat_axis]
+        return 0
 
     def _validate(self, input_ids, attention_mask, position_ids, past_key_values, past, static_cache=None) -> None:
         cfg = self.config
@@ -471,6 +508,19 @@ class MoETransformer(nn.Module):
                 f"({cfg.num_hidden_layers}), "
                 f"got {len(past_key_values)}"
             )
+        if past_key_values is not None:
+            self._validate_fixed_state(past_key_values, batch)
+
+    def _validate_fixed_state(self, past_key_values: KVCache, batch: int) -> None:
+        """Fixed-size state (a linear-attention layer's conv and recurrent state) must have its one shape."""
+        for i, (entries, tensors) in enumerate(zip(self.state.layers, past_key_values, strict=True)):
+            for entry, tensor in zip(entries, tensors):
+                want = self.state.shape(i, entry, batch, 0)
+                if not entry.grows and tuple(tensor.shape) != want:
+                    raise MoetrtError(
+                        f"past_key_values[{i}] {entry.name} must be {list(want)} ({', '.join(map(str, entry.dims))}), "
+                        f"got {list(tensor.shape)}; pass the state the previous step returned (zeros before a prefill)"
+                    )
 
     def _validate_static(self, batch, seq, attention_mask, past_key_values, cache: StaticKVCache) -> None:
         if past_key_values is not None:
@@ -540,12 +590,17 @@ class MoETransformer(nn.Module):
         presents: KVCache = []
         hidden = [x] if output_hidden_states else None
         routers = []
+        padding = None  # [B, S]: which new positions are real tokens, for linear-attention layers
+        if attention_mask is not None and any(layer.linear for layer in self.layers):
+            padding = (attention_mask.index_select(1, cache_position) if static
+                       else attention_mask[:, attention_mask.shape[1] - seq:]).to(x.dtype)
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.layer_window(i)]
             if static:
-                x, present, router = layer(x, cos, sin, mask, static_cache.layer(i), cache_position)
+                x, present, router = layer(x, cos, sin, mask, static_cache.layer(i), cache_position, padding)
             else:
-                x, present, router = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+                x, present, router = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None,
+                                           padding=padding)
             presents.append(present)
             if router is not None:
                 routers.append(router)

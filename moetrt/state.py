@@ -13,6 +13,15 @@ GLM-4.7-Flash), instead of key and value::
     latent     (batch, past, kv_lora_rank)              model   past (axis 1)
     rope_key   (batch, past, qk_rope_head_dim)          model   past (axis 1)
 
+and in a Gated DeltaNet layer (``layer_types`` entry ``linear_attention``: Qwen3-Next, Qwen3.5-MoE),
+fixed-size state instead of key and value::
+
+    conv_state       (batch, linear_conv_dim, linear_conv_state)             model
+    recurrent_state  (batch, linear_value_heads, linear_key_dim, linear_value_dim)  fp32
+
+``conv_state`` holds the last ``linear_conv_kernel_dim - 1`` inputs of the causal conv over q/k/v,
+``recurrent_state`` the delta rule's state (float32 in every export, as transformers keeps it).
+
 ``latent`` is the normalised compressed key/value (``kv_a_layernorm`` of ``kv_a_proj_with_mqa``'s
 first ``kv_lora_rank`` outputs), ``rope_key`` the rotary key shared by every head, after RoPE: the
 step expands keys and values from them (``kv_b_proj``). For DeepSeek-V3 that is 512 + 64 values
@@ -43,13 +52,15 @@ from typing import Any
 
 __all__ = [
     "BATCH", "PAST", "SIZES", "DTYPE_RULES", "StateEntry", "StateContract", "KEY", "VALUE",
-    "LATENT", "ROPE_KEY", "state_entries", "state_contract", "past_name", "present_name", "PAST_PREFIX", "PRESENT_PREFIX",
+    "LATENT", "ROPE_KEY", "CONV_STATE", "RECURRENT_STATE", "state_entries", "state_contract", "past_name", "present_name", "PAST_PREFIX", "PRESENT_PREFIX",
 ]
 
 BATCH, PAST = "batch", "past"
 # symbolic dim -> the MoEConfig field that sizes it
 SIZES = {"kv_heads": "num_key_value_heads", "head_dim": "head_dim", "kv_lora_rank": "kv_lora_rank",
-         "qk_rope_head_dim": "qk_rope_head_dim"}
+         "qk_rope_head_dim": "qk_rope_head_dim", "linear_conv_dim": "linear_conv_dim",
+         "linear_conv_state": "linear_conv_state_size", "linear_value_heads": "linear_num_value_heads",
+         "linear_key_dim": "linear_key_head_dim", "linear_value_dim": "linear_value_head_dim"}
 # "model": the artifact's dtype (fp32 | fp16 | bf16); "fp32": float32 whatever the artifact's dtype
 DTYPE_RULES = ("model", "fp32")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
@@ -113,12 +124,16 @@ KEY = StateEntry("key", (BATCH, "kv_heads", PAST, "head_dim"))
 VALUE = StateEntry("value", (BATCH, "kv_heads", PAST, "head_dim"))
 LATENT = StateEntry("latent", (BATCH, PAST, "kv_lora_rank"))
 ROPE_KEY = StateEntry("rope_key", (BATCH, PAST, "qk_rope_head_dim"))
+CONV_STATE = StateEntry("conv_state", (BATCH, "linear_conv_dim", "linear_conv_state"))
+RECURRENT_STATE = StateEntry("recurrent_state", (BATCH, "linear_value_heads", "linear_key_dim", "linear_value_dim"),
+                             dtype="fp32")
 
 
 def state_entries(config) -> list[tuple[StateEntry, ...]]:
     """What each layer of ``config`` carries between steps, in graph order."""
     entries = (LATENT, ROPE_KEY) if getattr(config, "kv_lora_rank", None) is not None else (KEY, VALUE)
-    return [entries for _ in range(config.num_hidden_layers)]
+    linear = getattr(config, "is_linear_attention_layer", lambda i: False)
+    return [(CONV_STATE, RECURRENT_STATE) if linear(i) else entries for i in range(config.num_hidden_layers)]
 
 
 def _entry_name(entry: StateEntry | str) -> str:

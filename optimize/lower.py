@@ -24,7 +24,9 @@ Passes run in this order, each on the graph the previous one wrote:
    non-expert, non-router linear layers -> MatMulNBits;
 5. :func:`~moetrt.optimize.expert_quantization.quantize_experts` (``quantize_experts``): layers -> QMoE;
 6. :func:`~moetrt.optimize.moe_lowering.lower_moe`: the remaining layers -> MoE where the target
-   runs it (ort-cpu: float32; ort-cuda: float16/bfloat16).
+   runs it (ort-cpu: float32; ort-cuda: float16/bfloat16);
+7. :func:`~moetrt.optimize.linear_attention.lower_linear_attention` (ort-cpu, graphs with a ``Scan``:
+   hybrid linear-attention models): the Gated DeltaNet's delta-rule Scan -> ``com.microsoft::LinearAttention``.
 
 Requirements are checked before any heavy work and fail with :class:`moetrt.MoetrtError`
 naming what is missing: ONNX Runtime installed and recent enough for the target's fused ops,
@@ -52,6 +54,7 @@ from .moe_lowering import lower_moe
 from .precision import convert_precision
 from .expert_quantization import quantize_experts as quantize_experts_pass  # the keyword argument takes the name
 from .last_logits import last_logits as last_logits_pass
+from .linear_attention import lower_linear_attention
 from .transformer_fusions import fuse_norms as fuse_norms_pass
 from .weight_quantization import quantize_weights as quantize_weights_pass
 from .targets import (
@@ -303,7 +306,7 @@ def optimize(
               *(["precision"] if precision != source_dtype else []), *(["fuse norms"] if fuse_norms else []),
               *(["quantize weights"] if quantize_weights else []),
               *(["quantize experts"] if quantize_experts else []), *(["lower MoE"] if moe_lowering != "off" else []),
-              "save"]
+              *(["lower linear attention"] if target == "ort-cpu" else []), "save"]
     steps = Progress(stages, enabled=progress, title="optimize")
     with steps.stage("load", str(src_dir / "model.onnx")):
         check_artifact_files(src_dir, meta, checksums=False, model_only=True)  # a missing weights file fails here
@@ -341,6 +344,10 @@ def optimize(
     if moe_lowering != "off":
         with steps.stage("lower MoE", f"com.microsoft::MoE, policy {moe_lowering}"):
             results.append(lower_moe(model, moe_dtypes, policy=moe_lowering))
+    if target == "ort-cpu":
+        with steps.stage("lower linear attention", "delta-rule Scan -> com.microsoft::LinearAttention"):
+            if any(node.op_type == "Scan" for node in model.graph):  # only hybrid models' graphs hold one
+                results.append(lower_linear_attention(model))
 
     with steps.stage("save", str(out_dir)), atomic_output_dir(out_dir, overwrite) as tmp:
         model.producer_name = "moetrt"

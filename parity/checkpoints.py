@@ -42,7 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # torch's hook for s
 from moetrt.config import MoEConfig
 from moetrt.model import MoETransformer
 from moetrt.ops.topk_routing import TORCH_ARGS as TOPK_ROUTING_ARGS, routing_weights
-from moetrt.state import KEY, LATENT, PRESENT_PREFIX, ROPE_KEY, VALUE, present_name, state_contract
+from moetrt.state import (CONV_STATE, KEY, LATENT, PRESENT_PREFIX, RECURRENT_STATE, ROPE_KEY, VALUE, present_name,
+                          state_contract)
 
 __all__ = ["Checkpoint", "POINTS", "checkpoints_for", "forward_order", "default_name", "mark_checkpoints", "capture",
            "ForcedRouting"]
@@ -53,6 +54,8 @@ POINTS: dict[str, tuple[str, str | None]] = {
     "input_norm": ("norm", "hidden"),
     # the layer's state (moetrt.state): key and value, or multi-head latent attention's latent and rope_key
     **{f"{PRESENT_PREFIX}{entry.name}": ("attention", "kv") for entry in (KEY, VALUE, LATENT, ROPE_KEY)},
+    # a linear-attention layer's fixed-size state (Gated DeltaNet)
+    **{f"{PRESENT_PREFIX}{entry.name}": ("attention", "state") for entry in (CONV_STATE, RECURRENT_STATE)},
     "attention": ("attention", "hidden"),
     "post_attention_norm": ("norm", "hidden"),
     "router_logits": ("router", "router_logits"),
@@ -224,7 +227,8 @@ def mark_checkpoints(proto, config: MoEConfig):
                          "router_indices": node.output[1] if len(node.output) > 1 else None,
                          "experts": node.output[0]}[point]
         elif point != "logits" and not point.startswith("present."):
-            sub = {"input_norm": "input_layernorm", "attention": "self_attn",
+            mixer = "linear_attn" if config.is_linear_attention_layer(layer) else "self_attn"
+            sub = {"input_norm": "input_layernorm", "attention": mixer,
                    "post_attention_norm": "post_attention_layernorm",
                    "shared_expert": "mlp.shared_expert", "mlp": "mlp", "output": ""}[point]
             value = boundary(lambda s, sub=sub, layer=layer: s[0] == layer and _within(s[1], sub))
@@ -317,7 +321,8 @@ def capture(model: MoETransformer, forced: ForcedRouting | None = None) -> Itera
     handles.append(model.norm.register_forward_hook(keep(default_name("norm", None))))
     for i, layer in enumerate(model.layers):
         handles.append(layer.input_layernorm.register_forward_hook(keep(f"layers.{i}.input_norm")))
-        handles.append(layer.self_attn.register_forward_hook(keep(f"layers.{i}.attention", first)))
+        mixer = layer.linear_attn if layer.linear else layer.self_attn  # linear attention: a Gated DeltaNet
+        handles.append(mixer.register_forward_hook(keep(f"layers.{i}.attention", first)))
         handles.append(layer.post_attention_layernorm.register_forward_hook(keep(f"layers.{i}.post_attention_norm")))
         handles.append(layer.mlp.register_forward_hook(keep(f"layers.{i}.mlp", first if layer.is_moe else (lambda o: o))))
         if layer.is_moe and layer.mlp.shared_expert is not None:

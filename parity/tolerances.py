@@ -11,6 +11,8 @@ Kinds:
 - ``logits``: the ``logits`` graph output (float32 in every export dtype);
 - ``hidden``: activations inside the network (residual stream, norm, attention, expert outputs);
 - ``kv``: the ``present.{i}.key|value`` outputs;
+- ``state``: fixed-size state outputs, a linear-attention layer's ``present.{i}.conv_state`` and
+  ``present.{i}.recurrent_state`` (the recurrent state is float32 in every dtype);
 - ``router_logits``: the float32 input of ``TopKRouting``;
 - ``router_weights``: the routing weights of the chosen experts;
 - ``router_gap``: not an error bound but the score gap (softmax/sigmoid scores, not logits)
@@ -34,7 +36,7 @@ __all__ = [
     "check_close", "Closeness",
 ]
 
-KINDS = ("logits", "hidden", "kv", "router_logits", "router_weights", "router_gap")
+KINDS = ("logits", "hidden", "kv", "router_logits", "router_weights", "router_gap", "state")
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,15 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("fp32", "router_weights"): Tolerance(1e-5, 1e-5, "softmax over E in fp32 on identical router logits up to ~1e-6"),
     ("fp32", "router_gap"): Tolerance(1e-5, 0.0, "scores differ by ~1e-6 across back ends: gaps below 1e-5 may flip"),
     # fp16: 11-bit mantissa activations and weights, fp32 router and logits
+    ("fp32", "state"): Tolerance(1e-4, 1e-5, "conv inputs and the delta rule's state: a Scan, chunked matmuls or "
+                                "token steps sum the same fp32 terms in another order"),
     ("fp16", "logits"): Tolerance(5e-2, 2e-2, "fp16 weights/activations: ~5e-4 relative per op, compounded over layers and the vocab GEMM"),
     ("fp16", "hidden"): Tolerance(5e-2, 2e-2, "fp16 residual stream, rounded at every add"),
     ("fp16", "kv"): Tolerance(2e-2, 1e-2, "fp16 projections of fp16 activations"),
     ("fp16", "router_logits"): Tolerance(2e-2, 1e-2, "fp32 GEMM over fp16-rounded normed activations and fp16 gate weights"),
     ("fp16", "router_weights"): Tolerance(5e-3, 5e-3, "fp32 router math on fp16 activations"),
     ("fp16", "router_gap"): Tolerance(5e-3, 0.0, "router logits move by ~1e-3 with fp16 activations"),
+    ("fp16", "state"): Tolerance(2e-2, 1e-2, "fp16 conv inputs; the float32 recurrent state sums fp16-rounded keys/values"),
     # bf16: 8-bit mantissa
     ("bf16", "logits"): Tolerance(2e-1, 5e-2, "bf16 keeps 8 mantissa bits: ~4e-3 relative per op, compounded"),
     ("bf16", "hidden"): Tolerance(2e-1, 5e-2, "bf16 residual stream"),
@@ -70,6 +75,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("bf16", "router_logits"): Tolerance(1e-1, 5e-2, "fp32 GEMM over bf16-rounded activations and bf16 gate weights"),
     ("bf16", "router_weights"): Tolerance(3e-2, 3e-2, "fp32 router math on bf16 activations"),
     ("bf16", "router_gap"): Tolerance(3e-2, 0.0, "router logits move by ~1e-2 with bf16 activations"),
+    ("bf16", "state"): Tolerance(1e-1, 5e-2, "bf16 conv inputs; the float32 recurrent state sums bf16-rounded keys/values"),
 }
 
 USER_OVERRIDE = "user override"

@@ -23,7 +23,7 @@ import numpy as np
 
 from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError
 from moetrt.dtypes import itemsize, onnx_elem_type
-from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, router_names
+from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, numpy_empty_past, router_names
 from moetrt.runtime.model_folder import read_exported
 
 __all__ = ["OrtBackend", "import_onnxruntime"]
@@ -124,8 +124,10 @@ class OrtBackend:
             )
 
     def empty_past(self, batch: int) -> Feeds:
+        zeros = numpy_empty_past(self.spec, batch)  # fixed-size state (a linear-attention layer's) starts at zero
         return {
-            name: self._ort.OrtValue.ortvalue_from_shape_and_type(
+            name: self._ort.OrtValue.ortvalue_from_numpy(zeros[name], self._device_type, self._device_id) if np.prod(shape)
+            else self._ort.OrtValue.ortvalue_from_shape_and_type(
                 list(shape), onnx_elem_type(self.spec.state_element_dtype(name)), self._device_type, self._device_id
             )  # [B, G, 0, Hd] for key/value
             for name, shape in self.spec.state.empty_past(batch).items()

@@ -164,8 +164,9 @@ class TorchBackend:
         return cls(from_pretrained(source, dtype=torch_dtype), device, **options)
 
     def empty_past(self, batch: int) -> Feeds:
-        return {name: torch.empty(shape, dtype=dtypes.torch_dtype(self.spec.state_element_dtype(name)), device=self._device)
-                for name, shape in self.spec.state.empty_past(batch).items()}  # [B, G, 0, Hd] for key/value
+        # [B, G, 0, Hd] for key/value; fixed-size state (a linear-attention layer's) starts at zero
+        return {name: torch.zeros(shape, dtype=dtypes.torch_dtype(self.spec.state_element_dtype(name)), device=self._device)
+                for name, shape in self.spec.state.empty_past(batch).items()}
 
     def _tensor(self, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
