@@ -18,6 +18,10 @@ first ``kv_lora_rank`` outputs), ``rope_key`` the rotary key shared by every hea
 step expands keys and values from them (``kv_b_proj``). For DeepSeek-V3 that is 512 + 64 values
 per token and layer against 2 x 128 heads x (192 | 128) for full keys and values.
 
+Full-attention layers whose head dim or key/value heads differ from the sliding ones (Gemma 4's
+``full_attention_head_dim`` / ``full_attention_kv_heads``) carry key and value of
+``(batch, full_kv_heads, past, full_head_dim)``, under the same names.
+
 A layer's state is a tuple of :class:`StateEntry`. An entry names its dims symbolically:
 ``batch`` (the batch axis), ``past`` (the positions seen so far: the step's output holds
 ``past + sequence`` of them, concatenated along that axis), and sizes read from the model
@@ -49,7 +53,7 @@ __all__ = [
 BATCH, PAST = "batch", "past"
 # symbolic dim -> the MoEConfig field that sizes it
 SIZES = {"kv_heads": "num_key_value_heads", "head_dim": "head_dim", "kv_lora_rank": "kv_lora_rank",
-         "qk_rope_head_dim": "qk_rope_head_dim"}
+         "qk_rope_head_dim": "qk_rope_head_dim", "full_kv_heads": "full_kv_heads", "full_head_dim": "full_head_dim"}
 # "model": the artifact's dtype (fp32 | fp16 | bf16); "fp32": float32 whatever the artifact's dtype
 DTYPE_RULES = ("model", "fp32")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
@@ -115,9 +119,17 @@ LATENT = StateEntry("latent", (BATCH, PAST, "kv_lora_rank"))
 ROPE_KEY = StateEntry("rope_key", (BATCH, PAST, "qk_rope_head_dim"))
 
 
+# full-attention layers whose head dim or key/value heads differ from the sliding ones (Gemma 4)
+FULL_KEY = StateEntry("key", (BATCH, "full_kv_heads", PAST, "full_head_dim"))
+FULL_VALUE = StateEntry("value", (BATCH, "full_kv_heads", PAST, "full_head_dim"))
+
+
 def state_entries(config) -> list[tuple[StateEntry, ...]]:
     """What each layer of ``config`` carries between steps, in graph order."""
     entries = (LATENT, ROPE_KEY) if getattr(config, "kv_lora_rank", None) is not None else (KEY, VALUE)
+    if getattr(config, "full_attention_head_dim", None) or getattr(config, "full_attention_kv_heads", None):
+        return [(FULL_KEY, FULL_VALUE) if config.is_full_attention(i) else entries
+                for i in range(config.num_hidden_layers)]
     return [entries for _ in range(config.num_hidden_layers)]
 
 
