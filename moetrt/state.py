@@ -236,23 +236,31 @@ class StateContract:
         raise ValueError(f"layer {layer} carries no state {name!r}; it carries {', '.join(e.name for e in self.layers[layer])}")
 
     def to_dict(self) -> dict[str, Any]:
-        """``io["state"]`` of ``moetrt.json``: each distinct entry once, then each layer's entry names."""
-        entries: dict[str, dict[str, Any]] = {}
-        for layer in self.layers:
-            for e in layer:
-                entries.setdefault(e.name, e.to_dict())
+        """``io["state"]`` of ``moetrt.json``: each distinct entry once, then each layer's entry names.
+
+        Where one name has several shapes (Gemma 4's full-attention key and value), a layer refers to
+        its entry by its index in ``entries`` instead of by name.
+        """
+        entries: list[StateEntry] = list(dict.fromkeys(e for layer in self.layers for e in layer))
+        names = [e.name for e in entries]
+
+        def ref(e: StateEntry) -> str | int:
+            return e.name if names.count(e.name) == 1 else entries.index(e)
+
         return {
-            "entries": list(entries.values()),
-            "layers": [[e.name for e in layer] for layer in self.layers],
+            "entries": [e.to_dict() for e in entries],
+            "layers": [[ref(e) for e in layer] for layer in self.layers],
             "sizes": dict(self.sizes),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StateContract:
-        entries = {d["name"]: StateEntry.from_dict(d) for d in data["entries"]}
+        listed = [StateEntry.from_dict(d) for d in data["entries"]]
+        entries = {e.name: e for e in listed}
         try:
-            layers = tuple(tuple(entries[name] for name in layer) for layer in data["layers"])
-        except KeyError as exc:
+            layers = tuple(tuple(listed[ref] if isinstance(ref, int) else entries[ref] for ref in layer)
+                           for layer in data["layers"])
+        except (KeyError, IndexError) as exc:
             raise ValueError(f"io.state.layers names state {exc.args[0]!r}, which io.state.entries does not declare") from None
         return cls(layers=layers, sizes=tuple(sorted((str(k), int(v)) for k, v in data["sizes"].items())))
 
