@@ -37,6 +37,11 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
 
 
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (through float32), as a Python float: a constant of the graph, not a tensor."""
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
+
+
 def _capturing() -> bool:
     """Whether a CUDA graph is being captured (the checks, which read values on the host, are skipped then)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -599,8 +604,8 @@ class MoETransformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)  # [B, S, D]
-        if self.config.embedding_multiplier != 1.0:  # the multiplier in the model dtype, as transformers
-            x = x * torch.tensor(self.config.embedding_multiplier, dtype=torch.float32).to(x.dtype)
+        if self.config.embedding_multiplier != 1.0:  # the multiplier rounded to the model dtype, as transformers
+            x = x * _in_dtype(self.config.embedding_multiplier, x.dtype)
         cos, sin = self.rotary(position_ids, x.dtype)  # [B, S, Hd] x2
         rope_full = None if self.rotary_full is None else self.rotary_full(position_ids, x.dtype)
         masks = {}  # one per sliding window in use (None: full attention)
