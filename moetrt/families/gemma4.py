@@ -273,10 +273,7 @@ class Gemma4Text(Family):
 
     def hf_tensors(self, model: "MoETransformer") -> Iterator[tuple[str, torch.Tensor]]:
         cfg = model.config
-        for name, tensor in model.state_dict().items():
-            if cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            prefix = "" if name == "lm_head.weight" else "model."
+        for prefix, name, tensor in self.saved_tensors(model):
             yield prefix + self.stored_name(name), tensor
             if name.endswith(".mlp.experts.down_proj"):  # the scales live in down_proj (folded on import)
                 layer = name[: -len(".mlp.experts.down_proj")]
