@@ -207,3 +207,17 @@ def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_
     assert a.keys() == b.keys()
     differ = [name for name in a if not np.array_equal(a[name], b[name])]
     assert not differ, differ[:5]
+
+
+def test_static_cache_generates_the_dynamic_cache_tokens(hf_model):
+    """The torch back end's static cache (what CUDA graphs replay) holds each layer's own key/value shape."""
+    from moetrt.runtime.backend_torch import TorchBackend
+    from moetrt.runtime.generate import Generation, SamplingOptions
+
+    model = moetrt.from_pretrained(hf_model)
+    options = SamplingOptions(max_new_tokens=12, temperature=0.0)
+    static = TorchBackend(model, static_cache=True)
+    got = Generation(static, PROMPTS, options).run().tokens
+    assert got == Generation(TorchBackend(model), PROMPTS, options).run().tokens
+    shapes = {tuple(t.shape[1::2]) for layer in static._cache.buffers for t in layer}  # (kv heads, head dim)
+    assert shapes == {(2, 16), (1, 32)}  # sliding layers, full layers
