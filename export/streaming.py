@@ -149,7 +149,7 @@ def bind_sources(ir_model: ir.Model, cfg, sources: dict[str, ParamSource], dtype
     ``sources``: model parameter name -> :class:`ParamSource`; initializers are named
     ``prefix + parameter name``. The rotary ``inv_freq`` buffer is recomputed from the config.
     """
-    from moetrt.model import rotary_embedding
+    from moetrt.model import full_rotary_embedding, rotary_embedding
 
     streamed = []
     for name, value in list(ir_model.graph.initializers.items()):
@@ -168,6 +168,9 @@ def bind_sources(ir_model: ir.Model, cfg, sources: dict[str, ParamSource], dtype
                 streamed.append(value.const_value)
         elif param == "rotary.inv_freq":
             inv_freq = rotary_embedding(cfg).inv_freq  # [Hd/2], as the loader rebuilds it
+            value.const_value = to_ir_tensor(inv_freq.to(dtype), name=name)
+        elif param == "rotary_full.inv_freq":  # full-attention layers' own RoPE (Gemma 4)
+            inv_freq = full_rotary_embedding(cfg).inv_freq  # [Hd/2]
             value.const_value = to_ir_tensor(inv_freq.to(dtype), name=name)
         else:
             raise AssertionError(f"the traced model has an initializer {name!r} that is no model parameter")

@@ -33,7 +33,7 @@ from moetrt.config import PRESETS, MoEConfig
 from moetrt.errors import CheckpointError, UnsupportedModelError
 from moetrt.families import COMPANION, DERIVED, SKIPPED, SUPPORTED_MODEL_TYPES, Placement
 from moetrt.fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Scheme, is_scale_name, scale_name, scale_shape
-from moetrt.model import MoETransformer, rotary_embedding
+from moetrt.model import MoETransformer, full_rotary_embedding, rotary_embedding
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -146,6 +146,7 @@ def _empty_model(cfg: MoEConfig, dtype: torch.dtype) -> MoETransformer:
         model = MoETransformer(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     model.rotary = rotary_embedding(cfg)  # buffers are derived, not loaded
+    model.rotary_full = full_rotary_embedding(cfg)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model

@@ -16,8 +16,9 @@ __all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS", "GROUP_SCORINGS"]
 
 SCORINGS = ("softmax", "sigmoid")
 # the experts' activation, moetrt::SparseMoE's `activation` attribute: silu (SwiGLU) or gpt-oss's
-# clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit)
-ACTIVATIONS = ("silu", "clamped_swiglu")
+# clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit),
+# or gelu_tanh (GeGLU with the tanh GELU, Gemma 4: its dense MLPs use it too)
+ACTIVATIONS = ("silu", "clamped_swiglu", "gelu_tanh")
 # how a group of experts is scored for group-limited routing (TopKRouting's group_scoring)
 GROUP_SCORINGS = ("top2_sum", "max")
 # per-layer attention kinds (transformers' layer_types): full causal, or causal within sliding_window
@@ -92,6 +93,30 @@ class MoEConfig:
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
+    # Gemma 4: the embeddings times embedding_multiplier (sqrt(hidden_size)); logits soft-capped,
+    # cap * tanh(logits / cap); attention scores times attention_scale (None: head_dim^-0.5); values
+    # through a weightless RMSNorm per head (value_norm); "sandwich" norms (the attention output normed
+    # before the residual add, a norm before and after the feed-forward); moe_beside_dense: each MoE
+    # layer runs a dense MLP (dense_ffn_size) beside the experts, the dense output normed
+    # (post_feedforward_layernorm_1), the experts reading the residual through their own norm
+    # (pre_feedforward_layernorm_2) and normed after (post_feedforward_layernorm_2), the router
+    # reading it through a weightless RMSNorm times a learned [D] scale times D^-1/2 (router_norm);
+    # layer_scalar: a learned scalar multiplying each layer's output. Full-attention layers may
+    # differ from sliding ones (full_attention_*: head_dim, key/value heads, keys used as values,
+    # their own RoPE base and scaling).
+    embedding_multiplier: float = 1.0
+    final_logit_softcapping: float | None = None
+    attention_scale: float | None = None
+    value_norm: bool = False
+    sandwich_norms: bool = False
+    moe_beside_dense: bool = False
+    router_norm: bool = False
+    layer_scalar: bool = False
+    full_attention_head_dim: int | None = None
+    full_attention_kv_heads: int | None = None
+    full_attention_k_eq_v: bool = False
+    full_attention_rope_theta: float | None = None
+    full_attention_rope_scaling: dict[str, Any] | None = None
     rope_theta: float = 1e6
     # RoPE scaling (moetrt.rope: linear, dynamic, yarn, llama3 and their parameters); None: plain RoPE
     rope_scaling: dict[str, Any] | None = None
@@ -224,6 +249,7 @@ class MoEConfig:
                 "MoEConfig.dense_intermediate_size must be None (use intermediate_size) or a positive integer, "
                 f"got {self.dense_intermediate_size!r}"
             )
+        self._check_gemma()
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"
@@ -264,6 +290,37 @@ class MoEConfig:
         if self.attention_output_gate:
             raise ValueError("MoEConfig.attention_output_gate is not supported with latent attention (kv_lora_rank set)")
         self.head_dim, self.rotary_dim = qk, self.qk_rope_head_dim
+
+    def _check_gemma(self) -> None:
+        if not 0 < self.embedding_multiplier < float("inf"):
+            raise ValueError(f"MoEConfig.embedding_multiplier must be a finite number > 0, got {self.embedding_multiplier!r}")
+        for name in ("final_logit_softcapping", "attention_scale"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise ValueError(f"MoEConfig.{name} must be None or a finite number > 0, got {value!r}")
+        if self.moe_beside_dense and not self.sandwich_norms:
+            raise ValueError("MoEConfig.moe_beside_dense needs sandwich_norms (Gemma 4's layer layout)")
+        for name in ("full_attention_head_dim", "full_attention_kv_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"MoEConfig.{name} must be None (as the other layers) or a positive integer, got {value!r}")
+        if self.full_attention_head_dim is not None and self.full_attention_head_dim % 2:
+            raise ValueError(f"MoEConfig.full_attention_head_dim must be even (RoPE), got {self.full_attention_head_dim}")
+        if self.num_attention_heads % self.full_kv_heads:
+            raise ValueError(
+                f"MoEConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"full_attention_kv_heads ({self.full_kv_heads})"
+            )
+        if self.full_attention_rope_theta is not None and not self.full_attention_rope_theta > 0:
+            raise ValueError(f"MoEConfig.full_attention_rope_theta must be None or > 0, got {self.full_attention_rope_theta!r}")
+        if self.full_attention_rope_scaling is not None:
+            from moetrt.rope import canonical_rope_scaling
+
+            self.full_attention_rope_scaling = canonical_rope_scaling(
+                self.full_attention_rope_scaling, self.max_position_embeddings)
+        if self.latent_attention and (self.value_norm or self.full_attention_k_eq_v or self.full_attention_head_dim
+                                      or self.full_attention_kv_heads):
+            raise ValueError("MoEConfig.value_norm and full_attention_* are not supported with latent attention")
 
     def _check_groups(self) -> None:
         if self.group_scoring not in GROUP_SCORINGS:
@@ -338,6 +395,26 @@ class MoEConfig:
     @property
     def value_head_dim(self) -> int:
         return self.v_head_dim if self.latent_attention else self.head_dim
+
+    @property
+    def full_head_dim(self) -> int:
+        """The head dim of full-attention layers (Gemma 4 widens them)."""
+        return self.full_attention_head_dim or self.head_dim
+
+    @property
+    def full_kv_heads(self) -> int:
+        """The key/value heads of full-attention layers."""
+        return self.full_attention_kv_heads or self.num_key_value_heads
+
+    def is_full_attention(self, i: int) -> bool:
+        return self.layer_types is not None and self.layer_types[i] == "full_attention"
+
+    def layer_head_dim(self, i: int) -> int:
+        """Layer ``i``'s attention head dim."""
+        return self.full_head_dim if self.is_full_attention(i) else self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        return self.full_kv_heads if self.is_full_attention(i) else self.num_key_value_heads
 
     def is_moe_layer(self, i: int) -> bool:
         return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0

@@ -38,6 +38,11 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
 
 
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (through float32), as a Python float: a constant of the graph, not a tensor."""
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
+
+
 def _capturing() -> bool:
     """Whether a CUDA graph is being captured (the checks, which read values on the host, are skipped then)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -141,6 +146,18 @@ def rms_norm(cfg: MoEConfig, dim: int) -> RMSNorm:
     return (UnitOffsetRMSNorm if cfg.rms_norm_unit_offset else RMSNorm)(dim, cfg.rms_norm_eps)
 
 
+class ScalelessRMSNorm(nn.Module):
+    """RMSNorm without a weight (Gemma 4's value norm and router norm), in float32."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -168,14 +185,20 @@ def _attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None) -> t
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, layer_idx: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # full-attention layers may have their own head dim and key/value heads (Gemma 4)
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads, cfg.layer_kv_heads(layer_idx), cfg.layer_head_dim(layer_idx))
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.output_gate = cfg.attention_output_gate  # q_proj also yields a per-head gate [H, Hd]
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim * (2 if self.output_gate else 1), bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        # Gemma 4's full-attention layers use the key projection as the values too (attention_k_eq_v)
+        self.k_eq_v = cfg.full_attention_k_eq_v and cfg.is_full_attention(layer_idx)
+        self.v_proj = None if self.k_eq_v else nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.scale = self.head_dim**-0.5 if cfg.attention_scale is None else cfg.attention_scale
+        self.v_norm = ScalelessRMSNorm(cfg.rms_norm_eps) if cfg.value_norm else None
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
         self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
         if cfg.attention_sinks:
@@ -192,7 +215,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
         # past: the dynamic cache [B, G, P, Hd] x2, or with cache_position [S] the static buffers [B, G, C, Hd] x2
         batch, seq, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Hd], [B, S, G*Hd] x2
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, S, H*Hd (x2 with the output gate)], [B, S, G*Hd]
+        v = k if self.v_proj is None else self.v_proj(x)  # [B, S, G*Hd]
         gate = None
         if self.output_gate:  # per head: Hd query dims, then Hd gate dims
             q, gate = q.view(batch, seq, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, S, H, Hd] x2
@@ -206,6 +230,8 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|G, S, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_position is not None:  # static: write in place, attend over all C positions
@@ -219,7 +245,7 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv
         k = k.repeat_interleave(groups, dim=1)  # [B, H, P+S, Hd]
         v = v.repeat_interleave(groups, dim=1)
-        out = _attend(q, k, v, mask, self.head_dim**-0.5, self.sinks)  # [B, H, S, Hd]
+        out = _attend(q, k, v, mask, self.scale, self.sinks)  # [B, H, S, Hd]
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         if gate is not None:
             out = out * torch.sigmoid(gate)
@@ -293,16 +319,19 @@ class LatentAttention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU feed-forward: dense layers and shared experts."""
+    """SwiGLU feed-forward: dense layers and shared experts (GeGLU with ``gelu_tanh``: Gemma 4)."""
 
-    def __init__(self, dim: int, ffn: int):
+    def __init__(self, dim: int, ffn: int, activation: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(dim, ffn, bias=False)
         self.up_proj = nn.Linear(dim, ffn, bias=False)
         self.down_proj = nn.Linear(ffn, dim, bias=False)
+        self.gelu = activation == "gelu_tanh"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Experts(nn.Module):
@@ -325,6 +354,10 @@ class MoEBlock(nn.Module):
         # the clamped SwiGLU's constants (SparseMoE attributes); silu takes none
         self.act_args = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit) if cfg.activation != "silu" else {}
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)  # router
+        # Gemma 4: the router reads a weightless RMSNorm of its input times a learned [D] scale times D^-1/2
+        self.router_norm = ScalelessRMSNorm(cfg.rms_norm_eps) if cfg.router_norm else None
+        self.router_scale = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.router_norm else None  # [D]
+        self.router_root = cfg.hidden_size**-0.5
         # DeepSeek-V3 routing (TopKRouting version 2): a bias [E] on the scores that only chooses, and groups
         self.selection_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.selection_bias else None
         self.route_args = {}
@@ -348,10 +381,14 @@ class MoEBlock(nn.Module):
                                         else kept.to(device=device, dtype=torch.float32))
         return self
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None):
+        # router_input [B, S, D]: what the router reads where it is not x (Gemma 4: the residual stream)
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)  # [T, D]
-        router_logits = kernels.router_logits(tokens, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
+        routed = tokens if router_input is None else router_input.reshape(-1, dim)  # [T, D]
+        if self.router_norm is not None:
+            routed = self.router_norm(routed) * self.router_scale * self.router_root  # [T, D]
+        router_logits = kernels.router_logits(routed, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
         if self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
             weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
         else:
@@ -383,13 +420,44 @@ class DecoderLayer(nn.Module):
         if self.linear:  # a Gated DeltaNet in place of attention (transformers names it linear_attn)
             self.linear_attn = GatedDeltaNet(cfg)
         else:
-            self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg)
+            self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg, layer_idx)
         self.post_attention_layernorm = rms_norm(cfg, cfg.hidden_size)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size)
+        self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size, cfg.activation)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma 4: post_attention_layernorm norms the attention output; these the feed-forward's
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.beside = cfg.moe_beside_dense and self.is_moe
+        if self.beside:  # a dense MLP beside the experts, each with its own norms
+            self.dense_mlp = DenseMLP(cfg.hidden_size, cfg.dense_ffn_size, cfg.activation)
+            self.post_feedforward_layernorm_1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None  # [1]
+
+    def _sandwich_forward(self, x, cos, sin, mask, past, cache_position):
+        """Gemma 4's layer: normed attention output; the dense MLP and the experts side by side, each normed."""
+        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, cache_position)
+        x = x + self.post_attention_layernorm(attn)
+        router = None
+        if self.beside:
+            dense = self.post_feedforward_layernorm_1(self.dense_mlp(self.pre_feedforward_layernorm(x)))
+            moe, router = self.mlp(self.pre_feedforward_layernorm_2(x), router_input=x)  # [B, S, D]
+            ffn = dense + self.post_feedforward_layernorm_2(moe)
+        elif self.is_moe:
+            ffn, router = self.mlp(self.pre_feedforward_layernorm(x))
+        else:
+            ffn = self.mlp(self.pre_feedforward_layernorm(x))
+        x = x + self.post_feedforward_layernorm(ffn)
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar
+        return x, present, router
 
     def forward(self, x, cos, sin, mask, past, cache_position=None, padding=None):
         # padding [B, S] (1 = real token) or None: what a linear-attention layer masks out of its states
+        if self.sandwich:
+            return self._sandwich_forward(x, cos, sin, mask, past, cache_position)
         if self.linear:
             attn, present = self.linear_attn(self.input_layernorm(x), padding, past)
             if cache_position is not None:  # static buffers: the fixed-size states are replaced in place
@@ -413,6 +481,14 @@ def rotary_embedding(cfg: MoEConfig) -> RotaryEmbedding:
     return RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
 
+def full_rotary_embedding(cfg: MoEConfig) -> RotaryEmbedding | None:
+    """The RoPE of full-attention layers where it differs from the others' (Gemma 4), else None."""
+    if cfg.full_attention_rope_theta is None and cfg.full_attention_rope_scaling is None:
+        return None
+    return RotaryEmbedding(cfg.full_head_dim, cfg.full_attention_rope_theta or cfg.rope_theta,
+                           cfg.full_attention_rope_scaling, cfg.max_position_embeddings)
+
+
 class MoETransformer(nn.Module):
     """Decoder-only MoE transformer; ``model(input_ids, ...)`` returns a :class:`MoEOutput`."""
 
@@ -426,6 +502,8 @@ class MoETransformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_embedding(config)
+        # Gemma 4: full-attention layers rotate with their own base and scaling over their own head dim
+        self.rotary_full = full_rotary_embedding(config)
         from moetrt.state import state_contract
 
         self.state = state_contract(config)  # what each layer carries between steps
@@ -440,6 +518,8 @@ class MoETransformer(nn.Module):
                 if name.endswith("norm.weight"):
                     unit_offset = config.rms_norm_unit_offset and not name.endswith("linear_attn.norm.weight")
                     param.fill_(0.0 if unit_offset else 1.0)  # a norm that starts as the identity's scale
+                elif name.endswith(("router_scale", "layer_scalar")):
+                    param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
         return model.eval()
@@ -576,7 +656,10 @@ class MoETransformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, seq)
         x = self.embed_tokens(input_ids)  # [B, S, D]
+        if self.config.embedding_multiplier != 1.0:  # the multiplier rounded to the model dtype, as transformers
+            x = x * _in_dtype(self.config.embedding_multiplier, x.dtype)
         cos, sin = self.rotary(position_ids, x.dtype)  # [B, S, Hd] x2
+        rope_full = None if self.rotary_full is None else self.rotary_full(position_ids, x.dtype)
         masks = {}  # one per sliding window in use (None: full attention)
         for window in dict.fromkeys(self.config.layer_window(i) for i in range(len(self.layers))):
             if static:
@@ -588,6 +671,7 @@ class MoETransformer(nn.Module):
                     attention_mask, batch, seq, past, x.dtype, x.device, window=window
                 )  # [B, 1, S, P+S]
         presents: KVCache = []
+        rope = (cos, sin)
         hidden = [x] if output_hidden_states else None
         routers = []
         padding = None  # [B, S]: which new positions are real tokens, for linear-attention layers
@@ -596,6 +680,7 @@ class MoETransformer(nn.Module):
                        else attention_mask[:, attention_mask.shape[1] - seq:]).to(x.dtype)
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.layer_window(i)]
+            cos, sin = rope_full if rope_full is not None and self.config.is_full_attention(i) else rope
             if static:
                 x, present, router = layer(x, cos, sin, mask, static_cache.layer(i), cache_position, padding)
             else:
@@ -607,6 +692,9 @@ class MoETransformer(nn.Module):
             if hidden is not None:
                 hidden.append(x)
         logits = self.lm_head(self.norm(x))  # [B, S, V]
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
         out = MoEOutput(logits=logits, past_key_values=presents if use_cache else None, hidden_states=hidden)
         if output_router:
             out.router_logits = [r[0] for r in routers]

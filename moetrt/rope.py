@@ -23,6 +23,10 @@ reference and no runtime dependency.
 - ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
   ``original_max_position_embeddings``, default ``M``): long wavelengths divided by ``factor``, a
   smooth blend between the two cut-offs.
+- ``proportional`` (Gemma 4's full-attention layers; ``partial_rotary_factor`` p, ``factor`` 1):
+  the first ``int(p * Hd // 2)`` frequencies of plain RoPE over the whole head (exponents over
+  ``Hd``), the other ``Hd / 2`` frequencies zero (those dim pairs pass unrotated), all divided by
+  ``factor``; unlike a partial rotary, the rotated pairs are ``(i, i + Hd/2)`` of the whole head.
 
 ``dynamic`` follows transformers' ``dynamic_rope_update`` on a freshly built embedding: the
 base depends on the current call's ``max(position_ids) + 1`` only (a generation whose positions
@@ -45,7 +49,7 @@ __all__ = [
     "ROPE_TYPES", "RotaryEmbedding", "canonical_rope_scaling", "rope_scaling_from_hf", "partial_rotary_factor", "yarn_mscale",
 ]
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "proportional")
 
 _REQUIRED = object()
 
@@ -53,6 +57,7 @@ _REQUIRED = object()
 # canonical_rope_scaling (from max_position_embeddings or from the other parameters)
 _PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"factor": _REQUIRED},
+    "proportional": {"factor": 1.0},
     "dynamic": {"factor": _REQUIRED},
     "yarn": {
         "factor": None,
@@ -132,7 +137,10 @@ def canonical_rope_scaling(
     rope_type = _rope_type(scaling)
     known = _PARAMETERS.get(rope_type, {})
     prf = scaling.get("partial_rotary_factor", 1.0)
-    if prf != 1.0:
+    if rope_type == "proportional":  # the factor is part of this type's frequencies, not a partial rotary
+        if not 0.0 < float(prf) <= 1.0:
+            raise ValueError(f"RoPE proportional parameter 'partial_rotary_factor' must be in (0, 1], got {prf!r}")
+    elif prf != 1.0:
         raise UnsupportedModelError(
             f"RoPE partial_rotary_factor={prf!r} is not supported (only 1.0: RoPE over the whole head)"
         )
@@ -150,6 +158,10 @@ def canonical_rope_scaling(
         raise ValueError(f"RoPE {rope_type} needs parameter(s) {missing}; add them to the RoPE scaling dict")
     out: dict[str, Any] = {"rope_type": rope_type}
     out["factor"] = None if scaling.get("factor") is None else _number(rope_type, "factor", scaling["factor"])
+    if rope_type == "proportional":
+        out["factor"] = _number(rope_type, "factor", scaling.get("factor", 1.0))
+        out["partial_rotary_factor"] = float(prf)
+        return out
 
     if "original_max_position_embeddings" in known:
         orig = scaling.get("original_max_position_embeddings")
@@ -298,6 +310,11 @@ def rope_init(head_dim: int, theta: float, scaling: dict[str, Any]) -> tuple[tor
         return _yarn_inv_freq(head_dim, theta, scaling), scaling["attention_factor"]
     if rope_type == "llama3":
         return _llama3_inv_freq(head_dim, theta, scaling), 1.0
+    if rope_type == "proportional":  # transformers' _compute_proportional_rope_parameters, op for op
+        angles = int(scaling["partial_rotary_factor"] * head_dim // 2)
+        rotated = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+        inv_freq = torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32)))  # [Hd/2]
+        return inv_freq / scaling["factor"], 1.0
     raise AssertionError(f"unhandled canonical rope_type {rope_type!r}")
 
 

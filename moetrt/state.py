@@ -27,6 +27,10 @@ first ``kv_lora_rank`` outputs), ``rope_key`` the rotary key shared by every hea
 step expands keys and values from them (``kv_b_proj``). For DeepSeek-V3 that is 512 + 64 values
 per token and layer against 2 x 128 heads x (192 | 128) for full keys and values.
 
+Full-attention layers whose head dim or key/value heads differ from the sliding ones (Gemma 4's
+``full_attention_head_dim`` / ``full_attention_kv_heads``) carry key and value of
+``(batch, full_kv_heads, past, full_head_dim)``, under the same names.
+
 A layer's state is a tuple of :class:`StateEntry`. An entry names its dims symbolically:
 ``batch`` (the batch axis), ``past`` (the positions seen so far: the step's output holds
 ``past + sequence`` of them, concatenated along that axis), and sizes read from the model
@@ -60,7 +64,8 @@ BATCH, PAST = "batch", "past"
 SIZES = {"kv_heads": "num_key_value_heads", "head_dim": "head_dim", "kv_lora_rank": "kv_lora_rank",
          "qk_rope_head_dim": "qk_rope_head_dim", "linear_conv_dim": "linear_conv_dim",
          "linear_conv_state": "linear_conv_state_size", "linear_value_heads": "linear_num_value_heads",
-         "linear_key_dim": "linear_key_head_dim", "linear_value_dim": "linear_value_head_dim"}
+         "linear_key_dim": "linear_key_head_dim", "linear_value_dim": "linear_value_head_dim",
+         "full_kv_heads": "full_kv_heads", "full_head_dim": "full_head_dim"}
 # "model": the artifact's dtype (fp32 | fp16 | bf16); "fp32": float32 whatever the artifact's dtype
 DTYPE_RULES = ("model", "fp32")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
@@ -129,11 +134,26 @@ RECURRENT_STATE = StateEntry("recurrent_state", (BATCH, "linear_value_heads", "l
                              dtype="fp32")
 
 
+# full-attention layers whose head dim or key/value heads differ from the sliding ones (Gemma 4)
+FULL_KEY = StateEntry("key", (BATCH, "full_kv_heads", PAST, "full_head_dim"))
+FULL_VALUE = StateEntry("value", (BATCH, "full_kv_heads", PAST, "full_head_dim"))
+
+
 def state_entries(config) -> list[tuple[StateEntry, ...]]:
     """What each layer of ``config`` carries between steps, in graph order."""
     entries = (LATENT, ROPE_KEY) if getattr(config, "kv_lora_rank", None) is not None else (KEY, VALUE)
     linear = getattr(config, "is_linear_attention_layer", lambda i: False)
-    return [(CONV_STATE, RECURRENT_STATE) if linear(i) else entries for i in range(config.num_hidden_layers)]
+    # Gemma 4: full-attention layers whose head dim or key/value heads differ from the sliding ones
+    full = bool(getattr(config, "full_attention_head_dim", None) or getattr(config, "full_attention_kv_heads", None))
+
+    def layer(i: int) -> tuple[StateEntry, ...]:
+        if linear(i):
+            return (CONV_STATE, RECURRENT_STATE)
+        if full and config.is_full_attention(i):
+            return (FULL_KEY, FULL_VALUE)
+        return entries
+
+    return [layer(i) for i in range(config.num_hidden_layers)]
 
 
 def _entry_name(entry: StateEntry | str) -> str:
@@ -239,23 +259,31 @@ class StateContract:
         raise ValueError(f"layer {layer} carries no state {name!r}; it carries {', '.join(e.name for e in self.layers[layer])}")
 
     def to_dict(self) -> dict[str, Any]:
-        """``io["state"]`` of ``moetrt.json``: each distinct entry once, then each layer's entry names."""
-        entries: dict[str, dict[str, Any]] = {}
-        for layer in self.layers:
-            for e in layer:
-                entries.setdefault(e.name, e.to_dict())
+        """``io["state"]`` of ``moetrt.json``: each distinct entry once, then each layer's entry names.
+
+        Where one name has several shapes (Gemma 4's full-attention key and value), a layer refers to
+        its entry by its index in ``entries`` instead of by name.
+        """
+        entries: list[StateEntry] = list(dict.fromkeys(e for layer in self.layers for e in layer))
+        names = [e.name for e in entries]
+
+        def ref(e: StateEntry) -> str | int:
+            return e.name if names.count(e.name) == 1 else entries.index(e)
+
         return {
-            "entries": list(entries.values()),
-            "layers": [[e.name for e in layer] for layer in self.layers],
+            "entries": [e.to_dict() for e in entries],
+            "layers": [[ref(e) for e in layer] for layer in self.layers],
             "sizes": dict(self.sizes),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StateContract:
-        entries = {d["name"]: StateEntry.from_dict(d) for d in data["entries"]}
+        listed = [StateEntry.from_dict(d) for d in data["entries"]]
+        entries = {e.name: e for e in listed}
         try:
-            layers = tuple(tuple(entries[name] for name in layer) for layer in data["layers"])
-        except KeyError as exc:
+            layers = tuple(tuple(listed[ref] if isinstance(ref, int) else entries[ref] for ref in layer)
+                           for layer in data["layers"])
+        except (KeyError, IndexError) as exc:
             raise ValueError(f"io.state.layers names state {exc.args[0]!r}, which io.state.entries does not declare") from None
         return cls(layers=layers, sizes=tuple(sorted((str(k), int(v)) for k, v in data["sizes"].items())))
 

@@ -39,19 +39,27 @@ def hf_tiny_config(variant: str, **overrides: Any):
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
     """Redraw every parameter: normal(0, std); norm weights 1 + normal(0, 0.1); DeepSeek's selection bias
-    buffers normal(0, 2 std). In place."""
+    buffers normal(0, 2 std); Gemma 4's router scale sqrt(D) (1 + normal(0, 0.1)), per-expert scale
+    1 + normal(0, 0.3) and layer_scalar buffers 1 + normal(0, 0.2). In place."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("router.scale"):  # Gemma 4: times D^-1/2 in the router, so logits of order 1
+                param.copy_(param.numel() ** 0.5 * (1.0 + 0.1 * noise))
+            elif name.endswith("per_expert_scale"):  # Gemma 4: away from 1 so an unscaled expert shows
+                param.copy_(1.0 + 0.3 * noise)
             else:
                 param.copy_(std * noise)
         for name, buf in model.named_buffers():
             # DeepSeek's e_score_correction_bias: a learned buffer; large enough to change which experts win
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(2 * std * torch.randn(buf.shape, generator=generator, dtype=torch.float32))
+            # Gemma 4's layer_scalar: a loaded buffer (ones at init); away from 1 so a missing one shows
+            if name.endswith("layer_scalar"):
+                buf.copy_(1.0 + 0.2 * torch.randn(buf.shape, generator=generator, dtype=torch.float32))
     return model
 
 

@@ -246,15 +246,21 @@ class Family(ABC):
         return None
 
     # --- parameters -> checkpoint tensors ------------------------------------------------------
+    @staticmethod
+    def saved_tensors(model: "MoETransformer") -> Iterator[tuple[str, str, torch.Tensor]]:
+        """``(prefix, name, tensor)`` of each tensor a checkpoint stores: ``"model."`` but for ``lm_head``, which
+        tied embeddings leave out."""
+        for name, tensor in model.state_dict().items():
+            if model.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            yield "" if name == "lm_head.weight" else "model.", name, tensor
+
     def hf_tensors(self, model: "MoETransformer") -> Iterator[tuple[str, torch.Tensor]]:
         """The model's tensors under the family's on-disk names (one tensor per expert projection)."""
         cfg = model.config
         names = {part: stored for stored, part in self.expert_names.items()}
         ffn = cfg.intermediate_size
-        for name, tensor in model.state_dict().items():
-            if cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            prefix = "" if name == "lm_head.weight" else "model."
+        for prefix, name, tensor in self.saved_tensors(model):
             if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
                 base = self.stored_name(name.rsplit(".", 1)[0])
                 for e in range(cfg.num_experts):

@@ -188,11 +188,7 @@ class GptOss(Family):
         return [Placement(key, e, transform=transform, stored_shape=stored, select=e) for e in range(E)]
 
     def hf_tensors(self, model: "MoETransformer") -> Iterator[tuple[str, torch.Tensor]]:
-        cfg = model.config
-        for name, tensor in model.state_dict().items():
-            if cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            prefix = "" if name == "lm_head.weight" else "model."
+        for prefix, name, tensor in self.saved_tensors(model):
             if name.endswith(".experts.gate_up_proj"):  # [E, 2F, D] -> [E, D, 2F] interleaved
                 tensor = _interleave_rows(tensor).transpose(1, 2)
             elif name.endswith(".experts.down_proj"):  # [E, D, F] -> [E, F, D]

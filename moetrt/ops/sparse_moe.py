@@ -15,6 +15,8 @@ Semantics (DESIGN.md, domain ``moetrt`` version 1)::
     activation "clamped_swiglu" (gpt-oss), attributes alpha (1.702), limit (7.0):
         gate = min(gate, limit); up = clamp(up, -limit, limit)
         act  = (up + 1) * gate * sigmoid(alpha * gate)
+    activation "gelu_tanh" (GeGLU, Gemma 4):
+        act  = gelu_tanh(gate) * up,  gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
 
 Work is proportional to T*K, not T*E: the (token, slot) pairs are sorted once by expert and
 each expert multiplies only the rows routed to it. The routing weight multiplies in float32
@@ -37,7 +39,8 @@ OP_NAME = "SparseMoE"
 # silu: SwiGLU, down(silu(gate) * up).
 # clamped_swiglu (gpt-oss): gate = min(gate, limit), up = clamp(up, -limit, limit),
 #   down((up + 1) * gate * sigmoid(alpha * gate)).
-ACTIVATIONS = ("silu", "clamped_swiglu")
+# gelu_tanh (Gemma 4): GeGLU with the tanh approximation of GELU, down(gelu_tanh(gate) * up).
+ACTIVATIONS = ("silu", "clamped_swiglu", "gelu_tanh")
 
 SPEC = OpSpec(
     name=OP_NAME, domain="moetrt", version=1, doc=__doc__,
@@ -57,7 +60,7 @@ SPEC = OpSpec(
         ("I", ("tensor(int32)", "tensor(int64)"), ""),
     ),
     attrs=(
-        Attr("activation", str, "silu", ACTIVATIONS, "silu: SwiGLU; clamped_swiglu: gpt-oss's clamped SwiGLU",
+        Attr("activation", str, "silu", ACTIVATIONS, "silu: SwiGLU; clamped_swiglu: gpt-oss's clamped SwiGLU; gelu_tanh: GeGLU (Gemma 4)",
              always=True),
         Attr("alpha", float, 1.702, None, "clamped_swiglu: sigmoid gain", {"activation": ("clamped_swiglu",)}),
         Attr("limit", float, 7.0, None, "clamped_swiglu: clamp of gate (above) and up (both sides)",
@@ -113,6 +116,8 @@ def _activation(gate_up: torch.Tensor, ffn: int, activation: str, alpha: float, 
     """[n, 2F] -> [n, F]: the expert's gated activation."""
     if activation == "silu":
         return F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+    if activation == "gelu_tanh":
+        return F.gelu(gate_up[:, :ffn], approximate="tanh") * gate_up[:, ffn:]
     gate = gate_up[:, :ffn].clamp(max=limit)
     up = gate_up[:, ffn:].clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
@@ -240,6 +245,8 @@ def sparse_moe_reference(
             gate, up = gate_up[:ffn], gate_up[ffn:]
             if activation == "silu":
                 hidden = gate / (1.0 + np.exp(-gate)) * up
+            elif activation == "gelu_tanh":
+                hidden = 0.5 * gate * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (gate + 0.044715 * gate**3))) * up
             else:
                 gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
                 hidden = (up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))
@@ -304,10 +311,27 @@ class _Act:
         self.one = b.op("CastLike", b.const(1.0, dtype=np.float32), "x")
 
 
-def _activation_onnx(b, gate, up, act: _Act | None):
-    """[n, F] x2 -> [n, F]: silu(gate) * up, or the clamped SwiGLU when ``act`` holds its scalars."""
+class _Gelu:
+    """The tanh GELU's constants in the model dtype, made once in the function body."""
+
+    def __init__(self, b):
+        def const(value):
+            return b.op("CastLike", b.const(value, dtype=np.float32), "x")
+
+        self.half, self.one = const(0.5), const(1.0)
+        self.root, self.cubic = const(float(np.sqrt(2.0 / np.pi))), const(0.044715)
+
+
+def _activation_onnx(b, gate, up, act: _Act | _Gelu | None):
+    """[n, F] x2 -> [n, F]: silu(gate) * up, gelu_tanh(gate) * up (``act`` a :class:`_Gelu`), or the clamped
+    SwiGLU when ``act`` holds its scalars. GELU is spelled out (no string attribute, any opset, TensorRT's parser)."""
     if act is None:
         return b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    if isinstance(act, _Gelu):
+        cube = b.op("Mul", b.op("Mul", gate, gate), gate)  # [n, F]
+        inner = b.op("Mul", act.root, b.op("Add", gate, b.op("Mul", act.cubic, cube)))
+        gelu = b.op("Mul", b.op("Mul", act.half, gate), b.op("Add", act.one, b.op("Tanh", inner)))
+        return b.op("Mul", gelu, up)
     gate = b.op("Min", gate, act.limit)  # [n, F]
     up = b.op("Clip", up, act.neg_limit, act.limit)  # [n, F]
     glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, act.alpha)))
@@ -392,7 +416,7 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
         w_down_t.append(b.op("Transpose", b.op("Gather", "w_down", b.const(e), axis=0), perm=[1, 0]))  # [F, D]
     b_gu = [b.op("Gather", "b_gate_up", b.const(e), axis=0) if gate_up_bias else None for e in range(E)]  # [2F]
     b_d = [b.op("Gather", "b_down", b.const(e), axis=0) if down_bias else None for e in range(E)]  # [D]
-    act = _Act(b) if variant.activation == "clamped_swiglu" else None
+    act = {"clamped_swiglu": _Act, "gelu_tanh": _Gelu}.get(variant.activation, lambda _: None)(b)
 
     # decode path: gather the routed experts' weights
     g = Body("smoe_gather_")

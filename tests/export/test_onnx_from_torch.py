@@ -27,7 +27,9 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # multi-head latent attention (state: latent, rope_key) and TopKRouting version 2
                    "deepseek_v3", "deepseek_v3-plain", "glm4_moe_lite",
                    # key/value attention with TopKRouting version 2 (selection bias; partial rotary)
-                   "glm4_moe", "minimax_m2"]
+                   "glm4_moe", "minimax_m2",
+                   # Gemma 4: GeGLU experts beside a dense MLP, full layers with their own head dim, heads and RoPE
+                   "gemma4_text"]
 
 
 def _feeds(model, input_ids, mask, positions, past):

@@ -112,7 +112,7 @@ def test_config_json_with_invalid_values_is_a_checkpoint_error(checkpoint):
         (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "longrope", "factor": 4.0}), "'longrope'"),
         (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"rope_type": "su", "factor": 2.0}), "'su'"),
         # v5 style; and a parameter the type does not read is refused, never dropped
-        (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}), "'proportional'"),
+        (dict(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4, "factor": 2.0}), "'mrope'"),
         (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 3}), "beta_fast"),
     ],
 )

@@ -50,7 +50,7 @@ def test_version_for_is_1_without_version_2_options():
 
 
 @pytest.mark.parametrize("spec,values,match", [
-    (SMOE, {"activation": "gelu"}, r"'activation' must be one of \('silu', 'clamped_swiglu'\)"),
+    (SMOE, {"activation": "gelu"}, r"'activation' must be one of \('silu', 'clamped_swiglu', 'gelu_tanh'\)"),
     (SMOE, {"alpha": "1.0"}, r"'alpha' must be float"),
     (SMOE, {"limit": True}, r"'limit' must be float"),
     (SMOE, {"beta": 1.0}, r"unknown attribute\(s\) \['beta'\]"),

@@ -191,6 +191,7 @@ VARIANTS = [
     ("clamped_swiglu", 1.702, 7.0, False, True),
     ("clamped_swiglu", 1.702, 7.0, True, True),
     ("clamped_swiglu", 1.3, 0.6, True, True),
+    ("gelu_tanh", 1.702, 7.0, False, False),  # Gemma 4's GeGLU (alpha and limit unread)
 ]
 VARIANT_IDS = [f"{a}-a{al}-l{li}" + "-bgu" * bgu + "-bd" * bd for a, al, li, bgu, bd in VARIANTS]
 
@@ -400,6 +401,8 @@ def _dense_moe(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=No
     gate, up = gate_up[..., : two_f // 2], gate_up[..., two_f // 2 :]  # [T, E, F] x2
     if activation == "silu":
         hidden = F.silu(gate) * up  # [T, E, F]
+    elif activation == "gelu_tanh":
+        hidden = F.gelu(gate, approximate="tanh") * up  # [T, E, F]
     else:
         gate, up = torch.minimum(gate, torch.tensor(limit)), torch.clamp(up, -limit, limit)
         hidden = (up + 1) * gate * torch.sigmoid(alpha * gate)

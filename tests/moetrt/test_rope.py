@@ -224,7 +224,18 @@ def test_from_hf_matches_transformers_config_round_trip():
 # ---- errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rope_type", ["longrope", "proportional", "mrope", "su"])
+@pytest.mark.parametrize("factor,partial", [(1.0, 0.25), (1.0, 1.0), (2.0, 0.5), (1.0, 0.1)])
+def test_proportional_matches_transformers(factor, partial):
+    """Gemma 4's full-attention RoPE: a share of the plain frequencies over the whole head, the rest zero."""
+    params = {"rope_type": "proportional", "partial_rotary_factor": partial, "factor": factor}
+    cfg = _hf_config(params, 64, 1e6, 4096)
+    ref_inv, ref_scaling = ROPE_INIT_FUNCTIONS["proportional"](cfg)
+    ours = RotaryEmbedding(64, 1e6, params)
+    torch.testing.assert_close(ours.inv_freq, ref_inv, rtol=0, atol=0)
+    assert ours.attention_scaling == ref_scaling == 1.0
+
+
+@pytest.mark.parametrize("rope_type", ["longrope", "mrope", "su"])
 def test_unsupported_type_names_it_and_the_supported_ones(rope_type):
     hf = {"rope_scaling": {"type": rope_type, "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]}}
     with pytest.raises(UnsupportedModelError, match=rope_type) as info:

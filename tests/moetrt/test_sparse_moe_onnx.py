@@ -31,6 +31,7 @@ BODIES = [
     ("silu", False, False), ("silu", True, True),
     ("clamped_swiglu", False, False), ("clamped_swiglu", True, False),
     ("clamped_swiglu", False, True), ("clamped_swiglu", True, True),
+    ("gelu_tanh", False, False),  # Gemma 4's GeGLU
 ]
 BODY_IDS = [f"{a}" + "-bgu" * g + "-bd" * d for a, g, d in BODIES]
 # (tokens T, experts E, routed K, model dim D, expert dim F); T*K < E takes the gather path by default
@@ -192,7 +193,7 @@ def test_body_has_no_string_constants_and_declares_its_inputs(activation, gate_u
         want.append("b_down")
     assert list(function.input) == want
     defaults = {a.name: helper.get_attribute_value(a) for a in function.attribute_proto}
-    if activation == "silu":
+    if activation in ("silu", "gelu_tanh"):  # no float attribute: alpha and limit are clamped_swiglu's
         assert defaults == {"activation": b"silu", "plugin_namespace": b"moetrt"}
     else:
         assert set(defaults) == {"activation", "alpha", "limit", "plugin_namespace"}

@@ -12,7 +12,8 @@ P = T*K (token, slot) pairs (pair ``p`` is token ``p // K``, slot ``p % K``), BM
    accumulators (gate rows, up rows), plus the optional bias ``b_gate_up[e]``, then the
    activation epilogue, written as the intermediate ``h [P, F]`` in the model dtype:
    ``silu(gate) * up`` (SwiGLU), or gpt-oss's ``clamped_swiglu``: ``gate = min(gate, limit)``,
-   ``up = clamp(up, -limit, limit)``, ``(up + 1) * gate * sigmoid(alpha * gate)``.
+   ``up = clamp(up, -limit, limit)``, ``(up + 1) * gate * sigmoid(alpha * gate)``, or Gemma 4's
+   ``gelu_tanh``: ``gelu_tanh(gate) * up``.
 3. down (``moe_down_kernel``): ``h[pairs] @ w_down[e]^T`` in fp32, plus the optional bias
    ``b_down[e]``, times the pair's routing weight (fp32), cast to the model dtype into per-slot
    outputs ``[P, D] = [T, K, D]``.
@@ -165,7 +166,7 @@ def moe_gate_up_kernel(
     UPCAST: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong, see sparse_moe_triton)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps fp32 inputs exact
     GROUP_M: tl.constexpr,  # tile order, see tile_ids
-    ACTIVATION: tl.constexpr = "silu",  # "silu" | "clamped_swiglu" (moetrt.ops.sparse_moe.ACTIVATIONS)
+    ACTIVATION: tl.constexpr = "silu",  # "silu" | "clamped_swiglu" | "gelu_tanh" (moetrt.ops.sparse_moe.ACTIVATIONS)
 ):
     pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -210,6 +211,10 @@ def moe_gate_up_kernel(
         gate = tl.minimum(acc_gate, limit)
         up = tl.minimum(tl.maximum(acc_up, -limit), limit)
         h = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))  # [BM, BN] (up + 1) * gate * sigmoid(alpha * gate)
+    elif ACTIVATION == "gelu_tanh":
+        # gelu_tanh(gate) * up with tanh(z) = 2 sigmoid(2z) - 1 = 1 - 2 / (1 + exp(2z)), fp32
+        z = 0.7978845608028654 * (acc_gate + 0.044715 * acc_gate * acc_gate * acc_gate)
+        h = 0.5 * acc_gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z))) * acc_up  # [BM, BN]
     else:
         h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # [BM, BN] silu(gate) * up, fp32
     h_ptrs = h_ptr + pairs[:, None].to(tl.int64) * F + offs_n[None, :]

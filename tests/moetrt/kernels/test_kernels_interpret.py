@@ -457,6 +457,26 @@ def test_clamped_swiglu_and_biases_match_reference_and_op(tokens, dim, ffn, expe
         torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
 
 
+# --- SparseMoE: Gemma 4's GeGLU (gelu_tanh) ---------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("tokens,dim,ffn,experts,k,dtype,path", [GPT_OSS_CASES[0], GPT_OSS_CASES[1], GPT_OSS_CASES[4]])
+def test_gelu_tanh_matches_reference_and_op(tokens, dim, ffn, experts, k, dtype, path, record_max):
+    weights, indices = _routing(tokens, experts, k, seed=tokens + 60)
+    x = (torch.randn(tokens, dim, generator=torch.Generator().manual_seed(61)) * 2).to(dtype)
+    w_gate_up, w_down = _experts(experts, dim, ffn, dtype, seed=62)
+    config = SMALL if path == "small tiles" else None
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, activation="gelu_tanh", config=config)
+    ref = _reference(x, weights, indices, w_gate_up, w_down, activation="gelu_tanh")
+    err = _rel_fro(y.double().numpy(), ref)
+    record_max("Triton kernels (interpreter): relative Frobenius error vs float64", f"gelu_tanh {dtype}", err)
+    assert err <= (FP32_RTOL if dtype == torch.float32 else HALF_RTOL[dtype]), err
+    # SwiGLU on the same inputs differs: the kernel took the GeGLU branch
+    assert _rel_fro(sparse_moe_triton(x, weights, indices, w_gate_up, w_down, config=config).double().numpy(), ref) > 1e-2
+    if dtype == torch.float32:
+        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, activation="gelu_tanh")
+        torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
+
+
 @in_process
 def test_biases_are_zero_biases_and_silu_keeps_its_result():
     """A zero bias adds nothing (bitwise), and SwiGLU with biases is the op's SwiGLU with biases."""
