@@ -36,6 +36,20 @@ def test_readme_has_the_two_setup_commands():
     assert setup[1].endswith("pytest -q")
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest -q" in ci, "CI must run the README's test command"
+    # one install, the same in both: what the README installs is all CI installs (beside pip itself)
+    installs = {re.search(r"pip install (.*?) &&", b)[1] for b in setup}
+    assert len(installs) == 1, installs
+    ci_installs = [line.split("pip install", 1)[1].strip() for line in ci.splitlines()
+                   if "pip install" in line and not line.lstrip().startswith("#")]
+    assert [i for i in ci_installs if "--upgrade pip" not in i] == list(installs)
+
+
+def test_dev_extra_holds_what_the_tests_import():
+    """The README's one install brings triton (Linux x86_64) and onnxruntime-genai: no test skips for them."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml with tomllib")
+    dev = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    names = {re.match(r"[A-Za-z0-9_.\-\[\],]+", d)[0].split("[")[0] for d in dev}
+    assert {"triton", "onnxruntime-genai", "pytest", "transformers"} <= names, names
 
 
 def test_readme_cli_examples(tmp_path):
