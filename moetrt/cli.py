@@ -67,8 +67,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt", "-p", action="append", required=True, metavar="TEXT",
         help="prompt text; repeat for a batch. For a model without tokenizer.json, token ids: '1 5 9'",
     )
-    p.add_argument("--backend", "-b", default="torch", choices=("torch", "ort", "trt"),
-                   help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder (default: %(default)s)")
+    p.add_argument("--backend", "-b", default=None, choices=("torch", "ort", "trt"),
+                   help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder; trt: a TensorRT "
+                        "engine folder (default: what SRC is: ort for an exported folder, trt for an engine "
+                        "folder, torch for a checkpoint or preset)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; trt: cuda)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="precision of the torch back end (default: the checkpoint's, fp32); exports fix their own")
@@ -104,10 +106,13 @@ def _generate(args: argparse.Namespace) -> int:
     """
     from moetrt.runtime import Session
 
-    if args.compile and (args.backend != "torch" or not (args.device or "cpu").startswith("cuda")):
+    if args.compile and (args.backend not in (None, "torch") or not (args.device or "cpu").startswith("cuda")):
+        raise MoetrtError("--compile applies to the torch back end on CUDA: add --backend torch --device cuda")
+    backend = args.backend or _default_backend(args.source)
+    if args.compile and backend != "torch":
         raise MoetrtError("--compile applies to the torch back end on CUDA: add --backend torch --device cuda")
     backend_options = {"compile_decode": True} if args.compile else {}
-    session = Session(args.source, backend=args.backend, device=args.device, dtype=args.dtype, **backend_options)
+    session = Session(args.source, backend=backend, device=args.device, dtype=args.dtype, **backend_options)
     prompts = [_parse_prompt(session, text) for text in args.prompt]
     stats = args.expert_stats or args.heatmap is not None
     options = dict(
@@ -133,9 +138,10 @@ def _generate(args: argparse.Namespace) -> int:
     out.flush()  # the text before the timing line on a shared terminal
     steps = result.decode_steps
     rate = f", decode {steps} steps at {result.decode_tokens_per_second:.1f} steps/s" if steps else ""
+    chosen = "" if args.backend else f" (the default for {_SOURCE_WORDS[backend]}; --backend chooses another)"
     print(
         f"[{session.backend.name}/{session.backend.device}] {len(prompts)} prompt(s), "
-        f"prefill {result.prefill_seconds * 1e3:.1f} ms{rate}",
+        f"prefill {result.prefill_seconds * 1e3:.1f} ms{rate}{chosen}",
         file=sys.stderr,
     )
     if result.stats is not None:
@@ -145,6 +151,16 @@ def _generate(args: argparse.Namespace) -> int:
             path = result.stats.heatmap(args.heatmap)
             print(f"wrote expert heat map to {path}", file=sys.stderr)
     return 0
+
+
+_SOURCE_WORDS = {"ort": "an exported folder", "trt": "an engine folder", "torch": "a checkpoint or preset"}
+
+
+def _default_backend(source: str) -> str:
+    """The back end a source runs on when --backend is not given: what the folder holds."""
+    from moetrt.runtime.model_folder import default_backend
+
+    return default_backend(source)
 
 
 def _parse_prompt(session, text: str) -> str | list[int]:

@@ -23,7 +23,7 @@ from moetrt.errors import CheckpointError, MoetrtError
 from moetrt.state import StateContract
 
 __all__ = [
-    "ExportedModel", "read_exported", "source_kind", "check_artifact_files", "explain_broken_artifact",
+    "ExportedModel", "read_exported", "source_kind", "default_backend", "check_artifact_files", "explain_broken_artifact",
     "FORMAT", "FORMAT_VERSION", "METADATA_FILE",
 ]
 
@@ -51,6 +51,17 @@ def source_kind(source: str | os.PathLike) -> str:
     raise CheckpointError(
         f"{str(source)!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
     )
+
+
+def default_backend(source: Any) -> str:
+    """The back end that runs ``source`` as it is: ``"ort"`` for an exported (or optimized) ONNX
+    folder, ``"trt"`` for a TensorRT engine folder, ``"torch"`` for a checkpoint, a preset or a model object.
+    """
+    if not isinstance(source, (str, os.PathLike)) or source_kind(source) != "exported":
+        return "torch"
+    from moetrt.ops.plugins import ENGINE_FORMAT
+
+    return "trt" if read_metadata(Path(source)).get("format") == ENGINE_FORMAT else "ort"
 
 
 @dataclass

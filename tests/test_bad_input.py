@@ -127,6 +127,8 @@ CASES = [
     # exported folders given to the runtime, optimize and parity
     ("model.onnx truncated (generate)", ["generate", "{copy}", "-b", "ort", "-p", "hi"], "copy",
      truncate("model.onnx"), 2, ["model.onnx", "does not match the checksum", "re-export"]),
+    ("model.onnx truncated (generate, default back end)", ["generate", "{copy}", "-p", "hi"], "copy",
+     truncate("model.onnx"), 2, ["model.onnx", "does not match the checksum", "re-export"]),
     ("model.onnx truncated (optimize)", ["optimize", "{copy}", "-t", "ort-cpu", "-o", "{out}", "-q"], "copy",
      truncate("model.onnx"), 2, ["model.onnx", "does not match the checksum", "re-export"]),
     ("model.onnx truncated (parity)", ["parity", "tiny", "{copy}", "-n", "0", "--no-localize"], "copy",

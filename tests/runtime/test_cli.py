@@ -47,6 +47,19 @@ def test_user_errors_print_one_line_and_exit_with_the_error_code(argv, code, mes
     assert message in err
 
 
+@pytest.mark.parametrize("source,backend,words", [
+    ("export", "ort/cpu", "the default for an exported folder"),
+    ("checkpoint", "torch/cpu", "the default for a checkpoint or preset"),
+])
+def test_without_backend_the_source_decides_and_the_cli_says_which_ran(source, backend, words, paths, capsys):
+    """An exported folder runs its ONNX (not the PyTorch source it was exported from)."""
+    code, out, err = run(["generate", paths[source], "-p", "the cat", "-n", "4"], capsys)
+    assert code == 0, err
+    assert f"[{backend}]" in err and words in err, err
+    code, _, err = run(["generate", paths[source], "-p", "the cat", "-n", "4", "--backend", "torch"], capsys)
+    assert code == 0 and "[torch/cpu]" in err and "default" not in err, err
+
+
 def test_onnxruntime_not_installed_exits_3_naming_the_package(paths, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     code, _, err = run(["generate", paths["export"], "-p", "the cat", "--backend", "ort"], capsys)
