@@ -43,11 +43,14 @@ FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Fail early (before any heavy work) if ``out_dir`` cannot be written."""
-    if out_dir.exists():
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        pass  # an empty folder (made by the user for the output): nothing in it to lose
+    elif out_dir.exists():
         artifact = out_dir.is_dir() and (out_dir / METADATA_FILE).exists()
         if not overwrite:
-            hint = " or pass overwrite=True (--overwrite)" if artifact else ""
-            raise MoetrtError(f"{out_dir} already exists; choose another folder{hint}")
+            message = f"{out_dir} already exists; choose another folder"
+            raise MoetrtError(message + (" or pass overwrite=True" if artifact else ""),
+                              cli=message + (" or pass --overwrite" if artifact else ""))
         if not artifact:
             raise MoetrtError(
                 f"{out_dir} exists and is not a moetrt artifact folder (no {METADATA_FILE}); "

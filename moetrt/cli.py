@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.run(args) or 0
         except MoetrtError as exc:
-            return _error(str(exc), exc.exit_code)
+            return _error(exc.for_cli(), exc.exit_code)
         except KeyboardInterrupt:
             sys.stdout.flush()
             print("interrupted", file=sys.stderr)

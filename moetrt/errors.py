@@ -16,6 +16,15 @@ class MoetrtError(Exception):
     #: exit code of the CLI for this kind of error (2: usage / input error)
     exit_code = 2
 
+    def __init__(self, *args, cli: str | None = None):
+        super().__init__(*args)
+        #: the same message in the command line's words (its flags, not the API's argument names);
+        #: None when the message names neither
+        self.cli_message = cli
+
+    def for_cli(self) -> str:
+        return self.cli_message or str(self)
+
 
 class UnsupportedModelError(MoetrtError):
     """The model (architecture, option, dtype) is not one moetrt supports."""

@@ -394,12 +394,16 @@ def _load_backend(
     if kind != "exported":
         what = {"checkpoint": "a checkpoint folder", "preset": "a preset name", "object": "an in-memory model"}[kind]
         shown = source if path_like else "<model>"
+        message = f"{{}} runs an exported model folder, but {shown} is {what}; export it first "
         raise MoetrtError(
-            f"backend={backend!r} runs an exported model folder, but {shown} is {what}; export it first "
-            f"(moetrt export {shown} OUT_DIR, or moetrt.export.onnx_from_torch(model, out_dir)), or use backend='torch'"
+            message.format(f"backend={backend!r}")
+            + "(moetrt.export.onnx_from_torch(source, out_dir)), or use backend='torch'",
+            cli=message.format(f"--backend {backend}") + f"(moetrt export {shown} -o OUT_DIR), or use --backend torch",
         )
     if dtype is not None:
-        raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)")
+        raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)",
+                          cli=f"the precision is fixed by the export for --backend {backend}; re-export with "
+                              "moetrt export --dtype to change it (drop --dtype)")
     if backend == "ort":
         from moetrt.runtime.backend_ort import OrtBackend
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,10 @@ CASES = [
     # output folders: refuse, never delete
     ("output is an artifact, no --overwrite", ["export", "tiny", "-o", "{copy}", "-q"], None, nothing, 2,
      ["already exists", "--overwrite"]),
+    ("output is an artifact, no --overwrite (optimize)", ["optimize", "{export}", "-t", "ort-cpu", "-o", "{copy}", "-q"],
+     None, nothing, 2, ["already exists", "pass --overwrite"]),
+    ("ort back end on a checkpoint", ["generate", "{ckpt}", "-b", "ort", "-p", "1 2"], None, nothing, 2,
+     ["--backend ort runs an exported model folder", "moetrt export", "-o OUT_DIR", "use --backend torch"]),
     ("output holds the user's files, --overwrite", ["export", "tiny", "-o", "{userdir}", "--overwrite", "-q"], None,
      nothing, 2, ["not a moetrt artifact", "choose another folder"]),
     ("output is the user's file, --overwrite", ["export", "tiny", "-o", "{userdir}/notes.txt", "--overwrite", "-q"],
@@ -158,9 +163,9 @@ CASES = [
     ("prompt longer than max positions", ["generate", "{ckpt}", "-p", LONG, "-n", "1"], None, nothing, 2,
      ["300 tokens", "max_position_embeddings (256)", "shorten the prompt"]),
     ("prompt + new tokens past max positions", ["generate", "{export}", "-b", "ort", "-p", "hi", "-n", "600"], None,
-     nothing, 2, ["max_position_embeddings (512)", "lower max_new_tokens"]),
+     nothing, 2, ["max_position_embeddings (512)", "lower --max-new-tokens (-n)"]),
     ("max_new_tokens 0", ["generate", "{export}", "-b", "ort", "-p", "hi", "-n", "0"], None, nothing, 2,
-     ["max_new_tokens must be a positive integer"]),
+     ["--max-new-tokens (-n) must be a positive integer"]),
     ("top_p out of range", ["generate", "{export}", "-b", "ort", "-p", "hi", "-t", "1", "--top-p", "3"], None,
      nothing, 2, ["top_p must be in (0, 1]"]),
     ("dtype of an export", ["generate", "{export}", "-b", "ort", "-p", "hi", "--dtype", "fp16"], None, nothing, 2,
@@ -258,6 +263,8 @@ def test_bad_input_gives_one_line_and_exit_code(case, argv, folder, prepare, cod
     got, _, err = run_cli([a.format(**paths) for a in argv], capsys)
     assert got == code, err
     assert_one_line_error(err, needles)
+    # the command line names its flags, never the Python API's keyword arguments
+    assert not re.search(r"\b(overwrite|check_runtime|device|backend|dtype|max_new_tokens)\b ?=", err), err
     # nothing of the user's (nor the shared export) changed, and no temporary folder is left
     assert {name: _tree_digest(Path(paths[name])) for name in ("export", "userdir")} == before
     assert not Path(paths["out"]).exists()
@@ -279,6 +286,10 @@ API_CASES = [  # (case, folder to break, prepare, call(paths), exception, words)
     ("export into the user's folder", None, nothing,
      lambda p: _export("tiny", p["userdir"], overwrite=True), MoetrtError, ["not a moetrt artifact"]),
     ("unknown preset", None, nothing, lambda p: _session("tinyy", backend="torch"), CheckpointError, ["presets"]),
+    ("export over an artifact", None, nothing, lambda p: _export("tiny", p["copy"]), MoetrtError,
+     ["already exists", "pass overwrite=True"]),
+    ("ort back end on a checkpoint", None, nothing, lambda p: _session(p["ckpt"]), MoetrtError,
+     ["backend='ort' runs an exported model folder", "onnx_from_torch", "or use backend='torch'"]),
 ]
 
 
@@ -301,6 +312,17 @@ def test_python_api_raises_a_moetrt_error(case, folder, prepare, call, exc_type,
         call(paths)
     for needle in needles:
         assert needle in str(info.value)
+    assert not re.search(r"(?<![\w-])--[a-z]", str(info.value)), "the API names its arguments, not CLI flags"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "--overwrite"])
+def test_an_empty_output_folder_is_written_into(overwrite, paths, capsys):
+    """A folder the user made for the output holds nothing to lose: accepted with or without --overwrite."""
+    out = Path(paths["out"])
+    out.mkdir()
+    code, _, err = run_cli(["optimize", paths["export"], "-t", "ort-cpu", "-o", str(out), "-q", *overwrite], capsys)
+    assert code == 0, err
+    assert (out / "moetrt.json").is_file() and _leftovers(out.parent) == []
 
 
 # --- NaN weights: a warning naming the tensor, not an error ------------------------------------
