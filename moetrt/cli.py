@@ -5,13 +5,13 @@ that declares its arguments.
 Exit codes:
 
 - 0: done (``parity``: every check passed);
-- 1: ``parity`` found a mismatch, or moetrt crashed: a crash prints its traceback and a line
-  saying it is a bug to report;
+- 1: moetrt crashed: a crash prints its traceback and a line saying it is a bug to report;
 - 2: the input or the environment needs fixing: a usage error (argparse), a
   :class:`moetrt.MoetrtError` (bad path, corrupt file, unsupported model, ...) or an ``OSError``
   (disk full, permission denied); one line ``error: <what is wrong>; <what to do>`` on stderr,
   no traceback;
 - 3: an optional back end is not installed (:class:`moetrt.BackendMissingError`);
+- 4: a check ran and failed: ``parity`` (or ``demo``) found a mismatch (``moetrt.errors.CHECK_FAILED``);
 - 130: interrupted (Ctrl-C).
 
 Warnings (e.g. NaN weights in a checkpoint) print as one line ``warning: <message>``.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetrt.dtypes import DTYPES
-from moetrt.errors import MoetrtError
+from moetrt.errors import CHECK_FAILED, MoetrtError
 
 __all__ = ["main", "build_parser", "command"]
 
@@ -306,7 +306,7 @@ def _demo(args: argparse.Namespace) -> int:
         for line in rest:
             print(f"  {'':<{width}}  {line}")
     print("\n" + ("PASS: every artifact matches the PyTorch model" if ok else "FAIL: see above"))
-    return 0 if ok else 1
+    return 0 if ok else CHECK_FAILED
 
 
 # --- moetrt optimize ---------------------------------------------------------------------------
@@ -353,14 +353,14 @@ def _parity_arguments(p: argparse.ArgumentParser) -> None:
     parity_cli.add_arguments(p)
 
 
-@command("parity", "check an artifact against the fp32 PyTorch model; exit 0 on pass, 1 on failure", _parity_arguments)
+@command("parity", "check an artifact against the fp32 PyTorch model; exit 0 on pass, 4 on failure", _parity_arguments)
 def _parity(args: argparse.Namespace) -> int:
     """Compare an exported (or optimized) artifact with the fp32 PyTorch reference.
 
     Logits, per-layer hidden states, KV cache and router decisions (as expert sets, near-ties
     reported rather than failed) are compared under the tolerance table; the first layer and
     op kind that leaves tolerance is named; greedy generation must agree or be explained by a
-    near-tie. Exit code 0 on pass, 1 on failure, so it drops into CI.
+    near-tie. Exit code 0 on pass, 4 on failure (1 is a crash, 2 an input to fix), so it drops into CI.
     """
     from moetrt.parity import cli as parity_cli
 

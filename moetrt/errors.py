@@ -7,7 +7,11 @@ traceback. Internal invariants use ``assert``: a failed assert is our bug, not t
 
 from __future__ import annotations
 
-__all__ = ["MoetrtError", "UnsupportedModelError", "CheckpointError", "BackendMissingError"]
+__all__ = ["MoetrtError", "UnsupportedModelError", "CheckpointError", "BackendMissingError", "CHECK_FAILED"]
+
+#: exit code of a check that ran and found a difference (``moetrt parity`` / ``demo`` FAIL), told
+#: apart from a crash (1), an input to fix (2) and a missing back end (3)
+CHECK_FAILED = 4
 
 
 class MoetrtError(Exception):

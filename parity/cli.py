@@ -1,7 +1,7 @@
 """``moetrt parity SRC ARTIFACT``: the command line face of :func:`moetrt.parity.compare`.
 
 ``add_arguments(parser)`` declares the options and ``run(args)`` calls ``compare``, prints the
-summary and returns the exit code: 0 when every check passed, 1 when one failed (user errors
+summary and returns the exit code: 0 when every check passed, 4 when one failed (user errors
 raise :class:`moetrt.MoetrtError`, which the ``moetrt`` entry point prints and turns into 2, or 3
 for a missing back end).
 """
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     Checks logits, KV cache and every layer's hidden states under the tolerance table, router
     decisions per MoE layer (near-ties reported, other disagreements failed), and greedy
     generation. On a failure it names the first layer and op kind (attention, router, experts,
-    norm) that leaves tolerance. Exit code 0: pass, 1: fail.
+    norm) that leaves tolerance. Exit code 0: pass, 4: fail.
 
     examples:
       moetrt parity tiny exported/tiny

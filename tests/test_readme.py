@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,21 @@ def test_readme_cli_examples(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stderr}"
 
 
+def test_readme_example_outputs_are_git_ignored():
+    """What the usage lines write (-o, --heatmap, --report) stays out of `git status` in a clone."""
+    root = README.parent
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout: .gitignore does not apply")
+    outputs = set()
+    for command in _usage_commands():
+        argv = shlex.split(command)
+        outputs |= {argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--output", "--heatmap", "--report")}
+    assert {"exported/tiny", "experts.png", "parity-report"} <= outputs, outputs
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=root,
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(outputs)
+
+
 def test_readme_first_command_runs_the_demo(tmp_path):
     """`moetrt demo`: export -> optimize -> generate on every back end -> parity, ending in PASS."""
     result = subprocess.run([sys.executable, "-m", "moetrt.cli", "demo", "-n", "16"], cwd=tmp_path,
@@ -71,6 +87,11 @@ def test_readme_first_command_runs_the_demo(tmp_path):
     assert "PASS: every artifact matches the PyTorch model" in result.stdout
     assert "identical on every back end" in result.stdout
     assert list(tmp_path.iterdir()) == [], "the demo leaves nothing behind without --output"
+    # each stage's progress counts from 1 (an in-memory model has no load stage to skip)
+    counters = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+)\]", result.stderr, flags=re.M)]
+    starts = [i for i, _ in counters if i == 1]
+    assert counters and counters[0][0] == 1 and len(starts) == 2, counters  # export, then optimize
+    assert all(b == a + 1 or b == 1 for (a, _), (b, _) in zip(counters, counters[1:])), counters
 
 
 def test_readme_python_example(tmp_path):
