@@ -393,7 +393,7 @@ def onnx_from_torch(
             "dynamic_axes": {"batch": BATCH, "sequence": SEQ, "past": PAST, "total": TOTAL, "tokens": TOKENS},
             "source": source_desc,
             "versions": package_versions(),
-        }, tokenizer_from=source_dir, tokenizer_files=TOKENIZER_FILES)
+        }, tokenizer_from=source_dir, tokenizer_files=TOKENIZER_FILES, genai=True)
     steps.done(f"exported to {out_dir}")
     return out_dir
 

@@ -130,6 +130,7 @@ def write_artifact(
     meta: dict[str, Any],
     tokenizer_from: str | os.PathLike | None = None,
     tokenizer_files: Iterable[str] = (),
+    genai: bool = False,
 ) -> dict[str, Any]:
     """Finish the artifact being written into ``folder`` (the temporary of :func:`atomic_output_dir`).
 
@@ -137,6 +138,9 @@ def write_artifact(
     file in ``folder``, and writes ``moetrt.json``: ``meta`` with ``tokenizer_files`` (the names
     copied) and ``files`` (name -> sha256) set. Every stage (export, optimize, engine build) saves
     its folder through this one function. Returns the metadata written.
+
+    ``genai``: an ONNX folder that onnxruntime-genai can run gets its ``genai_config.json``
+    (:mod:`moetrt.genai`), and ``meta["genai"]`` says whether it was written, or why not.
     """
     copied = []
     if tokenizer_from is not None:
@@ -144,6 +148,10 @@ def write_artifact(
             if (Path(tokenizer_from) / name).exists():
                 shutil.copy2(Path(tokenizer_from) / name, folder / name)
                 copied.append(name)
+    if genai:
+        from moetrt.genai import write_genai_config
+
+        meta = {**meta, "genai": write_genai_config(folder, meta)}
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != METADATA_FILE}
     written = {**meta, "tokenizer_files": copied, "files": files}
     write_metadata(folder, written)

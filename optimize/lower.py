@@ -374,7 +374,7 @@ def optimize(
                 "runtime_checked": runtime,
             },
             "versions": package_versions(),
-        }, tokenizer_from=src_dir, tokenizer_files=meta.get("tokenizer_files", []))
+        }, tokenizer_from=src_dir, tokenizer_files=meta.get("tokenizer_files", []), genai=True)
     steps.done(f"optimized for {target} into {out_dir}: " + "; ".join(str(r) for r in results))
     return out_dir
 
