@@ -100,14 +100,31 @@ def _generate(args: argparse.Namespace) -> int:
     batch and print one after another. Timing goes to stderr.
 
     examples:
-      moetrt generate tiny --prompt "Once upon a time"
-      moetrt generate exported/tiny --backend ort -p "The cat" -p "A dog" -n 64 -t 0.8 --seed 0
-      moetrt generate exported/tiny --backend ort -p "Hello" --expert-stats --heatmap experts.png
+      moetrt generate tiny --prompt "Return the "
+      moetrt export tiny -o exported/tiny
+      moetrt generate exported/tiny -p "The default value is " -p "Create a new " -n 64 -t 0.8 --seed 0
+      moetrt generate tiny -p "Create a new " --expert-stats --heatmap experts.png
+      moetrt export tiny -o exported/tiny-router --router-outputs
+      moetrt generate exported/tiny-router -p "Create a new " --expert-stats
+
+    --expert-stats counts the routings the model reports: the torch back end always does, an
+    exported folder when it was exported with --router-outputs.
     """
     from moetrt.runtime import Session
 
     if args.compile and (args.backend not in (None, "torch") or not (args.device or "cpu").startswith("cuda")):
         raise MoetrtError("--compile applies to the torch back end on CUDA: add --backend torch --device cuda")
+    if args.heatmap is not None:  # checked before the model loads and generates, not after
+        folder = Path(args.heatmap).parent
+        if not folder.is_dir():
+            raise MoetrtError(f"--heatmap {args.heatmap}: the folder {folder} does not exist; create it or "
+                              "choose another path")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            from moetrt.errors import BackendMissingError
+
+            raise BackendMissingError("--heatmap needs matplotlib, which is not installed: pip install matplotlib")
     backend = args.backend or _default_backend(args.source)
     if args.compile and backend != "torch":
         raise MoetrtError("--compile applies to the torch back end on CUDA: add --backend torch --device cuda")

@@ -70,6 +70,8 @@ def _resolve_export_source(exported: Any) -> str:
     from moetrt.config import PRESETS
 
     source = exported.source
+    if source in PRESETS:  # recorded as the bare name: the preset, not a folder of that name
+        return source
     if source:
         candidates = [Path(source)]
         if not Path(source).is_absolute():

@@ -29,6 +29,10 @@ __all__ = [
 
 def source_kind(source: str | os.PathLike) -> str:
     """``"exported"`` (a folder with moetrt.json), ``"checkpoint"`` (a folder with config.json) or ``"preset"``."""
+    from moetrt.checkpoint import preset_name
+
+    if preset_name(source, warn=False) is not None:  # a bare preset name is the preset, whatever folders exist
+        return "preset"
     path = Path(source)
     if path.is_dir():
         if (path / METADATA_FILE).exists():
@@ -48,9 +52,9 @@ def source_kind(source: str | os.PathLike) -> str:
         raise CheckpointError(f"{path} is a file; point at a model folder (or give a preset name)")
     if str(source) in PRESETS:
         return "preset"
-    raise CheckpointError(
-        f"{str(source)!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
-    )
+    from moetrt.checkpoint import _unknown_source
+
+    raise _unknown_source(str(source))
 
 
 def default_backend(source: Any) -> str:

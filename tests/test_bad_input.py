@@ -412,3 +412,33 @@ def test_exit_codes_of_the_installed_command(paths):
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
     usage = subprocess.run([*cmd, "export", "tiny"], capture_output=True, text=True, timeout=120, check=False)
     assert usage.returncode == 2 and "--output" in usage.stderr
+
+
+# --- preset names and paths ---------------------------------------------------------------------
+def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`tiny` names the preset; `./tiny` names the folder; the warning says which was used and how to get the other."""
+    import moetrt
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "notes.txt").write_text("not a model\n")
+    with pytest.warns(UserWarning, match=r"preset tiny, not the folder tiny here; write ./tiny for the folder"):
+        model = moetrt.from_pretrained("tiny")
+    assert model.source == "tiny" and model.config.vocab_size == 512
+    with pytest.raises(CheckpointError, match="tiny has no config.json"):
+        moetrt.from_pretrained("./tiny")
+
+
+def test_a_full_size_preset_is_refused_with_the_memory_it_needs(monkeypatch, capsys):
+    """Not allocated and then killed: refused up front, and left out of the hint of presets."""
+    import moetrt
+    from moetrt import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_available_memory", lambda: 8 * 2**30)
+    with pytest.raises(MoetrtError, match=r"preset 'mixtral-8x7b' is a randomly initialised model of 18\d\.\d GB"):
+        moetrt.from_pretrained("mixtral-8x7b")
+    code, _, err = run_cli(["generate", "mixtral-8x7b", "-p", "hi"], capsys)
+    assert code == 2
+    assert_one_line_error(err, ["mixtral-8x7b", "GB of memory available here", "'tiny' runs anywhere"])
+    code, _, err = run_cli(["generate", "tinyy", "-p", "hi"], capsys)
+    assert code == 2 and "tiny" in err and "mixtral-8x7b" not in err and "bench-small" in err

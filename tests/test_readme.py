@@ -62,6 +62,16 @@ def test_readme_cli_examples(tmp_path):
         result = subprocess.run([sys.executable, "-m", "moetrt.cli", *argv[1:]], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stderr}"
+        if argv[1] == "generate":
+            assert_reads_as_text(command, result.stdout)
+
+
+def assert_reads_as_text(command: str, text: str) -> None:
+    """No run of one repeated token (the first thing a user runs must not print '****...')."""
+    text = text.split("\nexpert load")[0]  # the generated text, not the --expert-stats table
+    run = re.search(r"(.{1,6}?)\1{5,}", text, flags=re.S)
+    assert run is None, f"{command} printed a run of {run[1]!r}: {text!r}"
+    assert re.search(r"[A-Za-z]{3,}", text), f"{command} printed no words: {text!r}"
 
 
 def test_readme_example_outputs_are_git_ignored():

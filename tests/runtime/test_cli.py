@@ -118,3 +118,35 @@ def test_help_lists_generate_and_its_options(capsys):
 def test_no_command_prints_usage_and_exits_2(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().err
+
+
+def _help_examples(command: str) -> list[str]:
+    """The `moetrt ...` lines under "examples:" in `moetrt COMMAND --help`."""
+    from moetrt.cli import _COMMANDS
+
+    text = _COMMANDS[command].description
+    block = text.split("examples:", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("moetrt ")]
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_help_examples_run_as_written(command, tmp_path, monkeypatch, capsys):
+    """Each example of `moetrt COMMAND --help`, in order, in one folder (placeholder paths left out)."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    examples = [e for e in _help_examples(command) if "path/to" not in e]
+    assert examples
+    for example in examples:
+        code, out, err = run(shlex.split(example)[1:], capsys)
+        assert code == 0, f"{example}\n{err}"
+        if "--heatmap" in example:
+            assert (tmp_path / "experts.png").stat().st_size > 1000
+        if "--expert-stats" in example:
+            assert "expert load" in out, out
+
+
+def test_heatmap_into_a_missing_folder_fails_before_generating(paths, capsys):
+    code, out, err = run(["generate", paths["checkpoint"], "-p", "the cat", "--heatmap", "/nonexistent-dir/x.png"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--heatmap" in err and "does not exist" in err
