@@ -105,8 +105,21 @@ def test_readme_first_command_runs_the_demo(tmp_path):
 
 
 def test_readme_python_example(tmp_path):
-    (code,) = _blocks("python")
+    code = next(b for b in _blocks("python") if "onnx_from_torch" in b)
     code = code.replace("path/to/checkpoint", "tiny")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("['")
+
+
+def test_readme_onnxruntime_genai_example(tmp_path):
+    """The README's onnxruntime-genai lines run on `moetrt export tiny -o exported/tiny` as written."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the dev extra) is not installed")
+    code = next(b for b in _blocks("python") if "onnxruntime_genai" in b)
+    export = subprocess.run([sys.executable, "-m", "moetrt.cli", "export", "tiny", "-o", "exported/tiny", "-q"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Return the ")
+    assert_reads_as_text("onnxruntime-genai example", result.stdout[len("Return the "):])
