@@ -366,6 +366,14 @@ def greedy(model, tok, prompt: str, new_tokens: int) -> str:
 
 
 # --- model card -----------------------------------------------------------------------------------
+def curve_text(run: dict) -> str:
+    """The card's line on the held-out loss during training (``--eval-every``), or nothing."""
+    curve = run.get("heldout_curve") or []
+    if not curve:
+        return ""
+    losses = ", ".join(f"{loss:.2f}" for _, loss in curve)
+    return (f"Held-out loss every {curve[0][0]} steps (`--eval-every`, also in `training_log.json`): {losses}.\n\n")
+
 def psf_notice(license_text: str) -> str:
     """PSF's notice of copyright as the licence quotes it (the licence asks to retain it)."""
     pattern = r'"(Copyright \(c\) 2001.*?Python Software Foundation;\s*All Rights Reserved)"'
@@ -450,14 +458,14 @@ symbols, {cfg.vocab_size - 259} merges) was trained on the training part only: {
 ```
 
 {run['steps']} steps of {args.batch} windows x {args.seq_len} tokens ({run['steps'] * args.batch * args.seq_len:,} tokens, {run['steps'] * args.batch * args.seq_len / stats['train_tokens']:.1f} passes over the
-training stream) in {run['seconds']:.0f} s on {args.threads} CPU threads (torch {torch.__version__}, seed {args.seed}; `--steps {run['steps']}`
+training stream) in {run['seconds']:.0f} s on {args.threads} CPU thread{'s' if args.threads != 1 else ''} (torch {torch.__version__}, seed {args.seed}; `--steps {run['steps']}`
 repeats the run). AdamW (betas 0.9/0.95, weight decay {args.weight_decay:g} on matrices), peak learning rate
 {args.lr:g} after {run['warmup']} linear warmup steps, constant until the last {args.decay_frac:.0%} of the steps, then a linear decay
 to {args.lr * args.min_lr_ratio:g}; gradient clipping {args.clip:g}.
 Loss: next-token cross-entropy + {args.aux_coef:g} x Switch load-balancing loss (`E * sum_e f_e * P_e`
 per MoE layer, 1.0 when balanced).
 
-Final train loss (mean of the last 50 steps): **{run['final_train_loss']:.4f}** nats/token
+{curve_text(run)}Final train loss (mean of the last 50 steps): **{run['final_train_loss']:.4f}** nats/token
 (load-balancing loss {run['final_aux_loss']:.4f}).
 
 ## Held-out evaluation (`heldout.txt`)
