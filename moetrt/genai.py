@@ -55,8 +55,8 @@ def genai_config(meta: dict[str, Any], generation_config: dict[str, Any] | None 
     kinds = {tuple(e.name for e in layer) for layer in state.layers}
     if kinds != {(KEY.name, VALUE.name)}:
         names = sorted({e.name for layer in state.layers for e in layer})
-        return None, (f"onnxruntime-genai caches key/value per layer only; this model carries {', '.join(names)} "
-                      "(latent attention), which its configuration cannot name")
+        return None, (f"onnxruntime-genai caches key/value per layer only; this model's layers carry {', '.join(names)}, "
+                      "which its configuration cannot name")
     io = meta.get("io") or {}
     inputs = {t["name"] for t in io.get("inputs", [])}
     outputs = {t["name"] for t in io.get("outputs", [])}
