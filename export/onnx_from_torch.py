@@ -304,7 +304,8 @@ def onnx_from_torch(
             "pass the folder, or streaming=False to export a model in memory"
         )
     torch_dtype = TORCH_DTYPES[dtype]
-    steps = Progress(STREAMING_STAGES if streaming else STAGES, enabled=progress, title="export")
+    stages = STREAMING_STAGES if streaming else [s for s in STAGES if s != "load" or not isinstance(source, MoETransformer)]
+    steps = Progress(stages, enabled=progress, title="export")  # a model in memory has no "load" stage
     if streaming:
         from .streaming import bind_sources, fake_model, fold_streamed_transposes
 
@@ -392,7 +393,7 @@ def onnx_from_torch(
             "dynamic_axes": {"batch": BATCH, "sequence": SEQ, "past": PAST, "total": TOTAL, "tokens": TOKENS},
             "source": source_desc,
             "versions": package_versions(),
-        }, tokenizer_from=source_dir, tokenizer_files=TOKENIZER_FILES)
+        }, tokenizer_from=source_dir, tokenizer_files=TOKENIZER_FILES, genai=True)
     steps.done(f"exported to {out_dir}")
     return out_dir
 

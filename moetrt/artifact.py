@@ -43,11 +43,14 @@ FORMAT, FORMAT_VERSION = "moetrt-onnx", 1
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Fail early (before any heavy work) if ``out_dir`` cannot be written."""
-    if out_dir.exists():
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        pass  # an empty folder (made by the user for the output): nothing in it to lose
+    elif out_dir.exists():
         artifact = out_dir.is_dir() and (out_dir / METADATA_FILE).exists()
         if not overwrite:
-            hint = " or pass overwrite=True (--overwrite)" if artifact else ""
-            raise MoetrtError(f"{out_dir} already exists; choose another folder{hint}")
+            message = f"{out_dir} already exists; choose another folder"
+            raise MoetrtError(message + (" or pass overwrite=True" if artifact else ""),
+                              cli=message + (" or pass --overwrite" if artifact else ""))
         if not artifact:
             raise MoetrtError(
                 f"{out_dir} exists and is not a moetrt artifact folder (no {METADATA_FILE}); "
@@ -127,6 +130,7 @@ def write_artifact(
     meta: dict[str, Any],
     tokenizer_from: str | os.PathLike | None = None,
     tokenizer_files: Iterable[str] = (),
+    genai: bool = False,
 ) -> dict[str, Any]:
     """Finish the artifact being written into ``folder`` (the temporary of :func:`atomic_output_dir`).
 
@@ -134,6 +138,9 @@ def write_artifact(
     file in ``folder``, and writes ``moetrt.json``: ``meta`` with ``tokenizer_files`` (the names
     copied) and ``files`` (name -> sha256) set. Every stage (export, optimize, engine build) saves
     its folder through this one function. Returns the metadata written.
+
+    ``genai``: an ONNX folder that onnxruntime-genai can run gets its ``genai_config.json``
+    (:mod:`moetrt.genai`), and ``meta["genai"]`` says whether it was written, or why not.
     """
     copied = []
     if tokenizer_from is not None:
@@ -141,6 +148,10 @@ def write_artifact(
             if (Path(tokenizer_from) / name).exists():
                 shutil.copy2(Path(tokenizer_from) / name, folder / name)
                 copied.append(name)
+    if genai:
+        from moetrt.genai import write_genai_config
+
+        meta = {**meta, "genai": write_genai_config(folder, meta)}
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != METADATA_FILE}
     written = {**meta, "tokenizer_files": copied, "files": files}
     write_metadata(folder, written)

@@ -30,7 +30,7 @@ import torch
 
 from moetrt import families
 from moetrt.config import PRESETS, MoEConfig
-from moetrt.errors import CheckpointError, UnsupportedModelError
+from moetrt.errors import CheckpointError, MoetrtError, UnsupportedModelError
 from moetrt.families import COMPANION, DERIVED, SKIPPED, SUPPORTED_MODEL_TYPES, Placement
 from moetrt.fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Scheme, is_scale_name, scale_name, scale_shape
 from moetrt.model import MoETransformer, full_rotary_embedding, rotary_embedding
@@ -53,6 +53,53 @@ PRESET_DIR = Path(__file__).parent / "presets"
 SHIPPED_PRESETS = ("tiny",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")  # the chat template newer transformers saves beside tokenizer_config.json
+
+
+# --- presets -------------------------------------------------------------------------------------
+def preset_name(source: Any, warn: bool = True) -> str | None:
+    """``source`` as a preset name, or None (a path or a model object).
+
+    A bare preset name (the string ``"tiny"``) always means the preset, even where a folder of that
+    name exists (then a warning says so, and that ``"./tiny"`` names the folder); a ``Path`` or a
+    string with a path separator is a path. So one string never means two things.
+    """
+    if not isinstance(source, str) or source not in PRESETS:
+        return None
+    if warn and Path(source).exists():
+        warnings.warn(f"{source!r} is taken as moetrt's preset {source}, not the folder {source} here; "
+                      f"write ./{source} for the folder")
+    return source
+
+
+def preset_parameters(name: str) -> int:
+    """Parameters of the preset's model, counted without allocating it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in MoETransformer(MoEConfig.from_name(name)).parameters())
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation here (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def runnable_presets() -> list[str]:
+    """The presets whose model fits in this machine's available memory (the trained ones always)."""
+    available = _available_memory()
+    return [n for n in sorted(PRESETS)
+            if n in SHIPPED_PRESETS or available is None or 4 * preset_parameters(n) < available / 2]
+
+
+def _unknown_source(name: str) -> CheckpointError:
+    return CheckpointError(f"{name!r} is neither an existing folder nor a preset; presets: {', '.join(runnable_presets())}")
 
 # --- config ----------------------------------------------------------------------------------
 def config_from_hf(hf: dict[str, Any]) -> MoEConfig:
@@ -600,19 +647,19 @@ def from_pretrained(
             f"from_pretrained takes a checkpoint folder, a preset name or a transformers model, got {type(source).__name__}"
         )
     folder = Path(source)
-    if not folder.exists():
+    name = preset_name(source)
+    if name is not None or not folder.exists():
         name = str(source)
         if name in SHIPPED_PRESETS:
             folder = PRESET_DIR / name
         elif name in PRESETS:
+            _check_preset_fits(name, dtype or torch.float32)
             warnings.warn(f"preset {name!r} ships no trained weights: initialised randomly with seed {seed}")
             model = MoETransformer.from_config(MoEConfig.from_name(name), seed=seed).to(dtype or torch.float32)
             model.source = name if seed == 0 else None  # what from_pretrained(source) rebuilds exactly
             return model
         else:
-            raise CheckpointError(
-                f"{name!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
-            )
+            raise _unknown_source(name)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; point at a Hugging Face checkpoint folder")
     hf = _read_config_json(folder)
@@ -622,6 +669,18 @@ def from_pretrained(
     model.source_dir = folder  # where tokenizer files may be found
     model.source = str(source) if str(source) in SHIPPED_PRESETS else str(folder.resolve())
     return model.eval()
+
+
+def _check_preset_fits(name: str, dtype: torch.dtype) -> None:
+    """Refuse a random preset model larger than the memory here, before allocating it."""
+    available = _available_memory()
+    need = preset_parameters(name) * torch.empty((), dtype=dtype).element_size()
+    if available is not None and need > available:
+        raise MoetrtError(
+            f"preset {name!r} is a randomly initialised model of {need / 1e9:.1f} GB ({dtype}), more than the "
+            f"{available / 1e9:.1f} GB of memory available here; its real checkpoint folder is exported without "
+            "loading it (moetrt export <checkpoint folder>), and 'tiny' runs anywhere"
+        )
 
 
 # --- writing -----------------------------------------------------------------------------------

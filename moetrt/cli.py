@@ -5,13 +5,13 @@ that declares its arguments.
 Exit codes:
 
 - 0: done (``parity``: every check passed);
-- 1: ``parity`` found a mismatch, or moetrt crashed: a crash prints its traceback and a line
-  saying it is a bug to report;
+- 1: moetrt crashed: a crash prints its traceback and a line saying it is a bug to report;
 - 2: the input or the environment needs fixing: a usage error (argparse), a
   :class:`moetrt.MoetrtError` (bad path, corrupt file, unsupported model, ...) or an ``OSError``
   (disk full, permission denied); one line ``error: <what is wrong>; <what to do>`` on stderr,
   no traceback;
 - 3: an optional back end is not installed (:class:`moetrt.BackendMissingError`);
+- 4: a check ran and failed: ``parity`` (or ``demo``) found a mismatch (``moetrt.errors.CHECK_FAILED``);
 - 130: interrupted (Ctrl-C).
 
 Warnings (e.g. NaN weights in a checkpoint) print as one line ``warning: <message>``.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetrt.dtypes import DTYPES
-from moetrt.errors import MoetrtError
+from moetrt.errors import CHECK_FAILED, MoetrtError
 
 __all__ = ["main", "build_parser", "command"]
 
@@ -67,8 +67,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt", "-p", action="append", required=True, metavar="TEXT",
         help="prompt text; repeat for a batch. For a model without tokenizer.json, token ids: '1 5 9'",
     )
-    p.add_argument("--backend", "-b", default="torch", choices=("torch", "ort", "trt"),
-                   help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder (default: %(default)s)")
+    p.add_argument("--backend", "-b", default=None, choices=("torch", "ort", "trt"),
+                   help="torch: the PyTorch model; ort: ONNX Runtime on an exported folder; trt: a TensorRT "
+                        "engine folder (default: what SRC is: ort for an exported folder, trt for an engine "
+                        "folder, torch for a checkpoint or preset)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; trt: cuda)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="precision of the torch back end (default: the checkpoint's, fp32); exports fix their own")
@@ -98,16 +100,36 @@ def _generate(args: argparse.Namespace) -> int:
     batch and print one after another. Timing goes to stderr.
 
     examples:
-      moetrt generate tiny --prompt "Once upon a time"
-      moetrt generate exported/tiny --backend ort -p "The cat" -p "A dog" -n 64 -t 0.8 --seed 0
-      moetrt generate exported/tiny --backend ort -p "Hello" --expert-stats --heatmap experts.png
+      moetrt generate tiny --prompt "Return the "
+      moetrt export tiny -o exported/tiny
+      moetrt generate exported/tiny -p "The default value is " -p "Create a new " -n 64 -t 0.8 --seed 0
+      moetrt generate tiny -p "Create a new " --expert-stats --heatmap experts.png
+      moetrt export tiny -o exported/tiny-router --router-outputs
+      moetrt generate exported/tiny-router -p "Create a new " --expert-stats
+
+    --expert-stats counts the routings the model reports: the torch back end always does, an
+    exported folder when it was exported with --router-outputs.
     """
     from moetrt.runtime import Session
 
-    if args.compile and (args.backend != "torch" or not (args.device or "cpu").startswith("cuda")):
+    if args.compile and (args.backend not in (None, "torch") or not (args.device or "cpu").startswith("cuda")):
+        raise MoetrtError("--compile applies to the torch back end on CUDA: add --backend torch --device cuda")
+    if args.heatmap is not None:  # checked before the model loads and generates, not after
+        folder = Path(args.heatmap).parent
+        if not folder.is_dir():
+            raise MoetrtError(f"--heatmap {args.heatmap}: the folder {folder} does not exist; create it or "
+                              "choose another path")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            from moetrt.errors import BackendMissingError
+
+            raise BackendMissingError("--heatmap needs matplotlib, which is not installed: pip install matplotlib")
+    backend = args.backend or _default_backend(args.source)
+    if args.compile and backend != "torch":
         raise MoetrtError("--compile applies to the torch back end on CUDA: add --backend torch --device cuda")
     backend_options = {"compile_decode": True} if args.compile else {}
-    session = Session(args.source, backend=args.backend, device=args.device, dtype=args.dtype, **backend_options)
+    session = Session(args.source, backend=backend, device=args.device, dtype=args.dtype, **backend_options)
     prompts = [_parse_prompt(session, text) for text in args.prompt]
     stats = args.expert_stats or args.heatmap is not None
     options = dict(
@@ -133,9 +155,10 @@ def _generate(args: argparse.Namespace) -> int:
     out.flush()  # the text before the timing line on a shared terminal
     steps = result.decode_steps
     rate = f", decode {steps} steps at {result.decode_tokens_per_second:.1f} steps/s" if steps else ""
+    chosen = "" if args.backend else f" (the default for {_SOURCE_WORDS[backend]}; --backend chooses another)"
     print(
         f"[{session.backend.name}/{session.backend.device}] {len(prompts)} prompt(s), "
-        f"prefill {result.prefill_seconds * 1e3:.1f} ms{rate}",
+        f"prefill {result.prefill_seconds * 1e3:.1f} ms{rate}{chosen}",
         file=sys.stderr,
     )
     if result.stats is not None:
@@ -145,6 +168,16 @@ def _generate(args: argparse.Namespace) -> int:
             path = result.stats.heatmap(args.heatmap)
             print(f"wrote expert heat map to {path}", file=sys.stderr)
     return 0
+
+
+_SOURCE_WORDS = {"ort": "an exported folder", "trt": "an engine folder", "torch": "a checkpoint or preset"}
+
+
+def _default_backend(source: str) -> str:
+    """The back end a source runs on when --backend is not given: what the folder holds."""
+    from moetrt.runtime.model_folder import default_backend
+
+    return default_backend(source)
 
 
 def _parse_prompt(session, text: str) -> str | list[int]:
@@ -290,7 +323,7 @@ def _demo(args: argparse.Namespace) -> int:
         for line in rest:
             print(f"  {'':<{width}}  {line}")
     print("\n" + ("PASS: every artifact matches the PyTorch model" if ok else "FAIL: see above"))
-    return 0 if ok else 1
+    return 0 if ok else CHECK_FAILED
 
 
 # --- moetrt optimize ---------------------------------------------------------------------------
@@ -337,14 +370,14 @@ def _parity_arguments(p: argparse.ArgumentParser) -> None:
     parity_cli.add_arguments(p)
 
 
-@command("parity", "check an artifact against the fp32 PyTorch model; exit 0 on pass, 1 on failure", _parity_arguments)
+@command("parity", "check an artifact against the fp32 PyTorch model; exit 0 on pass, 4 on failure", _parity_arguments)
 def _parity(args: argparse.Namespace) -> int:
     """Compare an exported (or optimized) artifact with the fp32 PyTorch reference.
 
     Logits, per-layer hidden states, KV cache and router decisions (as expert sets, near-ties
     reported rather than failed) are compared under the tolerance table; the first layer and
     op kind that leaves tolerance is named; greedy generation must agree or be explained by a
-    near-tie. Exit code 0 on pass, 1 on failure, so it drops into CI.
+    near-tie. Exit code 0 on pass, 4 on failure (1 is a crash, 2 an input to fix), so it drops into CI.
     """
     from moetrt.parity import cli as parity_cli
 
@@ -450,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.run(args) or 0
         except MoetrtError as exc:
-            return _error(str(exc), exc.exit_code)
+            return _error(exc.for_cli(), exc.exit_code)
         except KeyboardInterrupt:
             sys.stdout.flush()
             print("interrupted", file=sys.stderr)

@@ -89,11 +89,10 @@ def check_requirements(target: str, quantize: str | None, quantize_weights: str 
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise BackendMissingError(
-            f"--target {target} needs ONNX Runtime, which is not installed: pip install '{package}>="
-            f"{'.'.join(map(str, spec.min_ort))}' (or pass check_runtime=False / --no-check-runtime to build "
-            "for another machine)"
-        ) from exc
+        message = (f"{{}} needs ONNX Runtime, which is not installed: pip install '{package}>="
+                   f"{'.'.join(map(str, spec.min_ort))}' (or pass {{}} to build for another machine)")
+        raise BackendMissingError(message.format(f"target={target!r}", "check_runtime=False"),
+                                  cli=message.format(f"--target {target}", "--no-check-runtime")) from exc
     have = _version_tuple(ort.__version__)
     need = ".".join(map(str, spec.min_ort))
     if have < spec.min_ort:
@@ -103,12 +102,11 @@ def check_requirements(target: str, quantize: str | None, quantize_weights: str 
         )
     providers = ort.get_available_providers()
     if spec.provider not in providers:
-        raise MoetrtError(
-            f"--target {target} needs ONNX Runtime's {spec.provider}, which onnxruntime {ort.__version__} here "
-            f"lacks (it has {', '.join(providers)}): pip uninstall onnxruntime && pip install '{package}>={need}' "
-            "on a machine with an NVIDIA GPU, or pass check_runtime=False (--no-check-runtime) to build the "
-            "folder here for another machine"
-        )
+        message = (f"{{}} needs ONNX Runtime's {spec.provider}, which onnxruntime {ort.__version__} here "
+                   f"lacks (it has {', '.join(providers)}): pip uninstall onnxruntime && pip install '{package}>={need}' "
+                   "on a machine with an NVIDIA GPU, or pass {} to build the folder here for another machine")
+        raise MoetrtError(message.format(f"target={target!r}", "check_runtime=False"),
+                          cli=message.format(f"--target {target}", "--no-check-runtime"))
     if quantize is not None or quantize_weights is not None:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
 
@@ -383,7 +381,7 @@ def optimize(
                 "runtime_checked": runtime,
             },
             "versions": package_versions(),
-        }, tokenizer_from=src_dir, tokenizer_files=meta.get("tokenizer_files", []))
+        }, tokenizer_from=src_dir, tokenizer_files=meta.get("tokenizer_files", []), genai=True)
     steps.done(f"optimized for {target} into {out_dir}: " + "; ".join(str(r) for r in results))
     return out_dir
 

@@ -1,7 +1,7 @@
 """``moetrt parity SRC ARTIFACT``: the command line face of :func:`moetrt.parity.compare`.
 
 ``add_arguments(parser)`` declares the options and ``run(args)`` calls ``compare``, prints the
-summary and returns the exit code: 0 when every check passed, 1 when one failed (user errors
+summary and returns the exit code: 0 when every check passed, 4 when one failed (user errors
 raise :class:`moetrt.MoetrtError`, which the ``moetrt`` entry point prints and turns into 2, or 3
 for a missing back end).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from moetrt.errors import MoetrtError
 
 from .compare import BACKENDS, compare
-from .tolerances import DTYPES, KINDS, parse_tolerance
+from .tolerances import ALL, DTYPES, KINDS, parse_tolerances
 
 __all__ = ["HELP", "add_arguments", "run", "main"]
 
@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the artifact's precision, which selects the tolerances (default: from moetrt.json or the graph)")
     p.add_argument("--tol", action="append", default=[], metavar="KIND=ATOL[,RTOL]",
-                   help=f"override one tolerance, e.g. --tol logits=1e-3,1e-4; kinds: {', '.join(KINDS)}")
+                   help=f"override a tolerance, e.g. --tol logits=1e-3,1e-4; kinds: {ALL}, {', '.join(KINDS)} "
+                        f"({ALL}: every compared value, the bound to accept a quantized artifact under)")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="write report.json, report.md and parity.png into DIR")
     p.add_argument("--json", action="store_true", help="print the JSON report to stdout instead of the summary")
@@ -80,15 +81,16 @@ def run(args: argparse.Namespace) -> int:
     Checks logits, KV cache and every layer's hidden states under the tolerance table, router
     decisions per MoE layer (near-ties reported, other disagreements failed), and greedy
     generation. On a failure it names the first layer and op kind (attention, router, experts,
-    norm) that leaves tolerance. Exit code 0: pass, 1: fail.
+    norm) that leaves tolerance. Exit code 0: pass, 4: fail.
 
     examples:
       moetrt parity tiny exported/tiny
       moetrt parity tiny exported/tiny-fp16 --report parity-report
       moetrt parity ./my-checkpoint exported/model --backend trt --tol logits=0.1,0.05
+      moetrt parity tiny optimized/tiny-int4 --tol all=10,0.5
     """
     try:
-        overrides = dict(parse_tolerance(t) for t in args.tol)
+        overrides = parse_tolerances(args.tol)
     except ValueError as exc:
         raise MoetrtError(str(exc)) from exc
     from moetrt.runtime.model_folder import METADATA_FILE, check_artifact_files, explain_broken_artifact
@@ -114,8 +116,27 @@ def run(args: argparse.Namespace) -> int:
         print(report.summary())
         if args.report:
             print(f"wrote {Path(args.report) / 'report.json'}, report.md and parity.png", file=sys.stderr)
-        print("PASS" if report.passed else "FAIL")
+        quantized = _quantized(artifact)
+        if report.passed or not quantized:
+            print("PASS" if report.passed else "FAIL")
+        else:
+            print(f"the artifact is quantized ({quantized}): it computes something else on purpose; to accept it, "
+                  f"state the bound: --tol {ALL}=ATOL,RTOL (with -n 0 where its greedy tokens may differ)")
+            print("FAIL")
     return report.exit_code
+
+
+def _quantized(artifact: Path) -> str:
+    """What of an optimized folder is quantized ("int4 experts, int8 weights"), "" for none."""
+    from moetrt.artifact import read_metadata
+
+    try:
+        options = read_metadata(artifact).get("optimize") or {}
+    except MoetrtError:
+        return ""
+    parts = [f"{options[key]} {what}" for key, what in (("quantize_experts", "experts"), ("quantize_weights", "weights"))
+             if options.get(key)]
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

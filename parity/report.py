@@ -172,8 +172,10 @@ class ParityReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when every check passed, 1 otherwise (for CI)."""
-        return 0 if self.passed else 1
+        """0 when every check passed, :data:`moetrt.errors.CHECK_FAILED` (4) otherwise (for CI)."""
+        from moetrt.errors import CHECK_FAILED
+
+        return 0 if self.passed else CHECK_FAILED
 
     def to_dict(self) -> dict:
         return {
@@ -242,9 +244,14 @@ class ParityReport:
 
     def plot(self, path: str | Path) -> Path:
         """A PNG: per back end, the per-layer max error (log scale) beside the router agreement per MoE layer."""
+        path = Path(path)
+        self.figure().savefig(path, dpi=100)
+        return path
+
+    def figure(self):
+        """The matplotlib ``Figure`` that :meth:`plot` saves; legends sit beside the axes, never over bars."""
         from matplotlib.figure import Figure
 
-        path = Path(path)
         rows = max(1, len(self.backends))
         fig = Figure(figsize=(11, 3.6 * rows), layout="constrained")
         axes = fig.subplots(rows, 2, squeeze=False)
@@ -257,7 +264,7 @@ class ParityReport:
             ax_err.bar(layers, [max(e, 1e-12) for e in errors], color=colors)
             if hidden is not None:
                 ax_err.axhline(hidden.atol, color="black", linestyle="--", linewidth=1, label=f"atol {hidden.atol:g}")
-                ax_err.legend(loc="upper left")
+                ax_err.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
             ax_err.set_yscale("log")
             ax_err.set_xlabel("layer")
             ax_err.set_ylabel("max abs error (layer output)")
@@ -275,9 +282,8 @@ class ParityReport:
             ax_router.set_ylabel("fraction of tokens")
             ax_router.set_title(f"{name}: router agreement")
             ax_router.set_xticks(moe)
-            ax_router.legend(loc="lower left")
-        fig.savefig(path, dpi=100)
-        return path
+            ax_router.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        return fig
 
     def write(self, folder: str | Path) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``parity.png`` into ``folder`` (created if needed)."""

@@ -33,6 +33,7 @@ from moetrt.dtypes import DTYPES
 
 __all__ = [
     "Tolerance", "TOLERANCES", "KINDS", "DTYPES", "tolerance", "resolve_tolerances", "parse_tolerance",
+    "parse_tolerances", "ALL", "ALL_KINDS",
     "check_close", "Closeness",
 ]
 
@@ -123,12 +124,35 @@ def _as_tolerance(value, key) -> Tolerance:
     return Tolerance(atol, rtol, USER_OVERRIDE)
 
 
+# ``--tol all=ATOL,RTOL``: every kind at once (logits, hidden states, KV, router outputs, and the
+# router score gap under which a changed expert choice counts as a near-tie): the one bound a
+# quantized artifact, which moves hidden states and so some routing decisions, is accepted under
+ALL = "all"
+ALL_KINDS = KINDS
+
+
+def parse_tolerances(texts) -> dict[str, Tolerance]:
+    """``["all=0.5,0.1", "logits=1,0.2"]`` -> {kind: Tolerance}: ``all`` first, named kinds over it."""
+    overrides: dict[str, Tolerance] = {}
+    named = []
+    for text in texts:
+        kind, sep, values = text.partition("=")
+        if kind.strip() == ALL and sep:
+            _, tol = parse_tolerance(f"logits={values}")
+            overrides.update({k: _as_tolerance((tol.atol, tol.rtol), k) for k in ALL_KINDS})
+        else:
+            named.append(parse_tolerance(text))
+    overrides.update(named)
+    return overrides
+
+
 def parse_tolerance(text: str) -> tuple[str, Tolerance]:
     """``"logits=1e-3"`` or ``"logits=1e-3,1e-4"`` (atol[,rtol]; rtol defaults to 0) -> (kind, Tolerance)."""
     kind, sep, values = text.partition("=")
     kind = kind.strip()
     if not sep or kind not in KINDS:
-        raise ValueError(f"a tolerance override reads KIND=ATOL[,RTOL] with KIND one of {', '.join(KINDS)}; got {text!r}")
+        raise ValueError(f"a tolerance override reads KIND=ATOL[,RTOL] with KIND one of {ALL}, {', '.join(KINDS)}; "
+                         f"got {text!r}")
     parts = [p for p in values.split(",") if p.strip()]
     try:
         numbers = [float(p) for p in parts]

@@ -94,10 +94,9 @@ class OrtBackend:
                 "or update onnxruntime if the export used a newer opset"
             ) from exc
         if device_type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise MoetrtError(
-                f"device {device!r} is not available: ONNX Runtime could not start its CUDA execution provider "
-                "(no NVIDIA GPU, or the CUDA/cuDNN libraries onnxruntime-gpu needs are missing); use device='cpu'"
-            )
+            message = (f"device {device!r} is not available: ONNX Runtime could not start its CUDA execution provider "
+                       "(no NVIDIA GPU, or the CUDA/cuDNN libraries onnxruntime-gpu needs are missing); ")
+            raise MoetrtError(message + "use device='cpu'", cli=message + "use --device cpu")
         self._ort = ort
         self._kv_buffers: dict[str, list[Any]] = {}  # present name -> two flat OrtValues, written in turn
         self._kv_positions = 0  # positions each buffer holds (at the current batch)

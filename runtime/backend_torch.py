@@ -48,10 +48,9 @@ def torch_device(device: str) -> torch.device:
         raise MoetrtError(f"device {device!r} is not supported by the torch back end; use 'cpu' or 'cuda'")
     if not torch.cuda.is_available():
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
-        raise MoetrtError(
-            f"device {device!r} is not available: torch {torch.__version__} (built {built}) sees no CUDA GPU; "
-            "use device='cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU"
-        )
+        message = f"device {device!r} is not available: torch {torch.__version__} (built {built}) sees no CUDA GPU; "
+        fix = "{}, or install a CUDA build of torch on a machine with an NVIDIA GPU"
+        raise MoetrtError(message + fix.format("use device='cpu'"), cli=message + fix.format("use --device cpu"))
     index = dev.index or 0
     if index >= torch.cuda.device_count():
         raise MoetrtError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)")
@@ -71,6 +70,8 @@ def _resolve_export_source(exported: Any) -> str:
     from moetrt.config import PRESETS
 
     source = exported.source
+    if source in PRESETS:  # recorded as the bare name: the preset, not a folder of that name
+        return source
     if source:
         candidates = [Path(source)]
         if not Path(source).is_absolute():
@@ -80,10 +81,11 @@ def _resolve_export_source(exported: Any) -> str:
                 return str(path)
         if source in PRESETS:
             return source
+    message = (f"the torch back end runs the PyTorch model, but {exported.folder} was exported from "
+               f"{source!r}, which is not found here; pass that checkpoint folder or preset instead")
     raise CheckpointError(
-        f"the torch back end runs the PyTorch model, but {exported.folder} was exported from "
-        f"{source!r}, which is not found here; pass that checkpoint folder or preset instead "
-        "(Session('<checkpoint folder>', backend='torch')), or run the export with backend='ort'"
+        message + " (Session('<checkpoint folder>', backend='torch')), or run the export with backend='ort'",
+        cli=message + f", or run the export with --backend ort (moetrt generate {exported.folder} --backend ort)",
     )
 
 

@@ -41,7 +41,8 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
-            raise MoetrtError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise MoetrtError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}",
+                              cli=f"--max-new-tokens (-n) must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature is None or not self.temperature >= 0:
             raise MoetrtError(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0):
@@ -145,17 +146,16 @@ class Generation:
         longest = max(len(p) for p in self.prompts)
         total = longest + self.options.max_new_tokens
         if total > spec.max_positions:
-            raise MoetrtError(
-                f"the longest prompt ({longest} tokens) + max_new_tokens ({self.options.max_new_tokens}) = {total} "
-                f"exceeds the model's max_position_embeddings ({spec.max_positions}); "
-                "shorten the prompt or lower max_new_tokens"
-            )
+            message = (f"the longest prompt ({longest} tokens) + {{0}} ({self.options.max_new_tokens}) = {total} "
+                       f"exceeds the model's max_position_embeddings ({spec.max_positions}); "
+                       "shorten the prompt or lower {0}")
+            raise MoetrtError(message.format("max_new_tokens"), cli=message.format("--max-new-tokens (-n)"))
         if self.expert_stats:
             if not spec.router_outputs:
-                raise MoetrtError(
-                    f"the {self.backend.name} back end gives no router outputs, so expert statistics cannot be "
-                    "collected; re-export with router outputs (moetrt export --router-outputs) or use backend='torch'"
-                )
+                message = (f"the {self.backend.name} back end gives no router outputs, so expert statistics cannot be "
+                           "collected; re-export with router outputs")
+                raise MoetrtError(message + " (onnx_from_torch(..., router_outputs=True)) or use backend='torch'",
+                                  cli=message + " (moetrt export --router-outputs) or use --backend torch")
             self.stats = ExpertStats.empty(spec)
         self.tokens = [[] for _ in self.prompts]
         self.finish_reasons = [None] * len(self.prompts)

@@ -23,12 +23,16 @@ from moetrt.errors import CheckpointError, MoetrtError
 from moetrt.state import StateContract
 
 __all__ = [
-    "ExportedModel", "read_exported", "source_kind", "check_artifact_files", "explain_broken_artifact",
+    "ExportedModel", "read_exported", "source_kind", "default_backend", "check_artifact_files", "explain_broken_artifact",
     "FORMAT", "FORMAT_VERSION", "METADATA_FILE",
 ]
 
 def source_kind(source: str | os.PathLike) -> str:
     """``"exported"`` (a folder with moetrt.json), ``"checkpoint"`` (a folder with config.json) or ``"preset"``."""
+    from moetrt.checkpoint import preset_name
+
+    if preset_name(source, warn=False) is not None:  # a bare preset name is the preset, whatever folders exist
+        return "preset"
     path = Path(source)
     if path.is_dir():
         if (path / METADATA_FILE).exists():
@@ -48,9 +52,20 @@ def source_kind(source: str | os.PathLike) -> str:
         raise CheckpointError(f"{path} is a file; point at a model folder (or give a preset name)")
     if str(source) in PRESETS:
         return "preset"
-    raise CheckpointError(
-        f"{str(source)!r} is neither an existing folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
-    )
+    from moetrt.checkpoint import _unknown_source
+
+    raise _unknown_source(str(source))
+
+
+def default_backend(source: Any) -> str:
+    """The back end that runs ``source`` as it is: ``"ort"`` for an exported (or optimized) ONNX
+    folder, ``"trt"`` for a TensorRT engine folder, ``"torch"`` for a checkpoint, a preset or a model object.
+    """
+    if not isinstance(source, (str, os.PathLike)) or source_kind(source) != "exported":
+        return "torch"
+    from moetrt.ops.plugins import ENGINE_FORMAT
+
+    return "trt" if read_metadata(Path(source)).get("format") == ENGINE_FORMAT else "ort"
 
 
 @dataclass

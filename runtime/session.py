@@ -251,6 +251,10 @@ class Session:
     ) -> GenerationResult:
         """Generate for one prompt or a batch; greedy unless ``temperature > 0``.
 
+        ``prompts``: a text, a list of token ids, a list of either, or token ids as transformers
+        gives them: a ``torch.Tensor`` / NumPy array ``[T]`` or ``[B, T]``, or the tokenizer's
+        ``BatchEncoding`` (its ``attention_mask`` drops the padding).
+
         ``stop_tokens=None`` uses the model's eos ids; ``()`` generates ``max_new_tokens`` always.
         """
         generation, text = self._generation(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, expert_stats)
@@ -290,6 +294,9 @@ class Session:
         """(token ids per prompt, whether the prompts were text)."""
         if isinstance(prompts, str):
             return [self.encode(prompts)], True
+        batch = _token_array_rows(prompts)
+        if batch is not None:
+            return batch, False
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
         if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
@@ -320,6 +327,49 @@ class Session:
         )
 
 
+def _token_array_rows(prompts: Any) -> list[list[int]] | None:
+    """Token ids as transformers users hold them, one list per row; None for anything else.
+
+    A ``torch.Tensor`` or NumPy array of integers, ``[T]`` (one prompt) or ``[B, T]`` (a batch),
+    or a mapping with ``input_ids`` and optionally ``attention_mask`` (a transformers
+    ``BatchEncoding``): positions whose mask is 0 (the tokenizer's padding, left or right) are dropped.
+    """
+    mask = None
+    if not isinstance(prompts, (str, bytes, Sequence)) and hasattr(prompts, "keys") and "input_ids" in prompts:
+        mask = prompts.get("attention_mask") if hasattr(prompts, "get") else None
+        prompts = prompts["input_ids"]
+        if not _is_array(prompts):  # tokenizer(..., return_tensors=None): lists
+            prompts = np.asarray(prompts)
+            mask = None if mask is None else np.asarray(mask)
+    if not _is_array(prompts):
+        return None
+    ids = _as_numpy(prompts)
+    if ids.dtype.kind in "USO" and mask is None:  # an array of texts or of lists: as the list it holds
+        return None
+    if ids.dtype.kind not in "iu":
+        raise MoetrtError(f"token ids must be integers; got an array of {ids.dtype} (pass input_ids, not embeddings or logits)")
+    if ids.ndim not in (1, 2) or ids.size == 0:
+        raise MoetrtError(f"token ids must be [T] or [batch, T] and not empty; got shape {list(ids.shape)}")
+    ids = ids.reshape(-1, ids.shape[-1])
+    if mask is None:
+        return [[int(t) for t in row] for row in ids]
+    mask = _as_numpy(mask) if _is_array(mask) else np.asarray(mask)
+    if mask.size != ids.size or mask.shape[-1] != ids.shape[-1]:
+        raise MoetrtError(f"attention_mask has shape {list(mask.shape)} but input_ids {list(ids.shape)}; pass the pair the tokenizer returned")
+    rows = [[int(t) for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(ids, mask.reshape(ids.shape))]
+    if not all(rows):
+        raise MoetrtError("a row of attention_mask is all zeros, so that prompt is empty; drop it from the batch")
+    return rows
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or (hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"))
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+
+
 def _load_backend(
     source: Any, backend: str, device: str | None, dtype: str | None, options: dict[str, Any]
 ) -> tuple[Backend, Path | None]:
@@ -344,12 +394,16 @@ def _load_backend(
     if kind != "exported":
         what = {"checkpoint": "a checkpoint folder", "preset": "a preset name", "object": "an in-memory model"}[kind]
         shown = source if path_like else "<model>"
+        message = f"{{}} runs an exported model folder, but {shown} is {what}; export it first "
         raise MoetrtError(
-            f"backend={backend!r} runs an exported model folder, but {shown} is {what}; export it first "
-            f"(moetrt export {shown} OUT_DIR, or moetrt.export.onnx_from_torch(model, out_dir)), or use backend='torch'"
+            message.format(f"backend={backend!r}")
+            + "(moetrt.export.onnx_from_torch(source, out_dir)), or use backend='torch'",
+            cli=message.format(f"--backend {backend}") + f"(moetrt export {shown} -o OUT_DIR), or use --backend torch",
         )
     if dtype is not None:
-        raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)")
+        raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)",
+                          cli=f"the precision is fixed by the export for --backend {backend}; re-export with "
+                              "moetrt export --dtype to change it (drop --dtype)")
     if backend == "ort":
         from moetrt.runtime.backend_ort import OrtBackend
 

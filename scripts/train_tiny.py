@@ -70,6 +70,10 @@ SKIP_DIRS = {
     "dist-packages", "__pycache__", "pydoc_data",
 }
 MIN_DOC_CHARS = 16  # shorter docstrings ("Return self.") carry almost nothing
+# the model card's greedy samples: the prompts of the README's examples and of `moetrt demo`
+SAMPLE_PROMPTS = ("Return the ", "Create a new ", "The default value is ", "If the file ", "This function ",
+                  "Raise ValueError if ")
+SAMPLE_TOKENS = 40
 
 
 # --- corpus ---------------------------------------------------------------------------------------
@@ -240,8 +244,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def train(model, stream: torch.Tensor, args) -> dict:
-    """Train in place; returns the step count, warmup, seconds and the final (mean of 50 steps) losses."""
+def train(model, stream: torch.Tensor, args, heldout=None) -> dict:
+    """Train in place; returns the step count, warmup, seconds and the final (mean of 50 steps) losses.
+
+    ``heldout``: ``(ids, byte_lengths)`` scored every ``args.eval_every`` steps (0: never); the
+    evaluation draws no random numbers, so it leaves the run's steps unchanged.
+    """
     generator = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     model.train()
@@ -250,6 +258,7 @@ def train(model, stream: torch.Tensor, args) -> dict:
     schedule = Schedule(args.lr, args.lr * args.min_lr_ratio, warmup, args.decay_frac)
     budget = args.minutes * 60.0
     history: list[tuple[int, float, float]] = []
+    curve: list[tuple[int, float]] = []  # (step, held-out loss) every --eval-every steps
     step_times: list[float] = []
     start = last_print = time.perf_counter()
     step = 0
@@ -291,6 +300,11 @@ def train(model, stream: torch.Tensor, args) -> dict:
             print(f"step {step:5d}/{total or '?'}  loss {ce_avg:.4f}  aux {aux_avg:.4f}  lr {lr:.2e}  "
                   f"{tok_s:,.0f} tok/s  elapsed {elapsed:.0f}s  eta {eta}", flush=True)
             last_print = now
+        if heldout is not None and args.eval_every and (step % args.eval_every == 0 or step == total):
+            loss_now = evaluate(model, heldout[0], heldout[1], args.seq_len)["loss"]
+            curve.append((step, loss_now))
+            print(f"step {step:5d}  held-out loss {loss_now:.4f} (ppl {math.exp(loss_now):.2f})", flush=True)
+            model.train()
     model.eval()
     last = history[-50:]
     return {
@@ -299,6 +313,7 @@ def train(model, stream: torch.Tensor, args) -> dict:
         "seconds": time.perf_counter() - start,
         "final_train_loss": sum(h[1] for h in last) / len(last),
         "final_aux_loss": sum(h[2] for h in last) / len(last),
+        "heldout_curve": curve,
     }
 
 
@@ -351,6 +366,14 @@ def greedy(model, tok, prompt: str, new_tokens: int) -> str:
 
 
 # --- model card -----------------------------------------------------------------------------------
+def curve_text(run: dict) -> str:
+    """The card's line on the held-out loss during training (``--eval-every``), or nothing."""
+    curve = run.get("heldout_curve") or []
+    if not curve:
+        return ""
+    losses = ", ".join(f"{loss:.2f}" for _, loss in curve)
+    return (f"Held-out loss every {curve[0][0]} steps (`--eval-every`, also in `training_log.json`): {losses}.\n\n")
+
 def psf_notice(license_text: str) -> str:
     """PSF's notice of copyright as the licence quotes it (the licence asks to retain it)."""
     pattern = r'"(Copyright \(c\) 2001.*?Python Software Foundation;\s*All Rights Reserved)"'
@@ -359,7 +382,7 @@ def psf_notice(license_text: str) -> str:
 
 
 def model_card(cfg, n_params: int, corpus: Corpus, stats: dict, run: dict, ev: dict, init_ev: dict,
-               sample: str, command: str, args, notice: str) -> str:
+               samples: dict[str, str], command: str, args, notice: str) -> str:
     def table_rows():
         rows = []
         for i, (counts, imb, mass, mass0) in enumerate(
@@ -369,6 +392,7 @@ def model_card(cfg, n_params: int, corpus: Corpus, stats: dict, run: dict, ev: d
         return "\n".join(rows)
 
     k, e = cfg.num_experts_per_tok, cfg.num_experts
+    sample_blocks = "\n\n".join(f"`{prompt!r}`:\n\n```\n{text}\n```" for prompt, text in samples.items())
     return f"""# moetrt `tiny`: a small trained Mixture-of-Experts model
 
 The model behind `moetrt.from_pretrained("tiny")`: a {n_params / 1e6:.2f} M-parameter Mixtral-style
@@ -434,14 +458,14 @@ symbols, {cfg.vocab_size - 259} merges) was trained on the training part only: {
 ```
 
 {run['steps']} steps of {args.batch} windows x {args.seq_len} tokens ({run['steps'] * args.batch * args.seq_len:,} tokens, {run['steps'] * args.batch * args.seq_len / stats['train_tokens']:.1f} passes over the
-training stream) in {run['seconds']:.0f} s on {args.threads} CPU threads (torch {torch.__version__}, seed {args.seed}; `--steps {run['steps']}`
+training stream) in {run['seconds']:.0f} s on {args.threads} CPU thread{'s' if args.threads != 1 else ''} (torch {torch.__version__}, seed {args.seed}; `--steps {run['steps']}`
 repeats the run). AdamW (betas 0.9/0.95, weight decay {args.weight_decay:g} on matrices), peak learning rate
 {args.lr:g} after {run['warmup']} linear warmup steps, constant until the last {args.decay_frac:.0%} of the steps, then a linear decay
 to {args.lr * args.min_lr_ratio:g}; gradient clipping {args.clip:g}.
 Loss: next-token cross-entropy + {args.aux_coef:g} x Switch load-balancing loss (`E * sum_e f_e * P_e`
 per MoE layer, 1.0 when balanced).
 
-Final train loss (mean of the last 50 steps): **{run['final_train_loss']:.4f}** nats/token
+{curve_text(run)}Final train loss (mean of the last 50 steps): **{run['final_train_loss']:.4f}** nats/token
 (load-balancing loss {run['final_aux_loss']:.4f}).
 
 ## Held-out evaluation (`heldout.txt`)
@@ -464,13 +488,11 @@ softmax mass of the {k} chosen experts (an untrained router spreads its mass: ab
 |---|---|---|---|---|
 {table_rows()}
 
-## Sample
+## Samples
 
-Greedy continuation of `"Return the "` (40 tokens):
+Greedy continuations ({SAMPLE_TOKENS} tokens):
 
-```
-{sample}
-```
+{sample_blocks}
 """
 
 
@@ -498,6 +520,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-percent", type=float, default=5.0, help="share of modules held out")
     p.add_argument("--heldout-bytes", type=int, default=64_000, help="cap of heldout.txt")
     p.add_argument("--print-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="score heldout.txt every N steps to watch for over-fitting (0: only at the end)")
+    p.add_argument("--sample-prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt of a greedy sample in the model card; repeat for several (default: the README's prompts)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
@@ -577,15 +603,16 @@ def main(argv=None) -> None:
     init_ev = evaluate(model, heldout_ids, byte_lengths, args.seq_len)
     print(f"model: {n_params:,} parameters; held-out loss at init {init_ev['loss']:.4f}", flush=True)
 
-    run = train(model, train_stream, args)
+    run = train(model, train_stream, args, heldout=(heldout_ids, byte_lengths))
     ev = evaluate(model, heldout_ids, byte_lengths, args.seq_len)
-    sample = greedy(model, tok, "Return the ", 40)
+    samples = {prompt: greedy(model, tok, prompt, SAMPLE_TOKENS) for prompt in args.sample_prompt or SAMPLE_PROMPTS}
     print(f"trained {run['steps']} steps in {run['seconds']:.0f}s: train loss {run['final_train_loss']:.4f}, "
           f"held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f}, {ev['bits_per_byte']:.4f} bits/byte)",
           flush=True)
     for i, (counts, imb, mass) in enumerate(zip(ev["expert_load"], ev["imbalance"], ev["topk_mass"])):
         print(f"  layer {i}: expert load {counts} max/mean {imb:.2f} top-k mass {mass:.3f}", flush=True)
-    print(f"sample: {sample!r}", flush=True)
+    for text in samples.values():
+        print(f"sample: {text!r}", flush=True)
 
     license_path = stdlib / "LICENSE.txt"
     license_text = (
@@ -602,7 +629,7 @@ def main(argv=None) -> None:
         ) + "\n",
         "heldout.txt": sample_text,
         "PYTHON-LICENSE.txt": license_text,
-        "README.md": model_card(cfg, n_params, corpus, stats, run, ev, init_ev, sample, command, args,
+        "README.md": model_card(cfg, n_params, corpus, stats, run, ev, init_ev, samples, command, args,
                                 psf_notice(license_text)),
         "training_log.json": json.dumps({"command": command, "stats": stats, "run": run, "heldout": ev,
                                          "heldout_at_init": init_ev}, indent=2) + "\n",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,10 @@ CASES = [
     # output folders: refuse, never delete
     ("output is an artifact, no --overwrite", ["export", "tiny", "-o", "{copy}", "-q"], None, nothing, 2,
      ["already exists", "--overwrite"]),
+    ("output is an artifact, no --overwrite (optimize)", ["optimize", "{export}", "-t", "ort-cpu", "-o", "{copy}", "-q"],
+     None, nothing, 2, ["already exists", "pass --overwrite"]),
+    ("ort back end on a checkpoint", ["generate", "{ckpt}", "-b", "ort", "-p", "1 2"], None, nothing, 2,
+     ["--backend ort runs an exported model folder", "moetrt export", "-o OUT_DIR", "use --backend torch"]),
     ("output holds the user's files, --overwrite", ["export", "tiny", "-o", "{userdir}", "--overwrite", "-q"], None,
      nothing, 2, ["not a moetrt artifact", "choose another folder"]),
     ("output is the user's file, --overwrite", ["export", "tiny", "-o", "{userdir}/notes.txt", "--overwrite", "-q"],
@@ -126,6 +131,8 @@ CASES = [
      nothing, 2, ["must differ from the source"]),
     # exported folders given to the runtime, optimize and parity
     ("model.onnx truncated (generate)", ["generate", "{copy}", "-b", "ort", "-p", "hi"], "copy",
+     truncate("model.onnx"), 2, ["model.onnx", "does not match the checksum", "re-export"]),
+    ("model.onnx truncated (generate, default back end)", ["generate", "{copy}", "-p", "hi"], "copy",
      truncate("model.onnx"), 2, ["model.onnx", "does not match the checksum", "re-export"]),
     ("model.onnx truncated (optimize)", ["optimize", "{copy}", "-t", "ort-cpu", "-o", "{out}", "-q"], "copy",
      truncate("model.onnx"), 2, ["model.onnx", "does not match the checksum", "re-export"]),
@@ -156,9 +163,9 @@ CASES = [
     ("prompt longer than max positions", ["generate", "{ckpt}", "-p", LONG, "-n", "1"], None, nothing, 2,
      ["300 tokens", "max_position_embeddings (256)", "shorten the prompt"]),
     ("prompt + new tokens past max positions", ["generate", "{export}", "-b", "ort", "-p", "hi", "-n", "600"], None,
-     nothing, 2, ["max_position_embeddings (512)", "lower max_new_tokens"]),
+     nothing, 2, ["max_position_embeddings (512)", "lower --max-new-tokens (-n)"]),
     ("max_new_tokens 0", ["generate", "{export}", "-b", "ort", "-p", "hi", "-n", "0"], None, nothing, 2,
-     ["max_new_tokens must be a positive integer"]),
+     ["--max-new-tokens (-n) must be a positive integer"]),
     ("top_p out of range", ["generate", "{export}", "-b", "ort", "-p", "hi", "-t", "1", "--top-p", "3"], None,
      nothing, 2, ["top_p must be in (0, 1]"]),
     ("dtype of an export", ["generate", "{export}", "-b", "ort", "-p", "hi", "--dtype", "fp16"], None, nothing, 2,
@@ -256,6 +263,8 @@ def test_bad_input_gives_one_line_and_exit_code(case, argv, folder, prepare, cod
     got, _, err = run_cli([a.format(**paths) for a in argv], capsys)
     assert got == code, err
     assert_one_line_error(err, needles)
+    # the command line names its flags, never the Python API's keyword arguments
+    assert not re.search(r"\b(overwrite|check_runtime|device|backend|dtype|max_new_tokens)\b ?=", err), err
     # nothing of the user's (nor the shared export) changed, and no temporary folder is left
     assert {name: _tree_digest(Path(paths[name])) for name in ("export", "userdir")} == before
     assert not Path(paths["out"]).exists()
@@ -277,6 +286,10 @@ API_CASES = [  # (case, folder to break, prepare, call(paths), exception, words)
     ("export into the user's folder", None, nothing,
      lambda p: _export("tiny", p["userdir"], overwrite=True), MoetrtError, ["not a moetrt artifact"]),
     ("unknown preset", None, nothing, lambda p: _session("tinyy", backend="torch"), CheckpointError, ["presets"]),
+    ("export over an artifact", None, nothing, lambda p: _export("tiny", p["copy"]), MoetrtError,
+     ["already exists", "pass overwrite=True"]),
+    ("ort back end on a checkpoint", None, nothing, lambda p: _session(p["ckpt"]), MoetrtError,
+     ["backend='ort' runs an exported model folder", "onnx_from_torch", "or use backend='torch'"]),
 ]
 
 
@@ -299,6 +312,17 @@ def test_python_api_raises_a_moetrt_error(case, folder, prepare, call, exc_type,
         call(paths)
     for needle in needles:
         assert needle in str(info.value)
+    assert not re.search(r"(?<![\w-])--[a-z]", str(info.value)), "the API names its arguments, not CLI flags"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "--overwrite"])
+def test_an_empty_output_folder_is_written_into(overwrite, paths, capsys):
+    """A folder the user made for the output holds nothing to lose: accepted with or without --overwrite."""
+    out = Path(paths["out"])
+    out.mkdir()
+    code, _, err = run_cli(["optimize", paths["export"], "-t", "ort-cpu", "-o", str(out), "-q", *overwrite], capsys)
+    assert code == 0, err
+    assert (out / "moetrt.json").is_file() and _leftovers(out.parent) == []
 
 
 # --- NaN weights: a warning naming the tensor, not an error ------------------------------------
@@ -388,3 +412,33 @@ def test_exit_codes_of_the_installed_command(paths):
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
     usage = subprocess.run([*cmd, "export", "tiny"], capture_output=True, text=True, timeout=120, check=False)
     assert usage.returncode == 2 and "--output" in usage.stderr
+
+
+# --- preset names and paths ---------------------------------------------------------------------
+def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`tiny` names the preset; `./tiny` names the folder; the warning says which was used and how to get the other."""
+    import moetrt
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "notes.txt").write_text("not a model\n")
+    with pytest.warns(UserWarning, match=r"preset tiny, not the folder tiny here; write ./tiny for the folder"):
+        model = moetrt.from_pretrained("tiny")
+    assert model.source == "tiny" and model.config.vocab_size == 512
+    with pytest.raises(CheckpointError, match="tiny has no config.json"):
+        moetrt.from_pretrained("./tiny")
+
+
+def test_a_full_size_preset_is_refused_with_the_memory_it_needs(monkeypatch, capsys):
+    """Not allocated and then killed: refused up front, and left out of the hint of presets."""
+    import moetrt
+    from moetrt import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_available_memory", lambda: 8 * 2**30)
+    with pytest.raises(MoetrtError, match=r"preset 'mixtral-8x7b' is a randomly initialised model of 18\d\.\d GB"):
+        moetrt.from_pretrained("mixtral-8x7b")
+    code, _, err = run_cli(["generate", "mixtral-8x7b", "-p", "hi"], capsys)
+    assert code == 2
+    assert_one_line_error(err, ["mixtral-8x7b", "GB of memory available here", "'tiny' runs anywhere"])
+    code, _, err = run_cli(["generate", "tinyy", "-p", "hi"], capsys)
+    assert code == 2 and "tiny" in err and "mixtral-8x7b" not in err and "bench-small" in err

@@ -15,9 +15,10 @@ from moetrt.checkpoint import PRESET_DIR
 FOLDER = PRESET_DIR / "tiny"
 SEQ_LEN = 128  # the window the model was trained and evaluated with
 # Held-out loss bound in nats/token: uniform over the 512 tokens is log(512) = 6.24 and the
-# untrained model scores about that; the shipped model scores about 3.0 (README.md).
+# untrained model scores about that; the shipped model scores 2.43 (ppl 11.35, README.md), the
+# model it replaced 2.80 (ppl 16.43, whose greedy text was runs of one token).
 # NOTE: loose on purpose, so a retrained model passes; a broken export or loader lands far above.
-HELDOUT_LOSS_BOUND = 3.5
+HELDOUT_LOSS_BOUND = 2.6
 # An untrained router spreads its softmax mass (top-2 of 8 experts ~ 0.25-0.30); the trained
 # routers put clearly more on the two experts they pick.
 MIN_TOPK_MASS_GAIN = 0.05

@@ -90,10 +90,14 @@ def test_parity_command_on_an_optimized_gpt_oss_folder(parity_export, tmp_path, 
     out = optimize(folder, tmp_path / "optimized", quantize_experts="int4", expert_activations="fp32", progress=False)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    # int4 experts are not the fp32 model: the command says FAIL (exit 1) and names the first divergence
+    # int4 experts are not the fp32 model: the command says FAIL (exit 4) and names the first divergence
     code = run(parser.parse_args([str(tmp_path / "checkpoint"), str(out), "-n", "2"]))
     text = capsys.readouterr().out
-    assert code == 1 and text.strip().endswith("FAIL") and "first divergence" in text
+    assert code == 4 and text.strip().endswith("FAIL") and "first divergence" in text
+    assert "the artifact is quantized (int4 experts)" in text and "--tol all=ATOL,RTOL" in text
+    # one stated bound applies to every compared value (logits, hidden states, KV, router outputs)
+    assert run(parser.parse_args([str(tmp_path / "checkpoint"), str(out), "-n", "0", "--tol", "all=5,1"])) == 0
+    capsys.readouterr()
     out = optimize(folder, tmp_path / "fp32", progress=False)
     assert run(parser.parse_args([str(tmp_path / "checkpoint"), str(out), "-n", "2"])) == 0
     assert capsys.readouterr().out.strip().endswith("PASS")

@@ -81,7 +81,7 @@ def test_bug_is_caught_and_localised(broken_reports, name):
     _, checkpoint, layer, kind = BUGS[name]
     report = broken_reports(name)
     result = report.backends["ort"]
-    assert not report.passed and report.exit_code == 1
+    assert not report.passed and report.exit_code == 4
     first = result.first_failure
     assert (first.name, first.layer, first.kind) == (checkpoint, layer, kind), report.summary()
     where = kind if layer is None else f"layer {layer} {kind}"

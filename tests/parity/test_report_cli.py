@@ -81,6 +81,17 @@ def test_markdown_and_plot(failing_report):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_plot_legends_hide_no_bars(failing_report):
+    """Every legend sits beside its axes: the router bars reach 1.0, where a legend inside would cover them."""
+    report, _ = failing_report
+    fig = report.figure()
+    fig.canvas.draw()
+    legends = [(ax, ax.get_legend()) for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 2
+    for ax, legend in legends:
+        assert not legend.get_window_extent().overlaps(ax.get_window_extent()), ax.get_title()
+
+
 def parse(argv):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -95,9 +106,10 @@ def test_cli_passes_with_exit_code_0(parity_export, tmp_path, capsys):
     assert strict_json((tmp_path / "rep" / "report.json").read_text())["passed"] is True
 
 
-def test_cli_fails_with_exit_code_1(failing_report, capsys):
+def test_cli_fails_with_exit_code_4(failing_report, capsys):
+    """4, not 1: a CI step tells a failed check from a crash (1) and an input to fix (2)."""
     _, folder = failing_report
-    assert run(parse(["tiny", str(folder.parent / "onnx"), "-n", "0"])) == 1
+    assert run(parse(["tiny", str(folder.parent / "onnx"), "-n", "0"])) == 4
     out = capsys.readouterr().out
     assert "first divergence: layer 3 experts" in out and out.strip().endswith("FAIL")
 
@@ -113,7 +125,7 @@ def test_cli_json_and_text_prompt(parity_export, capsys):
 def test_cli_dtype_and_tolerance_overrides(parity_export, capsys):
     """An fp16 export judged by the fp32 row fails; overriding that row with fp16-sized tolerances passes."""
     _, folder = parity_export("tiny", "fp16")
-    assert run(parse(["tiny", str(folder), "-n", "0", "--dtype", "fp32"])) == 1
+    assert run(parse(["tiny", str(folder), "-n", "0", "--dtype", "fp32"])) == 4
     loose = ["--tol", "logits=0.05,0.02", "--tol", "hidden=0.05,0.02", "--tol", "kv=0.02,0.01",
              "--tol", "router_logits=0.02,0.01", "--tol", "router_weights=0.005,0.005", "--tol", "router_gap=0.005"]
     assert run(parse(["tiny", str(folder), "-n", "0", "--dtype", "fp32", *loose])) == 0

@@ -64,3 +64,14 @@ def test_check_close_fails_outside_both_atol_and_rtol():
     assert not check_close([np.nan, 100.0, 0.0], expected, tol).ok  # NaN never passes
     with pytest.raises(ValueError, match="shape mismatch"):
         check_close(np.zeros(2), np.zeros(3), tol)
+
+
+def test_all_sets_every_compared_value_and_named_kinds_override_it():
+    from moetrt.parity.tolerances import ALL_KINDS, parse_tolerances
+
+    tols = parse_tolerances(["logits=1,0.2", "all=0.5,0.1"])
+    assert set(tols) == set(ALL_KINDS) and "router_gap" in tols
+    assert (tols["logits"].atol, tols["logits"].rtol) == (1.0, 0.2)  # named wins, whatever the order
+    assert all((tols[k].atol, tols[k].rtol) == (0.5, 0.1) for k in ALL_KINDS if k != "logits")
+    with pytest.raises(ValueError, match="KIND one of all, logits"):
+        parse_tolerances(["everything=1"])

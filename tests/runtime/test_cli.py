@@ -47,6 +47,19 @@ def test_user_errors_print_one_line_and_exit_with_the_error_code(argv, code, mes
     assert message in err
 
 
+@pytest.mark.parametrize("source,backend,words", [
+    ("export", "ort/cpu", "the default for an exported folder"),
+    ("checkpoint", "torch/cpu", "the default for a checkpoint or preset"),
+])
+def test_without_backend_the_source_decides_and_the_cli_says_which_ran(source, backend, words, paths, capsys):
+    """An exported folder runs its ONNX (not the PyTorch source it was exported from)."""
+    code, out, err = run(["generate", paths[source], "-p", "the cat", "-n", "4"], capsys)
+    assert code == 0, err
+    assert f"[{backend}]" in err and words in err, err
+    code, _, err = run(["generate", paths[source], "-p", "the cat", "-n", "4", "--backend", "torch"], capsys)
+    assert code == 0 and "[torch/cpu]" in err and "default" not in err, err
+
+
 def test_onnxruntime_not_installed_exits_3_naming_the_package(paths, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     code, _, err = run(["generate", paths["export"], "-p", "the cat", "--backend", "ort"], capsys)
@@ -105,3 +118,35 @@ def test_help_lists_generate_and_its_options(capsys):
 def test_no_command_prints_usage_and_exits_2(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().err
+
+
+def _help_examples(command: str) -> list[str]:
+    """The `moetrt ...` lines under "examples:" in `moetrt COMMAND --help`."""
+    from moetrt.cli import _COMMANDS
+
+    text = _COMMANDS[command].description
+    block = text.split("examples:", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("moetrt ")]
+
+
+def test_help_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """Each example of `moetrt generate --help`, in order, in one folder; they include the runnable
+    example of `moetrt export --help` (placeholder paths left out), so each export runs once."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    examples = _help_examples("generate")
+    assert {e for e in _help_examples("export") if "path/to" not in e} <= set(examples)
+    for example in examples:
+        code, out, err = run(shlex.split(example)[1:], capsys)
+        assert code == 0, f"{example}\n{err}"
+        if "--heatmap" in example:
+            assert (tmp_path / "experts.png").stat().st_size > 1000
+        if "--expert-stats" in example:
+            assert "expert load" in out, out
+
+
+def test_heatmap_into_a_missing_folder_fails_before_generating(paths, capsys):
+    code, out, err = run(["generate", paths["checkpoint"], "-p", "the cat", "--heatmap", "/nonexistent-dir/x.png"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--heatmap" in err and "does not exist" in err

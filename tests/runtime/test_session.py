@@ -139,6 +139,38 @@ def test_mixed_prompts_are_rejected(text_checkpoint):
         Session(text_checkpoint).generate(["the cat", [3, 4]])
 
 
+def test_token_ids_as_transformers_users_hold_them(text_checkpoint):
+    """Tensors and arrays [T] / [B, T], and a tokenizer's BatchEncoding (its mask drops the padding)."""
+    import numpy as np
+    from transformers import PreTrainedTokenizerFast
+
+    session = Session(text_checkpoint)
+    rows = [session.encode(p) for p in PROMPTS]
+    expected = session.generate(rows, max_new_tokens=6, stop_tokens=()).tokens
+    width = max(map(len, rows))
+    padded = [[0] * (width - len(r)) + r for r in rows]  # left padding, as for generation
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    ok = lambda prompts: session.generate(prompts, max_new_tokens=6, stop_tokens=()).tokens  # noqa: E731
+    assert ok(torch.tensor(rows[1])) == expected[1:2]
+    assert ok(np.array(rows[1], dtype=np.int32)) == expected[1:2]
+    assert ok(torch.tensor(rows[1])[None]) == expected[1:2]
+    assert ok({"input_ids": torch.tensor(padded), "attention_mask": torch.tensor(mask)}) == expected
+    assert ok({"input_ids": np.array(padded), "attention_mask": np.array(mask)}) == expected
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(text_checkpoint / "tokenizer.json"), padding_side="left")
+    tok.pad_token_id = session.pad_token_id
+    encoding = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert [[int(t) for t, m in zip(r, k) if m] for r, k in zip(encoding["input_ids"], encoding["attention_mask"])] == rows
+    assert ok(encoding) == expected
+
+    with pytest.raises(MoetrtError, match="must be integers"):
+        session.generate(torch.rand(1, 3))
+    with pytest.raises(MoetrtError, match=r"\[T\] or \[batch, T\]"):
+        session.generate(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(MoetrtError, match="attention_mask has shape"):
+        session.generate({"input_ids": torch.tensor(padded), "attention_mask": torch.tensor(mask)[:, 1:]})
+
+
 @pytest.mark.parametrize("module,cls", [
     ("moetrt.runtime.backend_torch", "TorchBackend"),
     ("moetrt.runtime.backend_ort", "OrtBackend"),
