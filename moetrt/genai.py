@@ -57,6 +57,10 @@ def genai_config(meta: dict[str, Any], generation_config: dict[str, Any] | None 
         names = sorted({e.name for layer in state.layers for e in layer})
         return None, (f"onnxruntime-genai caches key/value per layer only; this model's layers carry {', '.join(names)}, "
                       "which its configuration cannot name")
+    if {layer for layer in state.layers} != {(KEY, VALUE)}:  # e.g. Gemma 4's full layers: their own heads and head dim
+        shapes = sorted({str(e.dims) for layer in state.layers for e in layer})
+        return None, (f"onnxruntime-genai sizes every layer's key/value alike; this model's layers differ ({'; '.join(shapes)}), "
+                      "which its configuration cannot state")
     io = meta.get("io") or {}
     inputs = {t["name"] for t in io.get("inputs", [])}
     outputs = {t["name"] for t in io.get("outputs", [])}

@@ -101,3 +101,13 @@ def test_search_defaults_come_from_generation_config_and_context_bounds_max_leng
     assert model["eos_token_id"] == [2, 7] and model["type"] == "qwen2"  # genai refuses "mixtral"
     written = json.loads((folder / GENAI_CONFIG_FILE).read_text())
     assert written["search"]["do_sample"] is False and written["model"]["eos_token_id"] == 2
+
+
+@pytest.mark.parametrize("variant, says", [("qwen3_next", "recurrent_state"), ("gemma4_text", "differ")])
+def test_state_genai_cannot_state_gets_no_genai_config_and_says_why(variant, says, hf_tiny_model):
+    """A linear-attention layer's conv/recurrent state, and full layers with their own key/value heads and head dim."""
+    import moetrt
+
+    cfg = moetrt.from_pretrained(hf_tiny_model(variant)).config
+    config, reason = genai_config({"config": cfg.to_dict()})
+    assert config is None and says in reason, reason
