@@ -60,7 +60,8 @@ def fake_build(monkeypatch):
                      cache_path=cache_path)
         return b"not a real engine"
 
-    monkeypatch.setattr(build_module, "_import_build_requirements", lambda plugins: type("trt", (), {"__version__": "10.13.0.35"}))
+    monkeypatch.setattr(build_module, "_import_build_requirements",
+                        lambda plugins, target="trt": type("trt", (), {"__version__": "10.13.0.35"}))
     monkeypatch.setattr(build_module, "device_info", lambda index=None: {
         "index": 0, "name": "NVIDIA H200", "compute_capability": "9.0", "capability": (9, 0)})
     monkeypatch.setattr(build_module, "register_plugins", lambda: [])
