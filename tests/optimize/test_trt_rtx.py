@@ -145,6 +145,21 @@ def test_cli_writes_an_engine_folder_and_the_session_refuses_without_a_supported
     assert "8.6" in str(info.value) and "12.0" in str(info.value)
 
 
+def test_an_h200_is_refused_with_the_reason(rtx_engine, monkeypatch):
+    """On a GPU the engine was not built for (compute capability 9.0: TensorRT for RTX does not target it)."""
+    import torch
+
+    from moetrt.runtime.backend_trt import load_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    with pytest.raises(MoetrtError, match=r"compute capability 8\.6, and this GPU is NVIDIA H200 \(compute capability "
+                                          r"9\.0\); rebuild it with --compute-capability 9\.0"):
+        load_engine(rtx_engine("tiny"))
+
+
 def _check_folder_caps(out):
     meta = json.loads((out / "moetrt.json").read_text())
     assert (out / "model.engine").stat().st_size == meta["engine"]["bytes"]
