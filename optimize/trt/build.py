@@ -259,7 +259,7 @@ def engine_from_onnx(
     loading the engine needs moetrt, torch and triton) or "none" (the nodes' function bodies).
 
     ``target="trt-rtx"``: TensorRT for RTX (``tensorrt_rtx``), which builds with no GPU for
-    ``compute_capabilities`` (default: every one the library targets, e.g. ``["8.6", "12.0"]``)
+    ``compute_capabilities`` (e.g. ``["8.6", "12.0"]``; default: every one the library targets from 8.0 on)
     from the function bodies (``plugins="none"``, its only mode: see the README for why its
     Python plugins cannot be used); the folder also holds ``layers.json``, the network's layers as
     the builder received them. ``strongly_typed=False`` builds a weakly typed network with the precision's
@@ -273,9 +273,11 @@ def engine_from_onnx(
         raise MoetrtError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if rtx and plugins != "none":
         raise MoetrtError(f"--target {RTX_TARGET} builds from the function bodies only (plugins='none'): TensorRT for "
-                          "RTX cannot serialize moetrt's Python plugins into an engine; drop plugins / --plugins")
+                          "RTX has no plugin API moetrt's plugins can use (its parser aborts on a Python plugin); drop "
+                          "plugins / --plugins")
     if rtx and timing_cache not in (None, False):
-        raise MoetrtError(f"timing_cache applies to --target trt; TensorRT for RTX builds without timing (no GPU)")
+        raise MoetrtError("timing_cache applies to --target trt; TensorRT for RTX builds without timing (no GPU): "
+                          "drop timing_cache / --timing-cache")
     if compute_capabilities is not None and not rtx:
         raise MoetrtError(f"compute_capabilities apply to --target {RTX_TARGET}; a trt engine is built for the GPU "
                           "it is built on")
@@ -296,7 +298,7 @@ def engine_from_onnx(
     trt_version = str(trt.__version__)
     if rtx:  # no GPU: the engine is built for the compute capabilities asked
         if not strongly_typed:
-            raise MoetrtError(f"TensorRT for RTX builds only strongly typed networks; drop strongly_typed=False")
+            raise MoetrtError("TensorRT for RTX builds only strongly typed networks; drop strongly_typed=False")
         capabilities = rtx_compute_capabilities(trt, compute_capabilities)
         gpu, cache_path = None, None
     else:
