@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "function bodies, standard TensorRT layers (default: aot for trt; trt-rtx takes none only)")
     t.add_argument("--compute-capability", action="append", default=None, metavar="X.Y", dest="compute_capabilities",
                    help="trt-rtx: a GPU compute capability to build for, e.g. 8.6 (repeat for several; default: "
-                        "every one TensorRT for RTX targets)")
+                        "every one TensorRT for RTX targets from 8.0 on)")
 
 
 def run(args: argparse.Namespace) -> int:
