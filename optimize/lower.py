@@ -199,9 +199,9 @@ def optimize(
 ) -> Path:
     """Optimize the canonical export in ``src_dir`` for ``target`` into ``out_dir``; returns ``out_dir``.
 
-    ``target``: ort-cpu | ort-cuda | trt (a TensorRT engine folder: see
-    :func:`moetrt.optimize.trt.engine_from_onnx`, which takes ``trt_options`` such as ``profile``,
-    ``timing_cache`` and ``plugins``). ``precision``: fp32 | fp16 | bf16 (default: the export's);
+    ``target``: ort-cpu | ort-cuda | trt | trt-rtx (a TensorRT / TensorRT for RTX engine folder:
+    see :func:`moetrt.optimize.trt.engine_from_onnx`, which takes ``trt_options`` such as
+    ``profile``, ``timing_cache``, ``plugins`` and ``compute_capabilities``). ``precision``: fp32 | fp16 | bf16 (default: the export's);
     fp16/bf16 convert an fp32 export, keeping router, softmax and logits fp32.
     ``quantize_experts``: None | int8 | int4, weight-only block-wise (``block_size``, default 32)
     experts lowered to ``com.microsoft::QMoE``; ``expert_activations`` (ort-cpu): int8 (the
