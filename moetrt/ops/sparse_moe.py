@@ -362,18 +362,20 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
       :func:`gather_threshold`): gather only the routed experts' weights, one batched MatMul
       per projection over the N (token, slot) pairs; with ``gather_below <= 1`` this path is
       left out;
-    - otherwise: sort the pairs once by expert (TopK, stable for equal ids), count
-      per expert (CumSum offsets) and run each expert on its Slice of rows. The per-expert
+    - otherwise: count the pairs per expert (CumSum offsets), sort them once by expert
+      (a stable counting sort: each pair's row is its expert's offset plus the number of
+      earlier pairs of that expert; ScatterElements without reduction inverts it) and run
+      each expert on its Slice of rows. The per-expert
       weight slices come from Gather/Transpose of the weight inputs with constant indices,
       which runtimes fold into initializers at load time.
-    Pairs return to (token, slot) order through the inverse permutation (a second TopK), and
-    the K slots of a token are summed: no ScatterND, so TensorRT's parser accepts the body too.
+    Pairs return to (token, slot) order by a Gather of their rows, and the K slots of a token
+    are summed: no scatter with a reduction, so TensorRT's parser accepts the body too.
 
     The body is specialised for one ``activation`` and the bias inputs the node passes
     (``gate_up_bias``, ``down_bias``); alpha and limit are read from the node's attributes.
     ``overload`` names the function's overload where one model needs several variants.
     """
-    from moetrt.ops._onnx import FLOAT, INT64, Body, make_function
+    from moetrt.ops._onnx import INT64, Body, make_function
 
     variant = BodyVariant(activation, gate_up_bias, down_bias)
     E = num_experts
@@ -423,15 +425,21 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
             out = b.op("Add", out, b.op("Gather", "b_down", g_e, axis=0))  # [n_g, D]
         outs.append(out)
 
-    # prefill path: sort its pairs by expert, a Slice of rows per expert
-    m_1d = b.op("Shape", s_e)  # [1] N - n_g
-    _, order = b.op("TopK", b.op("Cast", s_e, to=FLOAT), m_1d, axis=0, largest=0, sorted=1, outputs=2)  # [M]
-    pair = order if s_first is None else b.op("Add", order, s_first)  # [M] the pairs' indices among all N
-    x_sorted = b.op("Gather", "x", b.op("Div", pair, b.op("Squeeze", k_1d)), axis=0)  # [M, D]
-    one_hot = b.op("Equal", b.op("Unsqueeze", s_e, b.const([1])), b.const([list(range(E))]))  # [M, E]
-    counts = b.op("ReduceSum", b.op("Cast", one_hot, to=INT64), b.const([0]), keepdims=0)  # [E]
+    # prefill path: sort its pairs by expert (a stable counting sort: no TopK, whose K TensorRT caps
+    # at 3840), a Slice of rows per expert
+    m_range = b.op("Range", b.const(0), b.op("Squeeze", b.op("Shape", s_e)), b.const(1))  # [M]
+    one_hot = b.op("Cast", b.op("Equal", b.op("Unsqueeze", s_e, b.const([1])), b.const([list(range(E))])),
+                   to=INT64)  # [M, E]
+    counts = b.op("ReduceSum", one_hot, b.const([0]), keepdims=0)  # [E]
     ends = b.op("CumSum", counts, b.const(0))  # [E]
     starts = b.op("Sub", ends, counts)  # [E]
+    earlier = b.op("CumSum", one_hot, b.const(0), exclusive=1)  # [M, E] pairs before this one, per expert
+    rank = b.op("Squeeze", b.op("GatherElements", earlier, b.op("Unsqueeze", s_e, b.const([1])), axis=1),
+                b.const([1]))  # [M] among its expert's pairs
+    slot = b.op("Add", b.op("Gather", starts, s_e, axis=0), rank)  # [M] each pair's row in expert order
+    order = b.op("ScatterElements", b.op("Mul", m_range, b.const(0)), slot, m_range, axis=0)  # [M] row -> pair
+    pair = order if s_first is None else b.op("Add", order, s_first)  # [M] the pairs' indices among all N
+    x_sorted = b.op("Gather", "x", b.op("Div", pair, b.op("Squeeze", k_1d)), axis=0)  # [M, D]
     lo = b.op("Split", starts, axis=0, num_outputs=E, outputs=E) if E > 1 else [starts]  # E x [1]
     hi = b.op("Split", ends, axis=0, num_outputs=E, outputs=E) if E > 1 else [ends]  # E x [1]
     expert_outs = []
@@ -439,8 +447,7 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
         rows = b.op("Slice", x_sorted, lo[e], hi[e], b.const([0]))  # [n_e, D]
         expert_outs.append(_expert_mlp(b, rows, w_gu_t[e], w_down_t[e], b_gu[e], b_d[e], act))  # [n_e, D]
     sorted_out = b.op("Concat", *expert_outs, axis=0) if E > 1 else expert_outs[0]  # [M, D] in expert order
-    _, inverse = b.op("TopK", b.op("Cast", order, to=FLOAT), m_1d, axis=0, largest=0, sorted=1, outputs=2)  # [M]
-    outs.append(b.op("Gather", sorted_out, inverse, axis=0))  # [M, D] in (token, slot) order
+    outs.append(b.op("Gather", sorted_out, slot, axis=0))  # [M, D] in (token, slot) order
     pairs = b.op("Concat", *outs, axis=0) if len(outs) > 1 else outs[0]  # [N, D] in (token, slot) order
     y = _weighted_sum(b, pairs, flat_w, pair_shape)  # [T, D]
     b.rename_output(y, "y")

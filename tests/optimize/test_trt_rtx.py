@@ -105,6 +105,18 @@ def test_every_flavour_parses_and_builds(rtx_engine, case):
     _check_folder(rtx_engine(variant, precision, **options), options, precision)
 
 
+def test_a_profile_past_tensorrts_topk_limit_builds(canonical, tmp_path):
+    """8 x 512 tokens, top-2: 8192 (token, slot) pairs, more than the 3840 TensorRT allows a TopK's K (the
+    prefill path sorts its pairs by counting, not by TopK)."""
+    from moetrt.optimize import optimize
+
+    _, folder = canonical("tiny")
+    out = optimize(folder, tmp_path / "engine", "trt-rtx", profile="batch=1:1:8,seq=1:4:512,past=0:4:8",
+                   compute_capabilities=CAPABILITY, progress=False)
+    shapes = json.loads((out / "moetrt.json").read_text())["engine"]["profiles"][0]["shapes"]
+    assert shapes["input_ids"]["max"] == [8, 512]
+
+
 def test_sparse_moe_work_is_bounded_by_the_routed_experts(rtx_engine, canonical):
     """layers.json: every matrix multiply on expert weights runs on a data-dependent number of rows (one expert's
     weights on the pairs routed to it, or the routed experts' gathered weights, one per (token, slot) pair), and
