@@ -38,7 +38,7 @@ from .io_spec import BATCH, DTYPES, PAST, SEQ, TOKENS, TOTAL, IOSpec, io_spec
 
 __all__ = ["onnx_from_torch", "trace_to_onnx", "attach_functions", "FORMAT", "FORMAT_VERSION", "MIN_OPSET", "DEFAULT_OPSET"]
 
-MIN_OPSET = 19  # Equal on strings (TopKRouting's scoring attribute), Split num_outputs
+MIN_OPSET = 19  # the opset the function bodies are written and tested for (Split num_outputs needs 18)
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data
 TORCH_DTYPES = {d: torch_dtype(d) for d in DTYPES}
@@ -292,7 +292,7 @@ def onnx_from_torch(
     if dtype not in DTYPES:
         raise UnsupportedModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not MIN_OPSET <= opset <= 23:
-        raise UnsupportedModelError(f"opset must be in {MIN_OPSET}..23 (the function bodies need Equal on strings), got {opset}")
+        raise UnsupportedModelError(f"opset must be in {MIN_OPSET}..23 (the function bodies need opset 19), got {opset}")
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     folder = _checkpoint_folder(source)

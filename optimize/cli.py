@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("source", metavar="DIR", help="a folder written by `moetrt export` (the canonical ONNX)")
     p.add_argument("--target", "-t", required=True, choices=(*TARGETS, *ENGINE_TARGETS),
-                   help="ort-cpu: ONNX Runtime CPU; ort-cuda: ONNX Runtime CUDA; trt: a TensorRT engine folder")
+                   help="ort-cpu: ONNX Runtime CPU; ort-cuda: ONNX Runtime CUDA; trt: a TensorRT engine folder; "
+                        "trt-rtx: a TensorRT for RTX engine folder, built without a GPU")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="the optimized folder to write")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="activations and weights; fp16/bf16 convert an fp32 export, keeping router, softmax "
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check-runtime", action="store_true",
                    help="do not require the target's ONNX Runtime on this machine (build for another one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
-    t = p.add_argument_group("TensorRT (--target trt; needs tensorrt >= 10.9 and a GPU)")
+    t = p.add_argument_group("TensorRT (--target trt: needs tensorrt >= 10.9 and a GPU; --target trt-rtx: needs "
+                             "tensorrt-rtx-cu12, no GPU)")
     t.add_argument("--profile", default=None, metavar="RANGES",
                    help="optimization profile(s), e.g. batch=1:4:8,seq=1:512:4096,past=0:1024:4096 "
                         "(min:opt:max per axis; ';' separates profiles; default: that one, cut to the model)")
@@ -65,8 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TensorRT timing cache to reuse and update (default: one per GPU and TensorRT version "
                         "under ~/.cache/moetrt)")
     t.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
-    t.add_argument("--plugins", choices=("aot", "jit"), default="aot",
-                   help="aot: engines run without Python (Triton PTX embedded); jit: Python plugins (default: %(default)s)")
+    t.add_argument("--plugins", choices=("aot", "jit", "none"), default=None,
+                   help="aot: engines run without Python (Triton PTX embedded); jit: Python plugins; none: the ops' "
+                        "function bodies, standard TensorRT layers (default: aot for trt; trt-rtx takes none only)")
+    t.add_argument("--compute-capability", action="append", default=None, metavar="X.Y", dest="compute_capabilities",
+                   help="trt-rtx: a GPU compute capability to build for, e.g. 8.6 (repeat for several; default: "
+                        "every one TensorRT for RTX targets from 8.0 on)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,15 +89,18 @@ def run(args: argparse.Namespace) -> int:
       moetrt optimize exported/tiny -t ort-cpu -o optimized/tiny-last --last-logits
       moetrt optimize exported/model -t ort-cuda -o optimized/model-fp16 --precision fp16
       moetrt optimize exported/model -t trt -o engines/model --precision fp16 --profile batch=1:1:4,seq=1:256:2048
+      moetrt optimize exported/model -t trt-rtx -o engines/model-rtx --compute-capability 8.6 --compute-capability 12.0
     """
     from .lower import optimize
 
-    if args.target == "trt":
+    if args.target in ("trt", "trt-rtx"):
         timing_cache = False if args.no_timing_cache else args.timing_cache
-        out = optimize(args.source, args.output, "trt", precision=args.precision,
+        rtx = {"compute_capabilities": args.compute_capabilities} if args.compute_capabilities else {}
+        out = optimize(args.source, args.output, args.target, precision=args.precision,
                        quantize_experts=args.quantize_experts, quantize_weights=args.quantize_weights,
                        fuse_norms=args.fuse_norms, last_logits=args.last_logits, overwrite=args.overwrite,
-                       progress=not args.quiet, profile=args.profile, timing_cache=timing_cache, plugins=args.plugins)
+                       progress=not args.quiet, profile=args.profile, timing_cache=timing_cache, plugins=args.plugins,
+                       **rtx)
     else:
         out = optimize(
             args.source, args.output, args.target, precision=args.precision, quantize_experts=args.quantize_experts,

@@ -58,7 +58,7 @@ from .linear_attention import lower_linear_attention
 from .transformer_fusions import fuse_norms as fuse_norms_pass
 from .weight_quantization import quantize_weights as quantize_weights_pass
 from .targets import (
-    DEFAULT_BLOCK_SIZE, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision, PRECISIONS, QUANTIZE_EXPERTS,
+    DEFAULT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision, PRECISIONS, QUANTIZE_EXPERTS,
     QUANTIZE_WEIGHTS, TARGETS, WEIGHT_ACTIVATIONS, TargetSpec,
 )
 
@@ -200,9 +200,9 @@ def optimize(
 ) -> Path:
     """Optimize the canonical export in ``src_dir`` for ``target`` into ``out_dir``; returns ``out_dir``.
 
-    ``target``: ort-cpu | ort-cuda | trt (a TensorRT engine folder: see
-    :func:`moetrt.optimize.trt.engine_from_onnx`, which takes ``trt_options`` such as ``profile``,
-    ``timing_cache`` and ``plugins``). ``precision``: fp32 | fp16 | bf16 (default: the export's);
+    ``target``: ort-cpu | ort-cuda | trt | trt-rtx (a TensorRT / TensorRT for RTX engine folder:
+    see :func:`moetrt.optimize.trt.engine_from_onnx`, which takes ``trt_options`` such as
+    ``profile``, ``timing_cache``, ``plugins`` and ``compute_capabilities``). ``precision``: fp32 | fp16 | bf16 (default: the export's);
     fp16/bf16 convert an fp32 export, keeping router, softmax and logits fp32.
     ``quantize_experts``: None | int8 | int4, weight-only block-wise (``block_size``, default 32)
     experts lowered to ``com.microsoft::QMoE``; ``expert_activations`` (ort-cpu): int8 (the
@@ -223,7 +223,7 @@ def optimize(
     prefill; see ``moe_lowering``) | always | off; default: auto for ort-cpu, always for ort-cuda.
     ``check_runtime=False`` skips the requirement checks, to build for another machine.
     """
-    if target == "trt":
+    if target in ENGINE_TARGETS:
         if quantize_experts is not None:
             raise MoetrtError("--quantize-experts applies to the ONNX Runtime targets; TensorRT engines keep the experts' dtype")
         if last_logits:
@@ -240,12 +240,12 @@ def optimize(
             )
         from .trt import engine_from_onnx
 
-        return engine_from_onnx(src_dir, out_dir, precision=precision, overwrite=overwrite, progress=progress,
-                                **trt_options)
+        return engine_from_onnx(src_dir, out_dir, target=target, precision=precision, overwrite=overwrite,
+                                progress=progress, **trt_options)
     if trt_options:
-        raise MoetrtError(f"{', '.join(sorted(trt_options))} apply to --target trt only")
+        raise MoetrtError(f"{', '.join(sorted(trt_options))} apply to --target {' / '.join(ENGINE_TARGETS)} only")
     if target not in TARGETS:
-        raise MoetrtError(f"unknown target {target!r}; choose one of {', '.join((*TARGETS, 'trt'))}")
+        raise MoetrtError(f"unknown target {target!r}; choose one of {', '.join((*TARGETS, *ENGINE_TARGETS))}")
     if precision is not None and precision not in PRECISIONS:
         raise MoetrtError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if quantize_experts is not None and quantize_experts not in QUANTIZE_EXPERTS:

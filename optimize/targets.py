@@ -50,7 +50,7 @@ TARGETS: dict[str, TargetSpec] = {
     ),
 }
 # built by optimize.trt.engine_from_onnx rather than by ONNX graph passes
-ENGINE_TARGETS = ("trt",)
+ENGINE_TARGETS = ("trt", "trt-rtx")  # trt-rtx: TensorRT for RTX, built without a GPU
 
 
 def resolve_precision(src_dir, export: dict, precision: str | None) -> str:

@@ -28,7 +28,7 @@ from moetrt.state import PAST_PREFIX, StateContract, state_contract
 
 from .checkpoints import Checkpoint, ForcedRouting, capture, default_name
 
-__all__ = ["TorchRunner", "ort_runner", "trt_runner", "profile_shapes", "numpy_dtype"]
+__all__ = ["TorchRunner", "ort_runner", "trt_runner", "onnx_for_tensorrt", "profile_shapes", "numpy_dtype"]
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
@@ -127,14 +127,32 @@ def ort_runner(model_path: str | Path, name: str = "ort", providers=("cpu",)):
     return OnnxrtRunner(session, name=name)
 
 
+def onnx_for_tensorrt(path: str | Path, plugins: str = "aot", num_tokens: int = 1) -> Path:
+    """The ONNX file ``path`` made ready for TensorRT's parser exactly as ``moetrt optimize --target trt`` makes it
+    (:func:`moetrt.optimize.trt.prepare_for_tensorrt`), saved beside it as ``<name>.trt.onnx``; returns that path."""
+    import onnx_ir as ir
+
+    from moetrt.optimize.trt.build import EXTERNAL_DATA_THRESHOLD
+    from moetrt.optimize.trt.prepare import prepare_for_tensorrt
+
+    path = Path(path)
+    model = ir.load(path)
+    prepare_for_tensorrt(model, plugins, num_tokens=max(1, num_tokens))
+    out = path.with_name(f"{path.stem}.trt.onnx")
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    ir.save(model, out, external_data=f"{out.name}.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD else None)
+    return out
+
+
 def trt_runner(path: str | Path, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
-               name: str = "trt"):
+               name: str = "trt", plugins: str = "aot"):
     """Polygraphy's ``TrtRunner`` on a serialized engine (``.engine``/``.plan``, e.g. ``moetrt optimize --target
     trt``'s ``model.engine``) or on an ONNX file TensorRT's parser accepts.
 
-    An ONNX file is parsed as a strongly typed network (precision comes from the ONNX, as TensorRT
-    11 requires) and built with one optimization profile whose ``(min, opt, max)`` shape per input
-    is ``shapes[name]``. The engine is built once, here, so reactivating the runner is cheap.
+    An ONNX file is first prepared as ``optimize --target trt`` prepares it (:func:`onnx_for_tensorrt`,
+    with ``plugins``), then parsed as a strongly typed network (precision comes from the ONNX, as
+    TensorRT 11 requires) and built with one optimization profile whose ``(min, opt, max)`` shape
+    per input is ``shapes[name]``. The engine is built once, here, so reactivating the runner is cheap.
     """
     try:
         import tensorrt  # noqa: F401
@@ -158,7 +176,9 @@ def trt_runner(path: str | Path, shapes: dict[str, tuple[tuple[int, ...], tuple[
         profile = Profile()
         for input_name, (low, opt, high) in shapes.items():
             profile.add(input_name, min=low, opt=opt, max=high)
-        build = EngineFromNetwork(NetworkFromOnnxPath(str(path), strongly_typed=True),
+        ids = shapes.get("input_ids")
+        prepared = onnx_for_tensorrt(path, plugins, num_tokens=ids[1][0] * ids[1][1] if ids else 1)
+        build = EngineFromNetwork(NetworkFromOnnxPath(str(prepared), strongly_typed=True),
                                   config=CreateConfig(profiles=[profile]))
     try:
         engine = build()

@@ -30,7 +30,15 @@ from moetrt.artifact import METADATA_FILE, read_metadata
 from moetrt.config import MoEConfig
 from moetrt.dtypes import DTYPES, torch_dtype
 from moetrt.errors import CheckpointError, MoetrtError
-from moetrt.ops.plugins import ENGINE_FILE, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, import_tensorrt, version_tuple
+from moetrt.ops.plugins import (
+    ENGINE_FILE,
+    ENGINE_FORMAT,
+    ENGINE_FORMAT_VERSION,
+    RTX_TARGET,
+    import_tensorrt,
+    import_tensorrt_rtx,
+    version_tuple,
+)
 from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, router_names
 from moetrt.runtime.model_folder import read_state
 from moetrt.state import StateContract
@@ -56,6 +64,11 @@ class EngineFolder:
     @property
     def engine_path(self) -> Path:
         return self.folder / self.meta.get("engine", {}).get("file", ENGINE_FILE)
+
+    @property
+    def rtx(self) -> bool:
+        """Whether TensorRT for RTX built the engine (``moetrt optimize --target trt-rtx``)."""
+        return (self.meta.get("tensorrt") or {}).get("package") == "tensorrt-rtx"
 
     @property
     def state(self) -> StateContract:
@@ -98,23 +111,28 @@ def read_engine_folder(folder: str | os.PathLike) -> EngineFolder:
     return result
 
 
-def check_engine_compatible(meta: dict[str, Any], tensorrt_version: str, device_name: str, capability: str) -> None:
+def check_engine_compatible(meta: dict[str, Any], tensorrt_version: str, device_name: str | None,
+                            capability: str | None) -> None:
     """Raise a :class:`MoetrtError` with a rebuild hint when the engine was built for another GPU or TensorRT.
 
     TensorRT engines are specific to the GPU model (compute capability) and the TensorRT version
     that built them (unless built version- or hardware-compatible, which moetrt does not do).
     A different GPU name with the same compute capability loads, but may run tactics tuned for
-    the other GPU; that only prints a warning.
+    the other GPU; that only prints a warning. ``capability`` None checks the version only (a
+    TensorRT for RTX engine, built for several GPUs: :func:`check_rtx_engine`).
     """
     built_trt = str((meta.get("tensorrt") or {}).get("version", "?"))
     device = meta.get("device") or {}
     built_cc, built_name = str(device.get("compute_capability", "?")), device.get("name", "?")
     source = (meta.get("onnx_source") or {}).get("folder") or "EXPORTED_DIR"
-    rebuild = (f"rebuild it on this machine: moetrt optimize {source} --target trt -o NEW_DIR "
+    target = (meta.get("export") or {}).get("target", "trt")
+    rebuild = (f"rebuild it on this machine: moetrt optimize {source} --target {target} -o NEW_DIR "
                f"(or moetrt.optimize.trt.engine_from_onnx)")
     if version_tuple(built_trt)[:3] != version_tuple(tensorrt_version)[:3]:
         raise MoetrtError(f"the engine was built with TensorRT {built_trt}, and this machine has TensorRT "
                           f"{tensorrt_version}; engines do not load across TensorRT versions: {rebuild}")
+    if capability is None:  # TensorRT for RTX: built for a list of compute capabilities (check_rtx_engine)
+        return
     if built_cc != capability:
         raise MoetrtError(f"the engine was built for {built_name} (compute capability {built_cc}), and this GPU is "
                           f"{device_name} (compute capability {capability}); engines are specific to the GPU: {rebuild}")
@@ -180,6 +198,34 @@ def _torch_dtype(trt, dtype):
     return table[dtype]
 
 
+def check_rtx_engine(info: EngineFolder, trt, index: int):
+    """Refuse, with the reason, a TensorRT for RTX engine this machine cannot run: no GPU, a GPU whose compute
+    capability the engine was not built for, or one the library itself calls invalid (``get_engine_validity``).
+    Returns torch (with CUDA) when the engine may be deserialized."""
+    import torch
+
+    built_for = info.meta["engine"].get("compute_capabilities") or []
+    source = (info.meta.get("onnx_source") or {}).get("folder") or "EXPORTED_DIR"
+    what = f"{info.engine_path} was built by TensorRT for RTX for GPUs of compute capability {', '.join(built_for)}"
+    if not torch.cuda.is_available():
+        raise MoetrtError(f"{what}, and torch sees no NVIDIA GPU here; run it on such a GPU (an RTX or Ampere-or-newer "
+                          "card), or build for this machine's back ends: moetrt optimize --target ort-cpu")
+    torch = _require_cuda_torch(index)
+    major, minor = torch.cuda.get_device_capability(index)
+    if f"{major}.{minor}" not in built_for:
+        raise MoetrtError(f"{what}, and this GPU is {torch.cuda.get_device_name(index)} (compute capability "
+                          f"{major}.{minor}); rebuild it with --compute-capability {major}.{minor} if TensorRT for RTX "
+                          f"targets it (moetrt optimize {source} --target {RTX_TARGET}), or use --target trt")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    with open(info.engine_path, "rb") as f:
+        header = f.read(runtime.engine_header_size)
+    validity, diagnostics = runtime.get_engine_validity(header)
+    if validity == trt.EngineValidity.INVALID:
+        raise MoetrtError(f"{what}; TensorRT for RTX {trt.__version__} says it cannot run here (diagnostics "
+                          f"{diagnostics}): rebuild it (moetrt optimize {source} --target {RTX_TARGET})")
+    return torch
+
+
 def load_engine(folder: str | os.PathLike, device: str = "cuda") -> tuple[Any, EngineFolder]:
     """Deserialize an engine folder's engine after checking it against this machine.
 
@@ -188,11 +234,16 @@ def load_engine(folder: str | os.PathLike, device: str = "cuda") -> tuple[Any, E
     uses the Python (JIT) ones.
     """
     index = _parse_device(device)
-    trt = import_tensorrt("the trt back end")
     info = read_engine_folder(folder)
-    torch = _require_cuda_torch(index)
-    major, minor = torch.cuda.get_device_capability(index)
-    check_engine_compatible(info.meta, str(trt.__version__), torch.cuda.get_device_name(index), f"{major}.{minor}")
+    if info.rtx:
+        trt = import_tensorrt_rtx("running a TensorRT for RTX engine")
+        check_engine_compatible(info.meta, str(trt.__version__), None, None)
+        torch = check_rtx_engine(info, trt, index)
+    else:
+        trt = import_tensorrt("the trt back end")
+        torch = _require_cuda_torch(index)
+        major, minor = torch.cuda.get_device_capability(index)
+        check_engine_compatible(info.meta, str(trt.__version__), torch.cuda.get_device_name(index), f"{major}.{minor}")
     if info.plugins == "jit":
         from moetrt.ops.plugins import register_plugins
 
@@ -217,8 +268,9 @@ class TrtBackend:
 
     def __init__(self, folder: str | os.PathLike, device: str = "cuda"):
         engine, info = load_engine(folder, device)
-        import tensorrt as trt
         import torch
+
+        trt = import_tensorrt_rtx() if info.rtx else import_tensorrt()
 
         self._trt, self._torch = trt, torch
         self.engine, self.info = engine, info

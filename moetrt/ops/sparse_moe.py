@@ -378,24 +378,28 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
                   gate_up_bias: bool = False, down_bias: bool = False, overload: str = ""):
     """The model-local ``FunctionProto`` for models with ``num_experts`` experts.
 
-    Work grows with T*K, not T*E. Two paths, chosen at run time by an If on N = T*K:
+    Work grows with T*K, not T*E. Two paths, chosen at run time by N = T*K (without an If: the
+    path not taken gets zero pairs, so TensorRT's compiler, which cannot build data-dependent
+    shapes inside an If branch, builds the body too):
 
     - N < ``gather_below`` (decode steps of models with small experts; default E, see
       :func:`gather_threshold`): gather only the routed experts' weights, one batched MatMul
-      per projection over the N (token, slot) pairs; with ``gather_below <= 1`` this path and
-      the If are left out;
-    - otherwise: sort the pairs once by expert (TopK, stable for equal ids), count
-      per expert (CumSum offsets) and run each expert on its Slice of rows. The per-expert
+      per projection over the N (token, slot) pairs; with ``gather_below <= 1`` this path is
+      left out;
+    - otherwise: count the pairs per expert (CumSum offsets), sort them once by expert
+      (a stable counting sort: each pair's row is its expert's offset plus the number of
+      earlier pairs of that expert; ScatterElements without reduction inverts it) and run
+      each expert on its Slice of rows. The per-expert
       weight slices come from Gather/Transpose of the weight inputs with constant indices,
       which runtimes fold into initializers at load time.
-    Pairs return to (token, slot) order through the inverse permutation (a second TopK), and
-    the K slots of a token are summed: no ScatterND, so TensorRT's parser accepts the body too.
+    Pairs return to (token, slot) order by a Gather of their rows, and the K slots of a token
+    are summed: no scatter with a reduction, so TensorRT's parser accepts the body too.
 
     The body is specialised for one ``activation`` and the bias inputs the node passes
     (``gate_up_bias``, ``down_bias``); alpha and limit are read from the node's attributes.
     ``overload`` names the function's overload where one model needs several variants.
     """
-    from moetrt.ops._onnx import FLOAT, INT64, Body, make_function
+    from moetrt.ops._onnx import INT64, Body, make_function
 
     variant = BodyVariant(activation, gate_up_bias, down_bias)
     E = num_experts
@@ -418,45 +422,58 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
     b_d = [b.op("Gather", "b_down", b.const(e), axis=0) if down_bias else None for e in range(E)]  # [D]
     act = {"clamped_swiglu": _Act, "gelu_tanh": _Gelu}.get(variant.activation, lambda _: None)(b)
 
-    # decode path: gather the routed experts' weights
-    g = Body("smoe_gather_")
-    x_pairs = g.op("Unsqueeze", g.op("Gather", "x", token_of_pair, axis=0), g.const([2]))  # [N, D, 1]
-    gate_up = g.op("MatMul", g.op("Gather", "w_gate_up", flat_e, axis=0), x_pairs)  # [N, 2F, 1]
-    gate_up = g.op("Squeeze", gate_up, g.const([2]))  # [N, 2F]
-    if gate_up_bias:
-        gate_up = g.op("Add", gate_up, g.op("Gather", "b_gate_up", flat_e, axis=0))  # [N, 2F]
-    gate, up = g.op("Split", gate_up, axis=1, num_outputs=2, outputs=2)  # [N, F]
-    hidden = g.op("Unsqueeze", _activation_onnx(g, gate, up, act), g.const([2]))  # [N, F, 1]
-    out = g.op("Squeeze", g.op("MatMul", g.op("Gather", "w_down", flat_e, axis=0), hidden), g.const([2]))  # [N, D]
-    if down_bias:
-        out = g.op("Add", out, g.op("Gather", "b_down", flat_e, axis=0))  # [N, D]
-    g_y = _weighted_sum(g, out, flat_w, pair_shape)  # [T, D]
-
-    # prefill path: sort pairs by expert, a Slice of rows per expert
-    s = Body("smoe_sorted_")
-    _, order = s.op("TopK", s.op("Cast", flat_e, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
-    x_sorted = s.op("Gather", "x", s.op("Div", order, s.op("Squeeze", k_1d)), axis=0)  # [N, D]
-    one_hot = s.op("Equal", s.op("Unsqueeze", flat_e, s.const([1])), s.const([list(range(E))]))  # [N, E]
-    counts = s.op("ReduceSum", s.op("Cast", one_hot, to=INT64), s.const([0]), keepdims=0)  # [E]
-    ends = s.op("CumSum", counts, s.const(0))  # [E]
-    starts = s.op("Sub", ends, counts)  # [E]
-    lo = s.op("Split", starts, axis=0, num_outputs=E, outputs=E) if E > 1 else [starts]  # E x [1]
-    hi = s.op("Split", ends, axis=0, num_outputs=E, outputs=E) if E > 1 else [ends]  # E x [1]
-    outs = []
-    for e in range(E):
-        rows = s.op("Slice", x_sorted, lo[e], hi[e], s.const([0]))  # [n_e, D]
-        outs.append(_expert_mlp(s, rows, w_gu_t[e], w_down_t[e], b_gu[e], b_d[e], act))  # [n_e, D]
-    sorted_out = s.op("Concat", *outs, axis=0) if E > 1 else outs[0]  # [N, D] in expert order
-    _, inverse = s.op("TopK", s.op("Cast", order, to=FLOAT), n_1d, axis=0, largest=0, sorted=1, outputs=2)  # [N]
-    s_pairs = s.op("Gather", sorted_out, inverse, axis=0)  # [N, D] in (token, slot) order
-    s_y = _weighted_sum(s, s_pairs, flat_w, pair_shape)  # [T, D]
-
+    # The pairs split in two: the first n_g go through the gather path, the other N - n_g through the
+    # sorted path; n_g = N for decode-sized steps (N < gather_below), else 0. No If: TensorRT cannot
+    # build an If branch holding the sorted path's data-dependent Slices (its Myelin compiler fails
+    # or crashes), and an empty path costs a few empty ops.
     if gather_below > 1:
-        decode = b.op("Less", b.op("Squeeze", n_1d), b.const(gather_below))
-        y = b.op("If", decode, then_branch=g.graph("decode_gather", [g_y]), else_branch=s.graph("prefill_sorted", [s_y]))
+        decode = b.op("Less", n_1d, b.const([gather_below]))  # [1]
+        n_g = b.op("Where", decode, n_1d, b.const([0]))  # [1]
+        zero, big = b.const([0]), b.const([2**62])
+        g_e, g_tok = b.op("Slice", flat_e, zero, n_g), b.op("Slice", token_of_pair, zero, n_g)  # [n_g] x2
+        s_e, s_first = b.op("Slice", flat_e, n_g, big), n_g  # [N - n_g], [1]
     else:  # the experts are too large to copy: every step slices them in place
-        b.nodes.extend(s.nodes)
-        y = s_y
+        s_e, s_first = flat_e, None
+
+    outs = []
+    if gather_below > 1:  # decode path: gather the routed experts' weights
+        x_pairs = b.op("Unsqueeze", b.op("Gather", "x", g_tok, axis=0), b.const([2]))  # [n_g, D, 1]
+        gate_up = b.op("MatMul", b.op("Gather", "w_gate_up", g_e, axis=0), x_pairs)  # [n_g, 2F, 1]
+        gate_up = b.op("Squeeze", gate_up, b.const([2]))  # [n_g, 2F]
+        if gate_up_bias:
+            gate_up = b.op("Add", gate_up, b.op("Gather", "b_gate_up", g_e, axis=0))  # [n_g, 2F]
+        gate, up = b.op("Split", gate_up, axis=1, num_outputs=2, outputs=2)  # [n_g, F]
+        hidden = b.op("Unsqueeze", _activation_onnx(b, gate, up, act), b.const([2]))  # [n_g, F, 1]
+        out = b.op("Squeeze", b.op("MatMul", b.op("Gather", "w_down", g_e, axis=0), hidden), b.const([2]))  # [n_g, D]
+        if down_bias:
+            out = b.op("Add", out, b.op("Gather", "b_down", g_e, axis=0))  # [n_g, D]
+        outs.append(out)
+
+    # prefill path: sort its pairs by expert (a stable counting sort: no TopK, whose K TensorRT caps
+    # at 3840), a Slice of rows per expert
+    m_range = b.op("Range", b.const(0), b.op("Squeeze", b.op("Shape", s_e)), b.const(1))  # [M]
+    one_hot = b.op("Cast", b.op("Equal", b.op("Unsqueeze", s_e, b.const([1])), b.const([list(range(E))])),
+                   to=INT64)  # [M, E]
+    counts = b.op("ReduceSum", one_hot, b.const([0]), keepdims=0)  # [E]
+    ends = b.op("CumSum", counts, b.const(0))  # [E]
+    starts = b.op("Sub", ends, counts)  # [E]
+    earlier = b.op("CumSum", one_hot, b.const(0), exclusive=1)  # [M, E] pairs before this one, per expert
+    rank = b.op("Squeeze", b.op("GatherElements", earlier, b.op("Unsqueeze", s_e, b.const([1])), axis=1),
+                b.const([1]))  # [M] among its expert's pairs
+    slot = b.op("Add", b.op("Gather", starts, s_e, axis=0), rank)  # [M] each pair's row in expert order
+    order = b.op("ScatterElements", b.op("Mul", m_range, b.const(0)), slot, m_range, axis=0)  # [M] row -> pair
+    pair = order if s_first is None else b.op("Add", order, s_first)  # [M] the pairs' indices among all N
+    x_sorted = b.op("Gather", "x", b.op("Div", pair, b.op("Squeeze", k_1d)), axis=0)  # [M, D]
+    lo = b.op("Split", starts, axis=0, num_outputs=E, outputs=E) if E > 1 else [starts]  # E x [1]
+    hi = b.op("Split", ends, axis=0, num_outputs=E, outputs=E) if E > 1 else [ends]  # E x [1]
+    expert_outs = []
+    for e in range(E):
+        rows = b.op("Slice", x_sorted, lo[e], hi[e], b.const([0]))  # [n_e, D]
+        expert_outs.append(_expert_mlp(b, rows, w_gu_t[e], w_down_t[e], b_gu[e], b_d[e], act))  # [n_e, D]
+    sorted_out = b.op("Concat", *expert_outs, axis=0) if E > 1 else expert_outs[0]  # [M, D] in expert order
+    outs.append(b.op("Gather", sorted_out, slot, axis=0))  # [M, D] in (token, slot) order
+    pairs = b.op("Concat", *outs, axis=0) if len(outs) > 1 else outs[0]  # [N, D] in (token, slot) order
+    y = _weighted_sum(b, pairs, flat_w, pair_shape)  # [T, D]
     b.rename_output(y, "y")
     doc = f"moetrt::SparseMoE in standard ONNX ops, for {E} experts"
     if variant.name:

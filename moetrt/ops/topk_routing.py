@@ -259,25 +259,34 @@ def onnx_schemas() -> list:
 
 
 class RoutingVariant:
-    """What a function body is specialised for: a selection bias input, groups and their scoring.
+    """What a function body is specialised for: the scoring, a selection bias input, groups and their scoring.
 
-    The body never compares ``group_scoring`` (TensorRT's parser rejects string Constants): each
-    scoring gets its own body; ``n_group`` and ``topk_group`` stay int attribute references.
+    The body never compares a string attribute (TensorRT's parser rejects string Constants): each
+    ``scoring`` and ``group_scoring`` gets its own body; ``k``, ``normalize``, ``scale``, ``n_group``
+    and ``topk_group`` stay int/float attribute references.
     """
 
-    def __init__(self, selection_bias: bool = False, n_group: int = 1, group_scoring: str = "top2_sum"):
+    def __init__(self, selection_bias: bool = False, n_group: int = 1, group_scoring: str = "top2_sum",
+                 scoring: str = "softmax"):
+        self.scoring = SPEC.attr("scoring").coerce(scoring, OP_NAME)
         self.selection_bias = bool(selection_bias)
         self.grouped = n_group > 1
         self.group_scoring = SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME) if self.grouped else None
 
     @property
-    def key(self) -> tuple[bool, bool, str | None]:
-        return self.selection_bias, self.grouped, self.group_scoring
+    def key(self) -> tuple[str, bool, bool, str | None]:
+        return self.scoring, self.selection_bias, self.grouped, self.group_scoring
+
+    @property
+    def version(self) -> int:
+        """2 where the body reads a version-2 option (a selection bias or groups), else 1."""
+        return 2 if self.selection_bias or self.grouped else 1
 
     @property
     def name(self) -> str:
-        """``""`` for the version-1 body, else e.g. ``selection_bias+groups_top2_sum``."""
-        parts = ["selection_bias"] * self.selection_bias + [f"groups_{self.group_scoring}"] * self.grouped
+        """``""`` for the softmax version-1 body, else e.g. ``sigmoid+selection_bias+groups_top2_sum``."""
+        parts = (["sigmoid"] * (self.scoring == "sigmoid") + ["selection_bias"] * self.selection_bias
+                 + [f"groups_{self.group_scoring}"] * self.grouped)
         return "+".join(parts)
 
     @property
@@ -286,11 +295,12 @@ class RoutingVariant:
 
 
 def onnx_variant(node) -> RoutingVariant:
-    """The body variant an onnx-ir ``TopKRouting`` node needs (its selection bias input and groups)."""
+    """The body variant an onnx-ir ``TopKRouting`` node needs (its scoring, selection bias input and groups)."""
     attrs = SPEC.read_ir_attributes(node)
     inputs = list(node.inputs)
     i = SPEC.input_index("selection_bias")
-    return RoutingVariant(i < len(inputs) and inputs[i] is not None, attrs["n_group"], attrs["group_scoring"])
+    return RoutingVariant(i < len(inputs) and inputs[i] is not None, attrs["n_group"], attrs["group_scoring"],
+                          attrs["scoring"])
 
 
 def node_version(node) -> int:
@@ -303,23 +313,24 @@ def node_version(node) -> int:
 def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: str = ""):
     """The model-local ``FunctionProto``: the op in standard ONNX ops, honouring every attribute.
 
-    ``variant`` None (or one with no selection bias and no groups) gives the version-1 body, byte
-    for byte; otherwise the body takes the bias input and/or groups (any ``n_group`` > 1 and
-    ``topk_group``, read from the node's attributes; ``group_scoring`` fixed by the variant).
+    ``variant`` None gives the softmax version-1 body; the variant fixes ``scoring`` (the body
+    computes only that one: a string comparison would make TensorRT's parser reject the body) and
+    whether the body takes the bias input and/or groups (any ``n_group`` > 1 and ``topk_group``,
+    read from the node's attributes; ``group_scoring`` fixed by the variant).
     """
     from moetrt.ops._onnx import BOOL, INT32, Body, make_function
 
     variant = variant or RoutingVariant()
     b = Body("tkr_")
-    softmax = b.op("Softmax", "logits", axis=-1)  # [T, E]
-    # 1 / (1 + exp(-x)) rather than Sigmoid: ONNX Runtime's CPU Sigmoid is exact to ~1e-7 absolute but
-    # only ~2e-4 relative below x = -4, and normalizing divides those small scores by their small sum
-    one = b.const(1.0, dtype=np.float32)
-    sigmoid = b.op("Reciprocal", b.op("Add", one, b.op("Exp", b.op("Neg", "logits"))))  # [T, E]
-    use_sigmoid = b.op("Equal", b.attr_const("scoring", "string"), b.const("sigmoid", dtype=object))
-    scores = b.op("Where", use_sigmoid, sigmoid, softmax)  # [T, E]
+    if variant.scoring == "softmax":
+        scores = b.op("Softmax", "logits", axis=-1)  # [T, E]
+    else:
+        # 1 / (1 + exp(-x)) rather than Sigmoid: ONNX Runtime's CPU Sigmoid is exact to ~1e-7 absolute but
+        # only ~2e-4 relative below x = -4, and normalizing divides those small scores by their small sum
+        one = b.const(1.0, dtype=np.float32)
+        scores = b.op("Reciprocal", b.op("Add", one, b.op("Exp", b.op("Neg", "logits"))))  # [T, E]
     k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
-    if not variant.name:
+    if variant.version == 1:
         # ONNX TopK: sorted descending, equal values keep the lower index first
         top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
     else:
@@ -333,11 +344,11 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
     weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
     b.rename_output(weights, "weights")
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
-    since = 2 if variant.name else 1
+    defaults = {a.name: a.default for a in SPEC.attrs if not a.required and a.since <= variant.version}
     return make_function(
         OP_NAME, b, variant.inputs, ["weights", "indices"], opset,
         attributes=[a.name for a in SPEC.attrs if a.required],
-        attribute_defaults={a.name: a.default for a in SPEC.attrs if not a.required and a.since <= since},
+        attribute_defaults=defaults | {"scoring": variant.scoring},
         doc="moetrt::TopKRouting in standard ONNX ops", overload=overload,
     )
 

@@ -3,10 +3,12 @@
     from moetrt.optimize.trt import engine_from_onnx
     engine_from_onnx("exported/tiny", "engines/tiny", precision="fp16", profile="batch=1:2:4,seq=1:64:256,past=0:64:256")
     # then: moetrt.runtime.Session("engines/tiny", backend="trt")
+    engine_from_onnx("exported/tiny", "engines/tiny-rtx", target="trt-rtx", compute_capabilities=["8.6", "12.0"])
+    # TensorRT for RTX: built with no GPU, from the ops' function bodies
 
 Submodules: :mod:`.profiles` (``--profile`` strings -> per-input shapes), :mod:`.prepare` (the
 pass that makes the ONNX ready for TensorRT's parser), :mod:`.build` (``engine_from_onnx``).
-Importing this package imports neither onnx-ir nor tensorrt, polygraphy or triton; those load
+Importing this package imports neither onnx-ir nor tensorrt (tensorrt_rtx), polygraphy or triton; those load
 when a model is prepared or an engine is built.
 """
 

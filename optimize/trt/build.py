@@ -20,11 +20,17 @@ Stages (each reported on stderr when ``progress``):
    TensorRT version, GPU name and compute capability, profiles, precision, plugin mode, the
    source export's checksums) written atomically.
 
-Nothing here imports tensorrt, triton or polygraphy at module import time.
+``target="trt-rtx"`` (TensorRT for RTX, ``tensorrt_rtx``) runs the same stages with no GPU: the
+prepare pass keeps the function bodies (``plugins="none"``), the build uses the library's own
+builder API for the compute capabilities asked (Polygraphy picks TensorRT or TensorRT for RTX
+once per process, from an environment variable), and the folder gains ``layers.json``.
+
+Nothing here imports tensorrt, tensorrt_rtx, triton or polygraphy at module import time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -41,8 +47,10 @@ from moetrt.ops.plugins import (
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     PLUGIN_MODES,
+    RTX_TARGET,
     device_info,
     import_tensorrt,
+    import_tensorrt_rtx,
     register_plugins,
     version_tuple,
 )
@@ -50,10 +58,12 @@ from moetrt.ops.plugins import (
 from ..targets import resolve_precision
 from .profiles import parse_profiles
 
-__all__ = ["engine_from_onnx", "PRECISIONS", "precision_flags", "default_timing_cache", "ProgressLog", "io_from_graph"]
+__all__ = ["engine_from_onnx", "PRECISIONS", "precision_flags", "default_timing_cache", "ProgressLog", "io_from_graph",
+           "rtx_compute_capabilities", "LAYERS_FILE"]
 
 PRECISIONS = DTYPES
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # the prepared ONNX keeps weights beside it above 1 GiB (protobuf's 2 GiB limit)
+LAYERS_FILE = "layers.json"  # the network's layers as the builder received them (trt-rtx)
 _INT_DTYPE_NAMES = {"INT64": "int64", "INT32": "int32", "BOOL": "bool"}  # onnx_ir DataType names -> io names
 
 
@@ -174,12 +184,15 @@ def _check_source(onnx_dir: Path) -> dict:
     return meta
 
 
-def _import_build_requirements(plugins: str) -> Any:
-    """tensorrt (>= 10.9), triton and polygraphy, or a BackendMissingError naming what to install."""
+def _import_build_requirements(plugins: str, target: str = "trt") -> Any:
+    """tensorrt (>= 10.9), triton and polygraphy (tensorrt_rtx for trt-rtx), or a BackendMissingError naming what to
+    install."""
+    if target == RTX_TARGET:
+        return import_tensorrt_rtx("building a TensorRT for RTX engine")
     trt = import_tensorrt("building a TensorRT engine")
     import importlib.util
 
-    if importlib.util.find_spec("triton") is None:
+    if plugins != "none" and importlib.util.find_spec("triton") is None:
         raise BackendMissingError(
             "building a TensorRT engine needs triton, which compiles the moetrt plugin kernels "
             f"({'into the engine' if plugins == 'aot' else 'that the JIT plugins launch'}): pip install 'moetrt[gpu]'"
@@ -202,14 +215,33 @@ def _profiles(profiles: list[dict]):
     return out
 
 
+def rtx_compute_capabilities(trt, wanted: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The compute capabilities (``"8.6"``, ...) a TensorRT for RTX engine is built for: ``wanted``, each checked
+    against the library's ``ComputeCapability`` enum, or every one it lists from 8.0 on (Turing, 7.5, only when
+    asked: TensorRT for RTX compiles no fp32 matrix multiply for it)."""
+    known = {}
+    for name in trt.ComputeCapability.__members__:
+        if name.startswith("SM") and name[2:].isdigit():
+            known[f"{name[2:-1]}.{name[-1]}"] = getattr(trt.ComputeCapability, name)
+    if wanted is None:
+        return [c for c in known if version_tuple(c) >= (8, 0)]
+    bad = [c for c in wanted if c not in known]
+    if bad or not wanted:
+        raise MoetrtError(f"compute capabilities {bad or wanted} are not targets of TensorRT for RTX {trt.__version__}; "
+                          f"choose from {', '.join(known)}")
+    return list(dict.fromkeys(wanted))
+
+
 def engine_from_onnx(
     onnx_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    target: str = "trt",
     precision: str | None = "fp16",
     profile: str | None = None,
     timing_cache: str | os.PathLike | bool | None = None,
-    plugins: str = "aot",
+    plugins: str | None = None,
+    compute_capabilities: list[str] | tuple[str, ...] | None = None,
     strongly_typed: bool = True,
     builder_optimization_level: int | None = None,
     device: int | None = None,
@@ -223,12 +255,32 @@ def engine_from_onnx(
     by ``;``; axes left out (or None) take ``DEFAULT_PROFILE`` cut to the model's positions.
     ``timing_cache``: a file reused and updated across builds (None: a per-user cache for this
     GPU and TensorRT version, False: none). ``plugins``: "aot" (kernels baked into the engine,
-    which then runs without Python) or "jit" (Python plugins; loading the engine needs moetrt,
-    torch and triton). ``strongly_typed=False`` builds a weakly typed network with the precision's
+    which then runs without Python; the default for ``target="trt"``), "jit" (Python plugins;
+    loading the engine needs moetrt, torch and triton) or "none" (the nodes' function bodies).
+
+    ``target="trt-rtx"``: TensorRT for RTX (``tensorrt_rtx``), which builds with no GPU for
+    ``compute_capabilities`` (e.g. ``["8.6", "12.0"]``; default: every one the library targets from 8.0 on)
+    from the function bodies (``plugins="none"``, its only mode: see the README for why its
+    Python plugins cannot be used); the folder also holds ``layers.json``, the network's layers as
+    the builder received them. ``strongly_typed=False`` builds a weakly typed network with the precision's
     builder flag set instead (TensorRT 10 only). ``device``: CUDA device index (default: current).
     """
+    if target not in ("trt", RTX_TARGET):
+        raise MoetrtError(f"target must be trt or {RTX_TARGET}, got {target!r}")
+    rtx = target == RTX_TARGET
+    plugins = plugins or ("none" if rtx else "aot")
     if precision is not None and precision not in PRECISIONS:
         raise MoetrtError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if rtx and plugins != "none":
+        raise MoetrtError(f"--target {RTX_TARGET} builds from the function bodies only (plugins='none'): TensorRT for "
+                          "RTX has no plugin API moetrt's plugins can use (its parser aborts on a Python plugin); drop "
+                          "plugins / --plugins")
+    if rtx and timing_cache not in (None, False):
+        raise MoetrtError("timing_cache applies to --target trt; TensorRT for RTX builds without timing (no GPU): "
+                          "drop timing_cache / --timing-cache")
+    if compute_capabilities is not None and not rtx:
+        raise MoetrtError(f"compute_capabilities apply to --target {RTX_TARGET}; a trt engine is built for the GPU "
+                          "it is built on")
     if plugins not in PLUGIN_MODES:
         raise MoetrtError(f"plugins must be one of {', '.join(PLUGIN_MODES)}, got {plugins!r}")
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -242,14 +294,21 @@ def engine_from_onnx(
         raise MoetrtError(f"the output folder must differ from the source folder {onnx_dir}")
     check_output_dir(out_dir, overwrite)
 
-    trt = _import_build_requirements(plugins)
+    trt = _import_build_requirements(plugins, target)
     trt_version = str(trt.__version__)
-    if not strongly_typed and version_tuple(trt_version)[:1] >= (11,):
-        raise MoetrtError(f"TensorRT {trt_version} builds only strongly typed networks; drop strongly_typed=False")
-    gpu = device_info(device)
-    register_plugins()
-    cache_path = None if timing_cache is False else Path(
-        timing_cache if timing_cache not in (None, True) else default_timing_cache(trt_version, gpu["compute_capability"]))
+    if rtx:  # no GPU: the engine is built for the compute capabilities asked
+        if not strongly_typed:
+            raise MoetrtError("TensorRT for RTX builds only strongly typed networks; drop strongly_typed=False")
+        capabilities = rtx_compute_capabilities(trt, compute_capabilities)
+        gpu, cache_path = None, None
+    else:
+        if not strongly_typed and version_tuple(trt_version)[:1] >= (11,):
+            raise MoetrtError(f"TensorRT {trt_version} builds only strongly typed networks; drop strongly_typed=False")
+        gpu = device_info(device)
+        if plugins != "none":
+            register_plugins()
+        cache_path = None if timing_cache is False else Path(
+            timing_cache if timing_cache not in (None, True) else default_timing_cache(trt_version, gpu["compute_capability"]))
 
     stages = ["load", *(["precision"] if precision != source_dtype else []), "prepare", "build", "save"]
     steps = Progress(stages, enabled=progress, title="trt")
@@ -284,14 +343,25 @@ def engine_from_onnx(
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         ir.save(model, onnx_path, external_data="model.trt.onnx.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD else None)
         del model
-        detail = f"{len(profiles)} profile(s), {precision}, on {gpu['name']} (sm_{gpu['compute_capability']})"
+        if rtx:
+            detail = f"{len(profiles)} profile(s), {precision}, TensorRT for RTX for sm {', '.join(capabilities)}"
+        else:
+            detail = f"{len(profiles)} profile(s), {precision}, on {gpu['name']} (sm_{gpu['compute_capability']})"
         with steps.stage("build", detail):
-            engine_bytes = _build(trt, onnx_path, profiles, precision, strongly_typed, cache_path,
-                                  builder_optimization_level, gpu["index"], progress)
+            started = time.perf_counter()
+            if rtx:
+                engine_bytes, layers = _build_rtx(trt, onnx_path, profiles, capabilities, builder_optimization_level,
+                                                  progress)
+            else:
+                engine_bytes = _build(trt, onnx_path, profiles, precision, strongly_typed, cache_path,
+                                      builder_optimization_level, gpu["index"], progress)
+            build_seconds = round(time.perf_counter() - started, 2)
 
     with steps.stage("save", str(out_dir)), atomic_output_dir(out_dir, overwrite) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine_bytes)
-        export.update(target="trt", dtype=precision)
+        if rtx:
+            (tmp / LAYERS_FILE).write_text(json.dumps(layers, indent=1) + "\n")
+        export.update(target=target, dtype=precision)
         write_artifact(tmp, {
             "format": ENGINE_FORMAT,
             "format_version": ENGINE_FORMAT_VERSION,
@@ -308,9 +378,12 @@ def engine_from_onnx(
                 "timing_cache": str(cache_path) if cache_path else None,
                 "builder_optimization_level": builder_optimization_level,
                 "passes": [r.to_dict() for r in passes],
+                "build_seconds": build_seconds,
+                "bytes": len(engine_bytes),
+                **({"compute_capabilities": capabilities, "layers_file": LAYERS_FILE} if rtx else {}),
             },
-            "tensorrt": {"version": trt_version},
-            "device": {"name": gpu["name"], "compute_capability": gpu["compute_capability"]},
+            "tensorrt": {"version": trt_version, "package": "tensorrt-rtx" if rtx else "tensorrt"},
+            "device": None if rtx else {"name": gpu["name"], "compute_capability": gpu["compute_capability"]},
             "onnx_source": {
                 "folder": str(onnx_dir.resolve()),
                 "dtype": source_dtype,
@@ -318,9 +391,10 @@ def engine_from_onnx(
                 "files": meta.get("files", {}),
             },
             "source": meta.get("source"),
-            "versions": package_versions("moetrt", "torch", "onnx", "onnx-ir", "tensorrt", "polygraphy", "triton"),
+            "versions": package_versions("moetrt", "torch", "onnx", "onnx-ir",
+                                         *(("tensorrt-rtx-cu12",) if rtx else ("tensorrt", "polygraphy", "triton"))),
         }, tokenizer_from=onnx_dir, tokenizer_files=meta.get("tokenizer_files", []))
-    steps.done(f"built a TensorRT engine into {out_dir}")
+    steps.done(f"built a {'TensorRT for RTX' if rtx else 'TensorRT'} engine into {out_dir}")
     return out_dir
 
 
@@ -353,3 +427,79 @@ def _build(trt, onnx_path: Path, profiles: list[dict], precision: str, strongly_
         raise MoetrtError(f"TensorRT could not build an engine from the prepared model: {exc}.{hint} TensorRT's log "
                           "above names the failing layer; try plugins='jit' if the AOT kernels are at fault") from exc
     return bytes(engine)
+
+
+def _build_rtx(trt, onnx_path: Path, profiles: list[dict], capabilities: list[str], builder_optimization_level: int | None,
+               progress: bool) -> tuple[bytes, dict]:
+    """Parse and build with TensorRT for RTX's own API, with no GPU (ahead of time for ``capabilities``).
+
+    Returns the serialized engine and the network's layers (``layers.json``). The steps are the
+    library's sample's (``samples/python/``: ``Builder``, ``create_network(0)`` strongly typed,
+    ``OnnxParser.parse_from_file``, one ``IOptimizationProfile`` per profile,
+    ``IBuilderConfig.set_compute_capability``, ``build_serialized_network``); a parse or build error
+    becomes a :class:`MoetrtError` carrying TensorRT's own messages.
+    """
+    logger = _RecordingLogger(trt, sys.stderr if progress else None)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT for RTX networks are strongly typed
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise MoetrtError("TensorRT for RTX's ONNX parser rejected the prepared model: " + "; ".join(errors[:4]))
+    config = builder.create_builder_config()
+    config.clear_flag(trt.BuilderFlag.TF32)
+    if builder_optimization_level is not None:
+        config.builder_optimization_level = builder_optimization_level
+    for spec in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in spec["shapes"].items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    config.num_compute_capabilities = len(capabilities)
+    for index, capability in enumerate(capabilities):
+        config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + capability.replace(".", "")), index)
+    if progress:
+        config.progress_monitor = _progress_monitor(trt)
+    layers = network_layers(trt, network)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise MoetrtError("TensorRT for RTX could not build an engine from the prepared model: "
+                          + ("; ".join(logger.errors[-4:]) or "no error was logged"))
+    return bytes(engine), layers
+
+
+class _RecordingLogger:
+    """A TensorRT logger that keeps the errors (for the exception) and prints warnings and errors when asked."""
+
+    def __new__(cls, trt, stream: TextIO | None):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.errors.append(msg)
+                if stream is not None and severity in (trt.ILogger.Severity.ERROR,
+                                                       trt.ILogger.Severity.INTERNAL_ERROR):
+                    print(f"      TensorRT: {msg}", file=stream, flush=True)
+
+        return Logger()
+
+
+def network_layers(trt, network) -> dict:
+    """The network's layers as the builder received them: type, name, output shapes and types, and for each
+    matrix multiply its operands' shapes (what ``layers.json`` holds)."""
+    out = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        entry = {"name": layer.name, "type": str(layer.type).split(".")[-1],
+                 "outputs": [{"shape": list(layer.get_output(i).shape), "dtype": str(layer.get_output(i).dtype).split(".")[-1]}
+                             for i in range(layer.num_outputs)]}
+        if layer.type == trt.LayerType.MATRIX_MULTIPLY:
+            entry["inputs"] = [list(layer.get_input(i).shape) for i in range(layer.num_inputs)]
+        out.append(entry)
+    counts: dict[str, int] = {}
+    for entry in out:
+        counts[entry["type"]] = counts.get(entry["type"], 0) + 1
+    return {"source": "network", "num_layers": len(out), "layer_types": dict(sorted(counts.items())), "layers": out}

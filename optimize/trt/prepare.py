@@ -3,7 +3,11 @@
 What the parser needs, and what this pass checks (:func:`tensorrt_problems`) and rewrites
 (:func:`prepare_for_tensorrt`):
 
-- **plugins, not function bodies**: the parser prefers a model-local function over a plugin
+- **no string or sparse Constants** anywhere (the parser rejects ``value_string(s)`` and
+  ``sparse_value``): the function bodies are specialised per string attribute at export.
+- **plugins, or function bodies** (``plugins="none"``: the node loses ``plugin_namespace`` and the
+  parser inlines its standard-op body, whose sparse path has no If: TensorRT's compiler cannot
+  build data-dependent shapes inside an If branch). With plugins, the parser prefers a model-local function over a plugin
   unless the node has a ``plugin_namespace`` attribute; every ``moetrt`` node carries
   ``plugin_namespace="moetrt"`` and an ``aot`` attribute (1: strict AOT implementation, 0:
   strict JIT), which the parser reads per node. Attributes are put in the plugin's registration
@@ -48,6 +52,7 @@ SAME_TYPE_OPS: dict[str, tuple[int, ...] | None] = {
 _STRING_CHOICES = {("TopKRouting", "scoring"): ("softmax", "sigmoid"),
                    ("SparseMoE", "activation"): SPARSE_MOE_SPEC.attr("activation").allowed,
                    ("MoEGateUp", "activation"): SPARSE_MOE_SPEC.attr("activation").allowed}
+_STRING_ATTRIBUTE_TYPES = (ir.AttributeType.STRING, ir.AttributeType.STRINGS)
 _ELEMENT_SIZE = {ir.DataType.FLOAT: 4, ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2}
 
 
@@ -63,7 +68,8 @@ def _all_nodes(model: ir.Model):
 def tensorrt_problems(model: ir.Model, plugins: str | None = None) -> list[str]:
     """What in ``model`` TensorRT's parser would reject or misread; empty when it is ready.
 
-    ``plugins``: "aot" / "jit" also checks each moetrt node's ``aot`` attribute (a prepared model).
+    ``plugins``: "aot" / "jit" also checks each moetrt node's ``aot`` attribute (a prepared model);
+    "none" checks that each moetrt node has its function body instead.
     """
     problems = []
     for where, node in _all_nodes(model):
@@ -72,6 +78,11 @@ def tensorrt_problems(model: ir.Model, plugins: str | None = None) -> list[str]:
             reduction = node.attributes.get("reduction")
             if reduction is not None and reduction.as_string() != "none":
                 problems.append(f"{label}: reduction={reduction.as_string()!r}, which TensorRT's parser rejects")
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and any(
+                name in ("sparse_value", "value_string", "value_strings") or attr.type in _STRING_ATTRIBUTE_TYPES
+                for name, attr in node.attributes.items()):
+            problems.append(f"{label}: a sparse or string Constant, which TensorRT's parser rejects; "
+                            "re-export the model (its function bodies are specialised per string attribute)")
         if node.domain not in ("", "ai.onnx", DOMAIN):
             problems.append(f"{label}: domain {node.domain!r} is not a TensorRT op (an ONNX Runtime lowering?); "
                             "build from the canonical export")
@@ -82,7 +93,11 @@ def tensorrt_problems(model: ir.Model, plugins: str | None = None) -> list[str]:
             problems.append(f"a {node.op_type} node has no name")
         elif names[node.name] > 1:
             problems.append(f"{label}: the name is used by {names[node.name]} nodes")
-        if node.domain == DOMAIN:
+        if node.domain == DOMAIN and plugins == "none":
+            if node.op_identifier() not in model.functions:
+                problems.append(f"{label}: no function body in the model, which plugins='none' builds from; "
+                                "re-export the model")
+        elif node.domain == DOMAIN:
             problems += [f"{label}: {p}" for p in _plugin_node_problems(node, plugins)]
         elif node.domain in ("", "ai.onnx") and node.op_type in SAME_TYPE_OPS:
             dtypes = _float_input_types(node, SAME_TYPE_OPS[node.op_type])
@@ -296,8 +311,9 @@ def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> No
 def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int = 1) -> PassResult:
     """Make ``model`` (a canonical export, any precision) ready for TensorRT's parser, in place.
 
-    ``plugins``: "aot" (PTX in the engine, runs without Python; SparseMoE as four plugins) or
-    "jit" (the Python implementations). ``num_tokens``: the token count (batch x sequence) the
+    ``plugins``: "aot" (PTX in the engine, runs without Python; SparseMoE as four plugins),
+    "jit" (the Python implementations) or "none" (the nodes' function bodies, standard ops only:
+    what ``trtexec --onnx`` builds, and the only mode of TensorRT for RTX, see ``engine_from_onnx``). ``num_tokens``: the token count (batch x sequence) the
     SparseMoE block sizes are chosen for, e.g. the profile's optimal one. Raises
     :class:`MoetrtError` listing whatever it cannot fix.
     """
@@ -310,6 +326,10 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
     skipped_ops: dict[str, str] = {}  # skipped node -> its op type (SparseMoE where not named)
     for node in list(graph):
         if node.domain != DOMAIN or node.op_type not in ("TopKRouting", "SparseMoE"):
+            continue
+        if plugins == "none":  # the parser inlines the function body of a node without plugin_namespace
+            node.attributes.pop("plugin_namespace", None)
+            result.count += 1
             continue
         values = _sparse_moe_values(node) if node.op_type == "SparseMoE" else _attribute_values(node)
         if node.op_type == "SparseMoE" and plugins == "jit":  # the plugin takes every input

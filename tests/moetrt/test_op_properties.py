@@ -30,7 +30,7 @@ from moetrt.ops._onnx import DOMAIN, DOMAIN_VERSION
 from moetrt.ops.sparse_moe import ACTIVATIONS
 from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
 from moetrt.ops.sparse_moe import onnx_function as sparse_moe_function
-from moetrt.ops.topk_routing import onnx_function as topk_routing_function
+from moetrt.ops.topk_routing import RoutingVariant, onnx_function as topk_routing_function
 from moetrt.parity import check_close, tolerance
 from moetrt.parity.router import FAILURE, MATCH, classify
 
@@ -73,7 +73,7 @@ def _topk_routing_session(k: int, scoring: str, normalize: bool, scale: float):
     node = helper.make_node("TopKRouting", ["logits"], ["weights", "indices"], domain=DOMAIN, k=k,
                             scoring=scoring, normalize=int(normalize), scale=scale)
     return _session(_model(
-        node, topk_routing_function(OPSET),
+        node, topk_routing_function(OPSET, RoutingVariant(scoring=scoring)),
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "E"])],
         [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["T", k]),
          helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", k])]))

@@ -70,7 +70,7 @@ def _session(k, scoring, normalize, scale, with_bias, n_group, topk_group, group
          helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", k])])
     version = SPEC.version_for(values, ("selection_bias",) * with_bias)
     proto = helper.make_model(
-        graph, functions=[onnx_function(OPSET, RoutingVariant(with_bias, n_group, group_scoring))],
+        graph, functions=[onnx_function(OPSET, RoutingVariant(with_bias, n_group, group_scoring, scoring))],
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, version)])
     onnx.checker.check_model(proto, full_check=True)
     options = ort.SessionOptions()

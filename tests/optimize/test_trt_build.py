@@ -60,7 +60,8 @@ def fake_build(monkeypatch):
                      cache_path=cache_path)
         return b"not a real engine"
 
-    monkeypatch.setattr(build_module, "_import_build_requirements", lambda plugins: type("trt", (), {"__version__": "10.13.0.35"}))
+    monkeypatch.setattr(build_module, "_import_build_requirements",
+                        lambda plugins, target="trt": type("trt", (), {"__version__": "10.13.0.35"}))
     monkeypatch.setattr(build_module, "device_info", lambda index=None: {
         "index": 0, "name": "NVIDIA H200", "compute_capability": "9.0", "capability": (9, 0)})
     monkeypatch.setattr(build_module, "register_plugins", lambda: [])
@@ -159,7 +160,7 @@ def test_engine_folder_from_an_fp32_export(canonical, tmp_path, fake_build):
     assert meta["config"] == model.config.to_dict() and meta["export"]["dtype"] == "fp16"
     assert meta["engine"]["precision"] == "fp16" and meta["engine"]["plugins"] == "aot"
     assert meta["engine"]["strongly_typed"] is True
-    assert meta["tensorrt"] == {"version": "10.13.0.35"}
+    assert meta["tensorrt"] == {"version": "10.13.0.35", "package": "tensorrt"}
     assert meta["device"] == {"name": "NVIDIA H200", "compute_capability": "9.0"}
     assert meta["onnx_source"]["model_sha256"] == json.loads(meta_path.read_text())["files"]["model.onnx"]
     assert meta["files"]["model.engine"] == build_module.sha256_file(out / "model.engine")

@@ -92,16 +92,26 @@ def test_canonical_export_carries_what_the_parser_needs(export, name, dtype):
 
 
 def test_no_scatter_with_reduction_anywhere(export):
-    """ScatterND with ``reduction`` is rejected by TensorRT's parser, which may fall back to a body."""
+    """ScatterND with ``reduction`` is rejected by TensorRT's parser, which may fall back to a body; so are
+    string Constants; and TensorRT cannot build an If branch with data-dependent shapes, so the bodies have none."""
     _, _, graph = export()
     walked = list(_every_node(graph))
-    subgraph_nodes = [n for where, n in walked if "/If" in where]
-    assert subgraph_nodes, "the SparseMoE body's If branches were not walked"
     assert any(where.startswith("function") for where, _ in walked)
     for where, node in walked:
         if node.op_type in ("ScatterND", "ScatterElements"):
             reduction = node.attributes.get("reduction")
             assert reduction is None or reduction.as_string() == "none", f"{where}: {node.op_type} reduction"
+        if where.startswith("function"):
+            assert node.op_type != "If", f"{where}: an If in a function body"
+            assert not (node.op_type == "Constant" and any(
+                a.type in (ir.AttributeType.STRING, ir.AttributeType.STRINGS) for a in node.attributes.values())), where
+
+
+def test_string_constants_are_caught():
+    routing = ir.Node("", "Constant", [], [ir.AttrString("value_string", "sigmoid")], num_outputs=1, name="c")
+    graph = ir.Graph([], routing.outputs, nodes=[routing], opset_imports={"": 20})
+    problems = tensorrt_problems(ir.Model(graph, ir_version=10))
+    assert len(problems) == 1 and "string Constant" in problems[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

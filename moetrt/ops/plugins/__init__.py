@@ -60,6 +60,8 @@ __all__ = [
     "ENGINE_FORMAT_VERSION",
     "ENGINE_FILE",
     "import_tensorrt",
+    "import_tensorrt_rtx",
+    "RTX_TARGET",
     "tensorrt_version",
     "version_tuple",
     "register_plugins",
@@ -102,7 +104,7 @@ PLUGIN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 AOT_PLUGINS = ("TopKRouting", "MoEAlign", "MoEGateUp", "MoEDown", "MoECombine")
 JIT_PLUGINS = ("TopKRouting", "SparseMoE")
-PLUGIN_MODES = ("aot", "jit")
+PLUGIN_MODES = ("aot", "jit", "none")  # none: the moetrt nodes' function bodies, no plugin (any trtexec user's)
 # tensorrt.plugin with aot_impl (trt.QuickPluginCreationRequest) and the ONNX parser's per-node "aot" attribute
 MIN_TENSORRT = (10, 9)
 
@@ -143,6 +145,22 @@ def import_tensorrt(what: str = "this") -> Any:
             f"{version}: pip install -U 'tensorrt>={need}'"
         )
     return tensorrt
+
+
+# TensorRT for RTX: its own wheel and module (tensorrt_rtx), the same ONNX parser; it builds without a GPU
+# (ahead of time, for the compute capabilities asked) and compiles for the GPU when the engine first runs
+RTX_TARGET = "trt-rtx"
+RTX_PACKAGE = "tensorrt-rtx-cu12==1.7.1.116"
+
+
+def import_tensorrt_rtx(what: str = "this") -> Any:
+    """``import tensorrt_rtx`` (TensorRT for RTX), or a :class:`BackendMissingError` saying what to install."""
+    try:
+        import tensorrt_rtx
+    except (ImportError, OSError) as exc:
+        raise BackendMissingError(f"{what} needs TensorRT for RTX, which is not installed (or fails to import: {exc}): "
+                                  f"pip install {RTX_PACKAGE} (Linux x86_64)") from exc
+    return tensorrt_rtx
 
 
 def tensorrt_version() -> str | None:
