@@ -33,8 +33,10 @@ pytestmark = [pytest.mark.trt, pytest.mark.skipif(WHY_NOT is not None, reason=WH
 
 PROFILE = "batch=1:1:2,seq=1:4:8,past=0:4:8"
 CAPABILITY = ["8.6"]
-# one tiny variant per family (tests/hf_tiny.py), and the tiny preset
-VARIANTS = ("tiny", *(next(v for v, f in FAMILY_OF.items() if f == family) for family in FAMILIES))
+# one tiny variant per family that has its own (tests/hf_tiny.py; an image-text family such as gemma4 imports
+# through its text family's variants), and the tiny preset
+VARIANTS = ("tiny", *(next(v for v, f in FAMILY_OF.items() if f == family) for family in FAMILIES
+                      if family in FAMILY_OF.values()))
 # (variant, export dtype, engine precision, router outputs). In CI: every family's fp32 export built in fp32
 # and, converted as `optimize --precision fp16` converts it, in fp16; fp16 / bf16 exports and router outputs on a
 # few (an export costs several times a build). The slow set has every family's fp16 and bf16 exports.
@@ -43,6 +45,24 @@ CASES += [("tiny", "fp16", "fp16", False), ("gpt_oss", "fp32", "bf16", False), (
           ("deepseek_v3", "fp16", "fp16", True)]
 SLOW_CASES = [(variant, dtype, dtype, router) for variant in VARIANTS for dtype in ("fp32", "fp16", "bf16")
               for router in (False, True) if (variant, dtype, dtype, router) not in CASES]
+
+# the hybrid (linear-attention) families: the precision pass converts no subgraph (the DeltaNet's Scan), and ONNX's
+# Conv has no bfloat16 before opset 22, so a bf16 export of the DeltaNet's causal conv fails the ONNX checker
+HYBRID = {v for v, f in FAMILY_OF.items() if f in ("qwen3_next", "qwen3_5_moe_text")}
+
+
+def _known_gaps(cases):
+    out = []
+    for case in cases:
+        variant, dtype, precision, _ = case
+        if variant in HYBRID and precision != dtype:
+            case = pytest.param(case, marks=pytest.mark.xfail(
+                strict=True, reason="optimize's precision pass does not convert inside the DeltaNet's Scan subgraph"))
+        elif variant in HYBRID and dtype == "bf16":
+            case = pytest.param(case, marks=pytest.mark.xfail(
+                strict=True, reason="ONNX Conv has no bfloat16 before opset 22: the DeltaNet's causal conv fails the checker"))
+        out.append(case)
+    return out
 
 
 def _case_id(case) -> str:
@@ -90,7 +110,7 @@ def _check_folder(out, options, precision=None):
     return meta
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", _known_gaps(CASES), ids=_case_id)
 def test_every_family_parses_and_builds(rtx_engine, case):
     variant, dtype, precision, router = case
     options = _options(dtype, router)
@@ -98,7 +118,7 @@ def test_every_family_parses_and_builds(rtx_engine, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", SLOW_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", _known_gaps(SLOW_CASES), ids=_case_id)
 def test_every_flavour_parses_and_builds(rtx_engine, case):
     variant, dtype, precision, router = case
     options = _options(dtype, router)
