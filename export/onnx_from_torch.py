@@ -327,6 +327,11 @@ def onnx_from_torch(
         prepare = None
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
+    if dtype == "bf16" and any(cfg.is_linear_attention_layer(i) for i in range(cfg.num_hidden_layers)):
+        why = ("has linear-attention layers, whose causal conv has no bfloat16 ONNX Conv (before opset 22, and in "
+               "no ONNX Runtime CPU kernel)")
+        raise UnsupportedModelError(f"a bf16 export of this model {why}; pass dtype='fp16' or 'fp32'",
+                                    cli=f"--dtype bf16: this model {why}; use --dtype fp16 or fp32")
     model.eval()
     spec = io_spec(cfg, dtype, router_outputs)
 

@@ -212,6 +212,16 @@ def test_wrong_state_shape_is_refused(pair):
         ours(_ids(1, 1, seed=2), past_key_values=past)
 
 
+def test_bf16_export_is_refused_and_leaves_nothing(pair, tmp_path):
+    """The DeltaNet's causal conv has no bfloat16 ONNX Conv: refused up front, in the API's words, no folder left."""
+    from moetrt.export import onnx_from_torch
+
+    _, ours = pair("qwen3_5_moe")
+    with pytest.raises(moetrt.UnsupportedModelError, match=r"bf16 export .* linear-attention layers.*dtype='fp16'") as err:
+        onnx_from_torch(ours, tmp_path / "out", dtype="bf16", progress=False)
+    assert err.value.for_cli().startswith("--dtype bf16") and not (tmp_path / "out").exists()
+
+
 def test_incomplete_configs_are_refused(pair):
     from moetrt.checkpoint import config_from_hf
 

@@ -46,8 +46,8 @@ CASES += [("tiny", "fp16", "fp16", False), ("gpt_oss", "fp32", "bf16", False), (
 SLOW_CASES = [(variant, dtype, dtype, router) for variant in VARIANTS for dtype in ("fp32", "fp16", "bf16")
               for router in (False, True) if (variant, dtype, dtype, router) not in CASES]
 
-# the hybrid (linear-attention) families: the precision pass converts no subgraph (the DeltaNet's Scan), and ONNX's
-# Conv has no bfloat16 before opset 22, so a bf16 export of the DeltaNet's causal conv fails the ONNX checker
+# the hybrid (linear-attention) families: the precision pass converts no subgraph (the DeltaNet's Scan), and export
+# refuses bf16 for them (ONNX's Conv has no bfloat16 before opset 22, so the DeltaNet's causal conv cannot be bf16)
 HYBRID = {v for v, f in FAMILY_OF.items() if f in ("qwen3_next", "qwen3_5_moe_text")}
 
 
@@ -59,8 +59,8 @@ def _known_gaps(cases):
             case = pytest.param(case, marks=pytest.mark.xfail(
                 strict=True, reason="optimize's precision pass does not convert inside the DeltaNet's Scan subgraph"))
         elif variant in HYBRID and dtype == "bf16":
-            case = pytest.param(case, marks=pytest.mark.xfail(
-                strict=True, reason="ONNX Conv has no bfloat16 before opset 22: the DeltaNet's causal conv fails the checker"))
+            case = pytest.param(case, marks=pytest.mark.skip(
+                reason="export refuses bf16 for linear-attention layers (no bfloat16 ONNX Conv for the causal conv)"))
         out.append(case)
     return out
 
