@@ -243,7 +243,10 @@ def optimize(
         return engine_from_onnx(src_dir, out_dir, target=target, precision=precision, overwrite=overwrite,
                                 progress=progress, **trt_options)
     if trt_options:
-        raise MoetrtError(f"{', '.join(sorted(trt_options))} apply to --target {' / '.join(ENGINE_TARGETS)} only")
+        names = sorted(trt_options)
+        raise MoetrtError(f"{', '.join(names)} apply to target {' / '.join(map(repr, ENGINE_TARGETS))} only",
+                          cli=f"{', '.join('--' + n.replace('_', '-') for n in names)} apply to --target "
+                              f"{' / '.join(ENGINE_TARGETS)} only")
     if target not in TARGETS:
         raise MoetrtError(f"unknown target {target!r}; choose one of {', '.join((*TARGETS, *ENGINE_TARGETS))}")
     if precision is not None and precision not in PRECISIONS:

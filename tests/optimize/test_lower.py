@@ -122,8 +122,9 @@ def test_trt_target_builds_an_engine_or_says_what_is_missing(canonical, tmp_path
     with pytest.raises(BackendMissingError, match="pip install tensorrt"):
         optimize(src, tmp_path / "out", "trt", progress=False)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(MoetrtError, match="apply to --target trt only"):
+    with pytest.raises(MoetrtError, match="profile apply to target 'trt' / 'trt-rtx' only") as err:
         optimize(src, tmp_path / "out", "ort-cpu", profile="batch=1:1:1", progress=False)
+    assert err.value.for_cli() == "--profile apply to --target trt / trt-rtx only"
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -144,7 +145,7 @@ def test_cuda_target_needs_the_cuda_provider(canonical, tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has ONNX Runtime's CUDA execution provider")
     _, src = canonical("tiny")
-    with pytest.raises(MoetrtError, match="ort-cuda needs ONNX Runtime's CUDAExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(MoetrtError, match="target='ort-cuda' needs ONNX Runtime's CUDAExecutionProvider.*onnxruntime-gpu"):
         optimize(src, tmp_path / "out", "ort-cuda", precision="fp16", progress=False)
     assert not (tmp_path / "out").exists()
 
