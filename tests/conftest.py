@@ -97,6 +97,22 @@ else:
     _hypothesis_settings.register_profile("slow", max_examples=300, deadline=None, print_blob=True)
 
 
+def slow_selected(config) -> bool:
+    """Whether ``-m`` selects the ``slow`` tests (they are skipped otherwise, so CI runs without them)."""
+    return "slow" in (config.getoption("markexpr") or "")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` are skipped at collection, with the reason, unless ``-m`` selects them: a plain
+    ``pytest`` (the README's test command, CI) stays within its time budget."""
+    if slow_selected(config):
+        return
+    skip = pytest.mark.skip(reason="long-running (exports, engine builds or a Ray cluster): run with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=["ci", pytest.param("slow", marks=pytest.mark.slow)])
 def property_settings(request):
     """``@property_settings(ci=N, slow=M)`` on an inner ``@given`` function: the profile's settings
@@ -105,7 +121,7 @@ def property_settings(request):
     if _hypothesis_settings is None:
         pytest.skip("property tests need hypothesis (the dev extra)")
     profile = request.param
-    if profile == "slow" and "slow" not in (request.config.getoption("markexpr") or ""):
+    if profile == "slow" and not slow_selected(request.config):
         pytest.skip("many more examples: run with -m slow")
 
     def make(ci: int, slow: int):

@@ -197,12 +197,6 @@ def test_image_text_checkpoint_imports_its_text_model(tmp_path, record_max):
 ORT_VARIANTS = [pytest.param("qwen3_next", marks=pytest.mark.slow), "qwen3_5_moe"]
 
 
-def _skip_unless_slow_selected(request) -> None:
-    """A slow case runs where -m selects slow (the project's rule: tests/conftest.py's property_settings)."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("an export of another variant (about a minute on 2 cores): run with -m slow")
-
-
 def test_wrong_state_shape_is_refused(pair):
     _, ours = pair("qwen3_5_moe")
     with torch.no_grad():
@@ -235,9 +229,8 @@ def test_incomplete_configs_are_refused(pair):
 
 
 @pytest.mark.parametrize("variant", ORT_VARIANTS)
-def test_export_matches_on_ort(pair, exported, variant, record_max, request):
+def test_export_matches_on_ort(pair, exported, variant, record_max):
     """The Scan-based DeltaNet runs on plain ONNX Runtime: prefill, then decode through the graph's own state."""
-    _skip_unless_slow_selected(request)
     ort = pytest.importorskip("onnxruntime")
     _, ours = pair(variant)
     session = ort.InferenceSession(str(exported(variant) / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -270,11 +263,10 @@ def test_export_matches_on_ort(pair, exported, variant, record_max, request):
     *((v, b) for v in VARIANTS for b in ("torch", "torch-static")),
     *(pytest.param(p.values[0], "ort", marks=p.marks) if hasattr(p, "values") else (p, "ort") for p in ORT_VARIANTS),
 ])
-def test_greedy_tokens_match_transformers_generate(pair, exported, variant, backend, request):
+def test_greedy_tokens_match_transformers_generate(pair, exported, variant, backend):
     """32 greedy tokens for a left-padded batch of three prompts equal transformers' generate."""
     from moetrt.runtime import Session
 
-    _skip_unless_slow_selected(request)
     if backend == "ort":
         pytest.importorskip("onnxruntime")
     hf, ours = pair(variant)

@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -83,15 +82,3 @@ def run_server():
     yield start
     for server in started:
         server.stop()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Ray clusters take a minute to start on a small machine: the ``slow`` tests here run with ``-m slow``
-    (skipped at collection, so that no cluster starts for them)."""
-    if "slow" in (config.getoption("markexpr") or ""):
-        return
-    here = Path(__file__).parent
-    skip = pytest.mark.skip(reason="starts a Ray cluster (a minute on 2 cores): run with -m slow")
-    for item in items:
-        if item.get_closest_marker("slow") and here in Path(str(item.fspath)).parents:
-            item.add_marker(skip)
