@@ -366,7 +366,7 @@ def _moe_args(**changes):
         (dict(weights=torch.rand(4, 2), indices=torch.tensor([[0, 1]] * 4, dtype=torch.int32)), r"\[T=5, K\]"),
         (dict(weights=torch.rand(5, 3)), r"\[T=5, K\]"),
         (dict(x=torch.randn(1, 5, 16)), r"x must be \[T, D\]"),
-        (dict(activation="gelu"), r"'activation' must be one of \('silu', 'clamped_swiglu'\)"),
+        (dict(activation="gelu"), r"'activation' must be one of \('silu', 'clamped_swiglu', 'gelu_tanh'\)"),
         (dict(b_gate_up=torch.randn(4, 8)), r"b_gate_up must be \[4, 16\]"),
         (dict(b_gate_up=torch.randn(4, 16, 1)), r"b_gate_up must be \[4, 16\]"),
         (dict(b_down=torch.randn(3, 16)), r"b_down must be \[4, 16\]"),

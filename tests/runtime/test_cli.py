@@ -18,7 +18,7 @@ ERRORS = [  # (argv after "generate", exit code, words the one-line message must
     (["{hf_export}", "-p", "hello", "--backend", "ort"], 2, "takes token ids"),
     (["{hf_export}", "-p", "1 2 500", "--backend", "ort"], 2, "outside the vocabulary"),
     (["{hf_export}", "-p", "1 2", "--backend", "ort", "--expert-stats"], 2, "router outputs"),
-    (["{export}", "-p", "hi", "--backend", "trt"], 3, "pip install tensorrt"),
+    (["{export}", "-p", "hi", "--backend", "trt"], 2, "not a TensorRT engine; build an engine from it first"),
     (["{checkpoint}", "-p", "the cat", "--compile"], 2, "torch back end on CUDA"),
     (["{export}", "-p", "1 2", "--backend", "ort", "--device", "cuda", "--compile"], 2, "--backend torch --device cuda"),
 ]
