@@ -47,7 +47,8 @@ def test_joining_and_leaving_rows_keep_their_tokens(session):
     engine = BatchEngine(session, max_batch=4)
     try:
         inboxes, first_tokens = [], []
-        options = [SamplingOptions(max_new_tokens=n, temperature=t, top_p=p, seed=s, stop_tokens=session.stop_tokens)
+        # no stop tokens: every row runs its max_new_tokens, so the first one is still running when the others join
+        options = [SamplingOptions(max_new_tokens=n, temperature=t, top_p=p, seed=s, stop_tokens=())
                    for _, n, t, p, s, _ in REQUESTS]
         _, first = collect(engine, session.encode(REQUESTS[0][0]), options[0])
         inboxes.append(first)
@@ -64,7 +65,7 @@ def test_joining_and_leaving_rows_keep_their_tokens(session):
     finally:
         engine.close()
     for (prompt, n, t, p, s, _), (tokens, reason) in zip(REQUESTS, results):
-        alone = session.generate(prompt, max_new_tokens=n, temperature=t, top_p=p, seed=s)
+        alone = session.generate(prompt, max_new_tokens=n, temperature=t, top_p=p, seed=s, stop_tokens=())
         assert tokens == alone.tokens[0], prompt
         assert reason == alone.finish_reasons[0]
 
