@@ -113,7 +113,7 @@ class RayGenerator:
                 raise
 
     def close(self) -> None:
-        pass
+        """Nothing to release here: Ray Serve owns the replicas and their Sessions (``serve.shutdown`` ends them)."""
 
 
 class Frontend:
