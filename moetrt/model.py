@@ -397,7 +397,9 @@ class MoEBlock(nn.Module):
                 selection_bias=self.selection_bias, **self.route_args,
             )  # [T, K] x2
         experts = self.experts
-        if experts.gate_up_proj_bias is None and self.activation == "silu":  # the plain call, as exported before
+        if getattr(experts, "fp8", False):  # FP8 experts (moetrt.fp8.FP8Experts): the torch back end's expert_precision
+            y = experts(tokens, weights, indices, self.activation)  # [T, D]
+        elif experts.gate_up_proj_bias is None and self.activation == "silu":  # the plain call, as exported before
             y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D]
         else:
             y = sparse_moe(

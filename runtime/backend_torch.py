@@ -12,6 +12,12 @@ back, which is all it needs). ``static_cache`` / ``cuda_graphs`` turn either off
 to on for CUDA, off for the CPU, where ``static_cache=True`` runs the same path without graphs).
 ``compile_decode=True`` also runs the captured step through ``torch.compile`` (fewer, fused
 kernels; it costs a compile of some seconds at the first decode step of each batch size).
+
+``expert_precision="fp8"`` (CUDA, compute capability 8.9 or later) runs the routed experts as FP8
+e4m3 grouped GEMMs (:class:`moetrt.fp8.FP8Experts`): ``fp8_weight_scales`` ``"block"`` (128 x 128,
+or the checkpoint's ``weight_block_size``) or ``"channel"``, ``fp8_activation_scales`` ``"token"``
+or ``"block"`` (per 128 columns). A checkpoint stored in block-scaled FP8 (DeepSeek-V3, Kimi-K2)
+gives its expert bytes and scales to the GPU as stored; other weights are quantized on load.
 """
 
 from __future__ import annotations
@@ -89,6 +95,21 @@ def _resolve_export_source(exported: Any) -> str:
     )
 
 
+def _check_expert_precision(precision: str, weight_scales: str, activation_scales: str, device: torch.device) -> bool:
+    """Whether the experts run in FP8; a one-line error for a bad option or a device that cannot."""
+    from moetrt.fp8 import ACTIVATION_SCALES, EXPERT_PRECISIONS, WEIGHT_SCALES, check_fp8_device
+
+    if precision not in EXPERT_PRECISIONS:
+        raise MoetrtError(f"expert_precision {precision!r} is not one of {EXPERT_PRECISIONS}")
+    if weight_scales not in WEIGHT_SCALES:
+        raise MoetrtError(f"fp8_weight_scales {weight_scales!r} is not one of {WEIGHT_SCALES}")
+    if activation_scales not in ACTIVATION_SCALES:
+        raise MoetrtError(f"fp8_activation_scales {activation_scales!r} is not one of {ACTIVATION_SCALES}")
+    if precision == "fp8":
+        check_fp8_device(device)
+    return precision == "fp8"
+
+
 class TorchBackend:
     """Runs a :class:`MoETransformer` step by step; the KV cache stays a list of torch tensors on ``device``."""
 
@@ -102,15 +123,28 @@ class TorchBackend:
         static_cache: bool | None = None,
         cuda_graphs: bool | None = None,
         compile_decode: bool = False,
+        expert_precision: str = "model",
+        fp8_weight_scales: str = "block",
+        fp8_activation_scales: str = "token",
     ):
         if not isinstance(model, MoETransformer):
             raise TypeError(f"TorchBackend wraps a moetrt.MoETransformer, got {type(model).__name__}")
         dev = torch_device(device)
         on_cuda = dev.type == "cuda"
+        fp8 = _check_expert_precision(expert_precision, fp8_weight_scales, fp8_activation_scales, dev)
         if on_cuda:  # the MoE ops run as the Triton kernels on NVIDIA GPUs
             from moetrt.ops.kernels import maybe_register_cuda_kernels
 
             maybe_register_cuda_kernels()
+        self.expert_precision = expert_precision
+        if fp8:
+            from moetrt.fp8 import fp8_experts
+
+            try:
+                self.fp8_layers = fp8_experts(model, fp8_weight_scales, fp8_activation_scales,
+                                              checkpoint=getattr(model, "source_dir", None))
+            except ValueError as exc:  # a block size the kernels cannot run
+                raise MoetrtError(f"expert_precision='fp8': {exc}") from exc
         self.static_cache = (on_cuda or bool(cuda_graphs)) if static_cache is None else bool(static_cache)
         self.cuda_graphs = (on_cuda and self.static_cache) if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and not self.static_cache:
@@ -141,11 +175,13 @@ class TorchBackend:
     ) -> TorchBackend:
         """From a model object, a transformers model, a preset name, a checkpoint folder or an exported folder.
 
-        ``options`` go to the constructor (``static_cache``, ``cuda_graphs``).
+        ``options`` go to the constructor (``static_cache``, ``cuda_graphs``, ``expert_precision``, ...).
         """
         from moetrt.runtime.model_folder import read_exported, source_kind
 
         torch_dtype = _torch_dtype(dtype)
+        _check_expert_precision(options.get("expert_precision", "model"), options.get("fp8_weight_scales", "block"),
+                                options.get("fp8_activation_scales", "token"), torch_device(device))  # before loading
         if isinstance(source, MoETransformer):
             model = source if torch_dtype is None else source.to(torch_dtype)
             return cls(model, device, **options)

@@ -170,6 +170,10 @@ class Session:
 
     A model object is moved to ``device`` (and ``dtype``) in place.
 
+    ``backend_options`` go to the back end; for ``backend="torch"`` on CUDA,
+    ``expert_precision="fp8"`` runs the routed experts in FP8 e4m3 (see
+    :mod:`moetrt.runtime.backend_torch`).
+
     Text prompts need ``tokenizer.json`` in the model folder; token ids work everywhere. Stop
     tokens default to the folder's ``generation_config.json`` eos ids, else the config's.
 
@@ -400,6 +404,9 @@ def _load_backend(
             + "(moetrt.export.onnx_from_torch(source, out_dir)), or use backend='torch'",
             cli=message.format(f"--backend {backend}") + f"(moetrt export {shown} -o OUT_DIR), or use --backend torch",
         )
+    if "expert_precision" in options:
+        raise MoetrtError(f"expert_precision is an option of backend='torch' (FP8 experts on CUDA), not of "
+                          f"backend={backend!r}; drop it or use backend='torch'")
     if dtype is not None:
         raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)",
                           cli=f"the precision is fixed by the export for --backend {backend}; re-export with "

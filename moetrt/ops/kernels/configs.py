@@ -48,6 +48,8 @@ __all__ = [
     "topk_routing_blocks",
     "router_logits_blocks",
     "next_power_of_2",
+    "fp8_block_k",
+    "sparse_moe_fp8_config",
 ]
 
 
@@ -195,3 +197,35 @@ def router_logits_blocks(num_tokens: int, num_experts: int, dim: int) -> tuple[i
     block_t = min(next_power_of_2(max(num_tokens, 1)), max(1, 64 // block_e))
     block_k = min(max(next_power_of_2(dim), 16), max(16, 4096 // (block_t * block_e)))
     return block_t, block_e, block_k, False, 4
+
+
+# FP8 experts: the K tile is at most 128 e4m3 values (the bytes of a 64-wide bf16 tile, half those of the
+# 128-wide decode tiles) and lies inside one scale block, so every tile has one activation and one weight
+# scale per row and column. The M and N tiles are the bf16 table's; neither has been timed on a GPU yet.
+FP8_MAX_BLOCK_K = 128
+FP8_MIN_BLOCK_K = 32  # one FP8 MMA's K (wgmma and mma.sync m16n8k32)
+
+
+def fp8_block_k(*scale_block_cols: int) -> int:
+    """The FP8 GEMMs' K tile for activation / weight scale blocks of these many columns.
+
+    The largest power of two up to 128 that divides every block that is narrower than its row
+    (a block covering a whole row, per-token or per-channel, constrains nothing). Raises
+    ``ValueError`` when that is below 32: a scale block must be a multiple of 32 columns.
+    """
+    block_k = FP8_MAX_BLOCK_K
+    for cols in scale_block_cols:
+        while cols % block_k:
+            block_k //= 2
+    if block_k < FP8_MIN_BLOCK_K:
+        raise ValueError(
+            f"FP8 scale blocks of {sorted(set(scale_block_cols))} columns: the FP8 kernels need blocks of a multiple "
+            f"of {FP8_MIN_BLOCK_K} columns (DeepSeek-V3's weight_block_size is [128, 128])"
+        )
+    return block_k
+
+
+def sparse_moe_fp8_config(num_tokens: int, num_experts: int, k: int, block_k: int) -> SparseMoEConfig:
+    """The bf16 table's row for ``num_tokens``, with FP8 K tiles of ``block_k`` (:func:`fp8_block_k`)."""
+    config = sparse_moe_config(num_tokens, num_experts, k, 2)
+    return replace(config, gate_up=replace(config.gate_up, block_k=block_k), down=replace(config.down, block_k=block_k))

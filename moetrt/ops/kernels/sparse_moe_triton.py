@@ -53,6 +53,7 @@ __all__ = [
     "moe_gate_up_kernel",
     "moe_down_kernel",
     "moe_combine_kernel",
+    "activation_epilogue",
 ]
 
 _DEFAULTS = SPEC.defaults  # activation, alpha, limit as the op declares them
@@ -146,6 +147,22 @@ def tile_ids(GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def activation_epilogue(acc_gate, acc_up, alpha, limit, ACTIVATION: tl.constexpr):
+    """``act(gate, up)`` of two fp32 ``[BM, BN]`` accumulators, in fp32 (the gate|up kernels' epilogue)."""
+    if ACTIVATION == "clamped_swiglu":
+        gate = tl.minimum(acc_gate, limit)
+        up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+        h = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))  # [BM, BN] (up + 1) * gate * sigmoid(alpha * gate)
+    elif ACTIVATION == "gelu_tanh":
+        # gelu_tanh(gate) * up with tanh(z) = 2 sigmoid(2z) - 1 = 1 - 2 / (1 + exp(2z)), fp32
+        z = 0.7978845608028654 * (acc_gate + 0.044715 * acc_gate * acc_gate * acc_gate)
+        h = 0.5 * acc_gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z))) * acc_up  # [BM, BN]
+    else:
+        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # [BM, BN] silu(gate) * up, fp32
+    return h
+
+
+@triton.jit
 def moe_gate_up_kernel(
     x_ptr,  # [T, D]
     w_ptr,  # [E, 2F, D]: gate rows, then up rows
@@ -207,16 +224,7 @@ def moe_gate_up_kernel(
         bias_ptrs = b_ptr + expert * (2 * F) + offs_n  # [BN]
         acc_gate += tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_up += tl.load(bias_ptrs + F, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == "clamped_swiglu":
-        gate = tl.minimum(acc_gate, limit)
-        up = tl.minimum(tl.maximum(acc_up, -limit), limit)
-        h = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))  # [BM, BN] (up + 1) * gate * sigmoid(alpha * gate)
-    elif ACTIVATION == "gelu_tanh":
-        # gelu_tanh(gate) * up with tanh(z) = 2 sigmoid(2z) - 1 = 1 - 2 / (1 + exp(2z)), fp32
-        z = 0.7978845608028654 * (acc_gate + 0.044715 * acc_gate * acc_gate * acc_gate)
-        h = 0.5 * acc_gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z))) * acc_up  # [BM, BN]
-    else:
-        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # [BM, BN] silu(gate) * up, fp32
+    h = activation_epilogue(acc_gate, acc_up, alpha, limit, ACTIVATION)  # [BM, BN] fp32
     h_ptrs = h_ptr + pairs[:, None].to(tl.int64) * F + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
