@@ -18,6 +18,8 @@ From the command line (writes ``<kernel>.ptx``, ``<kernel>.cubin`` and ``manifes
     python -m moetrt.ops.kernels.compile router_logits --dtype bf16 --hidden 4096 --experts 8 --out build/kernels
     python -m moetrt.ops.kernels.compile sparse_moe --dtype bf16 --hidden 2880 --ffn 2880 --experts 32 --k 4 \\
         --activation clamped_swiglu --gate-up-bias --down-bias --out build/kernels   # gpt-oss-20b
+    python -m moetrt.ops.kernels.compile sparse_moe_fp8 --dtype bf16 --hidden 7168 --ffn 2048 --experts 256 \\
+        --k 8 --tokens 4096 --out build/kernels   # DeepSeek-V3's experts in FP8, 128 x 128 weight blocks
 
 Run it in a process where triton is not in interpreter mode (``TRITON_INTERPRET`` unset).
 """
@@ -46,6 +48,7 @@ __all__ = [
     "topk_routing_specs",
     "sparse_moe_specs",
     "router_logits_specs",
+    "sparse_moe_fp8_specs",
     "compile_spec",
     "compile_for_sm90",
     "main",
@@ -53,7 +56,7 @@ __all__ = [
 
 SM90 = ("cuda", 90, 32)  # GPUTarget(backend, capability, warp size)
 DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32", "float32": "fp32"}
-OPS = ("topk_routing", "sparse_moe", "router_logits")
+OPS = ("topk_routing", "sparse_moe", "router_logits", "sparse_moe_fp8")
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,77 @@ def router_logits_specs(dtype, hidden_size: int, num_experts: int, num_tokens: i
     ]  # fmt: skip
 
 
+def sparse_moe_fp8_specs(
+    dtype,
+    hidden_size: int,
+    ffn: int,
+    num_experts: int,
+    k: int,
+    num_tokens: int = 1,
+    config: SparseMoEConfig | None = None,
+    activation: str = "silu",
+    weight_scales: str = "block",
+    activation_scales: str = "token",
+    block: tuple[int, int] = (128, 128),
+) -> list[KernelSpec]:
+    """The FP8-expert SparseMoE kernels in launch order, as ``sparse_moe_fp8_triton`` launches them:
+    quantize x, align, gate|up, quantize h, down, combine (``dtype``: the model's, of x, h and y)."""
+    from moetrt.fp8 import activation_block, weight_block
+    from moetrt.ops.kernels.configs import fp8_block_k, sparse_moe_fp8_config
+    from moetrt.ops.kernels.sparse_moe_fp8_triton import FP8_ACTIVATIONS, fp8_quantize_blocks
+
+    if activation not in FP8_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {FP8_ACTIVATIONS}, got {activation!r}")
+    ty = _dtype(dtype)
+    gate_up_block = weight_block(weight_scales, (2 * ffn, hidden_size), block)
+    down_block = weight_block(weight_scales, (hidden_size, ffn), block)
+    x_group = activation_block(activation_scales, hidden_size, block)[1]
+    h_group = activation_block(activation_scales, ffn, block)[1]
+    narrow = [c for c, row in ((x_group, hidden_size), (gate_up_block[1], hidden_size), (h_group, ffn),
+                               (down_block[1], ffn)) if c < row]
+    config = config or sparse_moe_fp8_config(num_tokens, num_experts, k, fp8_block_k(*narrow))
+    bm, gu, dn = config.block_m, config.gate_up, config.down
+    bf16_specs = sparse_moe_specs(dtype, hidden_size, ffn, num_experts, k, config=config)
+    align, combine = bf16_specs[0], bf16_specs[3]
+    max_blocks = bf16_specs[1].grid[0]  # the aligned blocks, as for the bf16 kernels
+    pointers = lambda sig: tuple(name for name, t in sig.items() if t.startswith("*"))  # noqa: E731
+
+    def quantize(name: str, cols: int, group: int, rows: str) -> KernelSpec:
+        block_r, block_c, num_warps = fp8_quantize_blocks(group)
+        sig = {"x_ptr": f"*{ty}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "num_rows": "i32"}
+        constants = {"K": cols, "GROUP": group, "BLOCK_R": block_r, "BLOCK_C": block_c, "EMULATE_RNE": False}
+        return KernelSpec(name, "fp8_quantize_kernel", "sparse_moe_fp8_triton", sig, constants, num_warps=num_warps,
+                          num_stages=1, grid=(f"cdiv({rows}, {block_r})", str(-(-cols // group)), "1"),
+                          aligned=pointers(sig))
+
+    ids = {"sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32"}
+    gate_up_sig = {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "h_ptr": f"*{ty}",
+                   **ids}
+    down_sig = {"hq_ptr": "*fp8e4nv", "hs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "out_ptr": f"*{ty}",
+                "routing_ptr": "*fp32", **ids}
+    module = "sparse_moe_fp8_triton"
+    return [
+        quantize("fp8_quantize_x", hidden_size, x_group, "T"),
+        align,
+        KernelSpec(
+            "moe_gate_up_fp8", "moe_gate_up_fp8_kernel", module, gate_up_sig,
+            {"D": hidden_size, "F": ffn, "K": k, "X_GROUP": x_group, "W_BN": gate_up_block[0], "W_BK": gate_up_block[1],
+             "BLOCK_M": bm, "BLOCK_N": gu.block_n, "BLOCK_K": gu.block_k, "GROUP_M": gu.group_m, "ACTIVATION": activation},
+            num_warps=gu.num_warps, num_stages=gu.num_stages, grid=(max_blocks, str(-(-ffn // gu.block_n)), "1"),
+            aligned=pointers(gate_up_sig),
+        ),
+        quantize("fp8_quantize_h", ffn, h_group, f"T*{k}"),
+        KernelSpec(
+            "moe_down_fp8", "moe_down_fp8_kernel", module, down_sig,
+            {"D": hidden_size, "F": ffn, "H_GROUP": h_group, "W_BN": down_block[0], "W_BK": down_block[1],
+             "BLOCK_M": bm, "BLOCK_N": dn.block_n, "BLOCK_K": dn.block_k, "GROUP_M": dn.group_m},
+            num_warps=dn.num_warps, num_stages=dn.num_stages, grid=(max_blocks, str(-(-hidden_size // dn.block_n)), "1"),
+            aligned=pointers(down_sig),
+        ),
+        combine,
+    ]  # fmt: skip
+
+
 def _sparse_moe_workspace(ty: str, hidden_size: int, ffn: int, num_experts: int, k: int, block_m: int) -> dict:
     """Scratch buffers between the SparseMoE kernels, sizes as formulas of T."""
     max_blocks = f"cdiv(T*{k} + min({num_experts}, T*{k})*{block_m - 1}, {block_m})"
@@ -331,6 +405,8 @@ def compile_for_sm90(op: str, **attrs) -> dict:
     ``op="sparse_moe"``: ``dtype, hidden_size, ffn, num_experts, k, num_tokens=1, config=None,
     activation="silu", has_b_gate_up=False, has_b_down=False``.
     ``op="router_logits"``: ``dtype, hidden_size, num_experts, num_tokens=None, has_bias=False``.
+    ``op="sparse_moe_fp8"``: ``dtype, hidden_size, ffn, num_experts, k, num_tokens=1, config=None,
+    activation="silu", weight_scales="block", activation_scales="token", block=(128, 128)``.
     Returns ``{"op", "target", "triton", "kernels": [per kernel, in launch order], "workspace"}``.
     """
     import triton
@@ -345,6 +421,9 @@ def compile_for_sm90(op: str, **attrs) -> dict:
         )
     elif op == "router_logits":
         specs, workspace = router_logits_specs(**attrs), {}
+    elif op == "sparse_moe_fp8":
+        specs = sparse_moe_fp8_specs(**attrs)
+        workspace = {}  # the quantized x, h and their scales beside the bf16 path's buffers: sized in sparse_moe_fp8_triton
     else:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     return {
@@ -376,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-up-bias", action="store_true", help="sparse_moe: the experts have b_gate_up [E, 2F]")
     parser.add_argument("--down-bias", action="store_true", help="sparse_moe: the experts have b_down [E, D]")
     parser.add_argument("--bias", action="store_true", help="router_logits: the router has a bias [E]")
+    parser.add_argument("--weight-scales", default="block", help="sparse_moe_fp8: block (128 x 128) | channel")
+    parser.add_argument("--activation-scales", default="token", help="sparse_moe_fp8: token | block (128 columns)")
     args = parser.parse_args(argv)
     if args.op in ("topk_routing", "sparse_moe") and args.k is None:
         parser.error(f"{args.op} needs --k")
@@ -388,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         result = compile_for_sm90(
             args.op, num_experts=args.experts, k=args.k, scoring=args.scoring, normalize=args.normalize
         )
+    elif args.op == "sparse_moe_fp8":
+        if args.hidden is None or args.ffn is None or args.k is None:
+            parser.error("sparse_moe_fp8 needs --hidden, --ffn and --k")
+        result = compile_for_sm90(
+            args.op, dtype=args.dtype, hidden_size=args.hidden, ffn=args.ffn, num_experts=args.experts, k=args.k,
+            num_tokens=args.tokens, activation=args.activation, weight_scales=args.weight_scales,
+            activation_scales=args.activation_scales,
+        )  # fmt: skip
     else:
         if args.hidden is None or args.ffn is None:
             parser.error("sparse_moe needs --hidden and --ffn")
