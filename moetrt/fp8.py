@@ -294,7 +294,8 @@ def e4m3_to_float32(codes: np.ndarray) -> np.ndarray:
     mantissa = (c & 0x7).astype(np.float64)
     magnitude = np.where(exponent == 0, mantissa * 2.0**-9, (8.0 + mantissa) * np.exp2(exponent - 10.0))
     values = np.where(c & 0x80, -magnitude, magnitude)
-    return np.where((c & 0x7F) == _E4M3_NAN, np.nan, values).astype(np.float32)
+    nan = np.where(c & 0x80, -np.nan, np.nan)  # NaN keeps its sign bit, as torch's cast reads it
+    return np.where((c & 0x7F) == _E4M3_NAN, nan, values).astype(np.float32)
 
 
 def e4m3_from_float32(values: np.ndarray) -> np.ndarray:
@@ -593,6 +594,10 @@ def fp8_experts(model: Any, weight_scales: str = "block", activation_scales: str
     block = _check_block(block if block is not None else (source_block or DEFAULT_BLOCK))
     weight_block(weight_scales, (1, 1), block)  # validates the names
     activation_block(activation_scales, 1, block)
+    if "block" in (weight_scales, activation_scales):  # the kernels' K tile lies inside a scale block
+        from moetrt.ops.kernels.configs import fp8_block_k
+
+        fp8_block_k(block[1])
     stored = {}
     if checkpoint is not None and source_block == block and weight_scales == "block":
         stored = _checkpoint_expert_bytes(checkpoint, block)

@@ -382,6 +382,9 @@ def _load_backend(
 
     if backend not in BACKENDS:
         raise MoetrtError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "torch" and "expert_precision" in options:
+        raise MoetrtError(f"expert_precision is an option of backend='torch' (FP8 experts on CUDA), not of "
+                          f"backend={backend!r}; drop it or use backend='torch'")
     path_like = isinstance(source, (str, os.PathLike))
     kind = source_kind(source) if path_like else "object"
 
@@ -404,9 +407,6 @@ def _load_backend(
             + "(moetrt.export.onnx_from_torch(source, out_dir)), or use backend='torch'",
             cli=message.format(f"--backend {backend}") + f"(moetrt export {shown} -o OUT_DIR), or use --backend torch",
         )
-    if "expert_precision" in options:
-        raise MoetrtError(f"expert_precision is an option of backend='torch' (FP8 experts on CUDA), not of "
-                          f"backend={backend!r}; drop it or use backend='torch'")
     if dtype is not None:
         raise MoetrtError(f"dtype is fixed by the export for backend={backend!r}; re-export to change it (drop dtype=...)",
                           cli=f"the precision is fixed by the export for --backend {backend}; re-export with "
