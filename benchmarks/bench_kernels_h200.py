@@ -25,6 +25,15 @@ One run measures, in this order, writing results after each part:
    ``grouped_mm`` and ``eager`` experts; the floor is the copy bandwidth over the bytes one
    decode step must read (all non-expert weights but the embedding table, the k routed experts
    of each layer, the KV cache);
+FP8 experts (``--skip-fp8`` leaves them out): part 1 also measures the e4m3 matmul rate
+(``torch._scaled_mm``, per-tensor scales) where the GPU has FP8 tensor cores; part 2 also times
+the block with FP8 experts (``sparse_moe_fp8_triton``: e4m3 weights in 128 x 128 blocks as
+DeepSeek-V3 ships them, activations quantized per token; and per-channel weight scales) against
+our bf16 block and the FP8 floor (expert bytes at one byte a weight, FLOPs at the e4m3 rate), with
+its relative error against the fp32 block; part 3 also decodes with ``expert_precision="fp8"``
+(last: it converts the model's experts in place). The issue's targets: FP8 block <= 0.6x our bf16
+block at T <= 64 and <= 0.65x at T = 4096, FP8 greedy decode >= 1.6x our bf16 decode.
+
 4. with ``--tune`` (run first, before parts 2 and 3): block configs of the SparseMoE kernels per T
    in ``--tune-tokens`` (the candidates of ``configs.sweep_candidates``, then grouped tile orders),
    printed as rows for ``moetrt/ops/kernels/configs.py``; parts 2 and 3
@@ -63,6 +72,9 @@ SMOKE = {"hidden": 64, "ffn": 96, "experts": 8, "k": 2, "vocab": 512, "layers": 
 H200_SPEC = {"hbm_bytes_per_s": 4.8e12, "bf16_dense_flops_per_s": 989e12}  # datasheet, for context only
 TARGET_BLOCK_X_FLOOR = 1.3  # issue target: <= 1.3x the floor at every T
 TARGET_DECODE_OF_FLOOR = 0.5  # issue target: >= 50% of the decode floor
+TARGET_FP8_SMALL_T = 0.6  # issue target: FP8 block <= 0.6x our bf16 block at T = 1..64
+TARGET_FP8_LARGE_T = 0.65  # issue target: FP8 block <= 0.65x our bf16 block at T = 4096
+TARGET_FP8_DECODE = 1.6  # issue target: FP8 greedy decode >= 1.6x our bf16 decode
 SMI_FIELDS = "name,driver_version,clocks.max.sm,clocks.max.mem,power.limit"
 
 
@@ -79,6 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check this script (CPU: Triton interpreter)")
+    p.add_argument("--skip-fp8", action="store_true", help="leave out the FP8-expert rows and the FP8 decode")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens = "1,64,4096" if args.tokens == "1,8,64,512,4096" else args.tokens
@@ -233,6 +246,15 @@ def matmul_rate(torch, dev, m, n, k, bench) -> float:
     return 2 * m * n * k / (ms * 1e-3)
 
 
+def fp8_matmul_rate(torch, m, n, k, bench) -> float:
+    """FLOP/s of an e4m3 [m, k] @ [k, n] matmul with per-tensor scales (cuBLASLt through ``torch._scaled_mm``)."""
+    a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLASLt wants it
+    one = torch.ones((), device="cuda")
+    ms = bench(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    return 2 * m * n * k / (ms * 1e-3)
+
+
 def measure_hardware(run, torch, cuda, bench, smoke):
     dev = "cuda" if cuda else "cpu"
     copy_bw = copy_rate(torch, dev, (1 << 20) if smoke else (1 << 29), bench)  # bf16 elements: 2 MiB / 1 GiB
@@ -247,6 +269,12 @@ def measure_hardware(run, torch, cuda, bench, smoke):
         "copy_of_spec": copy_bw / H200_SPEC["hbm_bytes_per_s"],
         "matmul_of_spec": max(rates) / H200_SPEC["bf16_dense_flops_per_s"],
     }
+    if cuda and torch.cuda.get_device_capability() >= (8, 9):
+        try:
+            hw["fp8_matmul_flops_per_s"] = max(fp8_matmul_rate(torch, m, n, k, bench) for m, n, k in shapes)
+            print(f"e4m3 matmul {hw['fp8_matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
+        except Exception as exc:  # an FP8 floor then assumes twice the bf16 rate (noted in the results)
+            hw["fp8_matmul_note"] = f"torch._scaled_mm failed: {type(exc).__name__}: {exc}"[:300]
     run.data["hardware"] = hw
     print(f"copy {copy_bw / 1e12:.3f} TB/s ({hw['copy_of_spec']:.0%} of 4.8 spec)")
     print(f"bf16 matmul {max(rates) / 1e12:.1f} TFLOP/s ({hw['matmul_of_spec']:.0%} of 989 spec)")
@@ -260,6 +288,17 @@ def floor_seconds(hw, tokens, hit, dims):
     flops = 2 * tokens * k * 3 * d * f
     t_bytes, t_flops = nbytes / hw["copy_bytes_per_s"], flops / hw["bf16_matmul_flops_per_s"]
     return max(t_bytes, t_flops), {"bytes": nbytes, "flops": flops, "bytes_s": t_bytes, "flops_s": t_flops}
+
+
+def fp8_floor_seconds(hw, tokens, hit, dims):
+    """The FP8 block's floor: expert weights at 1 byte (+ a float32 scale per 128 x 128 block), FLOPs at the e4m3 rate."""
+    d, f, e, k = dims["hidden"], dims["ffn"], dims["experts"], dims["k"]
+    nbytes = hit * 3 * d * f * (1 + 4 / 128**2) + e * d * 2 + 2 * tokens * d * 2
+    flops = 2 * tokens * k * 3 * d * f
+    rate = hw.get("fp8_matmul_flops_per_s") or 2 * hw["bf16_matmul_flops_per_s"]
+    t_bytes, t_flops = nbytes / hw["copy_bytes_per_s"], flops / rate
+    return max(t_bytes, t_flops), {"bytes": nbytes, "flops": flops, "bytes_s": t_bytes, "flops_s": t_flops,
+                                   "fp8_rate_measured": "fp8_matmul_flops_per_s" in hw}
 
 
 # --- 2. one MoE block -------------------------------------------------------------------------------
@@ -319,8 +358,16 @@ def moe_block(run, torch, cuda, bench, args, dims, hw):
         block.gate.weight.data = gate
     ctx = SimpleNamespace(
         dev=dev, g=g, w_gate_up=w_gate_up, w_down=w_down, gate=gate, gate32=gate.float(), cfg=cfg, block=block,
-        free_bytes=torch.cuda.mem_get_info()[0] if cuda else 8 << 30,
+        free_bytes=torch.cuda.mem_get_info()[0] if cuda else 8 << 30, fp8=None,
     )  # fmt: skip
+    if not args.skip_fp8 and (not cuda or torch.cuda.get_device_capability() >= (8, 9)):
+        from moetrt.fp8 import quantize_fp8_blocks, weight_block
+
+        ctx.fp8 = {}  # the same weights in e4m3: 128 x 128 blocks (DeepSeek-V3's checkpoints), and per channel
+        for scales in ("block", "channel"):
+            blocks = weight_block(scales, tuple(w_gate_up.shape)), weight_block(scales, tuple(w_down.shape))
+            ctx.fp8[scales] = (*quantize_fp8_blocks(w_gate_up, blocks[0]), *quantize_fp8_blocks(w_down, blocks[1]),
+                               *blocks)
     for tokens in args.tokens:
         row = {"tokens": tokens, "times_ms": {}, "errors": {}, "notes": {}}
         run.data["moe_block"].append(row)
@@ -399,6 +446,8 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
             notes["ours block (graph)"] = f"{type(exc).__name__}: {exc}"[:300]
     errors["torch op experts (no Triton)"] = rel_fro(torch, torch_op(), y_ref)
     times["torch op experts (no Triton)"] = bench(torch_op)
+    if ctx.fp8 is not None:
+        fp8_rows(row, torch, cuda, bench, args, dims, hw, ctx, x, y_ref, w_ref, i_ref, hit)
 
     for impl in ("eager", "batched_mm", "grouped_mm"):
         name = f"hf {impl}"
@@ -423,11 +472,18 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
             ctx.cfg._experts_implementation = "eager"
             free_memory(torch, cuda)
 
-    ours_best = min(v for key, v in times.items() if key.startswith("ours block"))
+    ours_best = min(v for key, v in times.items() if key.startswith("ours block") and "fp8" not in key)
     hf_times = [v for key, v in times.items() if key.startswith("hf ")]
     row["ours_best_x_floor"] = ours_best / row["floor_ms"]
     row["hf_best_x_floor"] = min(hf_times) / row["floor_ms"] if hf_times else None
     row["meets_target"] = row["ours_best_x_floor"] <= TARGET_BLOCK_X_FLOOR
+    fp8_times = [v for key, v in times.items() if key.startswith("ours fp8 block")]
+    if fp8_times:
+        row["fp8_best_x_bf16"] = min(fp8_times) / ours_best
+        row["fp8_best_x_fp8_floor"] = min(fp8_times) / row["fp8_floor_ms"]
+        target = TARGET_FP8_SMALL_T if tokens <= 64 else TARGET_FP8_LARGE_T if tokens >= 4096 else None
+        row["fp8_target_x_bf16"] = target
+        row["fp8_meets_target"] = None if target is None else row["fp8_best_x_bf16"] <= target
     print(f"T={tokens} experts hit {hit}, floor {row['floor_ms'] * 1e3:.1f} us", flush=True)
     for key, v in times.items():
         print(
@@ -436,6 +492,44 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
         )
     for key, v in notes.items():
         print(f"  {key}: {v}")
+
+
+def fp8_rows(row, torch, cuda, bench, args, dims, hw, ctx, x, y_ref, w_ref, i_ref, hit):
+    """The block with FP8 experts at one token count: times, errors against fp32, the FP8 floor."""
+    from moetrt.ops.kernels.router_logits_triton import router_logits_triton
+    from moetrt.ops.kernels.sparse_moe_fp8_triton import sparse_moe_fp8_triton
+    from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
+
+    times, errors, notes, k = row["times_ms"], row["errors"], row["notes"], dims["k"]
+    floor_s, parts = fp8_floor_seconds(hw, row["tokens"], hit, dims)
+    row.update(fp8_floor_ms=floor_s * 1e3, fp8_floor=parts)
+
+    def fp8_block(scales="block"):
+        logits = router_logits_triton(x, ctx.gate)
+        weights, indices = topk_routing_triton(logits, k, "softmax", True, 1.0)
+        return sparse_moe_fp8_triton(x, weights, indices, *ctx.fp8[scales])
+
+    def fp8_experts(scales="block", activation_scales="token"):
+        return sparse_moe_fp8_triton(x, w_ref, i_ref, *ctx.fp8[scales], activation_scales)
+
+    try:
+        errors["ours fp8 block"] = rel_fro(torch, fp8_block(), y_ref)
+        times["ours fp8 block"] = bench(fp8_block)
+        errors["ours fp8 experts"] = rel_fro(torch, fp8_experts(), y_ref)
+        times["ours fp8 experts"] = bench(fp8_experts)
+        errors["ours fp8 experts (128-col act scales)"] = rel_fro(torch, fp8_experts("block", "block"), y_ref)
+        times["ours fp8 experts (128-col act scales)"] = bench(lambda: fp8_experts("block", "block"))
+        errors["ours fp8 experts (channel scales)"] = rel_fro(torch, fp8_experts("channel"), y_ref)
+        times["ours fp8 experts (channel scales)"] = bench(lambda: fp8_experts("channel"))
+        if cuda and not args.no_graphs:
+            graph, out = capture_graph(torch, fp8_block)
+            graph.replay()
+            torch.cuda.synchronize()
+            errors["ours fp8 block (graph)"] = rel_fro(torch, out, y_ref)
+            times["ours fp8 block (graph)"] = bench(graph.replay)
+    except Exception as exc:
+        notes["ours fp8"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"!!! fp8 rows: {type(exc).__name__}: {exc}", flush=True)
 
 
 # --- 3. greedy decode end to end ------------------------------------------------------------------
@@ -452,7 +546,10 @@ def decode_floor(model, hw, prompt, new_tokens) -> dict:
     mean_past = prompt + new_tokens / 2
     kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * mean_past
     nbytes = 2 * (per_step + kv)
-    return {"bytes_per_step": nbytes, "floor_tokens_per_s": hw["copy_bytes_per_s"] / nbytes}
+    expert_bytes = 2 * moe_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.intermediate_size
+    fp8_bytes = nbytes - expert_bytes / 2  # the routed experts' weights at one byte each (scales: 1/4096 more)
+    return {"bytes_per_step": nbytes, "floor_tokens_per_s": hw["copy_bytes_per_s"] / nbytes,
+            "fp8_bytes_per_step": fp8_bytes, "fp8_floor_tokens_per_s": hw["copy_bytes_per_s"] / fp8_bytes}
 
 
 def timed_generate(torch, cuda, generate, new):
@@ -510,7 +607,11 @@ def run_transformers(result, torch, cuda, hf, prompt, reference):
     )
 
 
-def run_moetrt(result, torch, cuda, ours, prompt, reference):
+FP8_DECODE = "moetrt torch back end, FP8 experts (Triton + CUDA graphs)"
+BF16_DECODE = "moetrt torch back end (Triton + CUDA graphs)"
+
+
+def run_moetrt(result, torch, cuda, ours, prompt, reference, args):
     from moetrt.ops.kernels import maybe_register_cuda_kernels
     from moetrt.runtime.backend_torch import TorchBackend
     from moetrt.runtime.generate import Generation, SamplingOptions
@@ -540,15 +641,18 @@ def run_moetrt(result, torch, cuda, ours, prompt, reference):
     with torch.no_grad():
         record_error(result, torch, "moetrt + Triton kernels (eager loop)", ours(prompt).logits, reference)
     prompt_ids = [prompt[0].tolist()]
-    variants = [  # (name, CUDA graphs, torch.compile of the captured step)
-        ("moetrt torch back end (Triton + CUDA graphs + torch.compile)", True, True),
-        ("moetrt torch back end (Triton + CUDA graphs)", True, False),
-        ("moetrt torch back end (no graphs)", False, False),
+    variants = [  # (name, CUDA graphs, torch.compile of the captured step, expert precision)
+        ("moetrt torch back end (Triton + CUDA graphs + torch.compile)", True, True, "model"),
+        ("moetrt torch back end (Triton + CUDA graphs)", True, False, "model"),
+        ("moetrt torch back end (no graphs)", False, False, "model"),
     ]
-    for name, graphs, compiled in variants if cuda else variants[2:]:
+    if not args.skip_fp8:  # last: expert_precision="fp8" converts the model's experts in place
+        variants += [(FP8_DECODE, True, False, "fp8")]
+    for name, graphs, compiled, precision in variants if cuda else variants[2:3]:
         try:
             backend = TorchBackend(
-                ours, device="cuda" if cuda else "cpu", static_cache=True, cuda_graphs=graphs, compile_decode=compiled
+                ours, device="cuda" if cuda else "cpu", static_cache=True, cuda_graphs=graphs, compile_decode=compiled,
+                expert_precision=precision,
             )
 
             def run_backend(n, backend=backend):
@@ -610,10 +714,15 @@ def e2e_decode(run, torch, cuda, args, dims, hw):
     free_memory(torch, cuda)
     result.update(decode_floor(ours, hw, args.prompt, args.new_tokens))
     print(f"decode floor: {result['bytes_per_step'] / 1e9:.3f} GB a step -> {result['floor_tokens_per_s']:.0f} tok/s")
-    run_moetrt(result, torch, cuda, ours, prompt, reference)
+    run_moetrt(result, torch, cuda, ours, prompt, reference, args)
+    runs = result["runs"]
+    if FP8_DECODE in runs and BF16_DECODE in runs:
+        result["fp8_decode_x_bf16"] = runs[FP8_DECODE]["decode_tokens_per_s"] / runs[BF16_DECODE]["decode_tokens_per_s"]
+        result["fp8_decode_meets_target"] = result["fp8_decode_x_bf16"] >= TARGET_FP8_DECODE
 
-    for entry in result["runs"].values():
-        entry["decode_of_floor"] = entry["decode_tokens_per_s"] / result["floor_tokens_per_s"]
+    for name, entry in result["runs"].items():
+        floor = result["fp8_floor_tokens_per_s" if name == FP8_DECODE else "floor_tokens_per_s"]
+        entry["decode_of_floor"] = entry["decode_tokens_per_s"] / floor
         entry["meets_target"] = entry["decode_of_floor"] >= TARGET_DECODE_OF_FLOOR
         same = 0
         while same < min(len(reference["tokens"]), len(entry["tokens"])) and entry["tokens"][same] == reference["tokens"][same]:
@@ -796,7 +905,30 @@ def markdown(data) -> str:
         notes = {(n, v) for row in blocks for n, v in row["notes"].items()}
         if notes:
             lines += [""] + [f"- {n}: {v}" for n, v in sorted(notes)]
+    fp8 = [row for row in blocks if "fp8_floor_ms" in row]
+    if fp8:
+        lines += ["", "## FP8 experts (e4m3, 128 x 128 weight blocks, per-token activation scales) against our bf16 block",
+                  "", "| T | ours bf16 best (us) | ours fp8 block (us) | fp8 block graph (us) | fp8 / bf16 | target "
+                  "| fp8 floor (us) | fp8 / fp8 floor | fp8 block error vs fp32 | bf16 block error vs fp32 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in fp8:
+            t, e = row["times_ms"], row["errors"]
+            bf16_best = min(v for key, v in t.items() if key.startswith("ours block") and "fp8" not in key)
+            us = lambda key: f"{t[key] * 1e3:.1f}" if key in t else "-"  # noqa: E731
+            ratio = lambda key: f"{row[key]:.2f}" if row.get(key) is not None else "-"  # noqa: E731
+            err = lambda key: f"{e[key]:.2e}" if key in e else "-"  # noqa: E731
+            target = row.get("fp8_target_x_bf16")
+            verdict = "-" if target is None else f"<= {target}" + ("" if row.get("fp8_meets_target") else " (missed)")
+            lines.append(
+                f"| {row['tokens']} | {bf16_best * 1e3:.1f} | {us('ours fp8 block')} | {us('ours fp8 block (graph)')} "
+                f"| {ratio('fp8_best_x_bf16')} | {verdict} | {row['fp8_floor_ms'] * 1e3:.1f} "
+                f"| {ratio('fp8_best_x_fp8_floor')} | {err('ours fp8 block')} | {err('ours block')} |"
+            )
     e2e = data.get("e2e") or {}
+    if e2e.get("fp8_decode_x_bf16") is not None:
+        lines += ["", f"FP8 greedy decode: {e2e['fp8_decode_x_bf16']:.2f}x our bf16 decode (target >= "
+                      f"{TARGET_FP8_DECODE}{'' if e2e.get('fp8_decode_meets_target') else ', missed'}); its floor "
+                      f"{e2e['fp8_floor_tokens_per_s']:.0f} tokens/s."]
     if e2e.get("runs"):
         lines += ["", f"## Greedy decode, prompt {e2e['prompt']}, {e2e['new_tokens']} new tokens", ""]
         if "floor_tokens_per_s" in e2e:

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Every check that needs an NVIDIA GPU, in one run: the `gpu`-marked tests at real sizes, then the
-# kernel benchmark (tuning first, then the MoE block and the greedy decode with the tuned configs).
+# Every check that needs an NVIDIA GPU, in one run: the `gpu`-marked tests at real sizes (the bf16
+# kernels, and the FP8-expert kernels where the GPU has FP8 tensor cores), then the kernel benchmark
+# (tuning first, then the MoE block in bf16 and with FP8 experts at T = 1, 8, 64, 512, 4096 against
+# the floors, the FP8 block's error against fp32, and greedy decode in bf16 and with FP8 experts).
+# Everything lands in the results folder: gpu_env.txt, gpu_tests.log, bench.log,
+# bench_kernels_h200.json and bench_kernels_h200.md.
 #
 #   bash benchmarks/gpu_checks.sh [results folder]     # default: $OUT, else benchmarks/_work
 #   TUNE_FLAG= bash benchmarks/gpu_checks.sh           # without the tuning sweep (the table's configs)
@@ -46,7 +50,7 @@ fi
 
 status=0
 timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/moetrt/kernels/test_kernels_gpu.py \
-    2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -n 25
+    tests/moetrt/kernels/test_kernels_fp8_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -n 25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 timeout "${BENCH_TIMEOUT:-420}" $PY benchmarks/bench_kernels_h200.py ${TUNE_FLAG---tune} --out "$OUT_DIR" ${BENCH_ARGS:-} \
