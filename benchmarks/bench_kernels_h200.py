@@ -172,6 +172,18 @@ def capture_graph(torch, fn):
     return graph, out
 
 
+def time_graph(torch, bench, row, name, fn, y_ref) -> None:
+    """Capture ``fn`` in a CUDA graph; its replay's error against ``y_ref`` and median time go into ``row``."""
+    try:
+        graph, out = capture_graph(torch, fn)
+        graph.replay()
+        torch.cuda.synchronize()
+        row["errors"][name] = rel_fro(torch, out, y_ref)
+        row["times_ms"][name] = bench(graph.replay)
+    except Exception as exc:
+        row["notes"][name] = f"{type(exc).__name__}: {exc}"[:300]
+
+
 def rel_fro(torch, ours, ref) -> float:
     ours, ref = ours.double(), ref.double()
     return float(torch.linalg.norm(ours - ref) / torch.linalg.norm(ref).clamp(min=1e-300))
@@ -436,14 +448,7 @@ def block_row(row, torch, cuda, bench, args, dims, hw, ctx):
             )
         )
     if cuda and not args.no_graphs:
-        try:
-            graph, out = capture_graph(torch, ours_block)
-            graph.replay()
-            torch.cuda.synchronize()
-            errors["ours block (graph)"] = rel_fro(torch, out, y_ref)
-            times["ours block (graph)"] = bench(graph.replay)
-        except Exception as exc:
-            notes["ours block (graph)"] = f"{type(exc).__name__}: {exc}"[:300]
+        time_graph(torch, bench, row, "ours block (graph)", ours_block, y_ref)
     errors["torch op experts (no Triton)"] = rel_fro(torch, torch_op(), y_ref)
     times["torch op experts (no Triton)"] = bench(torch_op)
     if ctx.fp8 is not None:
@@ -522,11 +527,7 @@ def fp8_rows(row, torch, cuda, bench, args, dims, hw, ctx, x, y_ref, w_ref, i_re
         errors["ours fp8 experts (channel scales)"] = rel_fro(torch, fp8_experts("channel"), y_ref)
         times["ours fp8 experts (channel scales)"] = bench(lambda: fp8_experts("channel"))
         if cuda and not args.no_graphs:
-            graph, out = capture_graph(torch, fp8_block)
-            graph.replay()
-            torch.cuda.synchronize()
-            errors["ours fp8 block (graph)"] = rel_fro(torch, out, y_ref)
-            times["ours fp8 block (graph)"] = bench(graph.replay)
+            time_graph(torch, bench, row, "ours fp8 block (graph)", fp8_block, y_ref)
     except Exception as exc:
         notes["ours fp8"] = f"{type(exc).__name__}: {exc}"[:300]
         print(f"!!! fp8 rows: {type(exc).__name__}: {exc}", flush=True)

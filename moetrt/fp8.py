@@ -60,7 +60,8 @@ __all__ = [
     "scale_name", "is_scale_name", "scale_shape",
     "FP8_FORMAT", "EXPERT_PRECISIONS", "WEIGHT_SCALES", "ACTIVATION_SCALES", "FP8_MIN_CAPABILITY",
     "e4m3_from_float32", "e4m3_to_float32", "quantize_fp8_blocks_reference", "sparse_moe_fp8_reference",
-    "weight_block", "activation_block", "FP8Experts", "fp8_experts", "check_fp8_device",
+    "weight_block", "activation_block", "FP8Experts", "fp8_experts", "check_fp8_device", "check_fp8_experts",
+    "sparse_moe_fp8_torch",
 ]
 
 #: the element type of the stored weights (e4m3 without infinities: max 448, NaN 0x7F / 0xFF)
@@ -438,6 +439,25 @@ def check_fp8_device(device: torch.device) -> None:
         raise MoetrtError("expert_precision='fp8' runs Triton kernels: pip install 'moetrt[gpu]' (triton)")
 
 
+def check_fp8_experts(who: str, w_gate_up, s_gate_up, w_down, s_down, gate_up_block, down_block,
+                      activation_scales: str) -> None:
+    """``ValueError`` naming ``who`` unless the FP8 expert tensors fit: e4m3 ``[E, 2F, D]`` / ``[E, D, F]``
+    weights, float32 scales in their blocks, a known ``activation_scales``."""
+    if activation_scales not in ACTIVATION_SCALES:
+        raise ValueError(f"{who}: activation_scales must be one of {ACTIVATION_SCALES}, got {activation_scales!r}")
+    for name, w, s, blk in (("gate_up", w_gate_up, s_gate_up, gate_up_block), ("down", w_down, s_down, down_block)):
+        if w.dtype != FP8_DTYPE or w.dim() != 3:
+            raise ValueError(f"{who}: w_{name} must be {FP8_DTYPE} [E, N, K], got {w.dtype} {list(w.shape)}")
+        expected = scale_shape(tuple(w.shape), _check_block(blk))
+        if s.dtype != torch.float32 or tuple(s.shape) != expected:
+            raise ValueError(f"{who}: s_{name} must be float32 {list(expected)} (blocks {list(blk)}), got {s.dtype} "
+                             f"{list(s.shape)}")
+    num_experts, two_f, dim = w_gate_up.shape
+    if two_f % 2 or tuple(w_down.shape) != (num_experts, dim, two_f // 2):
+        raise ValueError(f"{who}: w_gate_up {list(w_gate_up.shape)} and w_down {list(w_down.shape)} are not "
+                         "[E, 2F, D] and [E, D, F]")
+
+
 def _kept_dtype_apply(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     # moves the buffers with fn (to another device) but keeps their dtypes: the FP8 bytes and float32 scales
     # do not follow model.to(torch.bfloat16)
@@ -464,14 +484,8 @@ class FP8Experts(torch.nn.Module):
                  gate_up_block: tuple[int, int], down_block: tuple[int, int], activation_scales: str = "token",
                  block: tuple[int, int] = DEFAULT_BLOCK):
         super().__init__()
-        if activation_scales not in ACTIVATION_SCALES:
-            raise ValueError(f"activation_scales must be one of {ACTIVATION_SCALES}, got {activation_scales!r}")
-        for name, w, s, blk in (("gate_up", w_gate_up, s_gate_up, gate_up_block), ("down", w_down, s_down, down_block)):
-            if w.dtype != FP8_DTYPE or w.dim() != 3:
-                raise ValueError(f"FP8Experts w_{name} must be {FP8_DTYPE} [E, N, K], got {w.dtype} {list(w.shape)}")
-            if s.dtype != torch.float32 or tuple(s.shape) != scale_shape(tuple(w.shape), blk):
-                raise ValueError(f"FP8Experts s_{name} must be float32 {list(scale_shape(tuple(w.shape), blk))} "
-                                 f"for blocks {list(blk)}, got {s.dtype} {list(s.shape)}")
+        check_fp8_experts("FP8Experts", w_gate_up, s_gate_up, w_down, s_down, gate_up_block, down_block,
+                          activation_scales)
         self.gate_up_block, self.down_block = _check_block(gate_up_block), _check_block(down_block)
         self.activation_scales, self.block = activation_scales, _check_block(block)
         self.register_buffer("w_gate_up", w_gate_up)
@@ -482,12 +496,18 @@ class FP8Experts(torch.nn.Module):
     @classmethod
     def from_weights(cls, gate_up: torch.Tensor, down: torch.Tensor, weight_scales: str = "block",
                      activation_scales: str = "token", block: tuple[int, int] = DEFAULT_BLOCK) -> "FP8Experts":
-        """Quantize stacked expert weights (any float dtype) with :func:`quantize_fp8_blocks`."""
+        """Quantize stacked expert weights (any float dtype) with :func:`quantize_fp8_blocks`, one expert at a
+        time (blocks never span experts, so the bytes are those of the whole tensor at once; the float32
+        copy is one expert's)."""
         gate_up_block = weight_block(weight_scales, tuple(gate_up.shape), block)
         down_block = weight_block(weight_scales, tuple(down.shape), block)
-        w_gate_up, s_gate_up = quantize_fp8_blocks(gate_up.detach().float(), gate_up_block)
-        w_down, s_down = quantize_fp8_blocks(down.detach().float(), down_block)
-        return cls(w_gate_up, s_gate_up, w_down, s_down, gate_up_block, down_block, activation_scales, block)
+
+        def stacked(w: torch.Tensor, blk: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            parts = [quantize_fp8_blocks(w[e].detach().float(), blk) for e in range(w.shape[0])]
+            return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+        return cls(*stacked(gate_up, gate_up_block), *stacked(down, down_block), gate_up_block, down_block,
+                   activation_scales, block)
 
     def _apply(self, fn, recurse=True):
         _kept_dtype_apply(self, fn)

@@ -120,10 +120,14 @@ def test_torch_face_matches_reference(weight_scales, activation_scales, block):
 def test_model_experts_swap_to_fp8_in_place():
     model = moetrt.from_pretrained("tiny")  # the trained tiny model: real activations, not noise
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    gate_up = model.layers[0].mlp.experts.gate_up_proj.detach().clone()  # [E, 2F, D]
     with torch.no_grad():
         before = model(ids).logits
         counts = fp8_experts(model, "block", "token", block=(32, 32))
         after = model(ids).logits
+    q, scale = quantize_fp8_blocks(gate_up, (32, 32))  # the whole tensor at once: the same bytes
+    assert np.array_equal(_codes(model.layers[0].mlp.experts.w_gate_up), _codes(q))
+    assert torch.equal(model.layers[0].mlp.experts.s_gate_up, scale)
     moe_layers = sum(1 for m in model.modules() if isinstance(m, FP8Experts))
     assert counts == {"from_checkpoint": 0, "quantized": moe_layers} and moe_layers > 0
     err = _rel_fro(after.numpy(), before.numpy())

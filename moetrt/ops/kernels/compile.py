@@ -86,6 +86,11 @@ def _dtype(dtype) -> str:
     return DTYPES[key]
 
 
+def _pointers(signature: dict[str, str]) -> tuple[str, ...]:
+    """The pointer parameters of a signature (promised 16-byte aligned)."""
+    return tuple(name for name, ty in signature.items() if ty.startswith("*"))
+
+
 def topk_routing_specs(num_experts: int, k: int, scoring: str = "softmax", normalize: bool = False) -> list[KernelSpec]:
     """The routing kernel for E experts and top-k (T and ``scale`` stay run-time)."""
     from moetrt.ops.topk_routing import SCORINGS
@@ -174,7 +179,6 @@ def sparse_moe_specs(
         "num_pairs": "i32",
     }  # fmt: skip
     combine_sig = {"slots_ptr": f"*{ty}", "indices_ptr": "*i32", "y_ptr": f"*{ty}"}
-    pointers = lambda sig: tuple(name for name, t in sig.items() if t.startswith("*"))  # noqa: E731
     align_constants = {
         "num_experts": num_experts, "BLOCK_M": bm, "BLOCK_E": next_power_of_2(num_experts),
         "BLOCK_P": align_block_p(num_experts),
@@ -195,22 +199,22 @@ def sparse_moe_specs(
     return [
         KernelSpec(
             "moe_align", "moe_align_kernel", module, align_sig, align_constants,
-            num_warps=4, num_stages=1, grid=("1", "1", "1"), aligned=pointers(align_sig),
+            num_warps=4, num_stages=1, grid=("1", "1", "1"), aligned=_pointers(align_sig),
         ),
         KernelSpec(
             "moe_gate_up", "moe_gate_up_kernel", module, gate_up_sig, gate_up_constants,
             num_warps=gu.num_warps, num_stages=gu.num_stages, grid=(max_blocks, str(-(-ffn // gu.block_n)), "1"),
-            aligned=pointers(gate_up_sig),
+            aligned=_pointers(gate_up_sig),
         ),
         KernelSpec(
             "moe_down", "moe_down_kernel", module, down_sig, down_constants,
             num_warps=dn.num_warps, num_stages=dn.num_stages,
-            grid=(max_blocks, str(-(-hidden_size // dn.block_n)), "1"), aligned=pointers(down_sig),
+            grid=(max_blocks, str(-(-hidden_size // dn.block_n)), "1"), aligned=_pointers(down_sig),
         ),
         KernelSpec(
             "moe_combine", "moe_combine_kernel", module, combine_sig, combine_constants,
             num_warps=4 if block_d >= 512 else 1, num_stages=1, grid=("T", str(-(-hidden_size // block_d)), "1"),
-            aligned=pointers(combine_sig),
+            aligned=_pointers(combine_sig),
         ),
     ]  # fmt: skip
 
@@ -234,7 +238,7 @@ def router_logits_specs(dtype, hidden_size: int, num_experts: int, num_tokens: i
         KernelSpec(
             "router_logits", "router_logits_kernel", "router_logits_triton", signature, constants,
             num_warps=num_warps, num_stages=3, grid=(f"cdiv(T, {block_t})", str(-(-num_experts // block_e)), "1"),
-            aligned=tuple(name for name, ty in signature.items() if ty.startswith("*")),
+            aligned=_pointers(signature),
         )
     ]  # fmt: skip
 
@@ -272,7 +276,6 @@ def sparse_moe_fp8_specs(
     bf16_specs = sparse_moe_specs(dtype, hidden_size, ffn, num_experts, k, config=config)
     align, combine = bf16_specs[0], bf16_specs[3]
     max_blocks = bf16_specs[1].grid[0]  # the aligned blocks, as for the bf16 kernels
-    pointers = lambda sig: tuple(name for name, t in sig.items() if t.startswith("*"))  # noqa: E731
 
     def quantize(name: str, cols: int, group: int, rows: str) -> KernelSpec:
         block_r, block_c, num_warps = fp8_quantize_blocks(group)
@@ -280,7 +283,7 @@ def sparse_moe_fp8_specs(
         constants = {"K": cols, "GROUP": group, "BLOCK_R": block_r, "BLOCK_C": block_c, "EMULATE_RNE": False}
         return KernelSpec(name, "fp8_quantize_kernel", "sparse_moe_fp8_triton", sig, constants, num_warps=num_warps,
                           num_stages=1, grid=(f"cdiv({rows}, {block_r})", str(-(-cols // group)), "1"),
-                          aligned=pointers(sig))
+                          aligned=_pointers(sig))
 
     ids = {"sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "num_pairs": "i32"}
     gate_up_sig = {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "h_ptr": f"*{ty}",
@@ -296,7 +299,7 @@ def sparse_moe_fp8_specs(
             {"D": hidden_size, "F": ffn, "K": k, "X_GROUP": x_group, "W_BN": gate_up_block[0], "W_BK": gate_up_block[1],
              "BLOCK_M": bm, "BLOCK_N": gu.block_n, "BLOCK_K": gu.block_k, "GROUP_M": gu.group_m, "ACTIVATION": activation},
             num_warps=gu.num_warps, num_stages=gu.num_stages, grid=(max_blocks, str(-(-ffn // gu.block_n)), "1"),
-            aligned=pointers(gate_up_sig),
+            aligned=_pointers(gate_up_sig),
         ),
         quantize("fp8_quantize_h", ffn, h_group, f"T*{k}"),
         KernelSpec(
@@ -304,7 +307,7 @@ def sparse_moe_fp8_specs(
             {"D": hidden_size, "F": ffn, "H_GROUP": h_group, "W_BN": down_block[0], "W_BK": down_block[1],
              "BLOCK_M": bm, "BLOCK_N": dn.block_n, "BLOCK_K": dn.block_k, "GROUP_M": dn.group_m},
             num_warps=dn.num_warps, num_stages=dn.num_stages, grid=(max_blocks, str(-(-hidden_size // dn.block_n)), "1"),
-            aligned=pointers(down_sig),
+            aligned=_pointers(down_sig),
         ),
         combine,
     ]  # fmt: skip

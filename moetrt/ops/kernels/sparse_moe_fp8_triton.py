@@ -35,10 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moetrt.fp8 import ACTIVATION_SCALES, DEFAULT_BLOCK, FP8_DTYPE, activation_block, scale_shape
+from moetrt.fp8 import DEFAULT_BLOCK, FP8_DTYPE, activation_block, check_fp8_experts
 from moetrt.ops.kernels._util import check_device, interpreting
 from moetrt.ops.kernels.configs import SparseMoEConfig, fp8_block_k, next_power_of_2, sparse_moe_fp8_config
-from moetrt.ops.kernels.sparse_moe_triton import activation_epilogue, moe_align, moe_combine_kernel, tile_ids
+from moetrt.ops.kernels.sparse_moe_triton import (
+    activation_epilogue,
+    expert_tile,
+    moe_align,
+    moe_combine_kernel,
+    tile_ids,
+)
 
 __all__ = [
     "sparse_moe_fp8_triton",
@@ -135,13 +141,9 @@ def moe_gate_up_fp8_kernel(
         return
     X_SCALES: tl.constexpr = (D + X_GROUP - 1) // X_GROUP
     W_SCALES: tl.constexpr = (D + W_BK - 1) // W_BK
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] slots
-    pairs = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = pairs < num_pairs
+    pairs, row_ok, expert, offs_n, n_ok = expert_tile(
+        sorted_ids_ptr, expert_ids_ptr, num_pairs, pid_m, pid_n, F, BLOCK_M, BLOCK_N)  # offs_n: columns of h
     tokens = (pairs // K).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of h
-    n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = xq_ptr + tokens[:, None] * D + offs_k[None, :]  # [BM, BK]
@@ -204,13 +206,9 @@ def moe_down_fp8_kernel(
         return
     H_SCALES: tl.constexpr = (F + H_GROUP - 1) // H_GROUP
     W_SCALES: tl.constexpr = (F + W_BK - 1) // W_BK
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = pairs < num_pairs
+    pairs, row_ok, expert, offs_n, n_ok = expert_tile(
+        sorted_ids_ptr, expert_ids_ptr, num_pairs, pid_m, pid_n, D, BLOCK_M, BLOCK_N)  # offs_n: output columns
     rows = pairs.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output columns
-    n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = hq_ptr + rows[:, None] * F + offs_k[None, :]  # [BM, BK]
@@ -265,29 +263,6 @@ def fp8_quantize_triton(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     return q, s
 
 
-def _check_fp8_experts(x, w_gate_up, s_gate_up, w_down, s_down, gate_up_block, down_block, activation_scales,
-                       activation):
-    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if w.dtype != FP8_DTYPE:
-            raise ValueError(f"sparse_moe_fp8_triton: {name} must be {FP8_DTYPE}, got {w.dtype}")
-    for name, s, w, block in (("s_gate_up", s_gate_up, w_gate_up, gate_up_block), ("s_down", s_down, w_down, down_block)):
-        if s.dtype != torch.float32 or tuple(s.shape) != scale_shape(tuple(w.shape), block):
-            raise ValueError(
-                f"sparse_moe_fp8_triton: {name} must be float32 {list(scale_shape(tuple(w.shape), block))} "
-                f"(blocks {list(block)}), got {s.dtype} {list(s.shape)}"
-            )
-    num_experts, two_f, dim = w_gate_up.shape
-    if x.dim() != 2 or x.shape[1] != dim or tuple(w_down.shape) != (num_experts, dim, two_f // 2) or two_f % 2:
-        raise ValueError(
-            f"sparse_moe_fp8_triton: shapes x {list(x.shape)}, w_gate_up {list(w_gate_up.shape)}, w_down "
-            f"{list(w_down.shape)} do not match [T, D], [E, 2F, D], [E, D, F]"
-        )
-    if activation_scales not in ACTIVATION_SCALES:
-        raise ValueError(f"activation_scales must be one of {ACTIVATION_SCALES}, got {activation_scales!r}")
-    if activation not in FP8_ACTIVATIONS:
-        raise ValueError(f"FP8 experts implement activation {FP8_ACTIVATIONS}, got {activation!r}")
-
-
 def sparse_moe_fp8_triton(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -312,8 +287,12 @@ def sparse_moe_fp8_triton(
     token or per ``block[1]`` columns (``activation_scales``). ``config`` overrides the tiles (its
     ``block_k`` must be :func:`configs.fp8_block_k` of the scale blocks or a divisor of it).
     """
-    _check_fp8_experts(x, w_gate_up, s_gate_up, w_down, s_down, gate_up_block, down_block, activation_scales,
-                       activation)
+    check_fp8_experts("sparse_moe_fp8_triton", w_gate_up, s_gate_up, w_down, s_down, gate_up_block, down_block,
+                      activation_scales)
+    if x.dim() != 2 or x.shape[1] != w_gate_up.shape[2]:
+        raise ValueError(f"sparse_moe_fp8_triton: x must be [T, D={w_gate_up.shape[2]}], got {list(x.shape)}")
+    if activation not in FP8_ACTIVATIONS:
+        raise ValueError(f"FP8 experts implement activation {FP8_ACTIVATIONS}, got {activation!r}")
     check_device(x, weights, indices, w_gate_up, s_gate_up, w_down, s_down)
     num_tokens, dim = x.shape
     num_experts, ffn = w_gate_up.shape[0], w_down.shape[2]

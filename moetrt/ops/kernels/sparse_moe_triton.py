@@ -54,6 +54,7 @@ __all__ = [
     "moe_down_kernel",
     "moe_combine_kernel",
     "activation_epilogue",
+    "expert_tile",
 ]
 
 _DEFAULTS = SPEC.defaults  # activation, alpha, limit as the op declares them
@@ -147,6 +148,18 @@ def tile_ids(GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def expert_tile(sorted_ids_ptr, expert_ids_ptr, num_pairs, pid_m, pid_n, N, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Tile ``(pid_m, pid_n)`` of a grouped GEMM: its pairs ``[BM]`` (``P`` marks padding), which are real,
+    its expert (int64), its output columns ``[BN]`` and which lie inside ``N``."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] slots
+    pairs = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    return pairs, pairs < num_pairs, expert, offs_n, offs_n < N
+
+
+@triton.jit
 def activation_epilogue(acc_gate, acc_up, alpha, limit, ACTIVATION: tl.constexpr):
     """``act(gate, up)`` of two fp32 ``[BM, BN]`` accumulators, in fp32 (the gate|up kernels' epilogue)."""
     if ACTIVATION == "clamped_swiglu":
@@ -188,13 +201,9 @@ def moe_gate_up_kernel(
     pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] slots
-    pairs = tl.load(sorted_ids_ptr + offs_m)  # [BM]
-    row_ok = pairs < num_pairs
+    pairs, row_ok, expert, offs_n, n_ok = expert_tile(
+        sorted_ids_ptr, expert_ids_ptr, num_pairs, pid_m, pid_n, F, BLOCK_M, BLOCK_N)  # offs_n: columns of h
     tokens = (pairs // K).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of h
-    n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + tokens[:, None] * D + offs_k[None, :]  # [BM, BK]
@@ -252,13 +261,9 @@ def moe_down_kernel(
     pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ids_ptr + offs_m)  # [BM]
-    row_ok = pairs < num_pairs
+    pairs, row_ok, expert, offs_n, n_ok = expert_tile(
+        sorted_ids_ptr, expert_ids_ptr, num_pairs, pid_m, pid_n, D, BLOCK_M, BLOCK_N)  # offs_n: output columns
     rows = pairs.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of the output
-    n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = h_ptr + rows[:, None] * F + offs_k[None, :]  # [BM, BK]
