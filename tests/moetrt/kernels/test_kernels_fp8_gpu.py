@@ -39,10 +39,11 @@ if IN_PROCESS:
 
 CUDA = torch.device("cuda")
 # (tokens T, model dim D, expert dim F, experts E, k, weight scales, activation scales)
+# DeepSeek-V3's expert sizes with 32 of its 256 experts (the float64 reference holds every weight twice)
 MOE_CASES = [
-    (1, 7168, 2048, 256, 8, "block", "token"),  # DeepSeek-V3 decode
-    (64, 7168, 2048, 256, 8, "block", "block"),
-    (4096, 7168, 2048, 256, 8, "block", "token"),  # DeepSeek-V3 prefill: 128 rows per expert
+    (1, 7168, 2048, 32, 8, "block", "token"),  # decode
+    (64, 7168, 2048, 32, 8, "block", "block"),
+    (512, 7168, 2048, 32, 8, "block", "token"),  # 128 rows per expert, as DeepSeek-V3 at T = 4096
     (1, 4096, 14336, 8, 2, "channel", "token"),  # Mixtral decode
     (513, 4096, 14336, 8, 2, "block", "token"),
 ]
