@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moetrt
+import moetrt.fp8
 from moetrt.errors import MoetrtError
 from moetrt.fp8 import (
     FP8_DTYPE,
@@ -183,3 +184,21 @@ def test_what_cannot_run_is_refused(monkeypatch):
         fp8_experts(MoETransformer.from_config(config), block=(16, 16))
     with pytest.raises(MoetrtError, match="without biases"):
         fp8_experts(MoETransformer.from_config(dataclasses.replace(config, expert_bias=True)))
+
+
+def test_session_option_runs_fp8_experts_end_to_end(monkeypatch, tmp_path):
+    # the device check passes as on an H200; the experts then run their torch face on the CPU
+    monkeypatch.setattr(moetrt.fp8, "check_fp8_device", lambda device: None)
+    prompt = [[5, 6, 7, 8, 9, 10, 11, 12]]
+    reference = Session("tiny").generate(prompt, max_new_tokens=8)
+    session = Session("tiny", expert_precision="fp8", fp8_weight_scales="channel", fp8_activation_scales="block")
+    assert session.backend.fp8_layers == {"from_checkpoint": 0, "quantized": 4}
+    experts = [m for m in session.backend.model.modules() if isinstance(m, FP8Experts)]
+    assert len(experts) == 4 and experts[0].gate_up_block == (1, 128) and experts[0].activation_scales == "block"
+    result = session.generate(prompt, max_new_tokens=8)
+    assert len(result.tokens[0]) == 8
+    assert result.tokens[0][0] == reference.tokens[0][0]  # the trained model's first greedy token survives e4m3
+    # an FP8 checkpoint folder: its expert bytes go in as stored
+    save_fp8_checkpoint(hf_tiny_model("mixtral", intermediate_size=64), tmp_path, (32, 32))
+    session = Session(str(tmp_path), expert_precision="fp8")
+    assert session.backend.fp8_layers == {"from_checkpoint": 3, "quantized": 0}
