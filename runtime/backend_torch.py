@@ -137,6 +137,7 @@ class TorchBackend:
 
             maybe_register_cuda_kernels()
         self.expert_precision = expert_precision
+        self.fp8_layers: dict[str, int] | None = None  # MoE layers whose experts came from FP8 bytes / were quantized
         if fp8:
             from moetrt.fp8 import fp8_experts
 
