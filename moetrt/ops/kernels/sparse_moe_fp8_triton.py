@@ -41,6 +41,8 @@ from moetrt.ops.kernels.configs import SparseMoEConfig, fp8_block_k, next_power_
 from moetrt.ops.kernels.sparse_moe_triton import (
     activation_epilogue,
     expert_tile,
+    load_a,
+    load_b,
     moe_align,
     moe_combine_kernel,
     tile_ids,
@@ -156,15 +158,9 @@ def moe_gate_up_fp8_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        if D % BLOCK_K == 0:
-            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            b_gate = tl.load(gate_ptrs, mask=n_ok[None, :], other=0.0)
-            b_up = tl.load(up_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < D - k0
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_gate = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            b_up = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = load_a(x_ptrs, row_ok, offs_k, D - k0, D % BLOCK_K == 0)
+        b_gate = load_b(gate_ptrs, n_ok, offs_k, D - k0, D % BLOCK_K == 0)
+        b_up = load_b(up_ptrs, n_ok, offs_k, D - k0, D % BLOCK_K == 0)
         sx = tl.load(xs_ptrs + k0 // X_GROUP, mask=row_ok, other=0.0)  # [BM] this tile's activation scales
         s_gate = tl.load(gate_s_ptrs + k0 // W_BK, mask=n_ok, other=0.0)  # [BN] its weight scales
         s_up = tl.load(up_s_ptrs + k0 // W_BK, mask=n_ok, other=0.0)
@@ -217,13 +213,8 @@ def moe_down_fp8_kernel(
     ws_ptrs = ws_ptr + expert * (((D + W_BN - 1) // W_BN) * W_SCALES) + (offs_n // W_BN) * W_SCALES  # [BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
-        if F % BLOCK_K == 0:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < F - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = load_a(a_ptrs, row_ok, offs_k, F - k0, F % BLOCK_K == 0)
+        b = load_b(b_ptrs, n_ok, offs_k, F - k0, F % BLOCK_K == 0)
         sh = tl.load(hs_ptrs + k0 // H_GROUP, mask=row_ok, other=0.0)  # [BM]
         sw = tl.load(ws_ptrs + k0 // W_BK, mask=n_ok, other=0.0)  # [BN]
         acc += tl.dot(a, b) * (sh[:, None] * sw[None, :])

@@ -55,6 +55,8 @@ __all__ = [
     "moe_combine_kernel",
     "activation_epilogue",
     "expert_tile",
+    "load_a",
+    "load_b",
 ]
 
 _DEFAULTS = SPEC.defaults  # activation, alpha, limit as the op declares them
@@ -160,6 +162,24 @@ def expert_tile(sorted_ids_ptr, expert_ids_ptr, num_pairs, pid_m, pid_n, N, BLOC
 
 
 @triton.jit
+def load_a(ptrs, row_ok, offs_k, remaining, EVEN_K: tl.constexpr):
+    """An A tile ``[BM, BK]`` of a grouped GEMM: padding rows and (unless ``EVEN_K``) columns past K read as 0."""
+    mask = row_ok[:, None]
+    if not EVEN_K:
+        mask = mask & (offs_k < remaining)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_b(ptrs, n_ok, offs_k, remaining, EVEN_K: tl.constexpr):
+    """A B tile ``[BK, BN]`` (a weight tile read along K): columns past N and (unless ``EVEN_K``) rows past K read as 0."""
+    mask = n_ok[None, :]
+    if not EVEN_K:
+        mask = (offs_k < remaining)[:, None] & mask
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def activation_epilogue(acc_gate, acc_up, alpha, limit, ACTIVATION: tl.constexpr):
     """``act(gate, up)`` of two fp32 ``[BM, BN]`` accumulators, in fp32 (the gate|up kernels' epilogue)."""
     if ACTIVATION == "clamped_swiglu":
@@ -212,15 +232,9 @@ def moe_gate_up_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        if D % BLOCK_K == 0:
-            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            b_gate = tl.load(gate_ptrs, mask=n_ok[None, :], other=0.0)
-            b_up = tl.load(up_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < D - k0
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_gate = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            b_up = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = load_a(x_ptrs, row_ok, offs_k, D - k0, D % BLOCK_K == 0)
+        b_gate = load_b(gate_ptrs, n_ok, offs_k, D - k0, D % BLOCK_K == 0)
+        b_up = load_b(up_ptrs, n_ok, offs_k, D - k0, D % BLOCK_K == 0)
         if UPCAST:
             a, b_gate, b_up = a.to(tl.float32), b_gate.to(tl.float32), b_up.to(tl.float32)
         acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
@@ -270,13 +284,8 @@ def moe_down_kernel(
     b_ptrs = w_ptr + expert * (D * F) + offs_n[None, :].to(tl.int64) * F + offs_k[:, None]  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
-        if F % BLOCK_K == 0:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < F - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = load_a(a_ptrs, row_ok, offs_k, F - k0, F % BLOCK_K == 0)
+        b = load_b(b_ptrs, n_ok, offs_k, F - k0, F % BLOCK_K == 0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
