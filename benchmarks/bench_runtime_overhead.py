@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     rows = measure(folder, args.threads, args.prompt, args.tokens, args.repeat)
     result = {
         "benchmark": "per-step decode time: Session (ort back end) vs onnxruntime-genai on the same exported tiny",
-        "command": " ".join(["python benchmarks/bench_runtime_overhead.py", *_named_work(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench_runtime_overhead.py", *peer_bench.named_work(sys.argv[1:] if argv is None else argv)]),
         "workload": {"batch": 1, "prompt": args.prompt, "tokens": args.tokens, "repeat": args.repeat},
         "machine": peer_bench.machine_info(), "versions": {**peer_bench.versions(), "onnxruntime_genai": og.__version__},
         "load_average": {"before": load_before, "after": os.getloadavg()},
@@ -232,17 +232,6 @@ def main(argv=None) -> int:
         tmp.cleanup()
     print((args.out / "runtime_overhead.md").read_text())
     return 0
-
-
-def _named_work(argv: list[str]) -> list[str]:
-    """The arguments with the work folder written as DIR: a result names no folder of the machine it ran on."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg == "--work" and i + 1 < len(out):
-            out[i + 1] = "DIR"
-        elif arg.startswith("--work="):
-            out[i] = "--work=DIR"
-    return out
 
 
 def write_report(path: Path, result: dict) -> None:
