@@ -443,6 +443,17 @@ def versions() -> dict:
             "moetrt": moetrt.__version__, "moetrt_commit": commit}
 
 
+def named_work(argv: list[str]) -> list[str]:
+    """Command-line arguments with the work folder written as DIR: a result names no folder of the machine it ran on."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--work" and i + 1 < len(out):
+            out[i + 1] = "DIR"
+        elif arg.startswith("--work="):
+            out[i] = "--work=DIR"
+    return out
+
+
 def median(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

@@ -121,6 +121,22 @@ class OrtBackend:
                 f"{exported.onnx_path} lacks the graph inputs/outputs moetrt expects ({', '.join(missing[:6])}); "
                 "it was not written by `moetrt export` or comes from another version: re-export it"
             )
+        # what every step binds, worked out once: names, devices, element types, state entries
+        C = ort.capi._pybind_state
+        self._binding = C.SessionIOBinding(self.session._sess)
+        self._host_device = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._device = ort.OrtDevice.make(device_type, device_id)._get_c_device()
+        self._past_names = tuple(self.spec.state.all_past_names())
+        self._present_names = tuple(self.spec.state.all_present_names())
+        self._host = ("logits",)
+        self._host_with_router = ("logits", *(n for layer in self.spec.moe_layers for n in router_names(layer)))
+        self._sizes = self.spec.state.size_map
+        self._present_bindings = tuple(
+            (name, self.spec.state.entry_of(name)[1], onnx_elem_type(self.spec.state_element_dtype(name)))
+            for name in self._present_names
+        )
+        self._present_entries = tuple({entry: None for _, entry, _ in self._present_bindings})
+        self._kv_pointers: dict[str, list[int]] = {}
 
     def empty_past(self, batch: int) -> Feeds:
         zeros = numpy_empty_past(self.spec, batch)  # fixed-size state (a linear-attention layer's) starts at zero
@@ -139,40 +155,50 @@ class OrtBackend:
                 "collected from it; re-export with router outputs (moetrt export --router-outputs) or use the "
                 "torch back end"
             )
-        binding = self.session.io_binding()
+        # one binding for the life of the back end, rebound in place (a name bound again replaces the old
+        # binding), through ORT's own binding object: its Python wrapper costs ~10 us per bind on top
+        binding = self._binding
+        held = []  # host arrays bound by address: they must outlive the run
         for name in ("input_ids", "attention_mask", "position_ids"):
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name], dtype=np.int64))
-        for name in self.spec.state.all_past_names():
+            value = feeds[name]
+            if type(value) is not np.ndarray or value.dtype != np.int64 or not value.flags.c_contiguous:
+                value = np.ascontiguousarray(value, dtype=np.int64)
+            binding.bind_input(name, value)
+            held.append(value)
+        past_ptr = None
+        for name in self._past_names:
             value = feeds[name]
             if isinstance(value, self._ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)  # the previous step's present, already on the device
+                binding.bind_ortvalue_input(name, value._ortvalue)  # the previous step's present, already on the device
+                if past_ptr is None:
+                    past_ptr = value.data_ptr()
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                value = np.ascontiguousarray(value)
+                binding.bind_input(name, value)  # a host array (NumPy; bfloat16 through ml_dtypes)
+                held.append(value)
 
-        host = ["logits"]
-        if want_router:
-            for layer in self.spec.moe_layers:
-                host += router_names(layer)
-        device = self.spec.state.all_present_names()
+        host = self._host_with_router if want_router else self._host
+        binding.clear_binding_outputs()  # the last step's router outputs, when it had them
         for name in host:
-            binding.bind_output(name, "cpu")
-        batch, seq = np.shape(feeds["input_ids"])
+            binding.bind_output(name, self._host_device)
+        ids = feeds["input_ids"]
+        batch = len(ids)
         total = np.shape(feeds["attention_mask"])[1]  # P + S positions in each present
         retired = self._reserve_kv(batch, total)  # the buffers a growth replaced stay alive for this run
-        past_ptr = _data_ptr(feeds[self.spec.state.all_past_names()[0]]) if device else None
+        device = self._present_names
         slot = 1 if device and self._kv_buffers[device[0]][0].data_ptr() == past_ptr else 0  # never write over the past
-        for name in device:
-            buffer = self._kv_buffers[name][slot]
-            shape = list(self.spec.state_shape(name, batch, total))  # [B, G, P+S, Hd] for key/value
-            elem_type = onnx_elem_type(self.spec.state_element_dtype(name))
-            binding.bind_output(name, self._device_type, self._device_id, elem_type, shape, buffer.data_ptr())
+        shapes = {entry: list(entry.shape(self._sizes, batch, total)) for entry in self._present_entries}
+        for name, entry, elem_type in self._present_bindings:
+            # [B, G, P+S, Hd] for key/value, written into this step's buffer of the pair
+            binding.bind_output(name, self._device, elem_type, shapes[entry], self._kv_pointers[name][slot])
 
-        self.session.run_with_iobinding(binding)
-        del retired
-        values = binding.get_outputs()  # in binding order
-        outputs: Feeds = {}
-        for name, value in zip(host + device, values, strict=True):
-            outputs[name] = value.numpy() if name in host else value
+        self.session._sess.run_with_iobinding(binding, None)
+        del retired, held
+        values = binding.get_outputs()  # in binding order: host outputs, then the presents
+        outputs: Feeds = {name: values[i].numpy() for i, name in enumerate(host)}
+        wrap = self._ort.OrtValue
+        for i, name in enumerate(device, len(host)):
+            outputs[name] = wrap(values[i])
         return outputs
 
     def _reserve_kv(self, batch: int, positions: int) -> list[Any]:
@@ -193,6 +219,7 @@ class OrtBackend:
             ]
             for name in self.spec.state.all_present_names()
         }  # fmt: skip
+        self._kv_pointers = {name: [buffer.data_ptr() for buffer in pair] for name, pair in self._kv_buffers.items()}
         self._kv_batch, self._kv_positions = batch, capacity
         return retired
 
@@ -205,6 +232,3 @@ class OrtBackend:
             for name in self._kv_buffers
         )
 
-
-def _data_ptr(value: Any) -> int | None:
-    return value.data_ptr() if hasattr(value, "data_ptr") and not isinstance(value, np.ndarray) else None

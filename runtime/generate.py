@@ -173,22 +173,31 @@ class Generation:
         input_ids, mask, position_ids = left_pad(self.prompts, self.pad_token_id)  # [B, L] x3
         feeds: Feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
         feeds.update(backend.empty_past(batch))
+        # the whole run's attention mask, written once: step t feeds the view of its first L + t columns
+        longest = mask.shape[1]
+        full_mask = np.ones((batch, longest + options.max_new_tokens), dtype=np.int64)  # [B, L + N]
+        full_mask[:, :longest] = mask
+        positions = mask.sum(axis=1, keepdims=True)  # [B, 1]: the next position of every row
+        pairs = spec.state.pairs()  # (present, past): what each step feeds back
         keep = mask.astype(bool)  # [B, S]: the real tokens of this step's input
         active = np.ones(batch, dtype=bool)  # [B]: rows still generating
+        all_active = True
         for step in range(options.max_new_tokens):
             start = time.perf_counter()
             outputs = backend.forward(feeds, want_router=self.stats is not None)
             if self.stats is not None:
                 self.stats.add(outputs, keep.reshape(-1))
-            logits = np.asarray(outputs["logits"][:, -1, :])  # [B, V]
-            if not np.isfinite(logits[active]).all():
+            logits = np.asarray(outputs["logits"])[:, -1, :]  # [B, V], a view
+            if not np.isfinite(logits if all_active else logits[active]).all():
                 raise MoetrtError(
                     f"the model produced non-finite logits at step {step} on the {backend.name} back end; the "
                     "weights hold NaN/Inf, or fp16 overflowed (try the fp32 model)"
                 )
             uniform = None if options.greedy else rng.random(batch)  # [B]
-            next_tokens = np.where(active, sample_next(logits, options, uniform), self.pad_token_id)  # [B]
-            stopped = active & np.isin(next_tokens, stop)
+            next_tokens = sample_next(logits, options, uniform)  # [B]
+            if not all_active:
+                next_tokens = np.where(active, next_tokens, self.pad_token_id)
+            stopped = active & np.isin(next_tokens, stop) if len(stop) else np.zeros(batch, dtype=bool)
             elapsed = time.perf_counter() - start
             if step == 0:
                 self.prefill_seconds = elapsed
@@ -196,12 +205,15 @@ class Generation:
                 self.decode_seconds += elapsed
                 self.decode_steps += 1
 
-            for row in np.flatnonzero(active):
-                self.tokens[row].append(int(next_tokens[row]))
-            for row in np.flatnonzero(stopped):
-                self.finish_reasons[row] = "stop"
+            for row, token in enumerate(next_tokens.tolist()):
+                if active[row]:
+                    self.tokens[row].append(token)
             was_active = active.copy()
-            active = active & ~stopped
+            if stopped.any():
+                for row in np.flatnonzero(stopped):
+                    self.finish_reasons[row] = "stop"
+                active = active & ~stopped
+                all_active = False
             last = not active.any() or step == options.max_new_tokens - 1
             if last:
                 for row in np.flatnonzero(active):
@@ -210,13 +222,13 @@ class Generation:
             if last:
                 return
 
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)  # [B, P+1]
             feeds = {
                 "input_ids": next_tokens[:, None],  # [B, 1]
-                "attention_mask": mask,
-                "position_ids": mask.sum(axis=1, keepdims=True) - 1,  # [B, 1]
+                "attention_mask": full_mask[:, : longest + step + 1],  # [B, P+1]
+                "position_ids": positions,  # [B, 1]
             }
-            for present, past in spec.state.pairs():
+            positions = positions + 1
+            for present, past in pairs:
                 feeds[past] = outputs[present]  # [B, G, P+1, Hd] for key/value, back-end native
             keep = active[:, None]  # [B, 1]: rows that stopped feed padding
 

@@ -48,3 +48,18 @@ def test_presents_alternate_between_two_buffers_and_never_alias_the_past(text_ex
         feeds = {"input_ids": out["logits"][:, -1].argmax(-1)[:, None], "attention_mask": mask,
                  "position_ids": np.array([[3 + step]])}  # fmt: skip
     assert pointers[0] == pointers[2] != pointers[1] == pointers[3]
+
+
+def test_steps_with_and_without_router_outputs_interleave_on_one_back_end(text_export):
+    """The back end binds its outputs anew every step: a step that asked for router outputs leaves none behind."""
+    ort, fresh = OrtBackend(text_export), OrtBackend(text_export)
+    feeds = {"input_ids": np.array([[4, 5, 6]]), "attention_mask": np.ones((1, 3), dtype=np.int64),
+             "position_ids": np.arange(3)[None]}
+    routed = ort.forward({**feeds, **ort.empty_past(1)}, want_router=True)
+    assert {f"router_weights.{i}" for i in ort.spec.moe_layers} <= set(routed)
+    plain = ort.forward({**feeds, **ort.empty_past(1)})
+    assert not any(name.startswith("router_") for name in plain)
+    want = fresh.forward({**feeds, **fresh.empty_past(1)})
+    np.testing.assert_array_equal(plain["logits"], want["logits"])
+    np.testing.assert_array_equal(routed["logits"], want["logits"])
+    np.testing.assert_array_equal(plain["present.0.key"].numpy(), want["present.0.key"].numpy())
