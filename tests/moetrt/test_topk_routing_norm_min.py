@@ -9,18 +9,15 @@ unchanged); transformers' ``Ernie4_5_MoeTopKRouter`` matches; bad values raise V
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 import moetrt.ops  # noqa: F401  (registers the torch ops)
-from moetrt.ops._onnx import DOMAIN, PLUGIN_NAMESPACE
+from moetrt.ops._onnx import PLUGIN_NAMESPACE
 from moetrt.ops.topk_routing import SPEC, RoutingVariant, onnx_function, topk_routing_reference
 from moetrt.parity import check_close, tolerance
+from tests.moetrt.test_topk_routing_v2 import _session as v2_session
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -43,27 +40,10 @@ def _values(k, scoring, norm_min, scale, normalize=1):
             "plugin_namespace": PLUGIN_NAMESPACE}
 
 
-@functools.cache
 def _session(k, scoring, with_bias, norm_min, scale):
-    values = _values(k, scoring, norm_min, scale)
-    inputs = ["logits", "selection_bias"] if with_bias else ["logits"]
-    node = helper.make_node("TopKRouting", inputs, ["weights", "indices"], domain=DOMAIN, **SPEC.non_default(values))
-    infos = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "E"])]
-    if with_bias:
-        infos.append(helper.make_tensor_value_info("selection_bias", TensorProto.FLOAT, ["E"]))
-    graph = helper.make_graph(
-        [node], "op", infos,
-        [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["T", k]),
-         helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", k])])
-    version = SPEC.version_for(values, ("selection_bias",) * with_bias)
-    assert version == 3
-    proto = helper.make_model(
-        graph, functions=[onnx_function(OPSET, RoutingVariant(with_bias, scoring=scoring, norm_min=True))],
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, version)])
-    onnx.checker.check_model(proto, full_check=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime session of one version-3 node with its function body (the version-2 tests' builder)."""
+    assert SPEC.version_for(_values(k, scoring, norm_min, scale), ("selection_bias",) * with_bias) == 3
+    return v2_session(k, scoring, True, float(scale), with_bias, 1, 1, "top2_sum", float(norm_min))
 
 
 def _inputs(tokens, experts, seed=0):
