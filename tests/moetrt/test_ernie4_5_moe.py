@@ -18,7 +18,10 @@ import torch
 
 import moetrt
 from moetrt.errors import UnsupportedModelError
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_model, left_padded, rel_err
+from tests.hf_tiny import (
+    greedy_tokens_of, hf_forward, hf_greedy, hf_tiny_model, left_padded, reference_and_export, rel_err,
+    saved_with_config,
+)
 
 pytest.importorskip("transformers")
 
@@ -38,10 +41,7 @@ def hf_model():
 def exported(hf_model, tmp_path_factory):
     """(reference model, its canonical export), made once for the module's ort tests."""
     pytest.importorskip("onnxruntime")
-    from moetrt.export import onnx_from_torch
-
-    model = moetrt.from_pretrained(hf_model)
-    return model, onnx_from_torch(model, tmp_path_factory.mktemp("ernie") / "onnx", progress=False)
+    return reference_and_export(hf_model, tmp_path_factory.mktemp("ernie") / "onnx")
 
 
 def test_cache_equals_transformers_cache(hf_model):
@@ -145,8 +145,8 @@ def test_export_runs_in_onnx_runtime(exported):
     real = mask.bool().numpy()
     assert np.abs(outputs[0][real] - ref.logits.numpy()[real]).max() <= ORT_ATOL
     present = outputs[1:]
-    feeds = {"input_ids": np.array([[31], [32], [33]]), "attention_mask": np.concatenate((mask.numpy(), np.ones((3, 1), np.int64)), 1),
-             "position_ids": positions.numpy()[:, -1:] + 1}
+    feeds = {"input_ids": np.array([[31], [32], [33]]), "position_ids": positions.numpy()[:, -1:] + 1,
+             "attention_mask": np.concatenate((mask.numpy(), np.ones((3, 1), np.int64)), 1)}
     names = [n for i in range(model.config.num_hidden_layers) for n in state.past_names(i)]
     feeds.update(dict(zip(names, present)))
     with torch.no_grad():
@@ -157,13 +157,7 @@ def test_export_runs_in_onnx_runtime(exported):
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_greedy_tokens_match_transformers_generate(hf_model, exported, backend):
-    from moetrt.runtime import Session
-
-    expected = hf_greedy(hf_model, PROMPTS, STEPS, PAD)
-    model, folder = exported
-    source = model if backend == "torch" else folder
-    result = Session(source, backend=backend).generate(PROMPTS, max_new_tokens=STEPS, stop_tokens=())
-    assert result.tokens == expected
+    assert greedy_tokens_of(exported, backend, PROMPTS, STEPS) == hf_greedy(hf_model, PROMPTS, STEPS, PAD)
 
 
 def test_save_pretrained_writes_what_transformers_reads(hf_model, tmp_path):
@@ -221,12 +215,8 @@ def test_genai_config_is_written(exported):
     ("ernie4_5", "is a dense model"),
 ])
 def test_other_ernie_models_are_refused_by_name(hf_model, tmp_path, model_type, needle):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["model_type"] = model_type
-    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(tmp_path)
+        moetrt.from_pretrained(saved_with_config(hf_model, tmp_path, model_type=model_type))
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -234,9 +224,5 @@ def test_other_ernie_models_are_refused_by_name(hf_model, tmp_path, model_type, 
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(edit)
-    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(tmp_path)
+        moetrt.from_pretrained(saved_with_config(hf_model, tmp_path, **edit))

@@ -147,3 +147,18 @@ def test_bad_norm_min_is_refused_by_name(bad):
         TopKRouting(torch.randn(3, 8), 2, "softmax", True, 1.0, norm_min=bad)
     with pytest.raises(ValueError, match="norm_min"):
         topk_routing_reference(np.zeros((3, 8), np.float32), 2, "softmax", True, 1.0, norm_min=bad)
+
+
+def test_gradient_follows_the_clamp():
+    """The op's backward differentiates weights / max(sum, norm_min): clamped rows get no gradient through the sum."""
+    logits = torch.randn(31, 8, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    upstream = torch.randn(31, 2, generator=torch.Generator().manual_seed(5))
+    weights, indices = TopKRouting(logits, 2, "softmax", True, 1.0, norm_min=0.5)
+    (grad,) = torch.autograd.grad((weights * upstream).sum(), logits)
+    leaf = logits.detach().requires_grad_()
+    chosen = torch.softmax(leaf, -1).gather(-1, indices.long())
+    want = chosen / chosen.sum(-1, keepdim=True).clamp(min=0.5)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), leaf)
+    torch.testing.assert_close(grad, want_grad)
+    clamped = chosen.sum(-1) < 0.5
+    assert clamped.any() and (~clamped).any()
