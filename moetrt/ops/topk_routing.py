@@ -73,7 +73,7 @@ SPEC = OpSpec(
     ),
 )
 # the torch op's arguments after logits, in order: the version-1 ones positionally as callers always
-# passed them, then the version-2 ones (keywords); plugin_namespace is for TensorRT only
+# passed them, then the version-2 and -3 ones (keywords); plugin_namespace is for TensorRT only
 TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring",
               "norm_min")
 TORCH_KINDS = {"normalize": "bool"}  # an int 0/1 attribute in ONNX, a bool in torch
