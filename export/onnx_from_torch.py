@@ -89,9 +89,11 @@ def _translation_table() -> dict:
     moetrt_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
     def topk_routing(logits, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
-                     selection_bias=None, n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum"):
+                     selection_bias=None, n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum",
+                     norm_min: float = 0.0):
         values = {"k": k, "scoring": scoring, "normalize": int(normalize), "scale": float(scale), "n_group": n_group,
-                  "topk_group": topk_group, "group_scoring": group_scoring, "plugin_namespace": PLUGIN_NAMESPACE}
+                  "topk_group": topk_group, "group_scoring": group_scoring, "plugin_namespace": PLUGIN_NAMESPACE,
+                  "norm_min": float(norm_min)}
         attrs = TOPK_ROUTING_SPEC.non_default(values)
         inputs = (logits,) if selection_bias is None else (logits, selection_bias)
         version = TOPK_ROUTING_SPEC.version_for(values, ("selection_bias",) * (selection_bias is not None))
@@ -222,7 +224,7 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
     for node in ir_model.graph:
         if node.domain == DOMAIN:
             counts[node.op_type] += 1
-            if node.op_type == "TopKRouting":  # version 2: a selection bias and/or groups
+            if node.op_type == "TopKRouting":  # version 2: a selection bias and/or groups; 3: norm_min
                 routing = topk_routing_variant(node)
                 routing_variants.setdefault(routing.key, routing)
                 routing_nodes.append((node, routing))
@@ -259,7 +261,7 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
     for proto in protos:
         function = ir.serde.deserialize_function(proto)
         ir_model.functions[function.identifier()] = function
-    ir_model.opset_imports[DOMAIN] = domain_version  # 1 unless a node uses a version-2 option
+    ir_model.opset_imports[DOMAIN] = domain_version  # 1 unless a node uses a version-2 or -3 option
     return counts
 
 

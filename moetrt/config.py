@@ -143,6 +143,12 @@ class MoEConfig:
     attention_output_gate: bool = False
     # RMSNorm as x * (1 + w) (Qwen3-Next's zero-centred weights) on every norm but the DeltaNet's gated one
     rms_norm_unit_offset: bool = False
+    # ERNIE-4.5-MoE: with normalize_topk the k weights are divided by max(their sum, norm_min) (moe_norm_min;
+    # TopKRouting's norm_min, version 3; 0: the plain sum); biases on the dense MLPs' and shared experts'
+    # projections (mlp_bias) and on lm_head (lm_head_bias), as ERNIE's use_bias puts them
+    norm_min: float = 0.0
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
@@ -250,6 +256,10 @@ class MoEConfig:
                 f"got {self.dense_intermediate_size!r}"
             )
         self._check_gemma()
+        if not (isinstance(self.norm_min, (int, float)) and not isinstance(self.norm_min, bool)
+                and 0 <= self.norm_min < float("inf")):
+            raise ValueError(f"MoEConfig.norm_min must be a finite number >= 0 (0: divide by the plain sum), "
+                             f"got {self.norm_min!r}")
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"

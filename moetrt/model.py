@@ -321,11 +321,11 @@ class LatentAttention(nn.Module):
 class DenseMLP(nn.Module):
     """SwiGLU feed-forward: dense layers and shared experts (GeGLU with ``gelu_tanh``: Gemma 4)."""
 
-    def __init__(self, dim: int, ffn: int, activation: str = "silu"):
+    def __init__(self, dim: int, ffn: int, activation: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn, bias=False)
-        self.up_proj = nn.Linear(dim, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, ffn, bias=bias)
+        self.up_proj = nn.Linear(dim, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, dim, bias=bias)
         self.gelu = activation == "gelu_tanh"
 
     def forward(self, x):
@@ -363,11 +363,13 @@ class MoEBlock(nn.Module):
         self.route_args = {}
         if cfg.n_group > 1:
             self.route_args = dict(n_group=cfg.n_group, topk_group=cfg.topk_group, group_scoring=cfg.group_scoring)
+        if cfg.norm_min and cfg.normalize_topk:  # ERNIE-4.5: the renormalisation's denominator clamped (version 3)
+            self.route_args["norm_min"] = cfg.norm_min
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_bias)
         self.shared_expert = None
         self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, bias=cfg.mlp_bias)
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
@@ -425,7 +427,8 @@ class DecoderLayer(nn.Module):
             self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg, layer_idx)
         self.post_attention_layernorm = rms_norm(cfg, cfg.hidden_size)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size, cfg.activation)
+        self.mlp = (MoEBlock(cfg) if self.is_moe
+                    else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size, cfg.activation, bias=cfg.mlp_bias))
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:  # Gemma 4: post_attention_layernorm norms the attention output; these the feed-forward's
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -500,7 +503,7 @@ class MoETransformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = rms_norm(config, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_embedding(config)

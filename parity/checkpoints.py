@@ -282,6 +282,7 @@ class _MoEOps(TorchDispatchMode):
                 rows, chosen = self.forced[layer]
                 # the op's arguments by name; the weights come from the unbiased scores (the selection
                 # bias and groups only choose), so the forced choice's weights need scoring, normalize, scale
+                # and norm_min
                 options = dict(zip(TOPK_ROUTING_ARGS, args[1:]), **kwargs)
                 rows_t = torch.as_tensor(rows, dtype=torch.long)
                 indices = indices.clone()
@@ -289,6 +290,7 @@ class _MoEOps(TorchDispatchMode):
                 forced_weights = routing_weights(
                     logits[rows_t], indices[rows_t], options.get("scoring", "softmax"),
                     bool(options.get("normalize", False)), float(options.get("scale", 1.0)),
+                    float(options.get("norm_min", 0.0)),
                 )
                 weights = weights.clone()
                 weights[rows_t] = forced_weights

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
     "left_padded", "rel_err", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
+    "saved_with_config", "greedy_tokens_of", "reference_and_export",
 ]
 
 from moetrt import families as _families
@@ -230,3 +231,33 @@ def hf_greedy(hf_model, prompts, steps, pad_id: int = 0):
             eos_token_id=None, pad_token_id=pad_id,
         )
     return out[:, longest:].tolist()
+
+
+def saved_with_config(hf_model, folder, **fields):
+    """``hf_model`` saved to ``folder`` with ``fields`` written over its config.json; returns ``folder``."""
+    import json
+
+    hf_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def greedy_tokens_of(exported, backend: str, prompts, steps: int) -> list[list[int]]:
+    """Greedy tokens of ``exported`` = (reference model, export folder) on ``backend``: the model on torch, the folder
+    on ort (no stop tokens)."""
+    from moetrt.runtime import Session
+
+    model, folder = exported
+    source = model if backend == "torch" else folder
+    return Session(source, backend=backend).generate(prompts, max_new_tokens=steps, stop_tokens=()).tokens
+
+
+def reference_and_export(hf_model, folder):
+    """(moetrt's model of ``hf_model``, its canonical fp32 export in ``folder``)."""
+    import moetrt
+    from moetrt.export import onnx_from_torch
+
+    model = moetrt.from_pretrained(hf_model)
+    return model, onnx_from_torch(model, folder, progress=False)

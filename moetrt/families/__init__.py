@@ -12,9 +12,12 @@ from moetrt.errors import UnsupportedModelError
 
 from ._base import COMPANION, DERIVED, SKIPPED, Family, Placement
 
-__all__ = ["Family", "Placement", "DERIVED", "COMPANION", "SKIPPED", "register", "get", "SUPPORTED_MODEL_TYPES", "tiny_variants"]
+__all__ = ["Family", "Placement", "DERIVED", "COMPANION", "SKIPPED", "register", "get", "SUPPORTED_MODEL_TYPES", "tiny_variants",
+           "refuse"]
 
 _REGISTRY: dict[str, Family] = {}
+# model types moetrt knows and refuses, with the reason (a family module declares them with refuse())
+_REFUSED: dict[str, str] = {}
 
 
 def register(cls: type[Family]) -> type[Family]:
@@ -25,12 +28,22 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
+def refuse(model_type: str, reason: str) -> None:
+    """Declare a ``model_type`` moetrt knows and does not read: :func:`get` raises with ``reason``."""
+    if model_type in _REGISTRY or model_type in _REFUSED:
+        raise ValueError(f"model_type {model_type!r} is already registered or refused")
+    _REFUSED[model_type] = reason
+
+
 def supported_message() -> str:
     return "supported model_type values: " + ", ".join(_REGISTRY)
 
 
 def get(model_type: str | None) -> Family:
     """The family registered for ``model_type``."""
+    if model_type in _REFUSED:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported: {_REFUSED[model_type]}; "
+                                    f"{supported_message()}")
     try:
         return _REGISTRY[model_type]
     except KeyError:
@@ -47,5 +60,6 @@ def tiny_variants() -> dict[str, tuple[str, dict]]:
 from . import mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v3, glm4_moe, minimax_m2  # noqa: E402,F401
 from . import qwen3_next, qwen3_5_moe  # noqa: E402,F401
 from . import gemma4  # noqa: E402,F401
+from . import ernie4_5_moe  # noqa: E402,F401
 
 SUPPORTED_MODEL_TYPES = tuple(_REGISTRY)

@@ -14,17 +14,19 @@ Semantics (DESIGN.md, domain ``moetrt``)::
     indices = the k largest sel per row, sorted descending, ties to the lower expert
               index (ONNX TopK's rule)                                   int32 [T, k]
     weights = scores[indices]  (the unbiased scores)                     float32 [T, k]
-    if normalize: weights /= weights.sum(-1)
+    if normalize: weights /= max(weights.sum(-1), norm_min)
+                                         (version 3: attribute norm_min, default 0: the plain sum)
     weights *= scale
 
 Router math is float32 in every model dtype. Presets: Mixtral (softmax, k=2, normalize=1),
 Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), Qwen3-MoE
 (softmax, normalize=1); DeepSeek-V3 / Kimi-K2 / GLM-4.5 (sigmoid, selection bias, groups with
-top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups).
+top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups); ERNIE-4.5-MoE (softmax, selection
+bias, normalize with norm_min = moe_norm_min).
 
 Versions: a node that passes a selection bias or carries a group attribute needs domain
-``moetrt`` version 2; a model whose nodes use none keeps importing version 1 and exports exactly
-as before.
+``moetrt`` version 2, one that carries ``norm_min`` version 3; a model whose nodes use none keeps
+importing version 1 and exports exactly as before.
 
 This file holds all the op's faces: the ``torch.library.custom_op`` (eager kernel, fake,
 autograd), the NumPy reference, the ONNX schema and the model-local function body.
@@ -49,7 +51,7 @@ SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORINGS = ("top2_sum", "max")
 
 SPEC = OpSpec(
-    name=OP_NAME, domain="moetrt", version=2, doc=__doc__,
+    name=OP_NAME, domain="moetrt", version=3, doc=__doc__,
     inputs=(
         Port("logits", "T", "router logits [T, E]"),
         Port("selection_bias", "T", "[E] added to the scores for choosing only", optional=True, since=2),
@@ -66,19 +68,25 @@ SPEC = OpSpec(
         Attr("group_scoring", str, "top2_sum", GROUP_SCORINGS, "with n_group > 1, a group's score: top2_sum | max",
              since=2),
         Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
+        Attr("norm_min", float, 0.0, None, "with normalize, the k weights are divided by max(their sum, norm_min)",
+             only_with={"normalize": (1,)}, since=3),
     ),
 )
 # the torch op's arguments after logits, in order: the version-1 ones positionally as callers always
-# passed them, then the version-2 ones (keywords); plugin_namespace is for TensorRT only
-TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring")
+# passed them, then the version-2 and -3 ones (keywords); plugin_namespace is for TensorRT only
+TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring",
+              "norm_min")
 TORCH_KINDS = {"normalize": "bool"}  # an int 0/1 attribute in ONNX, a bool in torch
 
 
 def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
-                  group_scoring: str = "top2_sum") -> None:
+                  group_scoring: str = "top2_sum", norm_min: float = 0.0) -> None:
     """ValueError naming the attribute and what it takes, for attribute values no node may have."""
     if not 1 <= k <= num_experts:
         raise ValueError(f"{OP_NAME}: k must be in 1..E={num_experts}, got {k}")
+    if not (isinstance(norm_min, (int, float)) and not isinstance(norm_min, bool) and 0.0 <= norm_min < float("inf")):
+        raise ValueError(f"{OP_NAME}: attribute 'norm_min' must be a finite float >= 0 (0: divide by the plain sum), "
+                         f"got {norm_min!r}")
     SPEC.attr("scoring").coerce(scoring, OP_NAME)
     SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME)
     for name, value in (("n_group", n_group), ("topk_group", topk_group)):
@@ -98,13 +106,13 @@ def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: i
 
 
 def _check(logits: torch.Tensor, k: int, scoring: str, selection_bias: torch.Tensor | None = None,
-           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum") -> None:
+           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum", norm_min: float = 0.0) -> None:
     if logits.dim() != 2:
         raise ValueError(f"TopKRouting: logits must be [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
         raise ValueError(f"TopKRouting: logits must be float32 (router math is fp32), got {logits.dtype}")
     num_experts = logits.shape[1]
-    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring)
+    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring, norm_min)
     if selection_bias is not None:
         if tuple(selection_bias.shape) != (num_experts,) or selection_bias.dtype != torch.float32:
             raise ValueError(
@@ -138,7 +146,7 @@ def selection_scores(
 
 
 def routing_weights(
-    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float
+    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float, norm_min: float = 0.0
 ) -> torch.Tensor:
     """Weights of the chosen experts, differentiable in ``logits`` (indices fixed).
 
@@ -146,23 +154,24 @@ def routing_weights(
     """
     weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
     if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        total = weights.sum(dim=-1, keepdim=True)  # [T, 1]
+        weights = weights / (total.clamp(min=norm_min) if norm_min else total)
     return weights * scale
 
 
 def _topk_routing(
     logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum",
+    group_scoring: str = "top2_sum", norm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to its ``k`` best experts; returns ``(weights f32 [T,k], indices i32 [T,k])``."""
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min)
     scores = _scores(logits, scoring)  # [T, E]
     sel = selection_scores(scores, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     # A stable descending sort keeps equal scores in expert order, so ties go to the lower
     # index; torch.topk gives no such guarantee.
     indices = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]  # [T, K]
-    weights = routing_weights(logits, indices, scoring, normalize, scale)
+    weights = routing_weights(logits, indices, scoring, normalize, scale, norm_min)
     return weights.contiguous(), indices.to(torch.int32).contiguous()
 
 
@@ -176,16 +185,17 @@ topk_routing = torch.library.custom_op(
 
 @topk_routing.register_fake
 def _(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
-      group_scoring="top2_sum"):
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+      group_scoring="top2_sum", norm_min=0.0):
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min)
     num_tokens = logits.shape[0]
     return logits.new_empty(num_tokens, k), logits.new_empty(num_tokens, k, dtype=torch.int32)
 
 
 def _setup_context(ctx, inputs, output):
     logits, _k, scoring, normalize, scale = inputs[:5]
+    norm_min = inputs[1 + TORCH_ARGS.index("norm_min")]
     ctx.save_for_backward(logits, output[1])
-    ctx.options = (scoring, normalize, scale)
+    ctx.options = (scoring, normalize, scale, norm_min)
 
 
 def _backward(ctx, grad_weights, _grad_indices):
@@ -224,11 +234,11 @@ def selection_scores_reference(
 def topk_routing_reference(
     logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
     selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum",
+    group_scoring: str = "top2_sum", norm_min: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
     logits = np.asarray(logits, dtype=np.float64)
-    check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring)
+    check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring, norm_min)
     if selection_bias is not None and np.shape(selection_bias) != (logits.shape[-1],):
         raise ValueError(f"TopKRouting: selection_bias must be [E={logits.shape[-1]}], got {list(np.shape(selection_bias))}")
     if scoring == "softmax":
@@ -243,7 +253,7 @@ def topk_routing_reference(
     order = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(scores, order, axis=-1)
     if normalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
     return (weights * scale).astype(np.float32), order.astype(np.int32)
 
 
@@ -259,34 +269,38 @@ def onnx_schemas() -> list:
 
 
 class RoutingVariant:
-    """What a function body is specialised for: the scoring, a selection bias input, groups and their scoring.
+    """What a function body is specialised for: the scoring, a selection bias input, groups and their scoring,
+    and whether the renormalisation's denominator is clamped (``norm_min``, version 3).
 
     The body never compares a string attribute (TensorRT's parser rejects string Constants): each
-    ``scoring`` and ``group_scoring`` gets its own body; ``k``, ``normalize``, ``scale``, ``n_group``
-    and ``topk_group`` stay int/float attribute references.
+    ``scoring`` and ``group_scoring`` gets its own body; ``k``, ``normalize``, ``scale``, ``n_group``,
+    ``topk_group`` and ``norm_min`` stay int/float attribute references.
     """
 
     def __init__(self, selection_bias: bool = False, n_group: int = 1, group_scoring: str = "top2_sum",
-                 scoring: str = "softmax"):
+                 scoring: str = "softmax", norm_min: bool = False):
         self.scoring = SPEC.attr("scoring").coerce(scoring, OP_NAME)
         self.selection_bias = bool(selection_bias)
         self.grouped = n_group > 1
         self.group_scoring = SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME) if self.grouped else None
+        self.norm_min = bool(norm_min)  # the body divides by max(sum, norm_min)
 
     @property
-    def key(self) -> tuple[str, bool, bool, str | None]:
-        return self.scoring, self.selection_bias, self.grouped, self.group_scoring
+    def key(self) -> tuple:
+        return self.scoring, self.selection_bias, self.grouped, self.group_scoring, self.norm_min
 
     @property
     def version(self) -> int:
-        """2 where the body reads a version-2 option (a selection bias or groups), else 1."""
+        """3 where the body reads norm_min, 2 where it reads a version-2 option (a selection bias or groups), else 1."""
+        if self.norm_min:
+            return 3
         return 2 if self.selection_bias or self.grouped else 1
 
     @property
     def name(self) -> str:
         """``""`` for the softmax version-1 body, else e.g. ``sigmoid+selection_bias+groups_top2_sum``."""
         parts = (["sigmoid"] * (self.scoring == "sigmoid") + ["selection_bias"] * self.selection_bias
-                 + [f"groups_{self.group_scoring}"] * self.grouped)
+                 + [f"groups_{self.group_scoring}"] * self.grouped + ["norm_min"] * self.norm_min)
         return "+".join(parts)
 
     @property
@@ -295,12 +309,12 @@ class RoutingVariant:
 
 
 def onnx_variant(node) -> RoutingVariant:
-    """The body variant an onnx-ir ``TopKRouting`` node needs (its scoring, selection bias input and groups)."""
+    """The body variant an onnx-ir ``TopKRouting`` node needs (its scoring, selection bias input, groups, norm_min)."""
     attrs = SPEC.read_ir_attributes(node)
     inputs = list(node.inputs)
     i = SPEC.input_index("selection_bias")
     return RoutingVariant(i < len(inputs) and inputs[i] is not None, attrs["n_group"], attrs["group_scoring"],
-                          attrs["scoring"])
+                          attrs["scoring"], "norm_min" in SPEC.non_default(attrs))
 
 
 def node_version(node) -> int:
@@ -330,7 +344,7 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
         one = b.const(1.0, dtype=np.float32)
         scores = b.op("Reciprocal", b.op("Add", one, b.op("Exp", b.op("Neg", "logits"))))  # [T, E]
     k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
-    if variant.version == 1:
+    if not (variant.selection_bias or variant.grouped):
         # ONNX TopK: sorted descending, equal values keep the lower index first
         top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
     else:
@@ -340,7 +354,10 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
         _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
         top = b.op("GatherElements", scores, top_idx, axis=-1)  # [T, K] the unbiased scores
     normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
-    normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
+    total = b.op("ReduceSum", top, b.const([-1]), keepdims=1)  # [T, 1]
+    if variant.norm_min:  # version 3: the sum clamped from below
+        total = b.op("Max", total, b.attr_const("norm_min", "float"))
+    normed = b.op("Div", top, total)
     weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
     b.rename_output(weights, "weights")
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")

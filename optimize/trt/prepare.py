@@ -244,7 +244,8 @@ def _aot_refusal(node: ir.Node) -> str | None:
 
 def _routing_refusal(node: ir.Node) -> str | None:
     """Why the TopKRouting plugin cannot compute this node, or None (reject by default: its kernel takes
-    the plugin attributes only, so a selection bias input or groups, version 2, are refused)."""
+    the plugin attributes only, so a selection bias input or groups, version 2, and norm_min, version 3, are
+    refused)."""
     values = {name: value for name, value in _attribute_values(node).items() if name != "aot"}
     try:
         resolved = TOPK_ROUTING_SPEC.resolve(values)
@@ -255,7 +256,9 @@ def _routing_refusal(node: ir.Node) -> str | None:
     bias = TOPK_ROUTING_SPEC.input_index("selection_bias")
     if reason is None and bias < len(node.inputs) and node.inputs[bias] is not None:
         reason = f"{what} does not implement the selection_bias input"
-    return None if reason is None else f"{reason} (TopKRouting version 2); build for ONNX Runtime"
+    if reason is None:
+        return None
+    return f"{reason} (TopKRouting version {3 if 'norm_min' in reason else 2}); build for ONNX Runtime"
 
 
 def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> None:

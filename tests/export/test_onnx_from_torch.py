@@ -29,7 +29,9 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # key/value attention with TopKRouting version 2 (selection bias; partial rotary)
                    "glm4_moe", "minimax_m2",
                    # Gemma 4: GeGLU experts beside a dense MLP, full layers with their own head dim, heads and RoPE
-                   "gemma4_text"]
+                   "gemma4_text",
+                   # ERNIE-4.5-MoE: TopKRouting version 3 (norm_min), biases on every projection and lm_head
+                   "ernie4_5_moe"]
 
 
 def _feeds(model, input_ids, mask, positions, past):

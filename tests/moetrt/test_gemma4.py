@@ -18,7 +18,10 @@ import torch
 
 import moetrt
 from moetrt.errors import UnsupportedModelError
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, randomize_, rel_err
+from tests.hf_tiny import (
+    greedy_tokens_of, hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, randomize_, reference_and_export, rel_err,
+    saved_with_config,
+)
 
 pytest.importorskip("transformers")
 
@@ -37,10 +40,7 @@ def hf_model():
 def exported(hf_model, tmp_path_factory):
     """(reference model, its canonical export), made once for the module's ort tests."""
     pytest.importorskip("onnxruntime")
-    from moetrt.export import onnx_from_torch
-
-    model = moetrt.from_pretrained(hf_model)
-    return model, onnx_from_torch(model, tmp_path_factory.mktemp("gemma4") / "onnx", progress=False)
+    return reference_and_export(hf_model, tmp_path_factory.mktemp("gemma4") / "onnx")
 
 
 def _image_text_model():
@@ -101,13 +101,7 @@ def test_save_pretrained_writes_what_transformers_reads(hf_model, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_greedy_tokens_match_transformers_generate(hf_model, exported, backend):
-    from moetrt.runtime import Session
-
-    expected = hf_greedy(hf_model, PROMPTS, STEPS, PAD)
-    model, folder = exported
-    source = model if backend == "torch" else folder
-    result = Session(source, backend=backend).generate(PROMPTS, max_new_tokens=STEPS, stop_tokens=())
-    assert result.tokens == expected
+    assert greedy_tokens_of(exported, backend, PROMPTS, STEPS) == hf_greedy(hf_model, PROMPTS, STEPS, PAD)
 
 
 @pytest.mark.parametrize("change", [
@@ -178,12 +172,8 @@ def test_optimize_ort_cpu_keeps_the_geglu_experts_body_with_the_reason(exported,
     (dict(hidden_activation="gelu"), "hidden_activation 'gelu'"),
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(edit)
-    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(tmp_path)
+        moetrt.from_pretrained(saved_with_config(hf_model, tmp_path, **edit))
 
 
 def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_path):

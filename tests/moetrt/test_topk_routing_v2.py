@@ -56,9 +56,10 @@ def _inputs(tokens, experts, seed=0, bias_scale=1.0):
 
 
 @functools.cache
-def _session(k, scoring, normalize, scale, with_bias, n_group, topk_group, group_scoring):
+def _session(k, scoring, normalize, scale, with_bias, n_group, topk_group, group_scoring, norm_min=0.0):
     values = {"k": k, "scoring": scoring, "normalize": int(normalize), "scale": scale, "n_group": n_group,
-              "topk_group": topk_group, "group_scoring": group_scoring, "plugin_namespace": PLUGIN_NAMESPACE}
+              "topk_group": topk_group, "group_scoring": group_scoring, "plugin_namespace": PLUGIN_NAMESPACE,
+              "norm_min": norm_min}
     inputs = ["logits", "selection_bias"] if with_bias else ["logits"]
     node = helper.make_node("TopKRouting", inputs, ["weights", "indices"], domain=DOMAIN, **SPEC.non_default(values))
     infos = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "E"])]
@@ -70,7 +71,8 @@ def _session(k, scoring, normalize, scale, with_bias, n_group, topk_group, group
          helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", k])])
     version = SPEC.version_for(values, ("selection_bias",) * with_bias)
     proto = helper.make_model(
-        graph, functions=[onnx_function(OPSET, RoutingVariant(with_bias, n_group, group_scoring, scoring))],
+        graph, functions=[onnx_function(OPSET, RoutingVariant(with_bias, n_group, group_scoring, scoring,
+                                                              "norm_min" in SPEC.non_default(values)))],
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, version)])
     onnx.checker.check_model(proto, full_check=True)
     options = ort.SessionOptions()

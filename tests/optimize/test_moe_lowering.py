@@ -145,6 +145,8 @@ LOG_WEIGHTS_ROUTINGS = {
                      num_experts=8, num_experts_per_tok=3),
     "bias-softmax-max-groups": dict(selection_bias=True, n_group=4, topk_group=2, group_scoring="max",
                                     normalize_topk=False, num_experts=8),
+    # ERNIE-4.5: softmax, a selection bias, the renormalisation clamped (TopKRouting version 3: its rows sum below 1)
+    "ernie-norm-min": dict(selection_bias=True, norm_min=0.3, num_experts=8),
 }
 # T=1 decode, T=37 prefill, batch 3 (decode and prefill): shapes the graph was not exported with
 LOG_WEIGHTS_SHAPES = [(1, 1, 0), (1, 1, 6), (1, 37, 0), (3, 1, 9), (3, 37, 0)]

@@ -272,17 +272,18 @@ def test_unknown_plugin_mode_and_missing_attribute():
 
 
 @pytest.mark.parametrize("inputs,attrs,match", [
-    (["l", "b"], {}, r"the TopKRouting plugin does not implement the selection_bias input"),
-    (["l"], {"n_group": 2, "topk_group": 1}, r"the TopKRouting plugin does not implement n_group=2"),
-    (["l"], {"group_scoring": "max"}, r"the TopKRouting plugin does not implement group_scoring='max'"),
-], ids=["selection_bias", "groups", "group_scoring"])
+    (["l", "b"], {}, r"the TopKRouting plugin does not implement the selection_bias input.*version 2"),
+    (["l"], {"n_group": 2, "topk_group": 1}, r"the TopKRouting plugin does not implement n_group=2.*version 2"),
+    (["l"], {"group_scoring": "max"}, r"the TopKRouting plugin does not implement group_scoring='max'.*version 2"),
+    (["l"], {"norm_min": 0.4}, r"the TopKRouting plugin does not implement norm_min=0.4.*version 3"),
+], ids=["selection_bias", "groups", "group_scoring", "norm_min"])
 @pytest.mark.parametrize("plugins", ["aot", "jit"])
 def test_version_2_routing_is_refused_with_a_reason(inputs, attrs, match, plugins):
     node = helper.make_node("TopKRouting", inputs, ["w", "i"], domain="moetrt", name="router", k=2, scoring="sigmoid",
                             normalize=1, scale=1.0, plugin_namespace="moetrt", **attrs)
     graph = _tiny_graph([node], [_vi("l", TensorProto.FLOAT, [3, 4]), _vi("b", TensorProto.FLOAT, [4])],
                         [_vi("w", TensorProto.FLOAT, [3, 2]), _vi("i", TensorProto.INT32, [3, 2])])
-    with pytest.raises(MoetrtError, match=r"TopKRouting node 'router': " + match + r".*version 2.*ONNX Runtime"):
+    with pytest.raises(MoetrtError, match=r"TopKRouting node 'router': " + match + r".*ONNX Runtime"):
         prepare_for_tensorrt(graph, plugins)
     # the version-1 node of the same attributes is prepared
     plain = helper.make_node("TopKRouting", ["l"], ["w", "i"], domain="moetrt", name="router", k=2, scoring="sigmoid",

@@ -19,8 +19,9 @@ pytest.importorskip("onnxruntime")
 
 # deepseek_v3: latent attention state (present.{i}.latent / rope_key) and TopKRouting version 2
 # gemma4_text: full-attention layers with their own key/value shapes, the experts beside a dense MLP (GeGLU)
+# ernie4_5_moe: TopKRouting version 3 (norm_min), whose forced near-tie weights must be clamped as the op clamps
 VARIANTS = ["tiny", "mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss-defaults", "deepseek_v3",
-            "gemma4_text"]
+            "gemma4_text", "ernie4_5_moe"]
 STEPS = 8
 
 

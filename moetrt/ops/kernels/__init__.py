@@ -1,7 +1,8 @@
 """Triton kernels of the two MoE ops, for the torch back end on CUDA and the TensorRT plugins.
 
 * ``topk_routing_triton.topk_routing_triton``: ``moetrt::TopKRouting`` fused (scores, top-k,
-  normalize, scale); version-2 calls (selection bias, groups) take the op's PyTorch composite.
+  normalize, scale); version-2 and -3 calls (selection bias, groups, norm_min) take the op's PyTorch
+  composite.
 * ``sparse_moe_triton.sparse_moe_triton``: ``moetrt::SparseMoE`` as align by expert, grouped
   GEMM gate|up with the SwiGLU epilogue, grouped GEMM down with the routing weight,
   deterministic combine.
@@ -56,13 +57,14 @@ def triton_mode() -> str | None:
 
 
 def _topk_routing_cuda(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1,
-                       topk_group=1, group_scoring="top2_sum"):
-    # the op's arguments in schema order. The kernel implements version 1 only: a version-2 call (a selection
-    # bias, groups) runs the op's PyTorch composite on the GPU instead (the kernel would refuse it by name)
-    if selection_bias is not None or n_group != 1:
+                       topk_group=1, group_scoring="top2_sum", norm_min=0.0):
+    # the op's arguments in schema order. The kernel implements version 1 only: a version-2 or -3 call (a selection
+    # bias, groups, norm_min) runs the op's PyTorch composite on the GPU instead (the kernel would refuse it by name)
+    if selection_bias is not None or n_group != 1 or norm_min:
         from moetrt.ops.topk_routing import _topk_routing
 
-        return _topk_routing(logits, k, scoring, normalize, scale, selection_bias, n_group, topk_group, group_scoring)
+        return _topk_routing(logits, k, scoring, normalize, scale, selection_bias, n_group, topk_group, group_scoring,
+                             norm_min)
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
     return topk_routing_triton(logits, k, scoring, normalize, scale)

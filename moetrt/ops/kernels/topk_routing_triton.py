@@ -86,7 +86,7 @@ def topk_routing_kernel(
 def topk_routing_triton(
     logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum",
+    group_scoring: str = "top2_sum", norm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``moetrt::TopKRouting`` on the Triton kernel: ``(weights f32 [T, k], indices i32 [T, k])``.
 
@@ -94,17 +94,18 @@ def topk_routing_triton(
     (``TRITON_INTERPRET=1`` set before triton is imported). Arguments are checked as the op
     checks them; nothing here synchronizes with the host, so a CUDA graph can capture it.
 
-    The kernel implements version 1: a selection bias or groups (version 2) raise ValueError
-    naming them, never ignored.
+    The kernel implements version 1: a selection bias or groups (version 2) or ``norm_min`` (version 3)
+    raise ValueError naming them, never ignored.
     """
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min)
     unsupported = (["selection_bias"] * (selection_bias is not None) + [f"n_group={n_group}"] * (n_group != 1)
                    + [f"topk_group={topk_group}"] * (topk_group != 1)
-                   + [f"group_scoring={group_scoring!r}"] * (group_scoring != "top2_sum"))
+                   + [f"group_scoring={group_scoring!r}"] * (group_scoring != "top2_sum")
+                   + [f"norm_min={norm_min!r}"] * (normalize and norm_min != 0.0))
     if unsupported:
         raise ValueError(
-            f"TopKRouting's Triton kernel does not implement {', '.join(unsupported)} (TopKRouting version 2: "
-            "selection bias and groups); run this model's router with the PyTorch op (do not call "
+            f"TopKRouting's Triton kernel does not implement {', '.join(unsupported)} (TopKRouting versions 2 and 3: "
+            "selection bias, groups, norm_min); run this model's router with the PyTorch op (do not call "
             "moetrt.ops.kernels.maybe_register_cuda_kernels) or on the CPU")
     check_device(logits)
     num_tokens, num_experts = logits.shape

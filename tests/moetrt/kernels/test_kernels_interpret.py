@@ -230,6 +230,7 @@ def test_topk_routing_rejects_what_the_op_rejects():
     (dict(selection_bias=torch.zeros(8)), "selection_bias"),
     (dict(n_group=4, topk_group=2), "n_group=4, topk_group=2"),
     (dict(n_group=2, group_scoring="max"), "n_group=2, group_scoring='max'"),
+    (dict(norm_min=0.5), "norm_min=0.5"),  # version 3
 ])
 def test_topk_routing_refuses_version_2_arguments_by_name(kwargs, named):
     logits = _distinct_logits(3, 8, seed=1)
@@ -242,7 +243,8 @@ def test_topk_routing_refuses_version_2_arguments_by_name(kwargs, named):
     dict(selection_bias=torch.linspace(-0.3, 0.4, 8)),
     dict(n_group=4, topk_group=2),
     dict(selection_bias=torch.linspace(0.5, -0.2, 8), n_group=2, topk_group=1, group_scoring="max"),
-], ids=["bias", "groups", "bias-groups-max"])
+    dict(selection_bias=torch.linspace(-0.3, 0.4, 8), norm_min=2.2),  # version 3: the clamp acts on some rows
+], ids=["bias", "groups", "bias-groups-max", "bias-norm_min"])
 def test_topk_routing_cuda_wrapper_runs_version_2_on_the_composite(kwargs):
     """The wrapper CUDA dispatch calls takes the op's PyTorch composite for version-2 calls: the reference's result."""
     logits = _distinct_logits(37, 8, seed=2)
