@@ -29,7 +29,9 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # key/value attention with TopKRouting version 2 (selection bias; partial rotary)
                    "glm4_moe", "minimax_m2",
                    # Gemma 4: GeGLU experts beside a dense MLP, full layers with their own head dim, heads and RoPE
-                   "gemma4_text"]
+                   "gemma4_text",
+                   # Granite-MoE: embedding / residual / attention / logits multipliers, an ungated shared expert
+                   "granitemoe", "granitemoeshared"]
 
 
 def _feeds(model, input_ids, mask, positions, past):
