@@ -43,6 +43,8 @@ class Placement:
     set: one expert of a stacked checkpoint tensor) to the destination's values; ``stored_shape`` is
     then the shape the stored tensor must have. ``needs`` names companion checkpoint tensors the
     transform also reads (MXFP4 scales beside their blocks): ``transform(tensor, *companions)``.
+    ``blocks``: with ``select``, the stored tensor's first axis holds that many equal blocks, one per
+    expert (DBRX's ``[E * F, D]``), and ``select`` picks one block rather than one row.
     """
 
     key: str
@@ -52,6 +54,7 @@ class Placement:
     stored_shape: tuple[int, ...] | None = None
     select: int | None = None
     needs: tuple[str, ...] = ()
+    blocks: int | None = None
 
 
 # a buffer recomputed from the config (rotary inv_freq), ignored with a warning

@@ -14,13 +14,15 @@ Semantics (DESIGN.md, domain ``moetrt``)::
     indices = the k largest sel per row, sorted descending, ties to the lower expert
               index (ONNX TopK's rule)                                   int32 [T, k]
     weights = scores[indices]  (the unbiased scores)                     float32 [T, k]
-    if normalize: weights /= weights.sum(-1)
+    if normalize == 1: weights /= weights.sum(-1)        (the 1-norm: the weights are >= 0)
+    if normalize == 2: weights /= sqrt((weights ** 2).sum(-1))    (the Euclidean norm, DBRX)
     weights *= scale
 
 Router math is float32 in every model dtype. Presets: Mixtral (softmax, k=2, normalize=1),
 Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), Qwen3-MoE
 (softmax, normalize=1); DeepSeek-V3 / Kimi-K2 / GLM-4.5 (sigmoid, selection bias, groups with
-top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups).
+top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups); DBRX (softmax, normalize the p of its
+``moe_normalize_expert_weights``: 1 as released, 2 where a config says so).
 
 Versions: a node that passes a selection bias or carries a group attribute needs domain
 ``moetrt`` version 2; a model whose nodes use none keeps importing version 1 and exports exactly
@@ -59,7 +61,8 @@ SPEC = OpSpec(
     attrs=(  # version-1 nodes carry every version-1 attribute; version-2 ones only where not default
         Attr("k", int, None, None, "experts per token, 1..E"),
         Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid", always=True),
-        Attr("normalize", int, 0, (0, 1), "1: divide the k weights by their sum", always=True),
+        Attr("normalize", int, 0, (0, 1, 2), "the p-norm the k weights are divided by: 0 none, 1 their sum, 2 the "
+             "Euclidean norm", always=True),
         Attr("scale", float, 1.0, None, "multiplies the weights last", always=True),
         Attr("n_group", int, 1, None, "groups of experts, a divisor of E (1: no groups)", since=2),
         Attr("topk_group", int, 1, None, "groups a token may choose from, 1..n_group", since=2),
@@ -71,7 +74,7 @@ SPEC = OpSpec(
 # the torch op's arguments after logits, in order: the version-1 ones positionally as callers always
 # passed them, then the version-2 ones (keywords); plugin_namespace is for TensorRT only
 TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring")
-TORCH_KINDS = {"normalize": "bool"}  # an int 0/1 attribute in ONNX, a bool in torch
+TORCH_KINDS: dict[str, str] = {}  # the spec's kinds (normalize: an int 0/1/2; callers' True/False are 1/0)
 
 
 def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
@@ -98,7 +101,8 @@ def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: i
 
 
 def _check(logits: torch.Tensor, k: int, scoring: str, selection_bias: torch.Tensor | None = None,
-           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum") -> None:
+           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum", normalize: int = 0) -> None:
+    SPEC.attr("normalize").coerce(normalize, OP_NAME)
     if logits.dim() != 2:
         raise ValueError(f"TopKRouting: logits must be [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
@@ -138,25 +142,28 @@ def selection_scores(
 
 
 def routing_weights(
-    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float
+    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: int, scale: float
 ) -> torch.Tensor:
     """Weights of the chosen experts, differentiable in ``logits`` (indices fixed).
 
     The unbiased scores, so the selection bias (which only chooses) never reaches the weights.
+    ``normalize``: 0 (or False) none, 1 (or True) divide by their sum, 2 by their Euclidean norm.
     """
     weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
-    if normalize:
+    if int(normalize) == 2:
+        weights = weights / weights.square().sum(dim=-1, keepdim=True).sqrt()
+    elif normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * scale
 
 
 def _topk_routing(
-    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
     group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to its ``k`` best experts; returns ``(weights f32 [T,k], indices i32 [T,k])``."""
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, normalize)
     scores = _scores(logits, scoring)  # [T, E]
     sel = selection_scores(scores, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     # A stable descending sort keeps equal scores in expert order, so ties go to the lower
@@ -175,9 +182,9 @@ topk_routing = torch.library.custom_op(
 
 
 @topk_routing.register_fake
-def _(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
+def _(logits, k, scoring="softmax", normalize=0, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
       group_scoring="top2_sum"):
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, normalize)
     num_tokens = logits.shape[0]
     return logits.new_empty(num_tokens, k), logits.new_empty(num_tokens, k, dtype=torch.int32)
 
@@ -222,13 +229,14 @@ def selection_scores_reference(
 
 
 def topk_routing_reference(
-    logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    logits: np.ndarray, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
     group_scoring: str = "top2_sum",
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
     logits = np.asarray(logits, dtype=np.float64)
     check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring)
+    SPEC.attr("normalize").coerce(normalize, OP_NAME)
     if selection_bias is not None and np.shape(selection_bias) != (logits.shape[-1],):
         raise ValueError(f"TopKRouting: selection_bias must be [E={logits.shape[-1]}], got {list(np.shape(selection_bias))}")
     if scoring == "softmax":
@@ -242,7 +250,9 @@ def topk_routing_reference(
     sel = selection_scores_reference(scores.astype(np.float32), bias, n_group, topk_group, group_scoring)
     order = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(scores, order, axis=-1)
-    if normalize:
+    if int(normalize) == 2:
+        weights = weights / np.sqrt((weights**2).sum(axis=-1, keepdims=True))
+    elif normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return (weights * scale).astype(np.float32), order.astype(np.int32)
 
@@ -259,23 +269,28 @@ def onnx_schemas() -> list:
 
 
 class RoutingVariant:
-    """What a function body is specialised for: the scoring, a selection bias input, groups and their scoring.
+    """What a function body is specialised for: the scoring, a selection bias input, groups and their scoring,
+    and the Euclidean norm (``normalize=2``).
 
     The body never compares a string attribute (TensorRT's parser rejects string Constants): each
     ``scoring`` and ``group_scoring`` gets its own body; ``k``, ``normalize``, ``scale``, ``n_group``
-    and ``topk_group`` stay int/float attribute references.
+    and ``topk_group`` stay int/float attribute references. A node with ``normalize=2`` gets a body
+    that divides by the Euclidean norm where the others divide by the sum (whether it divides at all
+    stays the ``normalize`` attribute), so the bodies of 0/1 nodes are those they always were.
     """
 
     def __init__(self, selection_bias: bool = False, n_group: int = 1, group_scoring: str = "top2_sum",
-                 scoring: str = "softmax"):
+                 scoring: str = "softmax", normalize: int = 0):
         self.scoring = SPEC.attr("scoring").coerce(scoring, OP_NAME)
         self.selection_bias = bool(selection_bias)
         self.grouped = n_group > 1
         self.group_scoring = SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME) if self.grouped else None
+        self.l2 = SPEC.attr("normalize").coerce(normalize, OP_NAME) == 2
 
     @property
-    def key(self) -> tuple[str, bool, bool, str | None]:
-        return self.scoring, self.selection_bias, self.grouped, self.group_scoring
+    def key(self) -> tuple[str, bool, bool, str | None] | tuple[str, bool, bool, str | None, str]:
+        base = (self.scoring, self.selection_bias, self.grouped, self.group_scoring)
+        return base + ("l2",) if self.l2 else base
 
     @property
     def version(self) -> int:
@@ -286,7 +301,7 @@ class RoutingVariant:
     def name(self) -> str:
         """``""`` for the softmax version-1 body, else e.g. ``sigmoid+selection_bias+groups_top2_sum``."""
         parts = (["sigmoid"] * (self.scoring == "sigmoid") + ["selection_bias"] * self.selection_bias
-                 + [f"groups_{self.group_scoring}"] * self.grouped)
+                 + [f"groups_{self.group_scoring}"] * self.grouped + ["l2"] * self.l2)
         return "+".join(parts)
 
     @property
@@ -300,7 +315,7 @@ def onnx_variant(node) -> RoutingVariant:
     inputs = list(node.inputs)
     i = SPEC.input_index("selection_bias")
     return RoutingVariant(i < len(inputs) and inputs[i] is not None, attrs["n_group"], attrs["group_scoring"],
-                          attrs["scoring"])
+                          attrs["scoring"], attrs["normalize"])
 
 
 def node_version(node) -> int:
@@ -340,7 +355,10 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
         _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
         top = b.op("GatherElements", scores, top_idx, axis=-1)  # [T, K] the unbiased scores
     normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
-    normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
+    if variant.l2:  # the Euclidean norm (normalize=2)
+        normed = b.op("Div", top, b.op("Sqrt", b.op("ReduceSumSquare", top, b.const([-1]), keepdims=1)))
+    else:
+        normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
     weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
     b.rename_output(weights, "weights")
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")

@@ -31,7 +31,9 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # Gemma 4: GeGLU experts beside a dense MLP, full layers with their own head dim, heads and RoPE
                    "gemma4_text",
                    # Granite-MoE: embedding / residual / attention / logits multipliers, an ungated shared expert
-                   "granitemoe", "granitemoeshared"]
+                   "granitemoe", "granitemoeshared",
+                   # DBRX: LayerNorm without bias, clip_qkv, the Euclidean norm of the top-k weights (dbrx) or their sum
+                   "dbrx", "dbrx-sum"]
 
 
 def _feeds(model, input_ids, mask, positions, past):

@@ -20,13 +20,13 @@ import torch
 
 import moetrt
 from moetrt.errors import UnsupportedModelError
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_model, rel_err
+from tests.hf_tiny import hf_forward, hf_tiny_model, rel_err
+from tests.moetrt.family_checks import (
+    PROMPTS, assert_greedy_matches_generate, edited_checkpoint, export, state_dicts_equal,
+)
 
 pytest.importorskip("transformers")
 
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13, 40, 41, 42], [20, 21, 22, 23, 24, 25, 26]]
-STEPS = 32
-PAD = 0
 REL_TOL = 1e-5  # fp32 against transformers, as tests/moetrt/test_hf_parity.py
 VARIANT = "granitemoeshared"  # granitemoe plus the shared expert: every feature of both
 
@@ -40,21 +40,12 @@ def hf_model():
 def exported(hf_model, tmp_path_factory):
     """(reference model, its canonical export), made once for the module's ort tests."""
     pytest.importorskip("onnxruntime")
-    from moetrt.export import onnx_from_torch
-
-    model = moetrt.from_pretrained(hf_model)
-    return model, onnx_from_torch(model, tmp_path_factory.mktemp("granite") / "onnx", progress=False)
+    return export(hf_model, tmp_path_factory.mktemp("granite") / "onnx")
 
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_greedy_tokens_match_transformers_generate(hf_model, exported, backend):
-    from moetrt.runtime import Session
-
-    expected = hf_greedy(hf_model, PROMPTS, STEPS, PAD)
-    model, folder = exported
-    source = model if backend == "torch" else folder
-    result = Session(source, backend=backend).generate(PROMPTS, max_new_tokens=STEPS, stop_tokens=())
-    assert result.tokens == expected
+    assert_greedy_matches_generate(hf_model, *exported, backend)
 
 
 @pytest.mark.parametrize("change", [
@@ -116,9 +107,7 @@ def test_save_pretrained_writes_the_on_disk_layout_transformers_reads(hf_model, 
     got, _ = hf_forward(back.eval(), ids)
     assert rel_err(got, ref) <= REL_TOL
     again = moetrt.from_pretrained(tmp_path / "saved")
-    assert again.config == model.config
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert again.config == model.config and not state_dicts_equal(model, again)
 
 
 def test_optimize_ort_cpu_lowers_the_experts(exported, tmp_path):
@@ -151,9 +140,5 @@ def test_export_writes_a_genai_config(exported):
     (dict(model_type="granitemoehybrid"), "'granitemoehybrid' is not supported"),
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(edit)
-    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(tmp_path)
+        moetrt.from_pretrained(edited_checkpoint(hf_model, tmp_path, edit))

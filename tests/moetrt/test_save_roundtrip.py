@@ -57,6 +57,9 @@ CONFIGS = {
     "granitemoeshared": dict(model_type="granitemoeshared", embedding_multiplier=3.0, residual_multiplier=0.5,
                              attention_scale=0.3, logits_scaling=2.0, shared_expert_intermediate_size=20,
                              shared_expert_gate=False),
+    "dbrx": dict(model_type="dbrx", layer_norm=True, rms_norm_eps=1e-5, clip_qkv=0.5, normalize_topk_p=2,
+                 rope_theta=500000.0),
+    "dbrx-sum": dict(model_type="dbrx", layer_norm=True, rms_norm_eps=1e-5, clip_qkv=8.0, num_key_value_heads=1),
 }
 # options a family's config.json cannot say: saving must refuse rather than write a wrong checkpoint
 INEXPRESSIBLE = {
@@ -109,6 +112,10 @@ INEXPRESSIBLE = {
     "granitemoeshared with a gated shared expert": ("granitemoeshared", dict(attention_scale=0.2,
                                                                              shared_expert_intermediate_size=16)),
     "granitemoe without renormalisation": ("granitemoe", dict(attention_scale=0.2, normalize_topk=False)),
+    "mixtral with the Euclidean norm": ("mixtral", dict(normalize_topk_p=2)),
+    "mixtral with LayerNorm": ("mixtral", dict(layer_norm=True)),
+    "dbrx with RMSNorm": ("dbrx", dict(rms_norm_eps=1e-5, clip_qkv=8.0)),
+    "dbrx with q/k/v bias": ("dbrx", dict(layer_norm=True, rms_norm_eps=1e-5, attention_bias=True)),
     "unknown family": ("llama", dict()),
 }
 
