@@ -23,7 +23,7 @@ from moetrt.errors import UnsupportedModelError
 from tests.hf_tiny import hf_forward, hf_tiny_model, rel_err
 from tests.moetrt.family_checks import (
     PROMPTS, assert_greedy_matches_generate, assert_streamed_export_equal, edited_checkpoint, export,
-    state_dicts_equal,
+    assert_saved_round_trips, optimize_ort_cpu,
 )
 
 pytest.importorskip("transformers")
@@ -88,7 +88,6 @@ def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_
 
 
 def test_save_pretrained_writes_the_fused_layout_transformers_reads(hf_model, tmp_path):
-    import transformers
     from safetensors import safe_open
 
     model = moetrt.from_pretrained(hf_model)
@@ -99,35 +98,17 @@ def test_save_pretrained_writes_the_fused_layout_transformers_reads(hf_model, tm
     assert shapes["transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight"] == (64 + 2 * 2 * 16, 64)
     assert shapes["transformer.blocks.0.ffn.experts.mlp.w2"] == (cfg.num_experts * cfg.intermediate_size, 64)
     assert "transformer.norm_f.weight" in shapes and "transformer.wte.weight" in shapes
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "saved", attn_implementation="eager", experts_implementation="eager", output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info
-    ids = torch.tensor(PROMPTS[:1])
-    ref, _ = hf_forward(hf_model, ids)
-    got, _ = hf_forward(back.eval(), ids)
-    assert rel_err(got, ref) <= REL_TOL
-    again = moetrt.from_pretrained(tmp_path / "saved")
-    assert again.config == cfg and not state_dicts_equal(model, again)
+    assert assert_saved_round_trips(hf_model, model, tmp_path / "saved", REL_TOL) == "DbrxForCausalLM"
 
 
 def test_optimize_ort_cpu_lowers_the_euclidean_norm_through_the_log_weights(exported, tmp_path):
     """com.microsoft::MoE renormalises by the sum only: the TopKRouting node (normalize=2) stays and routes, the
     fused op mixes its weights (log-weights path, times their sum); tokens stay those of the reference."""
-    import onnx
-
-    from moetrt.optimize import optimize
-    from moetrt.runtime import Session
-
     model, folder = exported
-    out = optimize(folder, tmp_path / "opt", target="ort-cpu", moe_lowering="always", progress=False)
-    meta = json.loads((out / "moetrt.json").read_text())
-    (lowering,) = [p for p in meta["optimize"]["passes"] if p["name"] == "lower_moe"]
+    lowering, ops = optimize_ort_cpu(model, folder, tmp_path / "opt")
     assert lowering["count"] == model.config.num_hidden_layers and not lowering.get("skipped"), lowering
-    ops = [f"{n.domain}::{n.op_type}" for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("com.microsoft::MoE") == ops.count("moetrt::TopKRouting") == model.config.num_hidden_layers
     assert "moetrt::SparseMoE" not in ops
-    got = Session(out, backend="ort").generate(PROMPTS, max_new_tokens=12, stop_tokens=()).tokens
-    assert got == Session(model, backend="torch").generate(PROMPTS, max_new_tokens=12, stop_tokens=()).tokens
 
 
 def test_export_writes_a_genai_config_and_the_euclidean_body(exported):

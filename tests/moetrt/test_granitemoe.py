@@ -22,7 +22,7 @@ import moetrt
 from moetrt.errors import UnsupportedModelError
 from tests.hf_tiny import hf_forward, hf_tiny_model, rel_err
 from tests.moetrt.family_checks import (
-    PROMPTS, assert_greedy_matches_generate, edited_checkpoint, export, state_dicts_equal,
+    PROMPTS, assert_greedy_matches_generate, assert_saved_round_trips, edited_checkpoint, export, optimize_ort_cpu,
 )
 
 pytest.importorskip("transformers")
@@ -88,7 +88,6 @@ def test_unit_multipliers_are_mixtral(tmp_path):
 
 
 def test_save_pretrained_writes_the_on_disk_layout_transformers_reads(hf_model, tmp_path):
-    import transformers
     from safetensors import safe_open
 
     model = moetrt.from_pretrained(hf_model)
@@ -98,35 +97,16 @@ def test_save_pretrained_writes_the_on_disk_layout_transformers_reads(hf_model, 
     assert {"model.layers.0.block_sparse_moe.input_linear.weight", "model.layers.0.block_sparse_moe.output_linear.weight",
             "model.layers.0.block_sparse_moe.router.layer.weight", "model.layers.0.shared_mlp.input_linear.weight",
             "model.layers.0.shared_mlp.output_linear.weight"} <= names
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "saved", attn_implementation="eager", experts_implementation="eager", output_loading_info=True)
-    assert type(back).__name__ == "GraniteMoeSharedForCausalLM"
-    assert not {k: v for k, v in info.items() if v}, info
-    ids = torch.tensor(PROMPTS[:1])
-    ref, _ = hf_forward(hf_model, ids)
-    got, _ = hf_forward(back.eval(), ids)
-    assert rel_err(got, ref) <= REL_TOL
-    again = moetrt.from_pretrained(tmp_path / "saved")
-    assert again.config == model.config and not state_dicts_equal(model, again)
+    assert assert_saved_round_trips(hf_model, model, tmp_path / "saved", REL_TOL) == "GraniteMoeSharedForCausalLM"
 
 
 def test_optimize_ort_cpu_lowers_the_experts(exported, tmp_path):
     """Granite's routing is Mixtral's (softmax, top-k renormalised) and its experts SwiGLU: com.microsoft::MoE
     computes both, so every layer lowers; tokens stay those of the reference."""
-    import onnx
-
-    from moetrt.optimize import optimize
-    from moetrt.runtime import Session
-
     model, folder = exported
-    out = optimize(folder, tmp_path / "opt", target="ort-cpu", moe_lowering="always", progress=False)
-    meta = json.loads((out / "moetrt.json").read_text())
-    (lowering,) = [p for p in meta["optimize"]["passes"] if p["name"] == "lower_moe"]
+    lowering, ops = optimize_ort_cpu(model, folder, tmp_path / "opt")
     assert lowering["count"] == model.config.num_hidden_layers and not lowering.get("skipped"), lowering
-    ops = [f"{n.domain}::{n.op_type}" for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("com.microsoft::MoE") == model.config.num_hidden_layers and "moetrt::SparseMoE" not in ops
-    got = Session(out, backend="ort").generate(PROMPTS, max_new_tokens=12, stop_tokens=()).tokens
-    assert got == Session(model, backend="torch").generate(PROMPTS, max_new_tokens=12, stop_tokens=()).tokens
 
 
 def test_export_writes_a_genai_config(exported):
