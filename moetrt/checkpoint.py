@@ -375,7 +375,10 @@ class _Placer:
 def _apply(p: Placement, tensor: torch.Tensor, companions: list[torch.Tensor]) -> torch.Tensor:
     """The values placement ``p`` writes, from its stored tensor (and companions)."""
     if p.select is not None:
-        tensor, companions = tensor[p.select], [c[p.select] for c in companions]
+        def pick(t: torch.Tensor) -> torch.Tensor:  # one row, or one of `blocks` equal blocks, of the first axis
+            return t[p.select] if p.blocks is None else t.unflatten(0, (p.blocks, -1))[p.select]
+
+        tensor, companions = pick(tensor), [pick(c) for c in companions]
     return tensor if p.transform is None else p.transform(tensor, *companions)
 
 
@@ -459,13 +462,15 @@ class StoredTensor:
             )
         return torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype).reshape(self.shape)
 
-    def select(self, index: int) -> "StoredTensor":
-        """Row ``index`` of the first axis (one expert of a stacked tensor), read on its own."""
-        if not self.shape or not 0 <= index < self.shape[0]:
-            raise IndexError(f"{self.name}: index {index} outside its first axis of {self.shape[:1]}")
-        row = self.nbytes // self.shape[0]
-        return StoredTensor(self.path, f"{self.name}[{index}]", self.dtype, self.shape[1:],
-                            self.offset + index * row, row)
+    def select(self, index: int, blocks: int | None = None) -> "StoredTensor":
+        """Row ``index`` of the first axis (one expert of a stacked tensor), read on its own; with ``blocks``,
+        block ``index`` of that many equal blocks of the first axis (one expert of DBRX's ``[E * F, D]``)."""
+        count = self.shape[0] if self.shape and blocks is None else blocks
+        if not self.shape or not 0 <= index < count or self.shape[0] % count:
+            raise IndexError(f"{self.name}: index {index} outside {count} blocks of its first axis of {self.shape[:1]}")
+        row = self.nbytes // count
+        shape = self.shape[1:] if blocks is None else (self.shape[0] // count, *self.shape[1:])
+        return StoredTensor(self.path, f"{self.name}[{index}]", self.dtype, shape, self.offset + index * row, row)
 
 
 @dataclass(frozen=True)
@@ -488,7 +493,7 @@ class TransformedPiece:
         p = self.placement
         stored, companions = self.stored, self.companions
         if p.select is not None:  # read only that expert's bytes
-            stored, companions = stored.select(p.select), tuple(c.select(p.select) for c in companions)
+            stored, companions = stored.select(p.select, p.blocks), tuple(c.select(p.select, p.blocks) for c in companions)
         return p.transform(stored.read(), *(c.read() for c in companions))
 
 

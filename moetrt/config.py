@@ -149,6 +149,17 @@ class MoEConfig:
     norm_min: float = 0.0
     mlp_bias: bool = False
     lm_head_bias: bool = False
+    # Granite-MoE: each sublayer's output times residual_multiplier before the residual add, and the
+    # logits divided by logits_scaling (its embedding_multiplier and attention_multiplier are the
+    # embedding_multiplier and attention_scale above)
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    # DBRX: with normalize_topk, the k weights are divided by their normalize_topk_p-norm (1: their sum,
+    # as every other family; 2: their Euclidean norm): TopKRouting's normalize attribute (0, 1 or 2)
+    normalize_topk_p: int = 1
+    # DBRX: LayerNorm (mean-centred, a weight and no bias, eps rms_norm_eps) in place of RMSNorm on the
+    # layers' input and post-attention norms and the final norm
+    layer_norm: bool = False
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
@@ -260,6 +271,7 @@ class MoEConfig:
                 and 0 <= self.norm_min < float("inf")):
             raise ValueError(f"MoEConfig.norm_min must be a finite number >= 0 (0: divide by the plain sum), "
                              f"got {self.norm_min!r}")
+        self._check_granite_dbrx()
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"
@@ -331,6 +343,18 @@ class MoEConfig:
         if self.latent_attention and (self.value_norm or self.full_attention_k_eq_v or self.full_attention_head_dim
                                       or self.full_attention_kv_heads):
             raise ValueError("MoEConfig.value_norm and full_attention_* are not supported with latent attention")
+
+    def _check_granite_dbrx(self) -> None:
+        for name in ("residual_multiplier", "logits_scaling"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"MoEConfig.{name} must be a finite number > 0 (1: none), got {value!r}")
+        if self.normalize_topk_p not in (1, 2) or isinstance(self.normalize_topk_p, bool):
+            raise ValueError(
+                f"MoEConfig.normalize_topk_p must be 1 (divide by the sum) or 2 (the Euclidean norm), "
+                f"got {self.normalize_topk_p!r}")
+        if self.layer_norm and self.rms_norm_unit_offset:
+            raise ValueError("MoEConfig.layer_norm and rms_norm_unit_offset exclude each other (one kind of norm)")
 
     def _check_groups(self) -> None:
         if self.group_scoring not in GROUP_SCORINGS:

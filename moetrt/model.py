@@ -141,8 +141,23 @@ class UnitOffsetRMSNorm(RMSNorm):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def rms_norm(cfg: MoEConfig, dim: int) -> RMSNorm:
-    """The model's RMSNorm over ``dim``: ``w * x`` or, with ``rms_norm_unit_offset``, ``(1 + w) * x``."""
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias (DBRX's norms), in the model dtype as ``nn.LayerNorm`` computes it."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, None, self.eps)
+
+
+def rms_norm(cfg: MoEConfig, dim: int) -> nn.Module:
+    """The model's norm over ``dim``: RMSNorm ``w * x``, with ``rms_norm_unit_offset`` ``(1 + w) * x``, or with
+    ``layer_norm`` a LayerNorm without bias (DBRX)."""
+    if cfg.layer_norm:
+        return LayerNorm(dim, cfg.rms_norm_eps)
     return (UnitOffsetRMSNorm if cfg.rms_norm_unit_offset else RMSNorm)(dim, cfg.rms_norm_eps)
 
 
@@ -350,6 +365,8 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
         self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
+        if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # TopKRouting's normalize is the p of the norm (DBRX: 2)
+            self.normalize = cfg.normalize_topk_p
         self.activation = cfg.activation
         # the clamped SwiGLU's constants (SparseMoE attributes); silu takes none
         self.act_args = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit) if cfg.activation != "silu" else {}
@@ -440,6 +457,11 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None  # [1]
+        self.residual_multiplier = cfg.residual_multiplier  # Granite-MoE: each sublayer's output times it
+
+    def _residual(self, out: torch.Tensor) -> torch.Tensor:
+        """A sublayer's output as the residual stream adds it (times residual_multiplier where it is not 1)."""
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
     def _sandwich_forward(self, x, cos, sin, mask, past, cache_position):
         """Gemma 4's layer: normed attention output; the dense MLP and the experts side by side, each normed."""
@@ -471,12 +493,12 @@ class DecoderLayer(nn.Module):
                 present = past
         else:
             attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, cache_position)
-        x = x + attn
+        x = x + self._residual(attn)
         if self.is_moe:
             ffn, router = self.mlp(self.post_attention_layernorm(x))
         else:
             ffn, router = self.mlp(self.post_attention_layernorm(x)), None
-        return x + ffn, present, router
+        return x + self._residual(ffn), present, router
 
 
 def rotary_embedding(cfg: MoEConfig) -> RotaryEmbedding:
@@ -697,6 +719,8 @@ class MoETransformer(nn.Module):
             if hidden is not None:
                 hidden.append(x)
         logits = self.lm_head(self.norm(x))  # [B, S, V]
+        if self.config.logits_scaling != 1.0:  # Granite-MoE divides its logits
+            logits = logits / self.config.logits_scaling
         cap = self.config.final_logit_softcapping
         if cap is not None:  # Gemma: cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap

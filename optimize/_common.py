@@ -161,8 +161,9 @@ class MoELayer:
         return self.router_attributes["scoring"]
 
     @property
-    def normalize(self) -> bool:
-        return bool(self.router_attributes["normalize"])
+    def normalize(self) -> int:
+        """TopKRouting's normalize: 0 none, 1 divided by the sum, 2 by the Euclidean norm."""
+        return int(self.router_attributes["normalize"])
 
     @property
     def scale(self) -> float:

@@ -53,7 +53,7 @@ there it beats the fused op: ``auto`` lowers only layers whose body still gather
 every T, such as CUDA).
 
 Routings ORT cannot compute (TopKRouting version 2: a ``selection_bias`` input or groups; sigmoid
-scoring; ``scale != 1``) still use the fused expert kernel, through the log-weights path
+scoring; ``scale != 1``; ``normalize=2``, DBRX's Euclidean norm) still use the fused expert kernel, through the log-weights path
 (:data:`ROUTINGS` ``"log_weights"``; the attribute values :func:`log_weights_implements`
 declares): the ``TopKRouting`` node stays (its function body runs the routing, bias, groups and
 all) and the fused op is fed ``router_probs = ScatterElements(lowest float32 [T, E], indices,
@@ -61,8 +61,9 @@ Log(weights))``, finite only at the k chosen experts, the log-scores ONNX Runtim
 ``MoEGroupRouter`` writes for it. ORT's softmax then top-k over that row chooses exactly those
 experts (every other entry underflows to weight 0) with weights ``w_i / sum_j w_j``
 (``normalize_routing_weights=1``), so the output is multiplied by what the weights sum to:
-``ReduceSum(weights)`` [T, 1] without ``normalize`` (or with a ``norm_min`` clamp, version 3), the constant
-``scale`` with it (the router's weights sum to ``scale`` there; nothing where ``scale == 1``). That is exact up to float32 rounding
+``ReduceSum(weights)`` [T, 1] without ``normalize``, with ``normalize=2`` or with a ``norm_min`` clamp (version 3),
+the constant ``scale`` with ``normalize=1`` (the router's weights sum to ``scale`` there; nothing where ``scale == 1``).
+That is exact up to float32 rounding
 of the exp/log round trip (a few ulps of each weight: the lowered families' logits stay within
 3e-6 of the PyTorch reference, as the canonical export's do; tests/optimize/test_moe_lowering.py). The weights must be positive (``scale > 0``: their log); a zero weight (a sigmoid that
 underflowed) gives ``-inf``, whose expert then mixes with weight 0 as it should. QMoE takes the
@@ -111,12 +112,13 @@ _UNCHOSEN = float(np.finfo(np.float32).min)
 def log_weights_implements(values: dict) -> dict:
     """The TopKRouting attribute values the log-weights path computes, for a node with ``values``.
 
-    The kept TopKRouting node routes (any scoring, bias, groups, ``norm_min``); the fused op only mixes its
-    weights, through their log, so they must be positive: a finite ``scale > 0``.
+    The kept TopKRouting node routes (any scoring, bias, groups, ``norm_min``, any normalize: DBRX's Euclidean
+    norm too); the fused op only mixes its weights, through their log, so they must be positive: a finite
+    ``scale > 0``.
     """
     scale = values["scale"]
     return {
-        "scoring": SCORINGS, "normalize": (0, 1), "scale": (scale,) if np.isfinite(scale) and scale > 0 else (),
+        "scoring": SCORINGS, "normalize": (0, 1, 2), "scale": (scale,) if np.isfinite(scale) and scale > 0 else (),
         "n_group": (values["n_group"],), "topk_group": (values["topk_group"],), "group_scoring": GROUP_SCORINGS,
         "norm_min": (values["norm_min"],),
     }
@@ -165,9 +167,10 @@ def _weights_total(op, layer: MoELayer, like: ir.Value) -> ir.Value | None:
     """What the router's k weights sum to, in ``like``'s dtype ([T, 1], or a scalar), or None where it is 1.
 
     With ``norm_min`` (TopKRouting version 3) a renormalised row sums to ``scale * sum / max(sum, norm_min)``,
-    below ``scale`` where the clamp acted: the sum is then read off the weights, as without ``normalize``.
+    below ``scale`` where the clamp acted: the sum is then read off the weights, as without ``normalize``
+    (and as with the Euclidean norm, ``normalize=2``, which leaves any sum).
     """
-    if layer.normalize and not layer.router_attributes["norm_min"]:  # the router divided by the sum, then scaled
+    if layer.normalize == 1 and not layer.router_attributes["norm_min"]:  # divided by the sum, then scaled
         if layer.scale == 1.0:
             return None
         total = op.Constant(value=ir.tensor(np.array(layer.scale, np.float32)))  # [] float32

@@ -289,7 +289,7 @@ class _MoEOps(TorchDispatchMode):
                 indices[rows_t] = torch.as_tensor(chosen, dtype=indices.dtype)
                 forced_weights = routing_weights(
                     logits[rows_t], indices[rows_t], options.get("scoring", "softmax"),
-                    bool(options.get("normalize", False)), float(options.get("scale", 1.0)),
+                    int(options.get("normalize", 0)), float(options.get("scale", 1.0)),
                     float(options.get("norm_min", 0.0)),
                 )
                 weights = weights.clone()

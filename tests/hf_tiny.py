@@ -46,8 +46,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * noise)
+            if name.endswith("norm.weight") or name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
+                param.copy_(1.0 + 0.1 * noise)  # DBRX names its norms norm_1 / norm_2 / norm_f
             elif name.endswith("router.scale"):  # Gemma 4: times D^-1/2 in the router, so logits of order 1
                 param.copy_(param.numel() ** 0.5 * (1.0 + 0.1 * noise))
             elif name.endswith("per_expert_scale"):  # Gemma 4: away from 1 so an unscaled expert shows

@@ -61,5 +61,7 @@ from . import mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v3, glm4_m
 from . import qwen3_next, qwen3_5_moe  # noqa: E402,F401
 from . import gemma4  # noqa: E402,F401
 from . import ernie4_5_moe  # noqa: E402,F401
+from . import granitemoe  # noqa: E402,F401
+from . import dbrx  # noqa: E402,F401
 
 SUPPORTED_MODEL_TYPES = tuple(_REGISTRY)

@@ -43,6 +43,8 @@ class Placement:
     set: one expert of a stacked checkpoint tensor) to the destination's values; ``stored_shape`` is
     then the shape the stored tensor must have. ``needs`` names companion checkpoint tensors the
     transform also reads (MXFP4 scales beside their blocks): ``transform(tensor, *companions)``.
+    ``blocks``: with ``select``, the stored tensor's first axis holds that many equal blocks, one per
+    expert (DBRX's ``[E * F, D]``), and ``select`` picks one block rather than one row.
     """
 
     key: str
@@ -52,6 +54,7 @@ class Placement:
     stored_shape: tuple[int, ...] | None = None
     select: int | None = None
     needs: tuple[str, ...] = ()
+    blocks: int | None = None
 
 
 # a buffer recomputed from the config (rotary inv_freq), ignored with a warning
@@ -172,7 +175,8 @@ class Family(ABC):
             problems.append("sigmoid scoring or routed_scaling_factor != 1")
         defaults = MoEConfig.__dataclass_fields__
         for name in ("activation", "expert_bias", "router_bias", "attention_sinks", "layer_types", "selection_bias",
-                     "n_group", "kv_lora_rank", "rotary_dim", "norm_min", "mlp_bias", "lm_head_bias"):
+                     "n_group", "kv_lora_rank", "rotary_dim", "norm_min", "mlp_bias", "lm_head_bias",
+                     "residual_multiplier", "logits_scaling", "normalize_topk_p", "layer_norm"):
             if name == "rotary_dim" and cfg.latent_attention:
                 continue  # derived from qk_rope_head_dim (kv_lora_rank says the rest)
             if name not in self.expresses and getattr(cfg, name) != defaults[name].default:

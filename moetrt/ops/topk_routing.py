@@ -14,15 +14,17 @@ Semantics (DESIGN.md, domain ``moetrt``)::
     indices = the k largest sel per row, sorted descending, ties to the lower expert
               index (ONNX TopK's rule)                                   int32 [T, k]
     weights = scores[indices]  (the unbiased scores)                     float32 [T, k]
-    if normalize: weights /= max(weights.sum(-1), norm_min)
-                                         (version 3: attribute norm_min, default 0: the plain sum)
+    if normalize == 1: weights /= max(weights.sum(-1), norm_min)   (the 1-norm: the weights are >= 0;
+                                         version 3: attribute norm_min, default 0: the plain sum)
+    if normalize == 2: weights /= sqrt((weights ** 2).sum(-1))    (the Euclidean norm, DBRX)
     weights *= scale
 
 Router math is float32 in every model dtype. Presets: Mixtral (softmax, k=2, normalize=1),
 Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), Qwen3-MoE
 (softmax, normalize=1); DeepSeek-V3 / Kimi-K2 / GLM-4.5 (sigmoid, selection bias, groups with
 top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups); ERNIE-4.5-MoE (softmax, selection
-bias, normalize with norm_min = moe_norm_min).
+bias, normalize with norm_min = moe_norm_min); DBRX (softmax, normalize the p of its
+``moe_normalize_expert_weights``: 1 as released, 2 where a config says so).
 
 Versions: a node that passes a selection bias or carries a group attribute needs domain
 ``moetrt`` version 2, one that carries ``norm_min`` version 3; a model whose nodes use none keeps
@@ -61,7 +63,8 @@ SPEC = OpSpec(
     attrs=(  # version-1 nodes carry every version-1 attribute; version-2 ones only where not default
         Attr("k", int, None, None, "experts per token, 1..E"),
         Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid", always=True),
-        Attr("normalize", int, 0, (0, 1), "1: divide the k weights by their sum", always=True),
+        Attr("normalize", int, 0, (0, 1, 2), "the p-norm the k weights are divided by: 0 none, 1 their sum, 2 the "
+             "Euclidean norm", always=True),
         Attr("scale", float, 1.0, None, "multiplies the weights last", always=True),
         Attr("n_group", int, 1, None, "groups of experts, a divisor of E (1: no groups)", since=2),
         Attr("topk_group", int, 1, None, "groups a token may choose from, 1..n_group", since=2),
@@ -76,7 +79,7 @@ SPEC = OpSpec(
 # passed them, then the version-2 and -3 ones (keywords); plugin_namespace is for TensorRT only
 TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring",
               "norm_min")
-TORCH_KINDS = {"normalize": "bool"}  # an int 0/1 attribute in ONNX, a bool in torch
+TORCH_KINDS: dict[str, str] = {}  # the spec's kinds (normalize: an int 0/1/2; callers' True/False are 1/0)
 
 
 def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
@@ -106,7 +109,9 @@ def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: i
 
 
 def _check(logits: torch.Tensor, k: int, scoring: str, selection_bias: torch.Tensor | None = None,
-           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum", norm_min: float = 0.0) -> None:
+           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum", norm_min: float = 0.0,
+           normalize: int = 0) -> None:
+    SPEC.attr("normalize").coerce(normalize, OP_NAME)
     if logits.dim() != 2:
         raise ValueError(f"TopKRouting: logits must be [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
@@ -146,26 +151,29 @@ def selection_scores(
 
 
 def routing_weights(
-    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float, norm_min: float = 0.0
+    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: int, scale: float, norm_min: float = 0.0
 ) -> torch.Tensor:
     """Weights of the chosen experts, differentiable in ``logits`` (indices fixed).
 
     The unbiased scores, so the selection bias (which only chooses) never reaches the weights.
+    ``normalize``: 0 (or False) none, 1 (or True) divide by their sum, 2 by their Euclidean norm.
     """
     weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
-    if normalize:
+    if int(normalize) == 2:
+        weights = weights / weights.square().sum(dim=-1, keepdim=True).sqrt()
+    elif normalize:
         total = weights.sum(dim=-1, keepdim=True)  # [T, 1]
         weights = weights / (total.clamp(min=norm_min) if norm_min else total)
     return weights * scale
 
 
 def _topk_routing(
-    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
     group_scoring: str = "top2_sum", norm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to its ``k`` best experts; returns ``(weights f32 [T,k], indices i32 [T,k])``."""
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize)
     scores = _scores(logits, scoring)  # [T, E]
     sel = selection_scores(scores, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     # A stable descending sort keeps equal scores in expert order, so ties go to the lower
@@ -184,9 +192,9 @@ topk_routing = torch.library.custom_op(
 
 
 @topk_routing.register_fake
-def _(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
+def _(logits, k, scoring="softmax", normalize=0, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
       group_scoring="top2_sum", norm_min=0.0):
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize)
     num_tokens = logits.shape[0]
     return logits.new_empty(num_tokens, k), logits.new_empty(num_tokens, k, dtype=torch.int32)
 
@@ -232,13 +240,14 @@ def selection_scores_reference(
 
 
 def topk_routing_reference(
-    logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    logits: np.ndarray, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
     group_scoring: str = "top2_sum", norm_min: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
     logits = np.asarray(logits, dtype=np.float64)
     check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring, norm_min)
+    SPEC.attr("normalize").coerce(normalize, OP_NAME)
     if selection_bias is not None and np.shape(selection_bias) != (logits.shape[-1],):
         raise ValueError(f"TopKRouting: selection_bias must be [E={logits.shape[-1]}], got {list(np.shape(selection_bias))}")
     if scoring == "softmax":
@@ -252,7 +261,9 @@ def topk_routing_reference(
     sel = selection_scores_reference(scores.astype(np.float32), bias, n_group, topk_group, group_scoring)
     order = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(scores, order, axis=-1)
-    if normalize:
+    if int(normalize) == 2:
+        weights = weights / np.sqrt((weights**2).sum(axis=-1, keepdims=True))
+    elif normalize:
         weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
     return (weights * scale).astype(np.float32), order.astype(np.int32)
 
@@ -270,24 +281,29 @@ def onnx_schemas() -> list:
 
 class RoutingVariant:
     """What a function body is specialised for: the scoring, a selection bias input, groups and their scoring,
-    and whether the renormalisation's denominator is clamped (``norm_min``, version 3).
+    whether the renormalisation's denominator is clamped (``norm_min``, version 3), and the Euclidean
+    norm (``normalize=2``).
 
     The body never compares a string attribute (TensorRT's parser rejects string Constants): each
     ``scoring`` and ``group_scoring`` gets its own body; ``k``, ``normalize``, ``scale``, ``n_group``,
-    ``topk_group`` and ``norm_min`` stay int/float attribute references.
+    ``topk_group`` and ``norm_min`` stay int/float attribute references. A node with ``normalize=2`` gets a
+    body that divides by the Euclidean norm where the others divide by the sum (whether it divides at all
+    stays the ``normalize`` attribute), so the bodies of 0/1 nodes are those they always were.
     """
 
     def __init__(self, selection_bias: bool = False, n_group: int = 1, group_scoring: str = "top2_sum",
-                 scoring: str = "softmax", norm_min: bool = False):
+                 scoring: str = "softmax", norm_min: bool = False, normalize: int = 0):
         self.scoring = SPEC.attr("scoring").coerce(scoring, OP_NAME)
         self.selection_bias = bool(selection_bias)
         self.grouped = n_group > 1
         self.group_scoring = SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME) if self.grouped else None
         self.norm_min = bool(norm_min)  # the body divides by max(sum, norm_min)
+        self.l2 = SPEC.attr("normalize").coerce(normalize, OP_NAME) == 2
 
     @property
     def key(self) -> tuple:
-        return self.scoring, self.selection_bias, self.grouped, self.group_scoring, self.norm_min
+        base = (self.scoring, self.selection_bias, self.grouped, self.group_scoring, self.norm_min)
+        return base + ("l2",) if self.l2 else base
 
     @property
     def version(self) -> int:
@@ -300,7 +316,8 @@ class RoutingVariant:
     def name(self) -> str:
         """``""`` for the softmax version-1 body, else e.g. ``sigmoid+selection_bias+groups_top2_sum``."""
         parts = (["sigmoid"] * (self.scoring == "sigmoid") + ["selection_bias"] * self.selection_bias
-                 + [f"groups_{self.group_scoring}"] * self.grouped + ["norm_min"] * self.norm_min)
+                 + [f"groups_{self.group_scoring}"] * self.grouped + ["norm_min"] * self.norm_min
+                 + ["l2"] * self.l2)
         return "+".join(parts)
 
     @property
@@ -314,7 +331,7 @@ def onnx_variant(node) -> RoutingVariant:
     inputs = list(node.inputs)
     i = SPEC.input_index("selection_bias")
     return RoutingVariant(i < len(inputs) and inputs[i] is not None, attrs["n_group"], attrs["group_scoring"],
-                          attrs["scoring"], "norm_min" in SPEC.non_default(attrs))
+                          attrs["scoring"], "norm_min" in SPEC.non_default(attrs), attrs["normalize"])
 
 
 def node_version(node) -> int:
@@ -354,10 +371,13 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
         _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
         top = b.op("GatherElements", scores, top_idx, axis=-1)  # [T, K] the unbiased scores
     normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
-    total = b.op("ReduceSum", top, b.const([-1]), keepdims=1)  # [T, 1]
-    if variant.norm_min:  # version 3: the sum clamped from below
-        total = b.op("Max", total, b.attr_const("norm_min", "float"))
-    normed = b.op("Div", top, total)
+    if variant.l2:  # the Euclidean norm (normalize=2)
+        normed = b.op("Div", top, b.op("Sqrt", b.op("ReduceSumSquare", top, b.const([-1]), keepdims=1)))
+    else:
+        total = b.op("ReduceSum", top, b.const([-1]), keepdims=1)  # [T, 1]
+        if variant.norm_min:  # version 3: the sum clamped from below
+            total = b.op("Max", total, b.attr_const("norm_min", "float"))
+        normed = b.op("Div", top, total)
     weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
     b.rename_output(weights, "weights")
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")

@@ -31,7 +31,11 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # Gemma 4: GeGLU experts beside a dense MLP, full layers with their own head dim, heads and RoPE
                    "gemma4_text",
                    # ERNIE-4.5-MoE: TopKRouting version 3 (norm_min), biases on every projection and lm_head
-                   "ernie4_5_moe"]
+                   "ernie4_5_moe",
+                   # Granite-MoE: embedding / residual / attention / logits multipliers, an ungated shared expert
+                   "granitemoe", "granitemoeshared",
+                   # DBRX: LayerNorm without bias, clip_qkv, the Euclidean norm of the top-k weights (dbrx) or their sum
+                   "dbrx", "dbrx-sum"]
 
 
 def _feeds(model, input_ids, mask, positions, past):

@@ -179,24 +179,9 @@ def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle)
 def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_path):
     """Streaming from the folder (per_expert_scale folded by its companion placement, the full layers' own RoPE
     rebuilt) writes the same initializers as the in-memory export."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
+    from tests.moetrt.family_checks import assert_streamed_export_equal
 
-    from moetrt.export import onnx_from_torch
-
-    hf_model.save_pretrained(tmp_path / "ckpt")
-    streamed = onnx_from_torch(tmp_path / "ckpt", tmp_path / "streamed", progress=False)
-    _, in_memory = exported
-
-    def initializers(folder):
-        graph = onnx.load(str(folder / "model.onnx")).graph
-        return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-
-    a, b = initializers(streamed), initializers(in_memory)
-    assert a.keys() == b.keys()
-    differ = [name for name in a if not np.array_equal(a[name], b[name])]
-    assert not differ, differ[:5]
+    assert_streamed_export_equal(hf_model, exported[1], tmp_path)
 
 
 def test_static_cache_generates_the_dynamic_cache_tokens(hf_model):

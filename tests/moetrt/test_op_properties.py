@@ -69,11 +69,11 @@ def _model(node, function, inputs, outputs) -> onnx.ModelProto:
 
 
 @functools.cache
-def _topk_routing_session(k: int, scoring: str, normalize: bool, scale: float):
+def _topk_routing_session(k: int, scoring: str, normalize: int, scale: float):
     node = helper.make_node("TopKRouting", ["logits"], ["weights", "indices"], domain=DOMAIN, k=k,
                             scoring=scoring, normalize=int(normalize), scale=scale)
     return _session(_model(
-        node, topk_routing_function(OPSET, RoutingVariant(scoring=scoring)),
+        node, topk_routing_function(OPSET, RoutingVariant(scoring=scoring, normalize=int(normalize))),
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "E"])],
         [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["T", k]),
          helper.make_tensor_value_info("indices", TensorProto.INT32, ["T", k])]))
@@ -124,7 +124,8 @@ def _check_routing_shapes(weights, indices, tokens, k, experts, normalize, scale
     assert all(len(set(row)) == k for row in indices.tolist()), f"{what}: an expert chosen twice for one token"
     assert (weights[:, :-1] >= weights[:, 1:] - slack).all(), f"{what}: weights not in descending order"
     if normalize and tokens:
-        np.testing.assert_allclose(weights.sum(-1), scale, rtol=1e-5, err_msg=f"{what}: normalized sum")
+        norm = np.sqrt((weights.astype(np.float64) ** 2).sum(-1)) if normalize == 2 else weights.sum(-1)
+        np.testing.assert_allclose(norm, scale, rtol=1e-5, err_msg=f"{what}: normalized sum (norm)")
 
 
 def _dense(weights, indices, experts):
@@ -142,7 +143,7 @@ def test_topk_routing_faces_agree(property_settings, record_max):
     @example(case=(np.zeros((1, 16), np.float32), 16, True), scoring="sigmoid", normalize=False, scale=2.5)
     @example(case=(np.array([[1, 1, 0, 1], [-2, 3, 3, 3]], np.float32), 2, True), scoring="softmax",
              normalize=True, scale=1.0)
-    @given(case=routing_cases(), scoring=st.sampled_from(["softmax", "sigmoid"]), normalize=st.booleans(),
+    @given(case=routing_cases(), scoring=st.sampled_from(["softmax", "sigmoid"]), normalize=st.sampled_from([0, 1, 2]),
            scale=st.sampled_from(SCALES))
     def check(case, scoring, normalize, scale):
         logits, k, grid = case

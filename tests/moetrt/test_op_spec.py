@@ -56,7 +56,7 @@ def test_version_for_is_1_without_version_2_options():
     (SMOE, {"beta": 1.0}, r"unknown attribute\(s\) \['beta'\]"),
     (SMOE, {"plugin_namespace": "other"}, r"'plugin_namespace' must be one of \('moetrt',\)"),
     (TKR, {}, r"'k' is required"),
-    (TKR, {"k": 2, "normalize": 2}, r"'normalize' must be one of \(0, 1\)"),
+    (TKR, {"k": 2, "normalize": 3}, r"'normalize' must be one of \(0, 1, 2\)"),
     (TKR, {"k": 2, "scoring": "relu"}, r"'scoring' must be one of"),
     (TKR, {"k": 2, "group_scoring": "mean"}, r"'group_scoring' must be one of \('top2_sum', 'max'\)"),
     (TKR, {"k": 2, "n_group": 2.0}, r"'n_group' must be int"),
@@ -184,12 +184,12 @@ def test_sparse_moe_torch_schema_is_the_spec():
 
 
 def test_topk_routing_torch_schema_is_the_spec():
-    # normalize is an int 0/1 attribute in ONNX and a bool in torch; its default 0 == False
+    # normalize is an int 0/1/2 attribute in ONNX and in torch (callers' True/False are 1/0)
     args = topk_routing_mod.TORCH_ARGS
     assert args[:4] == ("k", "scoring", "normalize", "scale")  # existing callers pass these by position
-    assert _torch_args(torch.ops.moetrt.TopKRouting) == _want_torch_args(TKR, args, {"normalize": "bool"})
+    assert _torch_args(torch.ops.moetrt.TopKRouting) == _want_torch_args(TKR, args, {})
     assert str(torch.ops.moetrt.TopKRouting.default._schema) == "moetrt::TopKRouting" + TKR.torch_schema(
-        args, "(Tensor, Tensor)", {"normalize": "bool"}).replace("=1.0", "=1.").replace("=0.0", "=0.")  # 1.0 as 1.
+        args, "(Tensor, Tensor)", {}).replace("=1.0", "=1.").replace("=0.0", "=0.")  # torch prints 1.0 as 1.
 
 
 @pytest.mark.parametrize("fn", [

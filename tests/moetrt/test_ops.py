@@ -50,7 +50,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- TopKRouting ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1.0, 2.5])
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("normalize", [False, True, 2])  # 2: the Euclidean norm (DBRX)
 @pytest.mark.parametrize("scoring", SCORINGS)
 @pytest.mark.parametrize("tokens,experts", ROUTING_SHAPES)
 def test_topk_routing_matches_reference_for_every_k(tokens, experts, scoring, normalize, scale):
@@ -66,7 +66,8 @@ def test_topk_routing_matches_reference_for_every_k(tokens, experts, scoring, no
         assert (weights[:, :-1] >= weights[:, 1:]).all()
         assert all(len(set(row)) == k for row in indices.tolist())
         if normalize:
-            torch.testing.assert_close(weights.sum(-1), torch.full((tokens,), scale), rtol=1e-6, atol=1e-6)
+            norm = weights.norm(dim=-1) if normalize == 2 else weights.sum(-1)
+            torch.testing.assert_close(norm, torch.full((tokens,), scale), rtol=1e-6, atol=1e-6)
 
 
 def test_public_function_is_the_registered_op():
@@ -152,7 +153,7 @@ def test_topk_routing_rejects_bad_inputs(logits, k, scoring, match):
         TopKRouting(logits, k, scoring, False, 1.0)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("normalize", [False, True, 2])
 @pytest.mark.parametrize("scoring", SCORINGS)
 def test_topk_routing_gradient_matches_dense_formulation(scoring, normalize):
     logits = (_logits(11, 6, seed=3) * 2).requires_grad_()
@@ -165,7 +166,9 @@ def test_topk_routing_gradient_matches_dense_formulation(scoring, normalize):
     scores = torch.softmax(leaf, -1) if scoring == "softmax" else torch.sigmoid(leaf)  # [T, E]
     chosen = torch.zeros_like(scores).scatter(1, indices.long(), 1.0)  # [T, E] 0/1
     masked = scores * chosen
-    if normalize:
+    if normalize == 2:  # DBRX's torch.norm(p=2)
+        masked = masked / torch.norm(masked, p=2, dim=-1, keepdim=True)
+    elif normalize:
         masked = masked / masked.sum(-1, keepdim=True)
     dense = torch.stack([masked[t, indices[t].long()] for t in range(11)]) * 1.5  # [T, K]
     torch.testing.assert_close(weights, dense.detach(), rtol=1e-6, atol=1e-7)
@@ -178,6 +181,22 @@ def test_topk_routing_opcheck():
     logits = _logits(5, 6).requires_grad_()
     torch.library.opcheck(TopKRouting.default, (logits, 2, "softmax", True, 1.0))
     torch.library.opcheck(TopKRouting.default, (logits, 6, "sigmoid", False, 2.0))
+    torch.library.opcheck(TopKRouting.default, (logits, 3, "softmax", 2, 1.0))
+
+
+def test_topk_routing_p_norms_agree_where_they_must():
+    """Degenerate equivalences of normalize: k=1 gives weight ``scale`` under either norm; the 1-norm of the
+    (non-negative) weights is their sum, as DBRX's ``torch.norm(p=1)`` computes it."""
+    logits = _logits(9, 7, seed=5) * 3
+    one_sum, _ = TopKRouting(logits, 1, "softmax", 1, 1.5)
+    one_l2, _ = TopKRouting(logits, 1, "softmax", 2, 1.5)
+    assert torch.equal(one_sum, one_l2) and torch.equal(one_sum, torch.full((9, 1), 1.5))
+    weights, indices = TopKRouting(logits, 3, "sigmoid", 0, 1.0)
+    summed, _ = TopKRouting(logits, 3, "sigmoid", 1, 1.0)
+    torch.testing.assert_close(summed, weights / torch.norm(weights, p=1, dim=-1, keepdim=True), rtol=1e-6, atol=0)
+    l2, _ = TopKRouting(logits, 3, "sigmoid", 2, 1.0)
+    torch.testing.assert_close(l2, weights / torch.norm(weights, p=2, dim=-1, keepdim=True), rtol=1e-6, atol=0)
+    assert not torch.allclose(l2, summed)
 
 
 # --- SparseMoE -----------------------------------------------------------------------------------

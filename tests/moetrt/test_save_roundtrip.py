@@ -52,6 +52,14 @@ CONFIGS = {
     "gpt_oss-yarn": dict(model_type="gpt_oss", **{**GPT_OSS, "swiglu_limit": 0.5, "swiglu_alpha": 1.5,
                                                   "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                                    "original_max_position_embeddings": 32}}),
+    "granitemoe": dict(model_type="granitemoe", attention_bias=True, attention_out_bias=True, embedding_multiplier=2.5,
+                       residual_multiplier=0.6, attention_scale=0.2, logits_scaling=1.7),
+    "granitemoeshared": dict(model_type="granitemoeshared", embedding_multiplier=3.0, residual_multiplier=0.5,
+                             attention_scale=0.3, logits_scaling=2.0, shared_expert_intermediate_size=20,
+                             shared_expert_gate=False),
+    "dbrx": dict(model_type="dbrx", layer_norm=True, rms_norm_eps=1e-5, clip_qkv=0.5, normalize_topk_p=2,
+                 rope_theta=500000.0),
+    "dbrx-sum": dict(model_type="dbrx", layer_norm=True, rms_norm_eps=1e-5, clip_qkv=8.0, num_key_value_heads=1),
 }
 # options a family's config.json cannot say: saving must refuse rather than write a wrong checkpoint
 INEXPRESSIBLE = {
@@ -98,6 +106,16 @@ INEXPRESSIBLE = {
     "glm4_moe with o_proj bias": ("glm4_moe", {**DEEPSEEK, "attention_bias": True, "attention_out_bias": True}),
     "minimax_m2 with groups": ("minimax_m2", dict(scoring="sigmoid", selection_bias=True, qk_norm="full",
                                                   num_experts=8, n_group=4, topk_group=2)),
+    "mixtral with a residual multiplier": ("mixtral", dict(residual_multiplier=0.5)),
+    "granitemoe with a shared expert": ("granitemoe", dict(attention_scale=0.2, shared_expert_intermediate_size=16,
+                                                           shared_expert_gate=False)),
+    "granitemoeshared with a gated shared expert": ("granitemoeshared", dict(attention_scale=0.2,
+                                                                             shared_expert_intermediate_size=16)),
+    "granitemoe without renormalisation": ("granitemoe", dict(attention_scale=0.2, normalize_topk=False)),
+    "mixtral with the Euclidean norm": ("mixtral", dict(normalize_topk_p=2)),
+    "mixtral with LayerNorm": ("mixtral", dict(layer_norm=True)),
+    "dbrx with RMSNorm": ("dbrx", dict(rms_norm_eps=1e-5, clip_qkv=8.0)),
+    "dbrx with q/k/v bias": ("dbrx", dict(layer_norm=True, rms_norm_eps=1e-5, attention_bias=True)),
     "unknown family": ("llama", dict()),
 }
 

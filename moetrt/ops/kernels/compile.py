@@ -91,7 +91,7 @@ def _pointers(signature: dict[str, str]) -> tuple[str, ...]:
     return tuple(name for name, ty in signature.items() if ty.startswith("*"))
 
 
-def topk_routing_specs(num_experts: int, k: int, scoring: str = "softmax", normalize: bool = False) -> list[KernelSpec]:
+def topk_routing_specs(num_experts: int, k: int, scoring: str = "softmax", normalize: int = 0) -> list[KernelSpec]:
     """The routing kernel for E experts and top-k (T and ``scale`` stay run-time)."""
     from moetrt.ops.topk_routing import SCORINGS
 
@@ -116,7 +116,7 @@ def topk_routing_specs(num_experts: int, k: int, scoring: str = "softmax", norma
                 "num_experts": num_experts,
                 "K": k,
                 "SIGMOID": scoring == "sigmoid",
-                "NORMALIZE": bool(normalize),
+                "NORMALIZE": int(normalize),
                 "BLOCK_T": block_t,
                 "BLOCK_E": block_e,
                 "BLOCK_K": next_power_of_2(k),

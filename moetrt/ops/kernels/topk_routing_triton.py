@@ -2,8 +2,8 @@
 
 Semantics are the op's (``moetrt/ops/topk_routing.py``): ``scores = softmax(logits)`` or
 ``sigmoid(logits)`` in float32, the ``k`` largest scores sorted descending with ties to the
-lower expert index, ``weights = scores[indices]``, optionally divided by their sum, times
-``scale``. One program handles ``BLOCK_T`` tokens and all ``E`` experts of each (``E`` up to a
+lower expert index, ``weights = scores[indices]``, optionally divided by their sum (``normalize=1``)
+or their Euclidean norm (``normalize=2``), times ``scale``. One program handles ``BLOCK_T`` tokens and all ``E`` experts of each (``E`` up to a
 few hundred fits in registers); the top-k is ``k`` rounds of "take the row maximum, lowest index
 among equals, then knock it out", which gives exactly the stable-sort order the op defines.
 
@@ -36,7 +36,7 @@ def topk_routing_kernel(
     scale,  # float32
     K: tl.constexpr,
     SIGMOID: tl.constexpr,  # False: softmax
-    NORMALIZE: tl.constexpr,
+    NORMALIZE: tl.constexpr,  # 0: none, 1: divide by the sum, 2: by the Euclidean norm
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_K: tl.constexpr,  # next power of two >= K
@@ -73,7 +73,9 @@ def topk_routing_kernel(
         top_indices = tl.where(offs_k[None, :] == j, idx[:, None], top_indices)
         key = tl.where(chosen, float("-inf"), key)
 
-    if NORMALIZE:
+    if NORMALIZE == 2:
+        top_weights = top_weights / tl.sqrt(tl.sum(top_weights * top_weights, axis=1))[:, None]  # lanes >= K hold 0
+    elif NORMALIZE:
         top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]  # lanes >= K hold 0
     top_weights = top_weights * scale
 
@@ -84,7 +86,7 @@ def topk_routing_kernel(
 
 
 def topk_routing_triton(
-    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
+    logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
     group_scoring: str = "top2_sum", norm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +99,7 @@ def topk_routing_triton(
     The kernel implements version 1: a selection bias or groups (version 2) or ``norm_min`` (version 3)
     raise ValueError naming them, never ignored.
     """
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize)
     unsupported = (["selection_bias"] * (selection_bias is not None) + [f"n_group={n_group}"] * (n_group != 1)
                    + [f"topk_group={topk_group}"] * (topk_group != 1)
                    + [f"group_scoring={group_scoring!r}"] * (group_scoring != "top2_sum")
@@ -119,7 +121,7 @@ def topk_routing_triton(
     grid = (triton.cdiv(num_tokens, block_t),)
     topk_routing_kernel[grid](
         logits, weights, indices, num_tokens, num_experts, float(scale),
-        K=k, SIGMOID=scoring == "sigmoid", NORMALIZE=bool(normalize),
+        K=k, SIGMOID=scoring == "sigmoid", NORMALIZE=int(normalize),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_power_of_2(k),
         num_warps=num_warps,
     )  # fmt: skip

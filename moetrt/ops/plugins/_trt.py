@@ -107,7 +107,7 @@ def topk_routing_impl(
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        weights, indices = topk_routing_triton(_as_torch(logits), k, aot.attribute_text(scoring), bool(normalize), scale)
+        weights, indices = topk_routing_triton(_as_torch(logits), k, aot.attribute_text(scoring), int(normalize), scale)
         _as_torch(outputs[0]).copy_(weights)
         _as_torch(outputs[1]).copy_(indices)
 
@@ -118,7 +118,7 @@ def topk_routing_aot_impl(
     tactic: int,
 ) -> AotResult:
     num_experts = _static_dim(logits, 1, "TopKRouting's expert count (logits [T, E])")
-    kernel = aot.topk_routing_aot_kernel(num_experts, k, scoring, bool(normalize), scale)
+    kernel = aot.topk_routing_aot_kernel(num_experts, k, scoring, int(normalize), scale)
     tokens = logits.shape_expr[0]
     return _aot_result(kernel, tokens, [tokens])
 

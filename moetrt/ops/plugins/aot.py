@@ -129,7 +129,7 @@ def _pointers(sig: dict[str, str]) -> tuple[str, ...]:
 
 
 # --- one kernel per plugin --------------------------------------------------------------------
-def topk_routing_aot_kernel(num_experts: int, k: int, scoring: str = "softmax", normalize: bool = False,
+def topk_routing_aot_kernel(num_experts: int, k: int, scoring: str = "softmax", normalize: int = 0,
                             scale: float = 1.0) -> AotKernel:
     """``moetrt::TopKRouting``: logits -> (weights, indices), scale compiled in."""
     scoring = attribute_text(scoring)
@@ -140,7 +140,7 @@ def topk_routing_aot_kernel(num_experts: int, k: int, scoring: str = "softmax", 
     block_t, block_e, num_warps = topk_routing_blocks(None, num_experts)
     sig = {"logits_ptr": "*fp32", "num_tokens": "i32", "weights_ptr": "*fp32", "indices_ptr": "*i32"}
     constants = {"num_experts": num_experts, "SCALE": float(scale), "K": k, "SIGMOID": scoring == "sigmoid",
-                 "NORMALIZE": bool(normalize), "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": next_power_of_2(k)}
+                 "NORMALIZE": int(normalize), "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": next_power_of_2(k)}
     spec = _PluginKernelSpec("topk_routing", "topk_routing_aot", "plugins", sig, constants, num_warps=num_warps,
                              num_stages=1, grid=(f"max(cdiv(T, {block_t}), 1)", "1", "1"), aligned=_pointers(sig))
     return AotKernel("TopKRouting", spec, ("logits_ptr",), ("num_tokens",), ("weights_ptr", "indices_ptr"), num_experts, k)
@@ -230,7 +230,7 @@ def moe_combine_aot_kernel(dtype: str, num_experts: int, hidden_size: int, k: in
 
 
 _BUILDERS = {
-    "TopKRouting": lambda dtype, a: topk_routing_aot_kernel(a["num_experts"], a["k"], a["scoring"], bool(a["normalize"]),
+    "TopKRouting": lambda dtype, a: topk_routing_aot_kernel(a["num_experts"], a["k"], a["scoring"], int(a["normalize"]),
                                                             a["scale"]),
     "MoEAlign": lambda dtype, a: moe_align_aot_kernel(a["num_experts"], a["k"], a["block_m"]),
     "MoEGateUp": lambda dtype, a: moe_gate_up_aot_kernel(dtype, *(a[n] for n in PLUGIN_ATTRIBUTES["MoEGateUp"])),

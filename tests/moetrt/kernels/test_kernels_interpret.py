@@ -69,6 +69,9 @@ ROUTING_CASES = [
     (13, 60, 4, "softmax", True, 1.0),
     (40, 128, 8, "sigmoid", True, 1.0),
     (19, 256, 8, "softmax", False, 0.5),
+    # normalize=2: the Euclidean norm (DBRX)
+    (9, 16, 4, "softmax", 2, 1.0),
+    (6, 60, 3, "sigmoid", 2, 2.0),
 ]
 # (logits row, k, expected indices): exact ties go to the lower expert index
 TIE_CASES = [
