@@ -29,7 +29,9 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # key/value attention with TopKRouting version 2 (selection bias; partial rotary)
                    "glm4_moe", "minimax_m2",
                    # Gemma 4: GeGLU experts beside a dense MLP, full layers with their own head dim, heads and RoPE
-                   "gemma4_text"]
+                   "gemma4_text",
+                   # Llama 4: input-weighted experts, chunked attention (past 20 crosses chunks), NoPE temperature
+                   "llama4_text"]
 
 
 def _feeds(model, input_ids, mask, positions, past):
