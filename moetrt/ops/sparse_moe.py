@@ -70,7 +70,10 @@ SPEC = OpSpec(
         Attr("limit", float, 7.0, None, "clamped_swiglu: clamp of gate (above) and up (both sides)",
              {"activation": ("clamped_swiglu",)}),
         Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
-        Attr("weight_input", int, 0, (0, 1), "1: the routing weight scales the expert's input, not its output (Llama 4)"),
+        # only_with itself: it matters, is written on a node and declared by a function body, only when it is 1,
+        # so the bodies and nodes that weight the outputs stay as they always were
+        Attr("weight_input", int, 0, (0, 1), "1: the routing weight scales the expert's input, not its output (Llama 4)",
+             {"weight_input": (1,)}),
     ),
 )
 # the attributes the torch op takes (plugin_namespace is for TensorRT only)
@@ -509,11 +512,8 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
     doc = f"moetrt::SparseMoE in standard ONNX ops, for {E} experts"
     if variant.name:
         doc += f" ({variant.name})"
-    defaults = SPEC.defaults_for({"activation": variant.activation, "weight_input": variant.weight_input})
-    if not variant.weight_input:
-        del defaults["weight_input"]  # the bodies that weight the outputs declare what they always did
     return make_function(
         OP_NAME, b, variant.inputs, ["y"], opset,
-        attribute_defaults=defaults,
+        attribute_defaults=SPEC.defaults_for({"activation": variant.activation, "weight_input": variant.weight_input}),
         doc=doc, overload=overload,
     )
