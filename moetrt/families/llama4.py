@@ -45,7 +45,7 @@ import torch
 from moetrt.config import MoEConfig
 from moetrt.errors import CheckpointError, UnsupportedModelError
 
-from ._base import SKIPPED, Family, Placement, field, rope
+from ._base import SKIPPED, Family, ImageTextFamily, Placement, field, rope
 from . import register
 
 if TYPE_CHECKING:
@@ -98,16 +98,9 @@ class Llama4Text(Family):
     }
 
     # --- config ----------------------------------------------------------------------------------
-    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
-        return hf
-
     def config_from_hf(self, hf: dict[str, Any]) -> MoEConfig:
-        top = hf
-        hf = self.text_config(hf)
-        quant = top.get("quantization_config") or hf.get("quantization_config")
-        if quant:
-            raise UnsupportedModelError(
-                f"llama4 checkpoints quantized with {quant.get('quant_method')!r} are not supported; use a bf16 checkpoint")
+        self.refuse_quantized(hf)
+        top, hf = hf, self.text_config(hf)
         layers = field(hf, "num_hidden_layers")
         # transformers' Llama4TextConfig.__post_init__, default for default
         interval = hf.get("no_rope_layer_interval", 4)
@@ -222,24 +215,19 @@ class Llama4Text(Family):
 
     # --- tests -----------------------------------------------------------------------------------
     def tiny_config(self, **overrides: Any):
-        import transformers
-
-        kwargs = {
-            "vocab_size": 96, "hidden_size": 64, "intermediate_size": 32, "intermediate_size_mlp": 48,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        return super().tiny_config(**{
+            "intermediate_size": 32, "intermediate_size_mlp": 48, "num_hidden_layers": 4, "head_dim": 16,
             "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "use_qk_norm": True,
             "no_rope_layer_interval": 2, "attention_chunk_size": 4, "attn_temperature_tuning": True, "floor_scale": 2,
-            "attn_scale": 0.5, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+            "attn_scale": 0.5, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 16},
             **overrides,
-        }
-        return transformers.Llama4TextConfig(attn_implementation="eager", **kwargs)
+        })
 
 
 @register
-class Llama4(Llama4Text):
+class Llama4(ImageTextFamily, Llama4Text):
     """The image-text checkpoint (``Llama4ForConditionalGeneration``): its text model, the vision tower skipped."""
 
     model_type = "llama4"
@@ -247,15 +235,5 @@ class Llama4(Llama4Text):
     hf_config_class = "Llama4Config"
     text_prefix = "language_model.model."
     lm_head_name = "language_model.lm_head.weight"
+    text_family = Llama4Text
     tiny_variants = {}  # built by the tests from llama4_text's (tests/moetrt/test_llama4.py)
-
-    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
-        text = hf.get("text_config")
-        if not isinstance(text, dict):
-            raise CheckpointError("config.json of this llama4 checkpoint has no text_config; re-download the config")
-        return text
-
-    def common_hf_config(self, cfg: MoEConfig) -> dict[str, Any]:
-        # saved as the text model it is (Llama4ForCausalLM, tensors under "model.")
-        return {**super().common_hf_config(cfg), "model_type": Llama4Text.model_type,
-                "architectures": [Llama4Text.architecture]}

@@ -19,7 +19,8 @@ import torch
 
 import moetrt
 from moetrt.errors import UnsupportedModelError
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, left_padded, randomize_, rel_err
+from tests.hf_tiny import (assert_save_round_trips, hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, left_padded,
+                           randomize_, rel_err)
 
 pytest.importorskip("transformers")
 
@@ -81,17 +82,8 @@ def test_image_text_checkpoint_imports_its_text_model(tmp_path):
 
 
 def test_save_pretrained_writes_what_transformers_reads(hf_model, tmp_path):
-    """q/k rows go back to transformers' interleaved RoPE layout, experts to [E, D, 2F] / [E, F, D]: same logits."""
-    import transformers
-
-    model = moetrt.from_pretrained(hf_model)
-    moetrt.save_pretrained(model, tmp_path / "saved")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager").eval()
-    for name, tensor in hf_model.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name
-    again = moetrt.from_pretrained(tmp_path / "saved")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
+    """q/k rows go back to transformers' interleaved RoPE layout, experts to [E, D, 2F] / [E, F, D]: the same tensors."""
+    assert_save_round_trips(hf_model, tmp_path / "saved")
 
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])
