@@ -341,8 +341,10 @@ class MoEConfig:
         if self.attention_chunk_size is not None and (
                 not isinstance(self.attention_chunk_size, int) or isinstance(self.attention_chunk_size, bool)
                 or self.attention_chunk_size < 1):
-            raise ValueError(f"MoEConfig.attention_chunk_size must be None or a positive integer, got {self.attention_chunk_size!r}")
-        if self.layer_types is not None and "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
+            raise ValueError(
+                f"MoEConfig.attention_chunk_size must be None or a positive integer, got {self.attention_chunk_size!r}")
+        chunked = self.layer_types is not None and "chunked_attention" in self.layer_types
+        if chunked and self.attention_chunk_size is None:
             raise ValueError("MoEConfig.layer_types has chunked_attention layers but attention_chunk_size is None")
         bad = [i for i in self.nope_layers if not 0 <= i < self.num_hidden_layers]
         if bad:

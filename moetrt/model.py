@@ -215,7 +215,8 @@ class Attention(nn.Module):
         # after the rotation; NoPE layers may scale their queries by position (attention temperature tuning)
         self.rope = cfg.uses_rope(layer_idx)
         self.l2_norm = ScalelessRMSNorm(cfg.rms_norm_eps) if cfg.qk_norm == "l2" and self.rope else None
-        self.temperature = (cfg.attn_floor_scale, cfg.attn_scale) if cfg.attn_temperature_tuning and not self.rope else None
+        tuned = cfg.attn_temperature_tuning and not self.rope
+        self.temperature = (cfg.attn_floor_scale, cfg.attn_scale) if tuned else None
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
         # past: the dynamic cache [B, G, P, Hd] x2, or with cache_position [S] the static buffers [B, G, C, Hd] x2
@@ -421,7 +422,7 @@ class MoEBlock(nn.Module):
             )  # [T, K] x2
         experts = self.experts
         if experts.gate_up_proj_bias is None and self.activation == "silu" and not self.weight_input:
-            y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D], as exported before
+            y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D], the plain call
         elif not self.weight_input:
             y = sparse_moe(
                 tokens, weights, indices, experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias,
@@ -575,8 +576,9 @@ class MoETransformer(nn.Module):
                 allowed = allowed & ((k_pos // chunk) == (q_pos // chunk))[None, None]
             else:  # chunks start at each row's first real token: shift by its left padding
                 left = (attention_mask.cumsum(-1) == 0).sum(-1)[:, None, None, None]  # [B, 1, 1, 1]
-                same = ((k_pos[None, None] - left).clamp(min=0) // chunk) == ((q_pos[None, None] - left).clamp(min=0) // chunk)
-                allowed = allowed & same  # [B, 1, S, P+S]
+                k_chunk = (k_pos[None, None] - left).clamp(min=0) // chunk  # [B, 1, 1, P+S]
+                q_chunk = (q_pos[None, None] - left).clamp(min=0) // chunk  # [B, 1, S, 1]
+                allowed = allowed & (k_chunk == q_chunk)  # [B, 1, S, P+S]
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()  # [B, 1, S, P+S]
         zero = torch.zeros((), dtype=dtype, device=device)

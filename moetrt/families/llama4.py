@@ -128,8 +128,8 @@ class Llama4Text(Family):
         ffn = field(hf, "intermediate_size")
         attention_bias = bool(hf.get("attention_bias", False))
         return MoEConfig(
-            **{**base, "tie_word_embeddings": bool(top.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))),
-               "max_position_embeddings": hf.get("max_position_embeddings", 4096 * 32)},
+            **{**base, "max_position_embeddings": hf.get("max_position_embeddings", 4096 * 32),
+               "tie_word_embeddings": bool(top.get("tie_word_embeddings", hf.get("tie_word_embeddings", False)))},
             intermediate_size=ffn, dense_intermediate_size=hf.get("intermediate_size_mlp", 16384),
             scoring="sigmoid", normalize_topk=False, expert_input_weighting=True,
             shared_expert_intermediate_size=ffn, shared_expert_gate=False,
@@ -161,7 +161,8 @@ class Llama4Text(Family):
         return dict(
             num_local_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size,
             intermediate_size_mlp=cfg.dense_ffn_size, moe_layers=cfg.moe_layers, interleave_moe_layer_step=1,
-            use_qk_norm=cfg.qk_norm == "l2", no_rope_layers=[int(cfg.uses_rope(i)) for i in range(cfg.num_hidden_layers)],
+            use_qk_norm=cfg.qk_norm == "l2",
+            no_rope_layers=[int(cfg.uses_rope(i)) for i in range(cfg.num_hidden_layers)],
             attention_chunk_size=cfg.attention_chunk_size, layer_types=list(cfg.layer_types),
             attn_temperature_tuning=cfg.attn_temperature_tuning, floor_scale=int(cfg.attn_floor_scale)
             if float(cfg.attn_floor_scale).is_integer() else cfg.attn_floor_scale,
@@ -200,7 +201,8 @@ class Llama4Text(Family):
             if canon not in params:
                 return None
             head_dim = cfg.head_dim
-            return [Placement(canon, transform=lambda t: _interleaved_to_halves(t, head_dim), stored_shape=params[canon])]
+            return [Placement(canon, transform=lambda t: _interleaved_to_halves(t, head_dim),
+                              stored_shape=params[canon])]
         return super().place(name, shape, cfg, params)
 
     def hf_tensors(self, model: "MoETransformer") -> Iterator[tuple[str, torch.Tensor]]:
