@@ -102,10 +102,10 @@ def _translation_table() -> dict:
         return onnxscript.values.Opset(DOMAIN, version).TopKRouting(*inputs, **attrs, _outputs=2)
 
     def sparse_moe(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation: str = "silu",
-                   alpha: float = 1.702, limit: float = 7.0):
+                   alpha: float = 1.702, limit: float = 7.0, weight_input: int = 0):
         attrs = SPARSE_MOE_SPEC.non_default(
             {"activation": activation, "alpha": float(alpha), "limit": float(limit),
-             "plugin_namespace": PLUGIN_NAMESPACE})
+             "plugin_namespace": PLUGIN_NAMESPACE, "weight_input": int(weight_input)})
         return moetrt_opset.SparseMoE(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, **attrs)
 
     return {
@@ -249,7 +249,7 @@ def attach_functions(ir_model, num_experts: int) -> dict[str, int]:
     for variant in list(variants.values()) or [BodyVariant()]:  # no SparseMoE node: the version-1 body
         protos.append(sparse_moe_function(
             opset, num_experts, gather_below, activation=variant.activation, gate_up_bias=variant.gate_up_bias,
-            down_bias=variant.down_bias, overload=variant.name if mixed else ""))
+            down_bias=variant.down_bias, overload=variant.name if mixed else "", weight_input=variant.weight_input))
     if mixed:
         for node, variant in experts_nodes:
             node.overload = variant.name

@@ -22,11 +22,13 @@ ACTIVATIONS = ("silu", "clamped_swiglu", "gelu_tanh")
 # how a group of experts is scored for group-limited routing (TopKRouting's group_scoring)
 GROUP_SCORINGS = ("top2_sum", "max")
 # per-layer attention kinds (transformers' layer_types): full causal, or causal within sliding_window
-LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "chunked_attention")
 # linear_attention: a Gated DeltaNet layer (Qwen3-Next, Qwen3.5-MoE) in place of attention, see the linear_* fields
+# chunked_attention: causal within the same attention_chunk_size-long chunk of positions (Llama 4)
 # None: no q/k norm; "head": RMSNorm over head_dim per head (Qwen3-MoE);
-# "full": RMSNorm over the whole projection before the head split (OLMoE).
-QK_NORMS = (None, "head", "full")
+# "full": RMSNorm over the whole projection before the head split (OLMoE);
+# "l2": a weightless RMSNorm over head_dim per head, on the layers that rotate only (Llama 4's use_qk_norm).
+QK_NORMS = (None, "head", "full", "l2")
 
 
 @dataclass
@@ -160,9 +162,21 @@ class MoEConfig:
     # DBRX: LayerNorm (mean-centred, a weight and no bias, eps rms_norm_eps) in place of RMSNorm on the
     # layers' input and post-attention norms and the final norm
     layer_norm: bool = False
+    # Llama 4: the routing weight scales each routed expert's input instead of its output
+    # (SparseMoE weight_input=1); chunked_attention layers attend within chunks of attention_chunk_size
+    # positions (counted from a row's first real token); nope_layers use no RoPE, and there, with
+    # attn_temperature_tuning, the queries are scaled by 1 + attn_scale * log1p(floor((p + 1) / floor_scale))
+    # at cache position p
+    expert_input_weighting: bool = False
+    attention_chunk_size: int | None = None
+    nope_layers: tuple[int, ...] = ()
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: float = 8192.0
+    attn_scale: float = 0.1
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
+        self.nope_layers = tuple(int(i) for i in self.nope_layers)
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
         positive = (
@@ -272,6 +286,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.norm_min must be a finite number >= 0 (0: divide by the plain sum), "
                              f"got {self.norm_min!r}")
         self._check_granite_dbrx()
+        self._check_llama4()
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"
@@ -355,6 +370,23 @@ class MoEConfig:
                 f"got {self.normalize_topk_p!r}")
         if self.layer_norm and self.rms_norm_unit_offset:
             raise ValueError("MoEConfig.layer_norm and rms_norm_unit_offset exclude each other (one kind of norm)")
+
+    def _check_llama4(self) -> None:
+        if self.attention_chunk_size is not None and (
+                not isinstance(self.attention_chunk_size, int) or isinstance(self.attention_chunk_size, bool)
+                or self.attention_chunk_size < 1):
+            raise ValueError(
+                f"MoEConfig.attention_chunk_size must be None or a positive integer, got {self.attention_chunk_size!r}")
+        chunked = self.layer_types is not None and "chunked_attention" in self.layer_types
+        if chunked and self.attention_chunk_size is None:
+            raise ValueError("MoEConfig.layer_types has chunked_attention layers but attention_chunk_size is None")
+        bad = [i for i in self.nope_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"MoEConfig.nope_layers has layer indices outside 0..{self.num_hidden_layers - 1}: {bad}")
+        if not 0 < self.attn_floor_scale < float("inf"):
+            raise ValueError(f"MoEConfig.attn_floor_scale must be a finite number > 0, got {self.attn_floor_scale!r}")
+        if self.latent_attention and (self.nope_layers or self.qk_norm == "l2"):
+            raise ValueError("MoEConfig.nope_layers and qk_norm 'l2' are not supported with latent attention")
 
     def _check_groups(self) -> None:
         if self.group_scoring not in GROUP_SCORINGS:
@@ -457,6 +489,16 @@ class MoEConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
+    def uses_rope(self, i: int) -> bool:
+        """Whether layer ``i``'s attention rotates queries and keys (Llama 4's NoPE layers do not)."""
+        return i not in self.nope_layers
+
+    def layer_chunk(self, i: int) -> int | None:
+        """The attention chunk of layer ``i`` (chunked_attention), None for other layers."""
+        if self.layer_types is not None and self.layer_types[i] == "chunked_attention":
+            return self.attention_chunk_size
+        return None
+
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer ``i``'s attention, None for full attention."""
         if self.layer_types is None or self.layer_types[i] == "sliding_attention":
@@ -478,6 +520,7 @@ class MoEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["nope_layers"] = list(self.nope_layers)
         if self.layer_types is not None:
             d["layer_types"] = list(self.layer_types)
         return d

@@ -632,6 +632,11 @@ def fp8_experts(model: Any, weight_scales: str = "block", activation_scales: str
                 f"{name} has {'biases and ' if experts.gate_up_proj_bias is not None else ''}activation "
                 f"{module.activation!r}: use expert_precision='model'"
             )
+        if getattr(module, "weight_input", 0):
+            raise MoetrtError(
+                f"expert_precision='fp8' weights the experts' outputs; {name} weights their inputs (Llama 4's "
+                "routing, SparseMoE weight_input=1), which the FP8 kernels do not implement: use expert_precision='model'"
+            )
         device = experts.gate_up_proj.device
         if name in stored:
             (wgu, sgu), (wd, sd) = stored[name]["gate_up_proj"], stored[name]["down_proj"]

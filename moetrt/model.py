@@ -226,6 +226,12 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = rms_norm(cfg, q_dim)
             self.k_norm = rms_norm(cfg, kv_dim)
+        # Llama 4: NoPE layers rotate nothing; the weightless q/k norm ("l2") runs on the rotating layers only,
+        # after the rotation; NoPE layers may scale their queries by position (attention temperature tuning)
+        self.rope = cfg.uses_rope(layer_idx)
+        self.l2_norm = ScalelessRMSNorm(cfg.rms_norm_eps) if cfg.qk_norm == "l2" and self.rope else None
+        tuned = cfg.attn_temperature_tuning and not self.rope
+        self.temperature = (cfg.attn_floor_scale, cfg.attn_scale) if tuned else None
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None, cache_position=None):
         # past: the dynamic cache [B, G, P, Hd] x2, or with cache_position [S] the static buffers [B, G, C, Hd] x2
@@ -248,7 +254,12 @@ class Attention(nn.Module):
         if self.v_norm is not None:
             v = self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|G, S, Hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.l2_norm is not None:
+            q, k = self.l2_norm(q), self.l2_norm(k)
+        if self.temperature is not None:
+            q = self._tuned_temperature(q, past, cache_position)
         if cache_position is not None:  # static: write in place, attend over all C positions
             past[0].index_copy_(2, cache_position, k)
             past[1].index_copy_(2, cache_position, v)
@@ -265,6 +276,18 @@ class Attention(nn.Module):
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out), present
+
+    def _tuned_temperature(self, q, past, cache_position):
+        """q [B, H, S, Hd] times 1 + attn_scale * log1p(floor((p + 1) / floor_scale)) at cache position p (Llama 4)."""
+        seq = q.shape[2]
+        if cache_position is not None:
+            positions = cache_position  # [S]
+        else:
+            start = 0 if past is None else past[0].shape[2]
+            positions = torch.arange(seq, device=q.device) + start  # [S]
+        floor_scale, attn_scale = self.temperature
+        scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0  # [S]
+        return (q * scales.view(1, 1, seq, 1)).to(q.dtype)
 
 
 def latent_softmax_scale(cfg: MoEConfig) -> float:
@@ -364,6 +387,7 @@ class MoEBlock(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
+        self.weight_input = int(cfg.expert_input_weighting)  # Llama 4: the routing weight scales the experts' input
         self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
         if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # TopKRouting's normalize is the p of the norm (DBRX: 2)
             self.normalize = cfg.normalize_topk_p
@@ -418,12 +442,17 @@ class MoEBlock(nn.Module):
         experts = self.experts
         if getattr(experts, "fp8", False):  # FP8 experts (moetrt.fp8.FP8Experts): the torch back end's expert_precision
             y = experts(tokens, weights, indices, self.activation)  # [T, D]
-        elif experts.gate_up_proj_bias is None and self.activation == "silu":  # the plain call, as exported before
-            y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D]
-        else:
+        elif experts.gate_up_proj_bias is None and self.activation == "silu" and not self.weight_input:
+            y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D], the plain call
+        elif not self.weight_input:
             y = sparse_moe(
                 tokens, weights, indices, experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias,
                 experts.down_proj_bias, activation=self.activation, **self.act_args,
+            )  # [T, D]
+        else:
+            y = sparse_moe(
+                tokens, weights, indices, experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias,
+                experts.down_proj_bias, activation=self.activation, **self.act_args, weight_input=1,
             )  # [T, D]
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)  # [T, D]
@@ -556,8 +585,9 @@ class MoETransformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def _mask(self, attention_mask, batch, seq, past, dtype, device, cache_position=None, total=None,
-              window: int | None = None) -> torch.Tensor:
-        """Additive mask [B, 1, S, P+S] (static cache: [B, 1, S, C]): causal over cache positions, padding, sliding window."""
+              window: int | None = None, chunk: int | None = None) -> torch.Tensor:
+        """Additive mask [B, 1, S, P+S] (static cache: [B, 1, S, C]): causal over cache positions, padding, sliding
+        window, attention chunk (positions counted from each row's first real token, as transformers)."""
         if cache_position is None:
             total = past + seq
             q_pos = torch.arange(seq, device=device)[:, None] + past  # [S, 1]
@@ -568,11 +598,23 @@ class MoETransformer(nn.Module):
         if window is not None:
             allowed = allowed & (k_pos > q_pos - window)
         allowed = allowed[None, None]  # [1, 1, S, P+S]
+        if chunk is not None:
+            if attention_mask is None:
+                allowed = allowed & ((k_pos // chunk) == (q_pos // chunk))[None, None]
+            else:  # chunks start at each row's first real token: shift by its left padding
+                left = (attention_mask.cumsum(-1) == 0).sum(-1)[:, None, None, None]  # [B, 1, 1, 1]
+                k_chunk = (k_pos[None, None] - left).clamp(min=0) // chunk  # [B, 1, 1, P+S]
+                q_chunk = (q_pos[None, None] - left).clamp(min=0) // chunk  # [B, 1, S, 1]
+                allowed = allowed & (k_chunk == q_chunk)  # [B, 1, S, P+S]
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()  # [B, 1, S, P+S]
         zero = torch.zeros((), dtype=dtype, device=device)
         neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
         return torch.where(allowed, zero, neg).expand(batch, 1, seq, total)
+
+    def _mask_kind(self, i: int) -> tuple[int | None, int | None]:
+        """(sliding window, attention chunk) of layer ``i``'s mask."""
+        return self.config.layer_window(i), self.config.layer_chunk(i)
 
     def _past_length(self, past_key_values: KVCache | None) -> int:
         """The positions a dynamic cache holds, read along its first growing entry (state contract)."""
@@ -687,15 +729,16 @@ class MoETransformer(nn.Module):
             x = x * _in_dtype(self.config.embedding_multiplier, x.dtype)
         cos, sin = self.rotary(position_ids, x.dtype)  # [B, S, Hd] x2
         rope_full = None if self.rotary_full is None else self.rotary_full(position_ids, x.dtype)
-        masks = {}  # one per sliding window in use (None: full attention)
-        for window in dict.fromkeys(self.config.layer_window(i) for i in range(len(self.layers))):
+        masks = {}  # one per (sliding window, attention chunk) in use (None, None: full attention)
+        for window, chunk in dict.fromkeys(self._mask_kind(i) for i in range(len(self.layers))):
             if static:
-                masks[window] = self._mask(
-                    attention_mask, batch, seq, 0, x.dtype, x.device, cache_position, static_cache.capacity, window
+                masks[window, chunk] = self._mask(
+                    attention_mask, batch, seq, 0, x.dtype, x.device, cache_position, static_cache.capacity, window,
+                    chunk,
                 )  # [B, 1, S, C]
             else:
-                masks[window] = self._mask(
-                    attention_mask, batch, seq, past, x.dtype, x.device, window=window
+                masks[window, chunk] = self._mask(
+                    attention_mask, batch, seq, past, x.dtype, x.device, window=window, chunk=chunk
                 )  # [B, 1, S, P+S]
         presents: KVCache = []
         rope = (cos, sin)
@@ -706,7 +749,7 @@ class MoETransformer(nn.Module):
             padding = (attention_mask.index_select(1, cache_position) if static
                        else attention_mask[:, attention_mask.shape[1] - seq:]).to(x.dtype)
         for i, layer in enumerate(self.layers):
-            mask = masks[self.config.layer_window(i)]
+            mask = masks[self._mask_kind(i)]
             cos, sin = rope_full if rope_full is not None and self.config.is_full_attention(i) else rope
             if static:
                 x, present, router = layer(x, cos, sin, mask, static_cache.layer(i), cache_position, padding)

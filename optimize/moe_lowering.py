@@ -105,6 +105,7 @@ _ROUTER_LIMITS = {
 # or "log_weights" (the TopKRouting node stays and routes; the fused op mixes its weights)
 ROUTINGS = ("logits", "log_weights")
 _LOG_WEIGHTS_LIMITS = {"scale": "the log-weights path feeds the fused op log(weights), which needs scale > 0"}
+_EXPERTS_LIMITS = {"weight_input": "ONNX Runtime's MoE ops weight the experts' outputs, not their inputs"}
 # where the fused ops' router input is not chosen: below every log-weight, and exp() of it underflows to 0
 _UNCHOSEN = float(np.finfo(np.float32).min)
 
@@ -285,7 +286,8 @@ def lowering_blocker(
         reason = f"{what} routes on the logits alone: the node's selection_bias cannot reach it"
     else:
         reason = refusal(TOPK_ROUTING, layer.router_attributes, router, what, _ROUTER_LIMITS)
-    reason = reason or refusal(SPARSE_MOE, layer.expert_attributes, experts(layer.expert_attributes), what)
+    reason = reason or refusal(SPARSE_MOE, layer.expert_attributes, experts(layer.expert_attributes), what,
+                               _EXPERTS_LIMITS)
     if reason is not None:
         return reason
     dtype = layer.x.dtype

@@ -18,7 +18,7 @@ import torch
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
     "left_padded", "rel_err", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
-    "saved_with_config", "greedy_tokens_of", "reference_and_export",
+    "saved_with_config", "greedy_tokens_of", "reference_and_export", "assert_save_round_trips",
 ]
 
 from moetrt import families as _families
@@ -261,3 +261,20 @@ def reference_and_export(hf_model, folder):
 
     model = moetrt.from_pretrained(hf_model)
     return model, onnx_from_torch(model, folder, progress=False)
+
+
+def assert_save_round_trips(hf_model, folder):
+    """``moetrt.save_pretrained`` of ``hf_model``'s import writes what transformers reads back to the same tensors,
+    and what moetrt imports back to the same parameters."""
+    import transformers
+
+    import moetrt
+
+    model = moetrt.from_pretrained(hf_model)
+    moetrt.save_pretrained(model, folder)
+    back = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    for name, tensor in hf_model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    again = moetrt.from_pretrained(folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -30,7 +30,7 @@ from moetrt.errors import CheckpointError, UnsupportedModelError
 if TYPE_CHECKING:
     from moetrt.model import MoETransformer
 
-__all__ = ["Family", "Placement", "field", "rope", "rope_theta", "DERIVED", "COMPANION", "SKIPPED"]
+__all__ = ["Family", "ImageTextFamily", "Placement", "field", "rope", "rope_theta", "DERIVED", "COMPANION", "SKIPPED"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,17 @@ class Family(ABC):
     @abstractmethod
     def config_from_hf(self, hf: dict[str, Any]) -> MoEConfig:
         ...
+
+    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The text model's fields of config.json: all of it (:class:`ImageTextFamily`: its ``text_config``)."""
+        return hf
+
+    def refuse_quantized(self, hf: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose config.json (or its ``text_config``) names a quantization moetrt does not read."""
+        quant = hf.get("quantization_config") or self.text_config(hf).get("quantization_config")
+        if quant:
+            raise UnsupportedModelError(f"{self.model_type} checkpoints quantized with {quant.get('quant_method')!r} "
+                                        "are not supported; use a bf16 checkpoint")
 
     def common_config(self, hf: dict[str, Any], num_experts: Any) -> dict[str, Any]:
         """The fields every family reads the same way."""
@@ -294,3 +305,22 @@ class Family(ABC):
             **overrides,
         }
         return getattr(transformers, self.hf_config_class)(attn_implementation="eager", **kwargs)
+
+
+class ImageTextFamily:
+    """Mixin for the image-text checkpoint of a text family (``class Gemma4(ImageTextFamily, Gemma4Text)``): the
+    text model's fields come from ``text_config``, and the model saves as the text model it is."""
+
+    text_family: ClassVar[type[Family]]  # the text model's family
+
+    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise CheckpointError(
+                f"config.json of this {self.model_type} checkpoint has no text_config; re-download the config")
+        return text
+
+    def common_hf_config(self, cfg: MoEConfig) -> dict[str, Any]:
+        # saved as the text model (its causal LM, tensors under "model.")
+        return {**super().common_hf_config(cfg), "model_type": self.text_family.model_type,
+                "architectures": [self.text_family.architecture]}

@@ -46,7 +46,7 @@ import torch
 from moetrt.config import LAYER_TYPES, MoEConfig
 from moetrt.errors import CheckpointError, UnsupportedModelError
 
-from ._base import COMPANION, SKIPPED, Family, Placement, field
+from ._base import COMPANION, SKIPPED, Family, ImageTextFamily, Placement, field
 from . import register
 
 if TYPE_CHECKING:
@@ -115,16 +115,9 @@ class Gemma4Text(Family):
     }
 
     # --- config ----------------------------------------------------------------------------------
-    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
-        return hf
-
     def config_from_hf(self, hf: dict[str, Any]) -> MoEConfig:
-        top = hf
-        hf = self.text_config(hf)
-        quant = top.get("quantization_config") or hf.get("quantization_config")
-        if quant:
-            raise UnsupportedModelError(
-                f"gemma4 checkpoints quantized with {quant.get('quant_method')!r} are not supported; use a bf16 checkpoint")
+        self.refuse_quantized(hf)
+        top, hf = hf, self.text_config(hf)
         if not hf.get("enable_moe_block"):
             raise UnsupportedModelError(
                 "this gemma4 checkpoint has no MoE block (enable_moe_block is false): it is a dense model; moetrt is for "
@@ -296,22 +289,12 @@ class Gemma4Text(Family):
 
 
 @register
-class Gemma4(Gemma4Text):
+class Gemma4(ImageTextFamily, Gemma4Text):
     """The image-text checkpoint (``Gemma4ForConditionalGeneration``): its text model, the towers skipped."""
 
     model_type = "gemma4"
     architecture = "Gemma4ForConditionalGeneration"
     hf_config_class = "Gemma4Config"
     text_prefix = "model.language_model."
+    text_family = Gemma4Text
     tiny_variants = {}  # built by the tests from gemma4_text's (tests/moetrt/test_gemma4.py)
-
-    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
-        text = hf.get("text_config")
-        if not isinstance(text, dict):
-            raise CheckpointError("config.json of this gemma4 checkpoint has no text_config; re-download the config")
-        return text
-
-    def common_hf_config(self, cfg: MoEConfig) -> dict[str, Any]:
-        # saved as the text model it is (Gemma4ForCausalLM, tensors under "model.")
-        return {**super().common_hf_config(cfg), "model_type": Gemma4Text.model_type,
-                "architectures": [Gemma4Text.architecture]}

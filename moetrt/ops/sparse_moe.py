@@ -17,6 +17,10 @@ Semantics (DESIGN.md, domain ``moetrt`` version 1)::
         act  = (up + 1) * gate * sigmoid(alpha * gate)
     activation "gelu_tanh" (GeGLU, Gemma 4):
         act  = gelu_tanh(gate) * up,  gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+    weight_input 1 (Llama 4): the routing weight scales the expert's input instead of its output,
+        y[t] = sum_j (w_down[e] act(gate, up) + b_down[e]) with gate, up from weights[t, j] * x_t
+        (the product in float32, cast to the model dtype); without biases and with weight 1 it is
+        the default weighting with weight 1
 
 Work is proportional to T*K, not T*E: the (token, slot) pairs are sorted once by expert and
 each expert multiplies only the rows routed to it. The routing weight multiplies in float32
@@ -66,14 +70,19 @@ SPEC = OpSpec(
         Attr("limit", float, 7.0, None, "clamped_swiglu: clamp of gate (above) and up (both sides)",
              {"activation": ("clamped_swiglu",)}),
         Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
+        # only_with itself: it matters, is written on a node and declared by a function body, only when it is 1,
+        # so the bodies and nodes that weight the outputs stay as they always were
+        Attr("weight_input", int, 0, (0, 1), "1: the routing weight scales the expert's input, not its output (Llama 4)",
+             {"weight_input": (1,)}),
     ),
 )
 # the attributes the torch op takes (plugin_namespace is for TensorRT only)
-TORCH_ATTRS = ("activation", "alpha", "limit")
+TORCH_ATTRS = ("activation", "alpha", "limit", "weight_input")
 
 
-def _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit) -> None:
-    SPEC.resolve({"activation": activation, "alpha": alpha, "limit": limit})
+def _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit,
+           weight_input=0) -> None:
+    SPEC.resolve({"activation": activation, "alpha": alpha, "limit": limit, "weight_input": weight_input})
     if x.dim() != 2:
         raise ValueError(f"SparseMoE: x must be [T, D], got shape {tuple(x.shape)}")
     if w_gate_up.dim() != 3 or w_down.dim() != 3:
@@ -134,6 +143,7 @@ def sparse_moe_eager(
     activation: str = "silu",
     alpha: float = 1.702,
     limit: float = 7.0,
+    weight_input: int = 0,
 ) -> torch.Tensor:
     """The op in plain differentiable PyTorch, tokens grouped by expert."""
     num_tokens, k = indices.shape
@@ -151,10 +161,14 @@ def sparse_moe_eager(
         pairs = order[start : start + count]  # [n] indices into the flattened [T*K]
         start += count
         tokens = pairs // k  # [n]
-        gate_up = F.linear(x[tokens], w_gate_up[expert], None if b_gate_up is None else b_gate_up[expert])  # [n, 2F]
+        rows = x[tokens]  # [n, D]
+        if weight_input:  # the weight scales the expert's input (Llama 4), in fp32
+            rows = (rows.float() * flat_weights[pairs, None]).to(x.dtype)
+        gate_up = F.linear(rows, w_gate_up[expert], None if b_gate_up is None else b_gate_up[expert])  # [n, 2F]
         hidden = _activation(gate_up, ffn, activation, alpha, limit)  # [n, F]
         out = F.linear(hidden, w_down[expert], None if b_down is None else b_down[expert])  # [n, D]
-        out = (out.float() * flat_weights[pairs, None]).to(x.dtype)  # weight in fp32, as transformers
+        if not weight_input:
+            out = (out.float() * flat_weights[pairs, None]).to(x.dtype)  # weight in fp32, as transformers
         y = y.index_add(0, tokens, out)
     return y
 
@@ -170,15 +184,17 @@ def _sparse_moe(
     activation: str = "silu",
     alpha: float = 1.702,
     limit: float = 7.0,
+    weight_input: int = 0,
 ) -> torch.Tensor:
     """Apply the routed experts to ``x``; only the (token, expert) pairs in ``indices`` are computed."""
-    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
+    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit, weight_input)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= w_gate_up.shape[0]):
         raise ValueError(
             f"SparseMoE: indices must lie in 0..E-1={w_gate_up.shape[0] - 1}, got "
             f"{int(indices.min())}..{int(indices.max())}"
         )
-    return sparse_moe_eager(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
+    return sparse_moe_eager(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit,
+                            weight_input)
 
 
 # The schema comes from SPEC (inputs, attribute kinds and defaults); the Python signatures above
@@ -190,15 +206,15 @@ sparse_moe = torch.library.custom_op(
 
 @sparse_moe.register_fake
 def _(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="silu", alpha=1.702,
-      limit=7.0):
-    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
+      limit=7.0, weight_input=0):
+    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit, weight_input)
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit = inputs
+    x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit, weight_input = inputs
     ctx.save_for_backward(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down)
-    ctx.options = (activation, alpha, limit)
+    ctx.options = (activation, alpha, limit, weight_input)
 
 
 def _backward(ctx, grad_y):
@@ -210,7 +226,7 @@ def _backward(ctx, grad_y):
         present = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(y, present, grad_y, allow_unused=True))
         gx, gw, ggu, gd, gbgu, gbd = (None if t is None else next(grads) for t in leaves)
-    return gx, gw, None, ggu, gd, gbgu, gbd, None, None, None
+    return gx, gw, None, ggu, gd, gbgu, gbd, None, None, None, None
 
 
 sparse_moe.register_autograd(_backward, setup_context=_setup_context)
@@ -227,9 +243,10 @@ def sparse_moe_reference(
     activation: str = "silu",
     alpha: float = 1.702,
     limit: float = 7.0,
+    weight_input: int = 0,
 ) -> np.ndarray:
     """NumPy float64 reference: a plain loop over (token, slot), returned in x's dtype."""
-    SPEC.resolve({"activation": activation, "alpha": alpha, "limit": limit})
+    SPEC.resolve({"activation": activation, "alpha": alpha, "limit": limit, "weight_input": weight_input})
     out_dtype = np.asarray(x).dtype
     x, weights = np.asarray(x, np.float64), np.asarray(weights, np.float64)
     w_gate_up, w_down = np.asarray(w_gate_up, np.float64), np.asarray(w_down, np.float64)
@@ -241,7 +258,8 @@ def sparse_moe_reference(
     for t in range(indices.shape[0]):
         for j in range(indices.shape[1]):
             e = int(indices[t, j])
-            gate_up = w_gate_up[e] @ x[t] + b_gate_up[e]
+            w_in, w_out = (weights[t, j], 1.0) if weight_input else (1.0, weights[t, j])
+            gate_up = w_gate_up[e] @ (w_in * x[t]) + b_gate_up[e]
             gate, up = gate_up[:ffn], gate_up[ffn:]
             if activation == "silu":
                 hidden = gate / (1.0 + np.exp(-gate)) * up
@@ -250,7 +268,7 @@ def sparse_moe_reference(
             else:
                 gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
                 hidden = (up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))
-            y[t] += weights[t, j] * (w_down[e] @ hidden + b_down[e])
+            y[t] += w_out * (w_down[e] @ hidden + b_down[e])
     return y.astype(out_dtype)
 
 
@@ -267,18 +285,21 @@ class BodyVariant:
     each variant gets its own body; alpha and limit stay float attribute references.
     """
 
-    def __init__(self, activation: str = "silu", gate_up_bias: bool = False, down_bias: bool = False):
+    def __init__(self, activation: str = "silu", gate_up_bias: bool = False, down_bias: bool = False,
+                 weight_input: int = 0):
         self.activation = SPEC.attr("activation").coerce(activation, OP_NAME)
         self.gate_up_bias, self.down_bias = bool(gate_up_bias), bool(down_bias)
+        self.weight_input = SPEC.attr("weight_input").coerce(weight_input, OP_NAME)
 
     @property
-    def key(self) -> tuple[str, bool, bool]:
-        return self.activation, self.gate_up_bias, self.down_bias
+    def key(self) -> tuple[str, bool, bool, int]:
+        return self.activation, self.gate_up_bias, self.down_bias, self.weight_input
 
     @property
     def name(self) -> str:
         """``""`` for the version-1 body (silu, no biases), else e.g. ``clamped_swiglu+b_gate_up+b_down``."""
         parts = [self.activation] + ["b_gate_up"] * self.gate_up_bias + ["b_down"] * self.down_bias
+        parts += ["weight_input"] * self.weight_input
         return "" if parts == ["silu"] else "+".join(parts)
 
     @property
@@ -298,7 +319,7 @@ def onnx_variant(node) -> BodyVariant:
         i = SPEC.input_index(name)
         return i < len(inputs) and inputs[i] is not None
 
-    return BodyVariant(attrs["activation"], present("b_gate_up"), present("b_down"))
+    return BodyVariant(attrs["activation"], present("b_gate_up"), present("b_down"), attrs["weight_input"])
 
 
 class _Act:
@@ -349,12 +370,18 @@ def _expert_mlp(b, x, w_gu_t, w_down_t, b_gu=None, b_d=None, act=None):
     return out if b_d is None else b.op("Add", out, b_d)
 
 
-def _weighted_sum(b, pairs, flat_w, pair_shape):
-    """sum_j weights[t, j] * pairs[t*K + j]: weight in float32, cast back to the model dtype, then summed."""
+def _weighted(b, rows, weights):
+    """``rows [n, D]`` times ``weights [n]`` in float32, cast back to the model dtype."""
     from moetrt.ops._onnx import FLOAT
 
-    weighted = b.op("Mul", b.op("Cast", pairs, to=FLOAT), b.op("Unsqueeze", flat_w, b.const([1])))  # [N, D]
-    weighted = b.op("CastLike", weighted, "x")
+    weighted = b.op("Mul", b.op("Cast", rows, to=FLOAT), b.op("Unsqueeze", weights, b.const([1])))  # [n, D]
+    return b.op("CastLike", weighted, "x")
+
+
+def _weighted_sum(b, pairs, flat_w, pair_shape):
+    """sum_j weights[t, j] * pairs[t*K + j]: weight in float32, cast back to the model dtype, then summed.
+    ``flat_w`` None: the pairs are summed as they are (the weights scaled the experts' inputs)."""
+    weighted = pairs if flat_w is None else _weighted(b, pairs, flat_w)  # [N, D]
     return b.op("ReduceSum", b.op("Reshape", weighted, pair_shape), b.const([1]), keepdims=0)  # [T, D]
 
 
@@ -375,7 +402,7 @@ def gather_threshold(num_experts: int, expert_bytes: int) -> int:
 
 
 def onnx_function(opset: int, num_experts: int, gather_below: int | None = None, *, activation: str = "silu",
-                  gate_up_bias: bool = False, down_bias: bool = False, overload: str = ""):
+                  gate_up_bias: bool = False, down_bias: bool = False, overload: str = "", weight_input: int = 0):
     """The model-local ``FunctionProto`` for models with ``num_experts`` experts.
 
     Work grows with T*K, not T*E. Two paths, chosen at run time by N = T*K (without an If: the
@@ -396,12 +423,13 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
     are summed: no scatter with a reduction, so TensorRT's parser accepts the body too.
 
     The body is specialised for one ``activation`` and the bias inputs the node passes
-    (``gate_up_bias``, ``down_bias``); alpha and limit are read from the node's attributes.
+    (``gate_up_bias``, ``down_bias``) and where the routing weight multiplies (``weight_input``: the
+    rows going into the experts, else their outputs); alpha and limit are read from the node's attributes.
     ``overload`` names the function's overload where one model needs several variants.
     """
     from moetrt.ops._onnx import INT64, Body, make_function
 
-    variant = BodyVariant(activation, gate_up_bias, down_bias)
+    variant = BodyVariant(activation, gate_up_bias, down_bias, weight_input)
     E = num_experts
     gather_below = E if gather_below is None else gather_below
     b = Body("smoe_")
@@ -431,13 +459,17 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
         n_g = b.op("Where", decode, n_1d, b.const([0]))  # [1]
         zero, big = b.const([0]), b.const([2**62])
         g_e, g_tok = b.op("Slice", flat_e, zero, n_g), b.op("Slice", token_of_pair, zero, n_g)  # [n_g] x2
+        g_w = b.op("Slice", flat_w, zero, n_g) if weight_input else None  # [n_g]
         s_e, s_first = b.op("Slice", flat_e, n_g, big), n_g  # [N - n_g], [1]
     else:  # the experts are too large to copy: every step slices them in place
         s_e, s_first = flat_e, None
 
     outs = []
     if gather_below > 1:  # decode path: gather the routed experts' weights
-        x_pairs = b.op("Unsqueeze", b.op("Gather", "x", g_tok, axis=0), b.const([2]))  # [n_g, D, 1]
+        x_pairs = b.op("Gather", "x", g_tok, axis=0)  # [n_g, D]
+        if weight_input:
+            x_pairs = _weighted(b, x_pairs, g_w)  # [n_g, D]
+        x_pairs = b.op("Unsqueeze", x_pairs, b.const([2]))  # [n_g, D, 1]
         gate_up = b.op("MatMul", b.op("Gather", "w_gate_up", g_e, axis=0), x_pairs)  # [n_g, 2F, 1]
         gate_up = b.op("Squeeze", gate_up, b.const([2]))  # [n_g, 2F]
         if gate_up_bias:
@@ -464,6 +496,8 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
     order = b.op("ScatterElements", b.op("Mul", m_range, b.const(0)), slot, m_range, axis=0)  # [M] row -> pair
     pair = order if s_first is None else b.op("Add", order, s_first)  # [M] the pairs' indices among all N
     x_sorted = b.op("Gather", "x", b.op("Div", pair, b.op("Squeeze", k_1d)), axis=0)  # [M, D]
+    if weight_input:
+        x_sorted = _weighted(b, x_sorted, b.op("Gather", flat_w, pair, axis=0))  # [M, D]
     lo = b.op("Split", starts, axis=0, num_outputs=E, outputs=E) if E > 1 else [starts]  # E x [1]
     hi = b.op("Split", ends, axis=0, num_outputs=E, outputs=E) if E > 1 else [ends]  # E x [1]
     expert_outs = []
@@ -473,13 +507,13 @@ def onnx_function(opset: int, num_experts: int, gather_below: int | None = None,
     sorted_out = b.op("Concat", *expert_outs, axis=0) if E > 1 else expert_outs[0]  # [M, D] in expert order
     outs.append(b.op("Gather", sorted_out, slot, axis=0))  # [M, D] in (token, slot) order
     pairs = b.op("Concat", *outs, axis=0) if len(outs) > 1 else outs[0]  # [N, D] in (token, slot) order
-    y = _weighted_sum(b, pairs, flat_w, pair_shape)  # [T, D]
+    y = _weighted_sum(b, pairs, None if weight_input else flat_w, pair_shape)  # [T, D]
     b.rename_output(y, "y")
     doc = f"moetrt::SparseMoE in standard ONNX ops, for {E} experts"
     if variant.name:
         doc += f" ({variant.name})"
     return make_function(
         OP_NAME, b, variant.inputs, ["y"], opset,
-        attribute_defaults=SPEC.defaults_for({"activation": variant.activation}),
+        attribute_defaults=SPEC.defaults_for({"activation": variant.activation, "weight_input": variant.weight_input}),
         doc=doc, overload=overload,
     )

@@ -242,6 +242,16 @@ def _aot_refusal(node: ir.Node) -> str | None:
     return None if reason is None else f"{reason}; build with plugins='jit' or for ONNX Runtime"
 
 
+def _plugin_refusal(node: ir.Node) -> str | None:
+    """Why the SparseMoE plugins (JIT or AOT) cannot compute this node, or None: they take the spec's
+    attributes but those in ``SPARSE_MOE_NOT_IN_PLUGINS`` (reject by default: weight_input=1, Llama 4)."""
+    values = {name: value for name, value in _attribute_values(node).items() if name != "aot"}
+    resolved = SPARSE_MOE_SPEC.resolve(values)
+    implements = {n: (resolved[n],) for n in PLUGIN_ATTRIBUTES["SparseMoE"] if n in resolved}
+    reason = refusal(SPARSE_MOE_SPEC, values, implements, "the SparseMoE plugins")
+    return None if reason is None else f"{reason}; build with plugins='none' (the function body) or for ONNX Runtime"
+
+
 def _routing_refusal(node: ir.Node) -> str | None:
     """Why the TopKRouting plugin cannot compute this node, or None (reject by default: its kernel takes
     the plugin attributes only, so a selection bias input or groups, version 2, and norm_min, version 3, are
@@ -348,6 +358,11 @@ def prepare_for_tensorrt(model: ir.Model, plugins: str = "aot", num_tokens: int 
             if reason is not None:  # reject by default: left as it is, reported with the problems below
                 result.skipped[node.name or "TopKRouting"] = reason
                 skipped_ops[node.name or "TopKRouting"] = "TopKRouting"
+                continue
+        if node.op_type == "SparseMoE":
+            reason = _plugin_refusal(node)
+            if reason is not None:  # reject by default: left as it is, reported with the problems below
+                result.skipped[node.name or "SparseMoE"] = reason
                 continue
         if plugins == "aot" and node.op_type == "SparseMoE":
             reason = _aot_refusal(node)

@@ -35,7 +35,9 @@ FAMILY_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "mixtral
                    # Granite-MoE: embedding / residual / attention / logits multipliers, an ungated shared expert
                    "granitemoe", "granitemoeshared",
                    # DBRX: LayerNorm without bias, clip_qkv, the Euclidean norm of the top-k weights (dbrx) or their sum
-                   "dbrx", "dbrx-sum"]
+                   "dbrx", "dbrx-sum",
+                   # Llama 4: input-weighted experts, chunked attention (past 20 crosses chunks), NoPE temperature
+                   "llama4_text"]
 
 
 def _feeds(model, input_ids, mask, positions, past):

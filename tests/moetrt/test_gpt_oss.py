@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import moetrt
 from moetrt.errors import CheckpointError, UnsupportedModelError
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_model, rel_err, save_mxfp4_checkpoint
+from tests.hf_tiny import assert_save_round_trips, hf_forward, hf_greedy, hf_tiny_model, rel_err, save_mxfp4_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13, 40, 41, 42], [20, 21, 22, 23, 24, 25, 26]]  # > window 3
 STEPS = 32
@@ -103,16 +103,7 @@ def test_other_quantizations_are_refused(hf_model, tmp_path):
 
 
 def test_save_pretrained_writes_what_transformers_reads(hf_model, tmp_path):
-    import transformers
-
-    model = moetrt.from_pretrained(hf_model)
-    moetrt.save_pretrained(model, tmp_path / "saved")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager")
-    for name, tensor in hf_model.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name
-    again = moetrt.from_pretrained(tmp_path / "saved")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_save_round_trips(hf_model, tmp_path / "saved")
 
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])

@@ -45,7 +45,7 @@ ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 @functools.cache
 def _session(num_experts, gather_below, activation, gate_up_bias, down_bias, dtype, attrs=()):
     function = onnx_function(OPSET, num_experts, gather_below, activation=activation, gate_up_bias=gate_up_bias,
-                             down_bias=down_bias)
+                             down_bias=down_bias, weight_input=dict(attrs).get("weight_input", 0))
     elem = ONNX_DTYPES[dtype]
     inputs = ["x", "weights", "indices", "w_gate_up", "w_down"]
     infos = [
@@ -200,3 +200,42 @@ def test_body_has_no_string_constants_and_declares_its_inputs(activation, gate_u
         assert defaults["alpha"] == pytest.approx(1.702) and defaults["limit"] == 7.0
         refs = {a.ref_attr_name for n in nodes(function.node) for a in n.attribute if a.ref_attr_name}
         assert refs == {"alpha", "limit"}
+
+
+# --- Llama 4: the routing weight scales the experts' input (weight_input=1) ----------------------------
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("activation,gate_up_bias,down_bias", [("silu", False, False), ("silu", True, True),
+                                                                ("gelu_tanh", False, False)], ids=["silu", "silu-b", "gelu"])
+@pytest.mark.parametrize("tokens,experts,k,dim,ffn", SHAPES)
+def test_weight_input_body_matches_reference_fp32(tokens, experts, k, dim, ffn, activation, gate_up_bias, down_bias,
+                                                  path):
+    feeds = _case(tokens, experts, k, dim, ffn, gate_up_bias, down_bias, scale=3.0, seed=tokens + experts + 1)
+    attrs = (("weight_input", 1),)
+    got = _session(experts, PATHS[path], activation, gate_up_bias, down_bias, "fp32", attrs).run(None, feeds)[0]
+    ref = _reference(feeds, activation=activation, weight_input=1)
+    assert got.shape == (tokens, dim) and got.dtype == np.float32
+    for what, value in (("onnx", got), ("torch", _torch(feeds, activation=activation, weight_input=1))):
+        close = check_close(value, ref, tolerance("fp32", "hidden"))
+        assert close.ok, f"{what} vs NumPy reference: {close}"
+    if tokens:  # the attribute matters: weighting the outputs gives another result on this data
+        assert not check_close(got, _reference(feeds, activation=activation), tolerance("fp32", "hidden")).ok
+
+
+@pytest.mark.parametrize("path", ["sorted", "gather"])
+def test_weight_input_with_unit_weights_is_output_weighting(path):
+    """Degenerate equivalence: with every routing weight 1, weighting the input or the output is the same op."""
+    feeds = _case(10, 6, 2, 12, 8, True, True, seed=5)
+    feeds["weights"] = np.ones_like(feeds["weights"])
+    as_input = _session(6, PATHS[path], "silu", True, True, "fp32", (("weight_input", 1),)).run(None, feeds)[0]
+    as_output = _session(6, PATHS[path], "silu", True, True, "fp32").run(None, feeds)[0]
+    close = check_close(as_input, as_output, tolerance("fp32", "hidden"))
+    assert close.ok, f"input weighting vs output weighting at weight 1: {close}"
+    close = check_close(_torch(feeds, weight_input=1), _torch(feeds), tolerance("fp32", "hidden"))
+    assert close.ok, f"torch op: input weighting vs output weighting at weight 1: {close}"
+    close = check_close(_reference(feeds, weight_input=1), _reference(feeds), tolerance("fp32", "hidden"))
+    assert close.ok, f"NumPy reference: input weighting vs output weighting at weight 1: {close}"
+    function = onnx_function(OPSET, 6, weight_input=1)
+    assert not any(n.op_type == "Constant" and any(a.name in ("value_string", "value_strings") for a in n.attribute)
+                   for n in function.node)
+    # the version-1 body is unchanged: it declares no weight_input default
+    assert "weight_input" not in {a.name for a in onnx_function(OPSET, 6).attribute_proto}

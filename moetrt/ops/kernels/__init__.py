@@ -72,7 +72,7 @@ def _topk_routing_cuda(logits, k, scoring="softmax", normalize=False, scale=1.0,
 
 def _sparse_moe_cuda(*args, **kwargs):
     # sparse_moe_triton takes the op's arguments (x, weights, indices, w_gate_up, w_down, b_gate_up,
-    # b_down, activation, alpha, limit) as the dispatcher passes them
+    # b_down, activation, alpha, limit, weight_input) as the dispatcher passes them
     from moetrt.ops.kernels.sparse_moe_triton import sparse_moe_triton
 
     return sparse_moe_triton(*args, **kwargs)

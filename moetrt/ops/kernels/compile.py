@@ -183,16 +183,17 @@ def sparse_moe_specs(
         "num_experts": num_experts, "BLOCK_M": bm, "BLOCK_E": next_power_of_2(num_experts),
         "BLOCK_P": align_block_p(num_experts),
     }  # fmt: skip
-    # absent parameters are compiled in as None, as sparse_moe_triton passes them
+    # absent parameters are compiled in as None, as sparse_moe_triton passes them; the routing weights multiply the
+    # experts' outputs (WEIGHT_INPUT 0): the TensorRT plugins that run these kernels refuse weight_input=1 (Llama 4)
     gate_up_constants = {
         **({} if has_b_gate_up else {"b_ptr": None}), **({} if clamped else {"alpha": None, "limit": None}),
         "D": hidden_size, "F": ffn, "K": k, "BLOCK_M": bm, "BLOCK_N": gu.block_n, "BLOCK_K": gu.block_k,
-        **upcast_precision, "GROUP_M": gu.group_m, "ACTIVATION": activation,
+        **upcast_precision, "GROUP_M": gu.group_m, "ACTIVATION": activation, "routing_ptr": None, "WEIGHT_INPUT": 0,
     }  # fmt: skip
     down_constants = {
         **({} if has_b_down else {"b_ptr": None}),
         "D": hidden_size, "F": ffn, "BLOCK_M": bm, "BLOCK_N": dn.block_n, "BLOCK_K": dn.block_k, **upcast_precision,
-        "GROUP_M": dn.group_m,
+        "GROUP_M": dn.group_m, "WEIGHT_INPUT": 0,
     }  # fmt: skip
     combine_constants = {"num_experts": num_experts, "D": hidden_size, "K": k, "BLOCK_D": block_d}
     module = "sparse_moe_triton"

@@ -17,6 +17,8 @@ P = T*K (token, slot) pairs (pair ``p`` is token ``p // K``, slot ``p % K``), BM
 3. down (``moe_down_kernel``): ``h[pairs] @ w_down[e]^T`` in fp32, plus the optional bias
    ``b_down[e]``, times the pair's routing weight (fp32), cast to the model dtype into per-slot
    outputs ``[P, D] = [T, K, D]``.
+   With ``weight_input`` (Llama 4) the routing weight scales the pair's gate|up accumulators
+   instead (``(w x) W = w (x W)``, before the bias; fp32) and the down step leaves it out.
 4. combine (``moe_combine_kernel``): ``y[t] = sum_j slots[t, j]`` in fp32, in slot order:
    deterministic, no atomics.
 
@@ -217,6 +219,8 @@ def moe_gate_up_kernel(
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps fp32 inputs exact
     GROUP_M: tl.constexpr,  # tile order, see tile_ids
     ACTIVATION: tl.constexpr = "silu",  # "silu" | "clamped_swiglu" | "gelu_tanh" (moetrt.ops.sparse_moe.ACTIVATIONS)
+    routing_ptr=None,  # [P] float32 routing weights, read with WEIGHT_INPUT only
+    WEIGHT_INPUT: tl.constexpr = 0,  # 1: the routing weight scales the expert's input (Llama 4)
 ):
     pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -243,6 +247,10 @@ def moe_gate_up_kernel(
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
 
+    if WEIGHT_INPUT:  # (w x) W = w (x W): the pair's weight scales the accumulators, before the bias
+        routing = tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)[:, None]  # [BM, 1] fp32
+        acc_gate = acc_gate * routing
+        acc_up = acc_up * routing
     if b_ptr is not None:  # the expert's gate and up biases, added in fp32
         bias_ptrs = b_ptr + expert * (2 * F) + offs_n  # [BN]
         acc_gate += tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -271,6 +279,7 @@ def moe_down_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,  # tile order, see tile_ids
+    WEIGHT_INPUT: tl.constexpr = 0,  # 1: the gate|up step applied the routing weight; none here
 ):
     pid_m, pid_n = tile_ids(GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -294,8 +303,11 @@ def moe_down_kernel(
 
     if b_ptr is not None:  # the expert's output bias, added in fp32 before the routing weight
         acc += tl.load(b_ptr + expert * D + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    routing = tl.load(routing_ptr + rows, mask=row_ok, other=0.0)  # [BM] fp32
-    out = acc * routing[:, None]  # the routing weight multiplies in fp32, then one cast
+    if WEIGHT_INPUT:
+        out = acc
+    else:
+        routing = tl.load(routing_ptr + rows, mask=row_ok, other=0.0)  # [BM] fp32
+        out = acc * routing[:, None]  # the routing weight multiplies in fp32, then one cast
     tl.store(
         out_ptr + rows[:, None] * D + offs_n[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -399,6 +411,7 @@ def sparse_moe_triton(
     activation: str = _DEFAULTS["activation"],
     alpha: float = _DEFAULTS["alpha"],
     limit: float = _DEFAULTS["limit"],
+    weight_input: int = _DEFAULTS["weight_input"],
     *,
     config: SparseMoEConfig | None = None,
     align: str = "auto",
@@ -406,11 +419,12 @@ def sparse_moe_triton(
     """``moetrt::SparseMoE`` on the Triton kernels: ``y [T, D]`` in x's dtype.
 
     ``b_gate_up [E, 2F]`` (gate biases, then up biases) and ``b_down [E, D]`` are optional;
-    ``alpha`` and ``limit`` apply to ``activation="clamped_swiglu"`` only. Runs on CUDA tensors,
+    ``alpha`` and ``limit`` apply to ``activation="clamped_swiglu"`` only; ``weight_input=1`` scales
+    the experts' inputs by the routing weights instead of their outputs. Runs on CUDA tensors,
     or on CPU tensors when triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
     triton is imported). Nothing here synchronizes with the host, so a CUDA graph can capture it.
     """
-    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit)
+    _check(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, activation, alpha, limit, weight_input)
     check_device(*(t for t in (x, weights, indices, w_gate_up, w_down, b_gate_up, b_down) if t is not None))
     num_tokens, dim = x.shape
     num_experts, ffn = w_gate_up.shape[0], w_down.shape[2]
@@ -443,6 +457,7 @@ def sparse_moe_triton(
         D=dim, F=ffn, K=k, BLOCK_M=config.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, ACTIVATION=activation,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **(dict(routing_ptr=routing, WEIGHT_INPUT=1) if weight_input else {}),
     )  # fmt: skip
     slots = torch.empty(num_pairs, dim, dtype=x.dtype, device=x.device)  # [P, D] = [T, K, D]
     cfg = config.down
@@ -450,6 +465,7 @@ def sparse_moe_triton(
         h, w_down, b_down, slots, routing, sorted_ids, expert_ids, num_padded, num_pairs,
         D=dim, F=ffn, BLOCK_M=config.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         UPCAST=upcast, PRECISION=precision, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **(dict(WEIGHT_INPUT=1) if weight_input else {}),
     )  # fmt: skip
     block_d = min(config.combine_block_d, next_power_of_2(dim))
     moe_combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](

@@ -72,11 +72,16 @@ __all__ = [
 PLUGIN_NAMESPACE = "moetrt"
 
 
+# SparseMoE attributes the plugins do not take: prepare_for_tensorrt refuses a node that sets one
+SPARSE_MOE_NOT_IN_PLUGINS = ("weight_input",)
+
+
 def _sparse_moe_spec_names() -> tuple[tuple[str, ...], dict[str, str]]:
-    """SparseMoE's attributes the kernels take (all but plugin_namespace) and ``{optional input: has_<input>}``."""
+    """SparseMoE's attributes the kernels take (all but plugin_namespace and :data:`SPARSE_MOE_NOT_IN_PLUGINS`)
+    and ``{optional input: has_<input>}``."""
     from moetrt.ops.sparse_moe import SPEC
 
-    attributes = tuple(a.name for a in SPEC.attrs if a.name != "plugin_namespace")
+    attributes = tuple(a.name for a in SPEC.attrs if a.name not in ("plugin_namespace", *SPARSE_MOE_NOT_IN_PLUGINS))
     return attributes, {p.name: f"has_{p.name}" for p in SPEC.inputs if p.optional}
 
 

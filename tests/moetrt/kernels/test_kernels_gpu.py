@@ -94,14 +94,17 @@ def _moe_inputs(tokens, dim, ffn, experts, k, dtype, seed=0):
 
 
 def _reference_fp64(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="silu",
-                    alpha=1.702, limit=7.0) -> torch.Tensor:
+                    alpha=1.702, limit=7.0, weight_input=0) -> torch.Tensor:
     ffn = w_down.shape[2]
     y = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     flat = indices.reshape(-1).long()
     for e in flat.unique().tolist():
         pairs = (flat == e).nonzero().squeeze(1)  # [n]
         tokens = pairs // indices.shape[1]
-        gate_up = x[tokens].double() @ w_gate_up[e].double().t()  # [n, 2F]
+        rows = x[tokens].double()  # [n, D]
+        if weight_input:  # Llama 4: the routing weight scales the expert's input
+            rows = rows * weights.reshape(-1)[pairs, None].double()
+        gate_up = rows @ w_gate_up[e].double().t()  # [n, 2F]
         if b_gate_up is not None:
             gate_up = gate_up + b_gate_up[e].double()
         gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
@@ -113,7 +116,7 @@ def _reference_fp64(x, weights, indices, w_gate_up, w_down, b_gate_up=None, b_do
         out = hidden @ w_down[e].double().t()
         if b_down is not None:
             out = out + b_down[e].double()
-        y.index_add_(0, tokens, out * weights.reshape(-1)[pairs, None].double())
+        y.index_add_(0, tokens, out if weight_input else out * weights.reshape(-1)[pairs, None].double())
     return y
 
 
@@ -329,3 +332,26 @@ def test_rerun_compiled():
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# Llama 4 Scout's routing on smaller experts (E 16, top-1, sigmoid scores scaling the experts' input);
+# (tokens T, dtype): decode and prefill rows of the config table
+LLAMA4_CASES = [(1, torch.bfloat16), (300, torch.bfloat16), (64, torch.float16), (100, torch.float32)]
+LLAMA4_SHAPE = dict(dim=1024, ffn=2048, experts=16, k=1)
+
+
+@in_process
+@pytest.mark.parametrize("tokens,dtype", LLAMA4_CASES)
+def test_weight_input_matches_float64(tokens, dtype, record_max):
+    x, _, _, w_gate_up, w_down = _moe_inputs(tokens, **LLAMA4_SHAPE, dtype=dtype, seed=tokens + 7)
+    logits = torch.randn(tokens, LLAMA4_SHAPE["experts"], device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(3))
+    weights, indices = torch.ops.moetrt.TopKRouting(logits, 1, "sigmoid", False, 1.0)
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, weight_input=1)
+    ref = _reference_fp64(x, weights, indices, w_gate_up, w_down, weight_input=1)
+    err = _rel_fro(y, ref)
+    eager_err = _rel_fro(sparse_moe_eager(x, weights, indices, w_gate_up, w_down, weight_input=1), ref)
+    record_max("Triton kernels (GPU): relative Frobenius error vs float64", f"llama4 T={tokens} {dtype}", err)
+    assert err <= RTOL[dtype], err
+    assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+    assert maybe_register_cuda_kernels()  # the op on CUDA runs these kernels, weight_input passed through
+    assert torch.equal(y, torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, weight_input=1))

@@ -625,3 +625,26 @@ def test_rerun_in_interpreter():
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# --- SparseMoE: Llama 4's input weighting (weight_input=1) --------------------------------------------
+@in_process
+@pytest.mark.parametrize("tokens,dim,ffn,experts,k,dtype,path", [GPT_OSS_CASES[0], GPT_OSS_CASES[1], GPT_OSS_CASES[3]])
+@pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "biases"])
+def test_weight_input_matches_reference_and_op(tokens, dim, ffn, experts, k, dtype, path, biases, record_max):
+    weights, indices = _routing(tokens, experts, k, seed=tokens + 70)
+    x = (torch.randn(tokens, dim, generator=torch.Generator().manual_seed(71)) * 2).to(dtype)
+    w_gate_up, w_down = _experts(experts, dim, ffn, dtype, seed=72)
+    b_gate_up, b_down = _biases(experts, dim, ffn, dtype, seed=73) if biases else (None, None)
+    config = SMALL if path == "small tiles" else None
+    y = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, weight_input=1, config=config)
+    ref = _reference(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, weight_input=1)
+    err = _rel_fro(y.double().numpy(), ref)
+    record_max("Triton kernels (interpreter): relative Frobenius error vs float64", f"weight_input {dtype}", err)
+    assert err <= (FP32_RTOL if dtype == torch.float32 else HALF_RTOL[dtype]), err
+    # weighting the outputs on the same inputs differs: the kernels took the input-weighting branch
+    out_weighted = sparse_moe_triton(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, config=config)
+    assert _rel_fro(out_weighted.double().numpy(), ref) > 1e-2
+    if dtype == torch.float32:
+        op = torch.ops.moetrt.SparseMoE(x, weights, indices, w_gate_up, w_down, b_gate_up, b_down, weight_input=1)
+        torch.testing.assert_close(y, op, rtol=FP32_RTOL, atol=FP32_RTOL * float(op.abs().max()))
