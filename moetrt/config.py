@@ -14,7 +14,8 @@ from typing import Any
 
 __all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS", "GROUP_SCORINGS"]
 
-SCORINGS = ("softmax", "sigmoid")
+# sparsemixer: PhiMoE's top-2 with jitter-eps masking (TopKRouting's scoring of that name)
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 # the experts' activation, moetrt::SparseMoE's `activation` attribute: silu (SwiGLU) or gpt-oss's
 # clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit),
 # or gelu_tanh (GeGLU with the tanh GELU, Gemma 4: its dense MLPs use it too)
@@ -143,6 +144,12 @@ class MoEConfig:
     attention_output_gate: bool = False
     # RMSNorm as x * (1 + w) (Qwen3-Next's zero-centred weights) on every norm but the DeltaNet's gated one
     rms_norm_unit_offset: bool = False
+    # PhiMoE: sparsemixer routing's jitter eps (TopKRouting's jitter_eps; scoring "sparsemixer" only); LayerNorm
+    # with bias (eps rms_norm_eps) in place of RMSNorm on the layers' input / post-attention norms and the final
+    # norm; a bias on lm_head
+    sparsemixer_jitter_eps: float = 0.01
+    layer_norm: bool = False
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
@@ -250,6 +257,7 @@ class MoEConfig:
                 f"got {self.dense_intermediate_size!r}"
             )
         self._check_gemma()
+        self._check_sparsemixer()
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"
@@ -321,6 +329,18 @@ class MoEConfig:
         if self.latent_attention and (self.value_norm or self.full_attention_k_eq_v or self.full_attention_head_dim
                                       or self.full_attention_kv_heads):
             raise ValueError("MoEConfig.value_norm and full_attention_* are not supported with latent attention")
+
+    def _check_sparsemixer(self) -> None:
+        if not 0.0 <= self.sparsemixer_jitter_eps < float("inf"):
+            raise ValueError(
+                f"MoEConfig.sparsemixer_jitter_eps must be a finite number >= 0, got {self.sparsemixer_jitter_eps!r}")
+        if self.scoring != "sparsemixer":
+            return
+        if self.num_experts_per_tok != 2:
+            raise ValueError(
+                f"MoEConfig.num_experts_per_tok must be 2 with scoring 'sparsemixer' (it picks two), got {self.num_experts_per_tok}")
+        if self.selection_bias or self.n_group > 1:
+            raise ValueError("MoEConfig.selection_bias and n_group > 1 are not supported with scoring 'sparsemixer'")
 
     def _check_groups(self) -> None:
         if self.group_scoring not in GROUP_SCORINGS:

@@ -146,6 +146,13 @@ def rms_norm(cfg: MoEConfig, dim: int) -> RMSNorm:
     return (UnitOffsetRMSNorm if cfg.rms_norm_unit_offset else RMSNorm)(dim, cfg.rms_norm_eps)
 
 
+def decoder_norm(cfg: MoEConfig, dim: int) -> nn.Module:
+    """The layers' input / post-attention norms and the final norm: RMSNorm, or LayerNorm with bias (PhiMoE)."""
+    if cfg.layer_norm:
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    return rms_norm(cfg, dim)
+
+
 class ScalelessRMSNorm(nn.Module):
     """RMSNorm without a weight (Gemma 4's value norm and router norm), in float32."""
 
@@ -349,6 +356,7 @@ class MoEBlock(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
+        self.jitter_eps = cfg.sparsemixer_jitter_eps  # sparsemixer only
         self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
         self.activation = cfg.activation
         # the clamped SwiGLU's constants (SparseMoE attributes); silu takes none
@@ -389,7 +397,10 @@ class MoEBlock(nn.Module):
         if self.router_norm is not None:
             routed = self.router_norm(routed) * self.router_scale * self.router_root  # [T, D]
         router_logits = kernels.router_logits(routed, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
-        if self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
+        if self.scoring == "sparsemixer":  # PhiMoE (version 3)
+            weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale,
+                                            jitter_eps=self.jitter_eps)  # [T, 2] x2
+        elif self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
             weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
         else:
             weights, indices = topk_routing(
@@ -415,13 +426,13 @@ class MoEBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = rms_norm(cfg, cfg.hidden_size)
+        self.input_layernorm = decoder_norm(cfg, cfg.hidden_size)
         self.linear = cfg.is_linear_attention_layer(layer_idx)
         if self.linear:  # a Gated DeltaNet in place of attention (transformers names it linear_attn)
             self.linear_attn = GatedDeltaNet(cfg)
         else:
             self.self_attn = LatentAttention(cfg) if cfg.latent_attention else Attention(cfg, layer_idx)
-        self.post_attention_layernorm = rms_norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = decoder_norm(cfg, cfg.hidden_size)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.dense_ffn_size, cfg.activation)
         self.sandwich = cfg.sandwich_norms
@@ -497,8 +508,8 @@ class MoETransformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = rms_norm(config, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = decoder_norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_embedding(config)
@@ -520,6 +531,8 @@ class MoETransformer(nn.Module):
                     param.fill_(0.0 if unit_offset else 1.0)  # a norm that starts as the identity's scale
                 elif name.endswith(("router_scale", "layer_scalar")):
                     param.fill_(1.0)
+                elif name.endswith("norm.bias"):  # LayerNorm's bias (PhiMoE) starts at zero
+                    param.zero_()
                 else:
                     param.normal_(0.0, std, generator=generator)
         return model.eval()

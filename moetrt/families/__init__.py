@@ -47,5 +47,6 @@ def tiny_variants() -> dict[str, tuple[str, dict]]:
 from . import mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v3, glm4_moe, minimax_m2  # noqa: E402,F401
 from . import qwen3_next, qwen3_5_moe  # noqa: E402,F401
 from . import gemma4  # noqa: E402,F401
+from . import phimoe  # noqa: E402,F401
 
 SUPPORTED_MODEL_TYPES = tuple(_REGISTRY)

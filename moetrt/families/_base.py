@@ -172,7 +172,7 @@ class Family(ABC):
             problems.append("sigmoid scoring or routed_scaling_factor != 1")
         defaults = MoEConfig.__dataclass_fields__
         for name in ("activation", "expert_bias", "router_bias", "attention_sinks", "layer_types", "selection_bias",
-                     "n_group", "kv_lora_rank", "rotary_dim"):
+                     "n_group", "kv_lora_rank", "rotary_dim", "layer_norm", "lm_head_bias"):
             if name == "rotary_dim" and cfg.latent_attention:
                 continue  # derived from qk_rope_head_dim (kv_lora_rank says the rest)
             if name not in self.expresses and getattr(cfg, name) != defaults[name].default:

@@ -17,13 +17,24 @@ Semantics (DESIGN.md, domain ``moetrt``)::
     if normalize: weights /= weights.sum(-1)
     weights *= scale
 
+    scoring == "sparsemixer" (version 3; PhiMoE, transformers' ``sparsemixer`` in eval mode; k = 2,
+    no selection bias, no groups; attribute jitter_eps, eps below):
+        i1 = argmax(logits) (the lower index among equals)      m1 = logits[i1]
+        masked1 = logits, -inf where (m1 - logits) / max(|logits|, m1) > 2 eps
+        w1 = softmax(masked1)[i1]
+        rest = logits with rest[i1] = -inf
+        i2 = argmax(rest)                                       m2 = rest[i2]
+        masked2 = rest, -inf where (m2 - logits) / max(|logits|, m2) > 2 eps
+        w2 = softmax(masked2)[i2]
+        indices = [i1, i2], weights = [w1, w2], then normalize and scale as above
+
 Router math is float32 in every model dtype. Presets: Mixtral (softmax, k=2, normalize=1),
 Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), Qwen3-MoE
 (softmax, normalize=1); DeepSeek-V3 / Kimi-K2 / GLM-4.5 (sigmoid, selection bias, groups with
 top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups).
 
 Versions: a node that passes a selection bias or carries a group attribute needs domain
-``moetrt`` version 2; a model whose nodes use none keeps importing version 1 and exports exactly
+``moetrt`` version 2, a sparsemixer node version 3; a model whose nodes use none keeps importing version 1 and exports exactly
 as before.
 
 This file holds all the op's faces: the ``torch.library.custom_op`` (eager kernel, fake,
@@ -40,16 +51,18 @@ from moetrt.ops._spec import Attr, OpSpec, Port
 __all__ = [
     "topk_routing", "topk_routing_reference", "routing_weights", "selection_scores", "check_routing",
     "OP_NAME", "SCORINGS", "GROUP_SCORINGS", "SPEC", "TORCH_ARGS", "RoutingVariant", "onnx_variant",
+    "sparsemixer", "sparsemixer_reference",
 ]
 
 OP_NAME = "TopKRouting"
-SCORINGS = ("softmax", "sigmoid")
+# sparsemixer: PhiMoE's top-2 with jitter-eps masking (version 3; the module docstring)
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 # a group's score for group-limited routing: the sum of its two best selection scores (DeepSeek-V3)
 # or its best one (DeepSeek-V2)
 GROUP_SCORINGS = ("top2_sum", "max")
 
 SPEC = OpSpec(
-    name=OP_NAME, domain="moetrt", version=2, doc=__doc__,
+    name=OP_NAME, domain="moetrt", version=3, doc=__doc__,
     inputs=(
         Port("logits", "T", "router logits [T, E]"),
         Port("selection_bias", "T", "[E] added to the scores for choosing only", optional=True, since=2),
@@ -58,7 +71,8 @@ SPEC = OpSpec(
     type_constraints=(("T", ("tensor(float)",), "router math is float32"), ("I", ("tensor(int32)",), "")),
     attrs=(  # version-1 nodes carry every version-1 attribute; version-2 ones only where not default
         Attr("k", int, None, None, "experts per token, 1..E"),
-        Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid", always=True),
+        Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid | sparsemixer", always=True,
+             since_values={"sparsemixer": 3}),
         Attr("normalize", int, 0, (0, 1), "1: divide the k weights by their sum", always=True),
         Attr("scale", float, 1.0, None, "multiplies the weights last", always=True),
         Attr("n_group", int, 1, None, "groups of experts, a divisor of E (1: no groups)", since=2),
@@ -66,20 +80,31 @@ SPEC = OpSpec(
         Attr("group_scoring", str, "top2_sum", GROUP_SCORINGS, "with n_group > 1, a group's score: top2_sum | max",
              since=2),
         Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
+        Attr("jitter_eps", float, 0.01, None, "sparsemixer: experts within a relative 2 * jitter_eps of the best "
+             "share its softmax", only_with={"scoring": ("sparsemixer",)}, since=3),
     ),
 )
 # the torch op's arguments after logits, in order: the version-1 ones positionally as callers always
 # passed them, then the version-2 ones (keywords); plugin_namespace is for TensorRT only
-TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring")
+TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring",
+              "jitter_eps")
 TORCH_KINDS = {"normalize": "bool"}  # an int 0/1 attribute in ONNX, a bool in torch
 
 
 def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
-                  group_scoring: str = "top2_sum") -> None:
+                  group_scoring: str = "top2_sum", jitter_eps: float = 0.01) -> None:
     """ValueError naming the attribute and what it takes, for attribute values no node may have."""
     if not 1 <= k <= num_experts:
         raise ValueError(f"{OP_NAME}: k must be in 1..E={num_experts}, got {k}")
     SPEC.attr("scoring").coerce(scoring, OP_NAME)
+    if scoring == "sparsemixer":
+        if k != 2:
+            raise ValueError(f"{OP_NAME}: scoring 'sparsemixer' routes to exactly k=2 experts, got k={k}")
+        if n_group != 1:
+            raise ValueError(f"{OP_NAME}: scoring 'sparsemixer' takes no groups, got n_group={n_group}")
+        eps = SPEC.attr("jitter_eps").coerce(jitter_eps, OP_NAME)
+        if not 0.0 <= eps < float("inf"):
+            raise ValueError(f"{OP_NAME}: attribute 'jitter_eps' must be a finite number >= 0, got {jitter_eps!r}")
     SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME)
     for name, value in (("n_group", n_group), ("topk_group", topk_group)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -98,13 +123,15 @@ def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: i
 
 
 def _check(logits: torch.Tensor, k: int, scoring: str, selection_bias: torch.Tensor | None = None,
-           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum") -> None:
+           n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum", jitter_eps: float = 0.01) -> None:
     if logits.dim() != 2:
         raise ValueError(f"TopKRouting: logits must be [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
         raise ValueError(f"TopKRouting: logits must be float32 (router math is fp32), got {logits.dtype}")
     num_experts = logits.shape[1]
-    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring)
+    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring, jitter_eps)
+    if selection_bias is not None and scoring == "sparsemixer":
+        raise ValueError("TopKRouting: scoring 'sparsemixer' takes no selection_bias (pass None)")
     if selection_bias is not None:
         if tuple(selection_bias.shape) != (num_experts,) or selection_bias.dtype != torch.float32:
             raise ValueError(
@@ -138,25 +165,54 @@ def selection_scores(
 
 
 def routing_weights(
-    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float
+    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: bool, scale: float, jitter_eps: float = 0.01
 ) -> torch.Tensor:
     """Weights of the chosen experts, differentiable in ``logits`` (indices fixed).
 
     The unbiased scores, so the selection bias (which only chooses) never reaches the weights.
+    sparsemixer: the two masked softmaxes (its masks and picks are piecewise constant, as in
+    transformers' eval mode, where the gradient flows through the softmaxes only).
     """
-    weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
+    if scoring == "sparsemixer":
+        weights = sparsemixer(logits, jitter_eps)[0]  # [T, 2]; its picks are ``indices``
+    else:
+        weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * scale
 
 
+def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's top-2 (transformers' ``sparsemixer`` in eval mode, op for op): ``(weights [T, 2], indices int64 [T, 2])``.
+
+    Each pick's weight is its softmax over the logits within a relative ``2 * jitter_eps`` of it
+    (every other logit masked to ``-inf``); the second pick excludes the first.
+    """
+    threshold = 2 * jitter_eps
+
+    def pick(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, index = candidates.max(dim=-1, keepdim=True)  # [T, 1] x2 (max returns the first of equal values)
+        factor = logits.abs().clamp(min=best)  # [T, E] max(|logits|, best)
+        masked = candidates.masked_fill((best - logits) / factor > threshold, float("-inf"))  # [T, E]
+        return torch.softmax(masked, dim=-1).gather(-1, index), index  # [T, 1] x2
+
+    w1, i1 = pick(logits)
+    w2, i2 = pick(torch.scatter(logits, -1, i1, float("-inf")))
+    return torch.cat((w1, w2), dim=-1), torch.cat((i1, i2), dim=-1)  # [T, 2] x2
+
+
 def _topk_routing(
     logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum",
+    group_scoring: str = "top2_sum", jitter_eps: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to its ``k`` best experts; returns ``(weights f32 [T,k], indices i32 [T,k])``."""
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, jitter_eps)
+    if scoring == "sparsemixer":
+        weights, indices = sparsemixer(logits, jitter_eps)  # [T, 2] x2
+        if normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * scale).contiguous(), indices.to(torch.int32).contiguous()
     scores = _scores(logits, scoring)  # [T, E]
     sel = selection_scores(scores, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     # A stable descending sort keeps equal scores in expert order, so ties go to the lower
@@ -176,8 +232,8 @@ topk_routing = torch.library.custom_op(
 
 @topk_routing.register_fake
 def _(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
-      group_scoring="top2_sum"):
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring)
+      group_scoring="top2_sum", jitter_eps=0.01):
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, jitter_eps)
     num_tokens = logits.shape[0]
     return logits.new_empty(num_tokens, k), logits.new_empty(num_tokens, k, dtype=torch.int32)
 
@@ -185,7 +241,8 @@ def _(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=N
 def _setup_context(ctx, inputs, output):
     logits, _k, scoring, normalize, scale = inputs[:5]
     ctx.save_for_backward(logits, output[1])
-    ctx.options = (scoring, normalize, scale)
+    jitter_eps = inputs[TORCH_ARGS.index("jitter_eps") + 1] if len(inputs) > TORCH_ARGS.index("jitter_eps") + 1 else 0.01
+    ctx.options = (scoring, normalize, scale, jitter_eps)
 
 
 def _backward(ctx, grad_weights, _grad_indices):
@@ -221,14 +278,45 @@ def selection_scores_reference(
     return np.where(keep[:, :, None], grouped, -np.inf).reshape(num_tokens, num_experts)
 
 
+def sparsemixer_reference(logits: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sparsemixer` in NumPy: ``(weights float64 [T, 2], indices int64 [T, 2])``.
+
+    The picks and masks are decided on the float32 logits with a float32 threshold, as the op decides
+    them (a float64 decision could differ at the mask's edge); the softmaxes are float64.
+    """
+    logits32 = np.asarray(logits, dtype=np.float32)
+    threshold = np.float32(2 * np.float32(jitter_eps))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def pick(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            index = np.argmax(candidates, axis=-1)[:, None]  # [T, 1] the first of equal values
+            best = np.take_along_axis(candidates, index, axis=-1)  # [T, 1]
+            factor = np.maximum(np.abs(logits32), best)  # [T, E]
+            masked = np.where((best - logits32) / factor > threshold, -np.inf, candidates.astype(np.float64))
+            shifted = np.exp(masked - masked.max(axis=-1, keepdims=True))
+            return np.take_along_axis(shifted / shifted.sum(axis=-1, keepdims=True), index, axis=-1), index
+
+        w1, i1 = pick(logits32)
+        rest = logits32.copy()
+        np.put_along_axis(rest, i1, -np.inf, axis=-1)
+        w2, i2 = pick(rest)
+    return np.concatenate((w1, w2), axis=-1), np.concatenate((i1, i2), axis=-1)
+
+
 def topk_routing_reference(
     logits: np.ndarray, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
     selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum",
+    group_scoring: str = "top2_sum", jitter_eps: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
+    check_routing(np.shape(logits)[-1], k, scoring, n_group, topk_group, group_scoring, jitter_eps)
+    if scoring == "sparsemixer":
+        if selection_bias is not None:
+            raise ValueError("TopKRouting: scoring 'sparsemixer' takes no selection_bias (pass None)")
+        weights, order = sparsemixer_reference(logits, jitter_eps)
+        if normalize:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return (weights * scale).astype(np.float32), order.astype(np.int32)
     logits = np.asarray(logits, dtype=np.float64)
-    check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring)
     if selection_bias is not None and np.shape(selection_bias) != (logits.shape[-1],):
         raise ValueError(f"TopKRouting: selection_bias must be [E={logits.shape[-1]}], got {list(np.shape(selection_bias))}")
     if scoring == "softmax":
@@ -279,13 +367,15 @@ class RoutingVariant:
 
     @property
     def version(self) -> int:
-        """2 where the body reads a version-2 option (a selection bias or groups), else 1."""
+        """3 for sparsemixer, 2 where the body reads a version-2 option (a selection bias or groups), else 1."""
+        if self.scoring == "sparsemixer":
+            return 3
         return 2 if self.selection_bias or self.grouped else 1
 
     @property
     def name(self) -> str:
         """``""`` for the softmax version-1 body, else e.g. ``sigmoid+selection_bias+groups_top2_sum``."""
-        parts = (["sigmoid"] * (self.scoring == "sigmoid") + ["selection_bias"] * self.selection_bias
+        parts = ([self.scoring] * (self.scoring != "softmax") + ["selection_bias"] * self.selection_bias
                  + [f"groups_{self.group_scoring}"] * self.grouped)
         return "+".join(parts)
 
@@ -322,6 +412,27 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
 
     variant = variant or RoutingVariant()
     b = Body("tkr_")
+    if variant.scoring == "sparsemixer":
+        top, top_idx = _sparsemixer_body(b)  # [T, 2] float32, [T, 2] int64 (k is 2)
+    else:
+        top, top_idx = _scored_top_k(b, variant)  # [T, K] float32, [T, K] int64
+    normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
+    normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
+    weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
+    b.rename_output(weights, "weights")
+    b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
+    defaults = {a.name: a.default for a in SPEC.attrs if not a.required and a.since <= variant.version
+                and a.applies({"scoring": variant.scoring})}
+    return make_function(
+        OP_NAME, b, variant.inputs, ["weights", "indices"], opset,
+        attributes=[a.name for a in SPEC.attrs if a.required],
+        attribute_defaults=defaults | {"scoring": variant.scoring},
+        doc="moetrt::TopKRouting in standard ONNX ops", overload=overload,
+    )
+
+
+def _scored_top_k(b, variant: RoutingVariant) -> tuple[str, str]:
+    """softmax / sigmoid scores, the k best (biased, grouped: version 2): (weights [T, K], indices int64 [T, K])."""
     if variant.scoring == "softmax":
         scores = b.op("Softmax", "logits", axis=-1)  # [T, E]
     else:
@@ -332,25 +443,32 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
     k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
     if variant.version == 1:
         # ONNX TopK: sorted descending, equal values keep the lower index first
-        top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
-    else:
-        sel = b.op("Add", scores, "selection_bias") if variant.selection_bias else scores  # [T, E]
-        if variant.grouped:
-            sel = _grouped_selection(b, sel, variant.group_scoring)  # [T, E], -inf outside the kept groups
-        _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
-        top = b.op("GatherElements", scores, top_idx, axis=-1)  # [T, K] the unbiased scores
-    normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
-    normed = b.op("Div", top, b.op("ReduceSum", top, b.const([-1]), keepdims=1))
-    weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
-    b.rename_output(weights, "weights")
-    b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
-    defaults = {a.name: a.default for a in SPEC.attrs if not a.required and a.since <= variant.version}
-    return make_function(
-        OP_NAME, b, variant.inputs, ["weights", "indices"], opset,
-        attributes=[a.name for a in SPEC.attrs if a.required],
-        attribute_defaults=defaults | {"scoring": variant.scoring},
-        doc="moetrt::TopKRouting in standard ONNX ops", overload=overload,
-    )
+        return b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    sel = b.op("Add", scores, "selection_bias") if variant.selection_bias else scores  # [T, E]
+    if variant.grouped:
+        sel = _grouped_selection(b, sel, variant.group_scoring)  # [T, E], -inf outside the kept groups
+    _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    return b.op("GatherElements", scores, top_idx, axis=-1), top_idx  # [T, K] the unbiased scores
+
+
+def _sparsemixer_body(b) -> tuple[str, str]:
+    """PhiMoE's top-2 of ``logits`` [T, E] (the module docstring): (weights float32 [T, 2], indices int64 [T, 2])."""
+    threshold = b.op("Mul", b.attr_const("jitter_eps", "float"), b.const(2.0, dtype=np.float32))  # [] 2 eps
+    minus_inf = b.const(-np.inf, dtype=np.float32)
+    magnitude = b.op("Abs", "logits")  # [T, E]
+
+    def pick(candidates: str) -> tuple[str, str]:
+        index = b.op("ArgMax", candidates, axis=-1, keepdims=1, select_last_index=0)  # [T, 1] the first best
+        best = b.op("GatherElements", candidates, index, axis=-1)  # [T, 1]
+        ratio = b.op("Div", b.op("Sub", best, "logits"), b.op("Max", magnitude, best))  # [T, E]
+        masked = b.op("Where", b.op("Greater", ratio, threshold), minus_inf, candidates)  # [T, E]
+        weight = b.op("GatherElements", b.op("Softmax", masked, axis=-1), index, axis=-1)  # [T, 1]
+        return weight, index
+
+    w1, i1 = pick("logits")
+    rest = b.op("ScatterElements", "logits", i1, b.op("Expand", minus_inf, b.op("Shape", i1)), axis=-1)  # [T, E]
+    w2, i2 = pick(rest)
+    return b.op("Concat", w1, w2, axis=-1), b.op("Concat", i1, i2, axis=-1)  # [T, 2] x2
 
 
 def _grouped_selection(b, sel: str, group_scoring: str) -> str:
