@@ -251,7 +251,9 @@ def _routing_refusal(node: ir.Node) -> str | None:
     except ValueError as exc:
         return f"{exc}; re-export the model"
     what = "the TopKRouting plugin"
-    reason = refusal(TOPK_ROUTING_SPEC, values, {n: (resolved[n],) for n in PLUGIN_ATTRIBUTES["TopKRouting"]}, what)
+    implements = {n: (resolved[n],) for n in PLUGIN_ATTRIBUTES["TopKRouting"]}
+    implements["scoring"] = _STRING_CHOICES[("TopKRouting", "scoring")]  # its kernel: softmax, sigmoid
+    reason = refusal(TOPK_ROUTING_SPEC, values, implements, what)
     bias = TOPK_ROUTING_SPEC.input_index("selection_bias")
     if reason is None and bias < len(node.inputs) and node.inputs[bias] is not None:
         reason = f"{what} does not implement the selection_bias input"

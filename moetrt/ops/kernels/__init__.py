@@ -56,7 +56,7 @@ def triton_mode() -> str | None:
 
 
 def _topk_routing_cuda(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1,
-                       topk_group=1, group_scoring="top2_sum"):
+                       topk_group=1, group_scoring="top2_sum", jitter_eps=0.01):
     # the op's arguments in schema order. The kernel implements version 1 only: a version-2 call (a selection
     # bias, groups) runs the op's PyTorch composite on the GPU instead (the kernel would refuse it by name)
     if selection_bias is not None or n_group != 1:
@@ -65,7 +65,7 @@ def _topk_routing_cuda(logits, k, scoring="softmax", normalize=False, scale=1.0,
         return _topk_routing(logits, k, scoring, normalize, scale, selection_bias, n_group, topk_group, group_scoring)
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
-    return topk_routing_triton(logits, k, scoring, normalize, scale)
+    return topk_routing_triton(logits, k, scoring, normalize, scale, jitter_eps=jitter_eps)
 
 
 def _sparse_moe_cuda(*args, **kwargs):
