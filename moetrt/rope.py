@@ -182,6 +182,8 @@ def canonical_rope_scaling(
         out["partial_rotary_factor"] = float(prf)
         return out
 
+    if rope_type == "longrope":
+        _canonical_longrope(scaling, out)
     if "original_max_position_embeddings" in known:
         orig = scaling.get("original_max_position_embeddings")
         if orig is None:  # transformers' standardize_rope_params: the model's max_position_embeddings
@@ -193,8 +195,6 @@ def canonical_rope_scaling(
             orig = max_position_embeddings
         out["original_max_position_embeddings"] = _positions(rope_type, "original_max_position_embeddings", orig)
 
-    if rope_type == "longrope":
-        _canonical_longrope(scaling, out)
     if rope_type == "llama3":
         low = _number(rope_type, "low_freq_factor", scaling["low_freq_factor"])
         high = _number(rope_type, "high_freq_factor", scaling["high_freq_factor"])

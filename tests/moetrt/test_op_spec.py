@@ -101,13 +101,16 @@ def test_onnx_schema_is_the_spec(module):
 
 def test_topk_routing_version_1_schema_has_only_version_1_members():
     schemas = topk_routing_mod.onnx_schemas()
-    assert [s.since_version for s in schemas] == [1, 2]
+    assert [s.since_version for s in schemas] == [1, 2, 3]
     v1 = schemas[0]
     assert [p.name for p in v1.inputs] == ["logits"]
     assert set(v1.attributes) == {"k", "scoring", "normalize", "scale", "plugin_namespace"}
     _assert_schema_is_the_spec(TKR, v1, 1)
-    with pytest.raises(ValueError, match=r"version must be in 1..2, got 3"):
-        TKR.onnx_schema(3)
+    # version 3 (sparsemixer) adds jitter_eps and nothing else
+    assert set(schemas[2].attributes) - set(schemas[1].attributes) == {"jitter_eps"}
+    _assert_schema_is_the_spec(TKR, schemas[2], 3)
+    with pytest.raises(ValueError, match=r"version must be in 1..3, got 4"):
+        TKR.onnx_schema(4)
 
 
 def _assert_schema_is_the_spec(spec, schema, version):
@@ -147,8 +150,11 @@ def test_function_bodies_take_their_defaults_from_the_spec(activation, gate_up_b
     assert [a.name for a in fn.attribute_proto] == [a.name for a in TKR.attrs if not a.required and a.since == 1]
     assert list(fn.input) == ["logits"]
     fn = topk_routing_mod.onnx_function(20, topk_routing_mod.RoutingVariant(True, 4, "max"))
-    assert [a.name for a in fn.attribute_proto] == list(TKR.defaults)
+    assert [a.name for a in fn.attribute_proto] == [a.name for a in TKR.attrs if not a.required and a.since <= 2]
     assert list(fn.input) == TKR.input_names
+    fn = topk_routing_mod.onnx_function(20, topk_routing_mod.RoutingVariant(scoring="sparsemixer"))  # version 3
+    assert [a.name for a in fn.attribute_proto] == list(TKR.defaults)
+    assert list(fn.input) == ["logits"]
 
 
 # --- torch op and Python signatures ---------------------------------------------------------------
