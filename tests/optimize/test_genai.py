@@ -16,7 +16,7 @@ from moetrt.runtime import Session
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the dev extra) is not installed")
 
 # one variant per family whose layers cache key/value; the latent-attention ones are below
-GENAI_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "minimax_m2"]
+GENAI_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "minimax_m2", "phimoe"]
 LATENT_VARIANTS = ["deepseek_v3", "glm4_moe_lite"]
 PROMPTS = [[5, 9, 17, 3, 11], [7, 2, 30]]
 NEW_TOKENS = 12
