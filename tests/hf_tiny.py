@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
-    "left_padded", "rel_err", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
+    "left_padded", "rel_err", "save_with_config_edit", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
 ]
 
 from moetrt import families as _families
@@ -107,6 +107,20 @@ def left_padded(lengths: list[int], seq: int, vocab: int, seed: int = 0, pad_id:
     input_ids = input_ids.masked_fill(mask == 0, pad_id)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, mask, position_ids
+
+
+def save_with_config_edit(hf_model, folder, edit: dict[str, Any]):
+    """``hf_model.save_pretrained(folder)`` with ``edit`` applied to its config.json (a checkpoint moetrt should
+    refuse); returns ``folder``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    hf_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(edit)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

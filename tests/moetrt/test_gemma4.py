@@ -18,7 +18,9 @@ import torch
 
 import moetrt
 from moetrt.errors import UnsupportedModelError
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, randomize_, rel_err
+from tests.hf_tiny import (
+    hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, randomize_, rel_err, save_with_config_edit,
+)
 
 pytest.importorskip("transformers")
 
@@ -178,12 +180,8 @@ def test_optimize_ort_cpu_keeps_the_geglu_experts_body_with_the_reason(exported,
     (dict(hidden_activation="gelu"), "hidden_activation 'gelu'"),
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(edit)
-    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(tmp_path)
+        moetrt.from_pretrained(save_with_config_edit(hf_model, tmp_path, edit))
 
 
 def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_path):

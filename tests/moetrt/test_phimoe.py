@@ -22,7 +22,7 @@ import moetrt
 from moetrt.errors import UnsupportedModelError
 from moetrt.ops._onnx import DOMAIN, PLUGIN_NAMESPACE
 from moetrt.ops.topk_routing import SPEC, RoutingVariant, onnx_function, topk_routing_reference
-from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_model, left_padded, rel_err
+from tests.hf_tiny import hf_forward, hf_greedy, hf_tiny_model, left_padded, rel_err, save_with_config_edit
 
 pytest.importorskip("transformers")
 
@@ -267,12 +267,8 @@ def test_save_pretrained_writes_what_transformers_reads(hf_model, model, tmp_pat
                            "long_factor": [1.0] * 8, "original_max_position_embeddings": 32}), "short_mscale"),
 ], ids=["k3", "gelu", "longrope-without-mscale"])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(edit)
-    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(tmp_path)
+        moetrt.from_pretrained(save_with_config_edit(hf_model, tmp_path, edit))
 
 
 # --- export, sessions, optimize -------------------------------------------------------------------

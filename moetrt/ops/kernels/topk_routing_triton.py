@@ -31,6 +31,21 @@ __all__ = ["topk_routing_triton", "topk_routing_kernel", "sparsemixer_routing_ke
 
 
 @triton.jit
+def _logits_tile(logits_ptr, num_tokens, num_experts, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's ``BLOCK_T`` rows of logits ``[BT, BE]`` (0 outside), their row numbers and lane masks."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    offs_e = tl.arange(0, BLOCK_E)  # [BE]
+    t_ok = offs_t < num_tokens
+    e_ok = offs_e < num_experts
+    rows = offs_t.to(tl.int64)
+    logits = tl.load(
+        logits_ptr + rows[:, None] * num_experts + offs_e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0
+    )  # [BT, BE]
+    return logits, rows, offs_e, t_ok, e_ok
+
+
+@triton.jit
 def topk_routing_kernel(
     logits_ptr,  # [T, E] float32, rows contiguous
     weights_ptr,  # [T, K] float32 out
@@ -45,17 +60,8 @@ def topk_routing_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_K: tl.constexpr,  # next power of two >= K
 ):
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    offs_e = tl.arange(0, BLOCK_E)  # [BE]
+    logits, rows, offs_e, t_ok, e_ok = _logits_tile(logits_ptr, num_tokens, num_experts, BLOCK_T, BLOCK_E)  # [BT, BE]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    t_ok = offs_t < num_tokens
-    e_ok = offs_e < num_experts
-    rows = offs_t.to(tl.int64)
-
-    logits = tl.load(
-        logits_ptr + rows[:, None] * num_experts + offs_e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0
-    )  # [BT, BE]
     if SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-logits))
     else:
@@ -100,15 +106,7 @@ def sparsemixer_routing_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= E
 ):
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    offs_e = tl.arange(0, BLOCK_E)  # [BE]
-    t_ok = offs_t < num_tokens
-    e_ok = offs_e < num_experts
-    rows = offs_t.to(tl.int64)
-    logits = tl.load(
-        logits_ptr + rows[:, None] * num_experts + offs_e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0
-    )  # [BT, BE]
+    logits, rows, offs_e, t_ok, e_ok = _logits_tile(logits_ptr, num_tokens, num_experts, BLOCK_T, BLOCK_E)  # [BT, BE]
     logits = tl.where(e_ok[None, :], logits, float("-inf"))  # padding lanes never win and weigh nothing
     magnitude = tl.abs(logits)
 
