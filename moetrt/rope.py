@@ -416,8 +416,9 @@ class RotaryEmbedding(nn.Module):
     def _longrope_mscale(self, position_ids: torch.Tensor) -> torch.Tensor:
         # transformers' PhimoeRotaryEmbedding: the length of this call decides, max(position_ids) + 1
         long = (position_ids.max() + 1) > self.scaling["original_max_position_embeddings"]  # [] bool
-        return torch.where(long, torch.tensor(self.scaling["long_mscale"], device=position_ids.device),
-                           torch.tensor(self.scaling["short_mscale"], device=position_ids.device))  # [] float32
+        # Python scalars, not tensors: the export writes them as constants (a tensor made here would be lifted to
+        # an initializer that no model parameter or config value names)
+        return torch.where(long, self.scaling["long_mscale"], self.scaling["short_mscale"])  # [] float32
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._dynamic_inv_freq(position_ids) if self._dynamic else self.inv_freq

@@ -339,3 +339,22 @@ def test_optimize_ort_cpu_lowers_through_the_log_weights_path(model, exported, t
     prompt = [PROMPTS[0]]
     tokens = Session(out, backend="ort").generate(prompt, max_new_tokens=8, stop_tokens=()).tokens
     assert tokens == Session(model, backend="torch").generate(prompt, max_new_tokens=8, stop_tokens=()).tokens
+
+
+def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_path):
+    """Streaming from transformers' saved folder (router and experts renamed on the way) writes the in-memory
+    export's initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    from moetrt.export import onnx_from_torch
+
+    hf_model.save_pretrained(tmp_path / "ckpt")
+    streamed = onnx_from_torch(tmp_path / "ckpt", tmp_path / "streamed", progress=False)
+
+    def initializers(folder):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+
+    a, b = initializers(streamed), initializers(exported)
+    assert a.keys() == b.keys()
+    assert not [name for name in a if not np.array_equal(a[name], b[name])]
