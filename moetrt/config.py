@@ -338,7 +338,8 @@ class MoEConfig:
             return
         if self.num_experts_per_tok != 2:
             raise ValueError(
-                f"MoEConfig.num_experts_per_tok must be 2 with scoring 'sparsemixer' (it picks two), got {self.num_experts_per_tok}")
+                "MoEConfig.num_experts_per_tok must be 2 with scoring 'sparsemixer' (it picks two), "
+                f"got {self.num_experts_per_tok}")
         if self.selection_bias or self.n_group > 1:
             raise ValueError("MoEConfig.selection_bias and n_group > 1 are not supported with scoring 'sparsemixer'")
 

@@ -268,7 +268,8 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
         )
     params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}  # read by partial_rotary_factor()
     max_pos = hf.get("max_position_embeddings")
-    if params and _rope_type(params) in ("yarn", "llama3", "longrope") and hf.get("original_max_position_embeddings") is not None:
+    top_level_original = hf.get("original_max_position_embeddings")
+    if params and _rope_type(params) in ("yarn", "llama3", "longrope") and top_level_original is not None:
         params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     return canonical_rope_scaling(params, max_pos)
 

@@ -107,7 +107,8 @@ def selection_scores(
 
     scores = router_scores(logits, scoring)  # [T, E]
     num_experts = scores.shape[-1]
-    check_routing(num_experts, 2 if scoring == "sparsemixer" else 1, scoring, n_group, topk_group, group_scoring)  # k is checked by classify
+    k = 2 if scoring == "sparsemixer" else 1  # the k the scoring allows; the layer's own k is checked by classify
+    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring)
     bias = None if selection_bias is None else np.asarray(selection_bias, dtype=np.float64).reshape(-1)
     if bias is not None and bias.shape != (num_experts,):
         raise ValueError(f"selection_bias must be [E={num_experts}], got {list(np.shape(selection_bias))}")

@@ -17,7 +17,8 @@ import torch
 
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
-    "left_padded", "rel_err", "save_with_config_edit", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
+    "left_padded", "rel_err", "save_with_config_edit", "save_mxfp4_checkpoint", "save_fp8_checkpoint",
+    "fp8_quantized_names", "hf_greedy",
 ]
 
 from moetrt import families as _families

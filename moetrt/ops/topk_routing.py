@@ -34,8 +34,8 @@ Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), 
 top2_sum), MiniMax-M2 (sigmoid, selection bias, no groups).
 
 Versions: a node that passes a selection bias or carries a group attribute needs domain
-``moetrt`` version 2, a sparsemixer node version 3; a model whose nodes use none keeps importing version 1 and exports exactly
-as before.
+``moetrt`` version 2, a sparsemixer node version 3; a model whose nodes use none keeps importing
+version 1 and exports exactly as before.
 
 This file holds all the op's faces: the ``torch.library.custom_op`` (eager kernel, fake,
 autograd), the NumPy reference, the ONNX schema and the model-local function body.
@@ -183,7 +183,7 @@ def routing_weights(
 
 
 def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PhiMoE's top-2 (transformers' ``sparsemixer`` in eval mode, op for op): ``(weights [T, 2], indices int64 [T, 2])``.
+    """PhiMoE's top-2, transformers' ``sparsemixer`` in eval mode op for op: ``(weights [T, 2], indices int64 [T, 2])``.
 
     Each pick's weight is its softmax over the logits within a relative ``2 * jitter_eps`` of it
     (every other logit masked to ``-inf``); the second pick excludes the first.

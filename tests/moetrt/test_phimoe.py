@@ -162,7 +162,8 @@ def test_onnx_runtime_moe_ignores_use_sparse_mixer_on_the_cpu():
                       helper.make_tensor_value_info("r", TensorProto.FLOAT, [tokens, experts])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, dim])],
         [numpy_helper.from_array(interleave_gate_up(w1), "fc1"), numpy_helper.from_array(w2, "fc2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "r": logits})
     from moetrt.ops import sparse_moe_reference
