@@ -90,10 +90,10 @@ def _translation_table() -> dict:
 
     def topk_routing(logits, k: int, scoring: str = "softmax", normalize: bool = False, scale: float = 1.0,
                      selection_bias=None, n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum",
-                     norm_min: float = 0.0):
+                     norm_min: float = 0.0, jitter_eps: float = 0.01):
         values = {"k": k, "scoring": scoring, "normalize": int(normalize), "scale": float(scale), "n_group": n_group,
                   "topk_group": topk_group, "group_scoring": group_scoring, "plugin_namespace": PLUGIN_NAMESPACE,
-                  "norm_min": float(norm_min)}
+                  "norm_min": float(norm_min), "jitter_eps": float(jitter_eps)}
         attrs = TOPK_ROUTING_SPEC.non_default(values)
         inputs = (logits,) if selection_bias is None else (logits, selection_bias)
         version = TOPK_ROUTING_SPEC.version_for(values, ("selection_bias",) * (selection_bias is not None))

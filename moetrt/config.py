@@ -14,7 +14,8 @@ from typing import Any
 
 __all__ = ["MoEConfig", "PRESETS", "SCORINGS", "QK_NORMS", "GROUP_SCORINGS"]
 
-SCORINGS = ("softmax", "sigmoid")
+# sparsemixer: PhiMoE's top-2 with jitter-eps masking (TopKRouting's scoring of that name)
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 # the experts' activation, moetrt::SparseMoE's `activation` attribute: silu (SwiGLU) or gpt-oss's
 # clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit),
 # or gelu_tanh (GeGLU with the tanh GELU, Gemma 4: its dense MLPs use it too)
@@ -173,6 +174,10 @@ class MoEConfig:
     attn_temperature_tuning: bool = False
     attn_floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    # PhiMoE: sparsemixer routing's jitter eps (TopKRouting's jitter_eps; scoring "sparsemixer" only); its norms
+    # are LayerNorm (layer_norm above) with a bias (layer_norm_bias); it uses lm_head_bias above
+    sparsemixer_jitter_eps: float = 0.01
+    layer_norm_bias: bool = False
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
@@ -287,6 +292,7 @@ class MoEConfig:
                              f"got {self.norm_min!r}")
         self._check_granite_dbrx()
         self._check_llama4()
+        self._check_sparsemixer()
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             raise ValueError(
                 "MoEConfig describes no MoE layer (every layer is dense through mlp_only_layers/"
@@ -387,6 +393,21 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.attn_floor_scale must be a finite number > 0, got {self.attn_floor_scale!r}")
         if self.latent_attention and (self.nope_layers or self.qk_norm == "l2"):
             raise ValueError("MoEConfig.nope_layers and qk_norm 'l2' are not supported with latent attention")
+
+    def _check_sparsemixer(self) -> None:
+        if self.layer_norm_bias and not self.layer_norm:
+            raise ValueError("MoEConfig.layer_norm_bias needs layer_norm=True (it is the LayerNorm's bias)")
+        if not 0.0 <= self.sparsemixer_jitter_eps < float("inf"):
+            raise ValueError(
+                f"MoEConfig.sparsemixer_jitter_eps must be a finite number >= 0, got {self.sparsemixer_jitter_eps!r}")
+        if self.scoring != "sparsemixer":
+            return
+        if self.num_experts_per_tok != 2:
+            raise ValueError(
+                "MoEConfig.num_experts_per_tok must be 2 with scoring 'sparsemixer' (it picks two), "
+                f"got {self.num_experts_per_tok}")
+        if self.selection_bias or self.n_group > 1:
+            raise ValueError("MoEConfig.selection_bias and n_group > 1 are not supported with scoring 'sparsemixer'")
 
     def _check_groups(self) -> None:
         if self.group_scoring not in GROUP_SCORINGS:

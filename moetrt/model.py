@@ -142,22 +142,24 @@ class UnitOffsetRMSNorm(RMSNorm):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias (DBRX's norms), in the model dtype as ``nn.LayerNorm`` computes it."""
+    """LayerNorm with a weight, and a bias where ``bias`` (PhiMoE's norms; DBRX's have none), in the model dtype as
+    ``nn.LayerNorm`` computes it."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, None, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 def rms_norm(cfg: MoEConfig, dim: int) -> nn.Module:
     """The model's norm over ``dim``: RMSNorm ``w * x``, with ``rms_norm_unit_offset`` ``(1 + w) * x``, or with
-    ``layer_norm`` a LayerNorm without bias (DBRX)."""
+    ``layer_norm`` a LayerNorm, without bias (DBRX) or with one where ``layer_norm_bias`` (PhiMoE)."""
     if cfg.layer_norm:
-        return LayerNorm(dim, cfg.rms_norm_eps)
+        return LayerNorm(dim, cfg.rms_norm_eps, bias=cfg.layer_norm_bias)
     return (UnitOffsetRMSNorm if cfg.rms_norm_unit_offset else RMSNorm)(dim, cfg.rms_norm_eps)
 
 
@@ -388,6 +390,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
         self.weight_input = int(cfg.expert_input_weighting)  # Llama 4: the routing weight scales the experts' input
+        self.jitter_eps = cfg.sparsemixer_jitter_eps  # sparsemixer only
         self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
         if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # TopKRouting's normalize is the p of the norm (DBRX: 2)
             self.normalize = cfg.normalize_topk_p
@@ -432,7 +435,10 @@ class MoEBlock(nn.Module):
         if self.router_norm is not None:
             routed = self.router_norm(routed) * self.router_scale * self.router_root  # [T, D]
         router_logits = kernels.router_logits(routed, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
-        if self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
+        if self.scoring == "sparsemixer":  # PhiMoE (version 3)
+            weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale,
+                                            jitter_eps=self.jitter_eps)  # [T, 2] x2
+        elif self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
             weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
         else:
             weights, indices = topk_routing(
@@ -576,6 +582,8 @@ class MoETransformer(nn.Module):
                     param.fill_(0.0 if unit_offset else 1.0)  # a norm that starts as the identity's scale
                 elif name.endswith(("router_scale", "layer_scalar")):
                     param.fill_(1.0)
+                elif name.endswith("norm.bias"):  # LayerNorm's bias (PhiMoE) starts at zero
+                    param.zero_()
                 else:
                     param.normal_(0.0, std, generator=generator)
         return model.eval()

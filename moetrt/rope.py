@@ -28,6 +28,16 @@ reference and no runtime dependency.
   ``Hd``), the other ``Hd / 2`` frequencies zero (those dim pairs pass unrotated), all divided by
   ``factor``; unlike a partial rotary, the rotated pairs are ``(i, i + Hd/2)`` of the whole head.
 
+- ``longrope`` as PhiMoE's rotary embedding computes it in transformers (``short_factor``,
+  ``long_factor``: ``Hd / 2`` numbers each; ``short_mscale``, ``long_mscale``;
+  ``original_max_position_embeddings``, default ``M``; ``factor`` and ``attention_factor`` kept for
+  saving, unused): ``inv_freq = 1 / (short_factor * theta ** (2i / Hd))`` at every length, cos and
+  sin times ``long_mscale`` when ``L = max(position_ids) + 1`` exceeds
+  ``original_max_position_embeddings``, else ``short_mscale``. transformers' ``PhimoeRotaryEmbedding``
+  recomputes its frequencies without a length on each call, so the long factor never reaches the
+  angles there (transformers 5.25; checked in the tests); moetrt matches that. Generic longrope
+  without the two mscales (Phi-3's, with the long factor beyond the original length) is refused.
+
 ``dynamic`` follows transformers' ``dynamic_rope_update`` on a freshly built embedding: the
 base depends on the current call's ``max(position_ids) + 1`` only (a generation whose positions
 grow step by step sees the same frequencies as transformers' cached update), and it is written
@@ -49,7 +59,7 @@ __all__ = [
     "ROPE_TYPES", "RotaryEmbedding", "canonical_rope_scaling", "rope_scaling_from_hf", "partial_rotary_factor", "yarn_mscale",
 ]
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "proportional")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "proportional", "longrope")
 
 _REQUIRED = object()
 
@@ -74,6 +84,15 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
         "low_freq_factor": _REQUIRED,
         "high_freq_factor": _REQUIRED,
         "original_max_position_embeddings": None,
+    },
+    "longrope": {
+        "short_factor": _REQUIRED,
+        "long_factor": _REQUIRED,
+        "original_max_position_embeddings": None,
+        "factor": None,
+        "attention_factor": None,
+        "short_mscale": None,
+        "long_mscale": None,
     },
 }
 
@@ -163,6 +182,8 @@ def canonical_rope_scaling(
         out["partial_rotary_factor"] = float(prf)
         return out
 
+    if rope_type == "longrope":
+        _canonical_longrope(scaling, out)
     if "original_max_position_embeddings" in known:
         orig = scaling.get("original_max_position_embeddings")
         if orig is None:  # transformers' standardize_rope_params: the model's max_position_embeddings
@@ -210,6 +231,24 @@ def canonical_rope_scaling(
     return out
 
 
+def _canonical_longrope(scaling: dict[str, Any], out: dict[str, Any]) -> None:
+    """The longrope parameters of ``scaling`` into ``out`` (PhiMoE's form: both mscales given)."""
+    if scaling.get("short_mscale") is None or scaling.get("long_mscale") is None:
+        raise UnsupportedModelError(
+            "RoPE longrope without short_mscale and long_mscale (transformers' generic longrope, Phi-3's: the long "
+            "factor beyond original_max_position_embeddings) is not supported; moetrt implements PhiMoE's longrope")
+    for name in ("short_factor", "long_factor"):
+        value = scaling[name]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"RoPE longrope parameter {name!r} must be a list of numbers, got {value!r}")
+        out[name] = [_number("longrope", name, v) for v in value]
+    for name in ("short_mscale", "long_mscale"):
+        out[name] = _number("longrope", name, scaling[name])
+    attention_factor = scaling.get("attention_factor")
+    out["attention_factor"] = None if attention_factor is None else _number("longrope", "attention_factor",
+                                                                             attention_factor)
+
+
 def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
     """The canonical RoPE scaling dict a transformers ``config.json`` describes, or None for plain RoPE.
 
@@ -229,7 +268,8 @@ def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any] | None:
         )
     params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}  # read by partial_rotary_factor()
     max_pos = hf.get("max_position_embeddings")
-    if params and _rope_type(params) in ("yarn", "llama3") and hf.get("original_max_position_embeddings") is not None:
+    top_level_original = hf.get("original_max_position_embeddings")
+    if params and _rope_type(params) in ("yarn", "llama3", "longrope") and top_level_original is not None:
         params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     return canonical_rope_scaling(params, max_pos)
 
@@ -315,6 +355,16 @@ def rope_init(head_dim: int, theta: float, scaling: dict[str, Any]) -> tuple[tor
         rotated = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
         inv_freq = torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32)))  # [Hd/2]
         return inv_freq / scaling["factor"], 1.0
+    if rope_type == "longrope":  # transformers' _compute_longrope_parameters without a length: the short factor
+        factors = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+        if factors.numel() != head_dim // 2:
+            raise ValueError(f"RoPE longrope short_factor has {factors.numel()} numbers, the head needs {head_dim // 2} "
+                             "(head_dim / 2)")
+        if len(scaling["long_factor"]) != head_dim // 2:
+            raise ValueError(f"RoPE longrope long_factor has {len(scaling['long_factor'])} numbers, the head needs "
+                             f"{head_dim // 2} (head_dim / 2)")
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (factors * theta**exponent), scaling["short_mscale"]
     raise AssertionError(f"unhandled canonical rope_type {rope_type!r}")
 
 
@@ -346,6 +396,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_scaling = rope_init(head_dim, theta, self.scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Hd/2]
         self._dynamic = self.scaling is not None and self.scaling["rope_type"] == "dynamic"
+        # PhiMoE's longrope: cos and sin times long_mscale past original_max_position_embeddings, else short_mscale
+        self._longrope = self.scaling is not None and self.scaling["rope_type"] == "longrope"
         if self._dynamic:
             if max_position_embeddings is None:
                 raise ValueError("RoPE dynamic needs max_position_embeddings (the length beyond which it rescales)")
@@ -362,10 +414,20 @@ class RotaryEmbedding(nn.Module):
         ntk_inv_freq = 1.0 / (base**exponent)  # [Hd/2]
         return torch.where(seq_len > max_pos, ntk_inv_freq, self.inv_freq)
 
+    def _longrope_mscale(self, position_ids: torch.Tensor) -> torch.Tensor:
+        # transformers' PhimoeRotaryEmbedding: the length of this call decides, max(position_ids) + 1
+        long = (position_ids.max() + 1) > self.scaling["original_max_position_embeddings"]  # [] bool
+        # Python scalars, not tensors: the export writes them as constants (a tensor made here would be lifted to
+        # an initializer that no model parameter or config value names)
+        return torch.where(long, self.scaling["long_mscale"], self.scaling["short_mscale"])  # [] float32
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._dynamic_inv_freq(position_ids) if self._dynamic else self.inv_freq
         freqs = position_ids[:, :, None].float() * inv_freq  # [B, S, Hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, Hd]
+        if self._longrope:
+            mscale = self._longrope_mscale(position_ids)
+            return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
         if self.attention_scaling == 1.0:
             return emb.cos().to(dtype), emb.sin().to(dtype)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)

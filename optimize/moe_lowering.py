@@ -72,6 +72,12 @@ weights)`` is what it mixes with (the gathered values, neither renormalised nor 
 ``normalize_routing_weights=0``; checked on ORT 1.32 CPU), so it needs neither the log's
 rounding nor the product, and ``router_probs`` (the same log-scores) only chooses. The plain
 com.microsoft::MoE has no such input (ORT 1.32), hence the product there.
+
+PhiMoE's ``sparsemixer`` scoring takes the log-weights path too. com.microsoft::MoE has a
+``use_sparse_mixer`` attribute, but ONNX Runtime 1.32's CPU kernel ignores it: with
+``use_sparse_mixer=1`` its output equals softmax top-2 routing's, not sparsemixer's (measured;
+tests/moetrt/test_phimoe.py keeps checking it), so the ``logits`` path refuses sparsemixer with that
+reason (:data:`SPARSE_MIXER_REFUSAL`, recorded in the pass's details) and the kept node routes.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ from ._common import ORT_DOMAIN, MoELayer, PassResult, lazy_tensor, read_moe_lay
 __all__ = [
     "lower_moe", "interleave_gate_up", "moe_attributes", "lowering_blocker", "experts_implements", "ROUTER_IMPLEMENTS",
     "POLICIES", "ROUTINGS", "log_weights_implements", "routing_of", "log_weight_scores", "chosen_weights",
+    "SPARSE_MIXER_REFUSAL",
 ]
 
 POLICIES = ("auto", "always")
@@ -101,6 +108,10 @@ _ROUTER_LIMITS = {
     "scoring": "ONNX Runtime's MoE ops route with softmax only",
     "scale": "ONNX Runtime's MoE ops have no routed scaling factor",
 }
+# why sparsemixer routing is not handed to the fused op's own use_sparse_mixer (checked in the PhiMoE tests)
+SPARSE_MIXER_REFUSAL = ("com.microsoft::MoE's use_sparse_mixer is not used: ONNX Runtime 1.32's CPU kernel ignores it "
+                        "(with use_sparse_mixer=1 its output equals softmax top-2 routing's), so the TopKRouting node "
+                        "routes and the fused op mixes its weights (log-weights path)")
 # how the fused op gets its routing: "logits" (it routes on the router logits itself: ROUTER_IMPLEMENTS)
 # or "log_weights" (the TopKRouting node stays and routes; the fused op mixes its weights)
 ROUTINGS = ("logits", "log_weights")
@@ -122,6 +133,7 @@ def log_weights_implements(values: dict) -> dict:
         "scoring": SCORINGS, "normalize": (0, 1, 2), "scale": (scale,) if np.isfinite(scale) and scale > 0 else (),
         "n_group": (values["n_group"],), "topk_group": (values["topk_group"],), "group_scoring": GROUP_SCORINGS,
         "norm_min": (values["norm_min"],),
+        "jitter_eps": (values["jitter_eps"],),
     }
 
 
@@ -358,6 +370,8 @@ class _LowerToMoE(pattern.RewriteRuleClassBase):
         reason = lowering_blocker(layer, self.dtypes)
         if reason is None and self.policy == "auto":
             reason = _body_wins_at_decode(layer)
+        if reason is None and layer.scoring == "sparsemixer":
+            self.result.details.setdefault("routing", {})[node.name or "SparseMoE"] = SPARSE_MIXER_REFUSAL
         if reason is not None:
             self.result.skipped[node.name or "SparseMoE"] = reason
             return check.fail(reason)

@@ -81,8 +81,14 @@ class RouterLayerResult:
 
 
 def router_scores(logits: np.ndarray, scoring: str) -> np.ndarray:
-    """The scores TopKRouting ranks, float64 [T, E]."""
+    """The scores TopKRouting ranks, float64 [T, E].
+
+    sparsemixer picks the largest logit, then the largest other one: the softmax's order, so its
+    choices are ranked (and near-ties measured) on the softmax.
+    """
     logits = np.asarray(logits, dtype=np.float64)
+    if scoring == "sparsemixer":
+        scoring = "softmax"
     if scoring == "softmax":
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True)
@@ -101,7 +107,8 @@ def selection_scores(
 
     scores = router_scores(logits, scoring)  # [T, E]
     num_experts = scores.shape[-1]
-    check_routing(num_experts, 1, scoring, n_group, topk_group, group_scoring)  # k is checked by classify
+    k = 2 if scoring == "sparsemixer" else 1  # the k the scoring allows; the layer's own k is checked by classify
+    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring)
     bias = None if selection_bias is None else np.asarray(selection_bias, dtype=np.float64).reshape(-1)
     if bias is not None and bias.shape != (num_experts,):
         raise ValueError(f"selection_bias must be [E={num_experts}], got {list(np.shape(selection_bias))}")

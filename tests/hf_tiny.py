@@ -17,8 +17,8 @@ import torch
 
 __all__ = [
     "FAMILIES", "VARIANTS", "FAMILY_OF", "hf_tiny_config", "hf_tiny_model", "hf_forward", "randomize_",
-    "left_padded", "rel_err", "save_mxfp4_checkpoint", "save_fp8_checkpoint", "fp8_quantized_names", "hf_greedy",
-    "saved_with_config", "greedy_tokens_of", "reference_and_export", "assert_save_round_trips",
+    "left_padded", "rel_err", "edited_checkpoint", "save_mxfp4_checkpoint", "save_fp8_checkpoint",
+    "fp8_quantized_names", "hf_greedy", "greedy_tokens_of", "reference_and_export", "assert_save_round_trips",
 ]
 
 from moetrt import families as _families
@@ -108,6 +108,24 @@ def left_padded(lengths: list[int], seq: int, vocab: int, seed: int = 0, pad_id:
     input_ids = input_ids.masked_fill(mask == 0, pad_id)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, mask, position_ids
+
+
+def edited_checkpoint(hf_model, folder, edit: dict[str, Any]):
+    """``hf_model.save_pretrained(folder)`` with ``edit`` applied to its config.json (a dict value updates the nested
+    dict of that name); returns ``folder`` (e.g. a checkpoint moetrt should refuse)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    hf_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in edit.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -231,17 +249,6 @@ def hf_greedy(hf_model, prompts, steps, pad_id: int = 0):
             eos_token_id=None, pad_token_id=pad_id,
         )
     return out[:, longest:].tolist()
-
-
-def saved_with_config(hf_model, folder, **fields):
-    """``hf_model`` saved to ``folder`` with ``fields`` written over its config.json; returns ``folder``."""
-    import json
-
-    hf_model.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(fields)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 def greedy_tokens_of(exported, backend: str, prompts, steps: int) -> list[list[int]]:

@@ -64,5 +64,6 @@ from . import ernie4_5_moe  # noqa: E402,F401
 from . import granitemoe  # noqa: E402,F401
 from . import dbrx  # noqa: E402,F401
 from . import llama4  # noqa: E402,F401
+from . import phimoe  # noqa: E402,F401
 
 SUPPORTED_MODEL_TYPES = tuple(_REGISTRY)

@@ -187,7 +187,8 @@ class Family(ABC):
         defaults = MoEConfig.__dataclass_fields__
         for name in ("activation", "expert_bias", "router_bias", "attention_sinks", "layer_types", "selection_bias",
                      "n_group", "kv_lora_rank", "rotary_dim", "norm_min", "mlp_bias", "lm_head_bias",
-                     "residual_multiplier", "logits_scaling", "normalize_topk_p", "layer_norm"):
+                     "residual_multiplier", "logits_scaling", "normalize_topk_p", "layer_norm",
+                     "layer_norm_bias"):
             if name == "rotary_dim" and cfg.latent_attention:
                 continue  # derived from qk_rope_head_dim (kv_lora_rank says the rest)
             if name not in self.expresses and getattr(cfg, name) != defaults[name].default:

@@ -35,6 +35,8 @@ class Attr:
     # (keeps their exports byte-identical) and plugin_namespace, which TensorRT's parser looks for
     always: bool = False
     since: int = 1  # the op version that added it; a node carrying it needs that version of the domain
+    # values added in a later version than the attribute: {"sparsemixer": 3} (a node holding one needs that version)
+    since_values: Mapping[Any, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.kind in _KINDS, (self.name, self.kind)
@@ -145,7 +147,8 @@ class OpSpec:
         A node that uses none of the newer options needs version 1, so its model keeps importing
         the domain at the version it always did.
         """
-        needed = [self.attr(name).since for name in self.non_default(values)]
+        needed = [max(self.attr(name).since, self.attr(name).since_values.get(value, 1))
+                  for name, value in self.non_default(values).items()]
         needed += [self.inputs[self.input_index(name)].since for name in inputs]
         return max(needed, default=1)
 

@@ -19,6 +19,17 @@ Semantics (DESIGN.md, domain ``moetrt``)::
     if normalize == 2: weights /= sqrt((weights ** 2).sum(-1))    (the Euclidean norm, DBRX)
     weights *= scale
 
+    scoring == "sparsemixer" (version 4; PhiMoE, transformers' ``sparsemixer`` in eval mode; k = 2,
+    no selection bias, no groups; attribute jitter_eps, eps below):
+        i1 = argmax(logits) (the lower index among equals)      m1 = logits[i1]
+        masked1 = logits, -inf where (m1 - logits) / max(|logits|, m1) > 2 eps
+        w1 = softmax(masked1)[i1]
+        rest = logits with rest[i1] = -inf
+        i2 = argmax(rest)                                       m2 = rest[i2]
+        masked2 = rest, -inf where (m2 - logits) / max(|logits|, m2) > 2 eps
+        w2 = softmax(masked2)[i2]
+        indices = [i1, i2], weights = [w1, w2], then normalize and scale as above
+
 Router math is float32 in every model dtype. Presets: Mixtral (softmax, k=2, normalize=1),
 Grok-1 (softmax, k=2, normalize=0), Qwen2-MoE and OLMoE (softmax, normalize=0), Qwen3-MoE
 (softmax, normalize=1); DeepSeek-V3 / Kimi-K2 / GLM-4.5 (sigmoid, selection bias, groups with
@@ -27,8 +38,8 @@ bias, normalize with norm_min = moe_norm_min); DBRX (softmax, normalize the p of
 ``moe_normalize_expert_weights``: 1 as released, 2 where a config says so).
 
 Versions: a node that passes a selection bias or carries a group attribute needs domain
-``moetrt`` version 2, one that carries ``norm_min`` version 3; a model whose nodes use none keeps
-importing version 1 and exports exactly as before.
+``moetrt`` version 2, one that carries ``norm_min`` version 3, a sparsemixer node version 4; a model
+whose nodes use none keeps importing version 1 and exports exactly as before.
 
 This file holds all the op's faces: the ``torch.library.custom_op`` (eager kernel, fake,
 autograd), the NumPy reference, the ONNX schema and the model-local function body.
@@ -44,10 +55,12 @@ from moetrt.ops._spec import Attr, OpSpec, Port
 __all__ = [
     "topk_routing", "topk_routing_reference", "routing_weights", "selection_scores", "check_routing",
     "OP_NAME", "SCORINGS", "GROUP_SCORINGS", "SPEC", "TORCH_ARGS", "RoutingVariant", "onnx_variant",
+    "sparsemixer", "sparsemixer_reference",
 ]
 
 OP_NAME = "TopKRouting"
-SCORINGS = ("softmax", "sigmoid")
+# sparsemixer: PhiMoE's top-2 with jitter-eps masking (version 3; the module docstring)
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 # a group's score for group-limited routing: the sum of its two best selection scores (DeepSeek-V3)
 # or its best one (DeepSeek-V2)
 GROUP_SCORINGS = ("top2_sum", "max")
@@ -62,7 +75,8 @@ SPEC = OpSpec(
     type_constraints=(("T", ("tensor(float)",), "router math is float32"), ("I", ("tensor(int32)",), "")),
     attrs=(  # version-1 nodes carry every version-1 attribute; version-2 ones only where not default
         Attr("k", int, None, None, "experts per token, 1..E"),
-        Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid", always=True),
+        Attr("scoring", str, "softmax", SCORINGS, "softmax | sigmoid | sparsemixer", always=True,
+             since_values={"sparsemixer": 4}),
         Attr("normalize", int, 0, (0, 1, 2), "the p-norm the k weights are divided by: 0 none, 1 their sum, 2 the "
              "Euclidean norm", always=True),
         Attr("scale", float, 1.0, None, "multiplies the weights last", always=True),
@@ -73,17 +87,19 @@ SPEC = OpSpec(
         Attr("plugin_namespace", str, "moetrt", ("moetrt",), "makes TensorRT's parser pick the plugin", always=True),
         Attr("norm_min", float, 0.0, None, "with normalize, the k weights are divided by max(their sum, norm_min)",
              only_with={"normalize": (1,)}, since=3),
+        Attr("jitter_eps", float, 0.01, None, "sparsemixer: experts within a relative 2 * jitter_eps of the best "
+             "share its softmax", only_with={"scoring": ("sparsemixer",)}, since=4),
     ),
 )
 # the torch op's arguments after logits, in order: the version-1 ones positionally as callers always
-# passed them, then the version-2 and -3 ones (keywords); plugin_namespace is for TensorRT only
+# passed them, then the version-2, -3 and -4 ones (keywords); plugin_namespace is for TensorRT only
 TORCH_ARGS = ("k", "scoring", "normalize", "scale", "selection_bias", "n_group", "topk_group", "group_scoring",
-              "norm_min")
+              "norm_min", "jitter_eps")
 TORCH_KINDS: dict[str, str] = {}  # the spec's kinds (normalize: an int 0/1/2; callers' True/False are 1/0)
 
 
 def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
-                  group_scoring: str = "top2_sum", norm_min: float = 0.0) -> None:
+                  group_scoring: str = "top2_sum", norm_min: float = 0.0, jitter_eps: float = 0.01) -> None:
     """ValueError naming the attribute and what it takes, for attribute values no node may have."""
     if not 1 <= k <= num_experts:
         raise ValueError(f"{OP_NAME}: k must be in 1..E={num_experts}, got {k}")
@@ -91,6 +107,14 @@ def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: i
         raise ValueError(f"{OP_NAME}: attribute 'norm_min' must be a finite float >= 0 (0: divide by the plain sum), "
                          f"got {norm_min!r}")
     SPEC.attr("scoring").coerce(scoring, OP_NAME)
+    if scoring == "sparsemixer":
+        if k != 2:
+            raise ValueError(f"{OP_NAME}: scoring 'sparsemixer' routes to exactly k=2 experts, got k={k}")
+        if n_group != 1:
+            raise ValueError(f"{OP_NAME}: scoring 'sparsemixer' takes no groups, got n_group={n_group}")
+        eps = SPEC.attr("jitter_eps").coerce(jitter_eps, OP_NAME)
+        if not 0.0 <= eps < float("inf"):
+            raise ValueError(f"{OP_NAME}: attribute 'jitter_eps' must be a finite number >= 0, got {jitter_eps!r}")
     SPEC.attr("group_scoring").coerce(group_scoring, OP_NAME)
     for name, value in (("n_group", n_group), ("topk_group", topk_group)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -110,14 +134,16 @@ def check_routing(num_experts: int, k: int, scoring: str = "softmax", n_group: i
 
 def _check(logits: torch.Tensor, k: int, scoring: str, selection_bias: torch.Tensor | None = None,
            n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2_sum", norm_min: float = 0.0,
-           normalize: int = 0) -> None:
+           normalize: int = 0, jitter_eps: float = 0.01) -> None:
     SPEC.attr("normalize").coerce(normalize, OP_NAME)
     if logits.dim() != 2:
         raise ValueError(f"TopKRouting: logits must be [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
         raise ValueError(f"TopKRouting: logits must be float32 (router math is fp32), got {logits.dtype}")
     num_experts = logits.shape[1]
-    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring, norm_min)
+    check_routing(num_experts, k, scoring, n_group, topk_group, group_scoring, norm_min, jitter_eps)
+    if selection_bias is not None and scoring == "sparsemixer":
+        raise ValueError("TopKRouting: scoring 'sparsemixer' takes no selection_bias (pass None)")
     if selection_bias is not None:
         if tuple(selection_bias.shape) != (num_experts,) or selection_bias.dtype != torch.float32:
             raise ValueError(
@@ -151,29 +177,64 @@ def selection_scores(
 
 
 def routing_weights(
-    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: int, scale: float, norm_min: float = 0.0
+    logits: torch.Tensor, indices: torch.Tensor, scoring: str, normalize: int, scale: float, norm_min: float = 0.0,
+    jitter_eps: float = 0.01,
 ) -> torch.Tensor:
     """Weights of the chosen experts, differentiable in ``logits`` (indices fixed).
 
     The unbiased scores, so the selection bias (which only chooses) never reaches the weights.
     ``normalize``: 0 (or False) none, 1 (or True) divide by their sum, 2 by their Euclidean norm.
+    sparsemixer: the two masked softmaxes (its masks and picks are piecewise constant, as in
+    transformers' eval mode, where the gradient flows through the softmaxes only).
     """
-    weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
-    if int(normalize) == 2:
-        weights = weights / weights.square().sum(dim=-1, keepdim=True).sqrt()
-    elif normalize:
-        total = weights.sum(dim=-1, keepdim=True)  # [T, 1]
-        weights = weights / (total.clamp(min=norm_min) if norm_min else total)
+    if scoring == "sparsemixer":
+        weights = sparsemixer(logits, jitter_eps)[0]  # [T, 2]; its picks are ``indices``
+    else:
+        weights = _scores(logits, scoring).gather(-1, indices.long())  # [T, K]
+    weights = _normalized(weights, normalize, norm_min)
     return weights * scale
+
+
+def _normalized(weights: torch.Tensor, normalize: int, norm_min: float) -> torch.Tensor:
+    """``weights`` [T, K] divided as ``normalize`` says: 0 not, 1 by max(their sum, norm_min), 2 by their Euclidean norm."""
+    if int(normalize) == 2:
+        return weights / weights.square().sum(dim=-1, keepdim=True).sqrt()
+    if normalize:
+        total = weights.sum(dim=-1, keepdim=True)  # [T, 1]
+        return weights / (total.clamp(min=norm_min) if norm_min else total)
+    return weights
+
+
+def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's top-2, transformers' ``sparsemixer`` in eval mode op for op: ``(weights [T, 2], indices int64 [T, 2])``.
+
+    Each pick's weight is its softmax over the logits within a relative ``2 * jitter_eps`` of it
+    (every other logit masked to ``-inf``); the second pick excludes the first.
+    """
+    threshold = 2 * jitter_eps
+
+    def pick(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, index = candidates.max(dim=-1, keepdim=True)  # [T, 1] x2 (max returns the first of equal values)
+        factor = logits.abs().clamp(min=best)  # [T, E] max(|logits|, best)
+        masked = candidates.masked_fill((best - logits) / factor > threshold, float("-inf"))  # [T, E]
+        return torch.softmax(masked, dim=-1).gather(-1, index), index  # [T, 1] x2
+
+    w1, i1 = pick(logits)
+    w2, i2 = pick(torch.scatter(logits, -1, i1, float("-inf")))
+    return torch.cat((w1, w2), dim=-1), torch.cat((i1, i2), dim=-1)  # [T, 2] x2
 
 
 def _topk_routing(
     logits: torch.Tensor, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum", norm_min: float = 0.0,
+    group_scoring: str = "top2_sum", norm_min: float = 0.0, jitter_eps: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to its ``k`` best experts; returns ``(weights f32 [T,k], indices i32 [T,k])``."""
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize)
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize, jitter_eps)
+    if scoring == "sparsemixer":
+        weights, indices = sparsemixer(logits, jitter_eps)  # [T, 2] x2
+        weights = _normalized(weights, normalize, norm_min)
+        return (weights * scale).contiguous(), indices.to(torch.int32).contiguous()
     scores = _scores(logits, scoring)  # [T, E]
     sel = selection_scores(scores, selection_bias, n_group, topk_group, group_scoring)  # [T, E]
     # A stable descending sort keeps equal scores in expert order, so ties go to the lower
@@ -193,8 +254,8 @@ topk_routing = torch.library.custom_op(
 
 @topk_routing.register_fake
 def _(logits, k, scoring="softmax", normalize=0, scale=1.0, selection_bias=None, n_group=1, topk_group=1,
-      group_scoring="top2_sum", norm_min=0.0):
-    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize)
+      group_scoring="top2_sum", norm_min=0.0, jitter_eps=0.01):
+    _check(logits, k, scoring, selection_bias, n_group, topk_group, group_scoring, norm_min, normalize, jitter_eps)
     num_tokens = logits.shape[0]
     return logits.new_empty(num_tokens, k), logits.new_empty(num_tokens, k, dtype=torch.int32)
 
@@ -203,7 +264,8 @@ def _setup_context(ctx, inputs, output):
     logits, _k, scoring, normalize, scale = inputs[:5]
     norm_min = inputs[1 + TORCH_ARGS.index("norm_min")]
     ctx.save_for_backward(logits, output[1])
-    ctx.options = (scoring, normalize, scale, norm_min)
+    jitter_eps = inputs[1 + TORCH_ARGS.index("jitter_eps")]
+    ctx.options = (scoring, normalize, scale, norm_min, jitter_eps)
 
 
 def _backward(ctx, grad_weights, _grad_indices):
@@ -239,15 +301,53 @@ def selection_scores_reference(
     return np.where(keep[:, :, None], grouped, -np.inf).reshape(num_tokens, num_experts)
 
 
+def sparsemixer_reference(logits: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sparsemixer` in NumPy: ``(weights float64 [T, 2], indices int64 [T, 2])``.
+
+    The picks and masks are decided on the float32 logits with a float32 threshold, as the op decides
+    them (a float64 decision could differ at the mask's edge); the softmaxes are float64.
+    """
+    logits32 = np.asarray(logits, dtype=np.float32)
+    threshold = np.float32(2 * np.float32(jitter_eps))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def pick(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            index = np.argmax(candidates, axis=-1)[:, None]  # [T, 1] the first of equal values
+            best = np.take_along_axis(candidates, index, axis=-1)  # [T, 1]
+            factor = np.maximum(np.abs(logits32), best)  # [T, E]
+            masked = np.where((best - logits32) / factor > threshold, -np.inf, candidates.astype(np.float64))
+            shifted = np.exp(masked - masked.max(axis=-1, keepdims=True))
+            return np.take_along_axis(shifted / shifted.sum(axis=-1, keepdims=True), index, axis=-1), index
+
+        w1, i1 = pick(logits32)
+        rest = logits32.copy()
+        np.put_along_axis(rest, i1, -np.inf, axis=-1)
+        w2, i2 = pick(rest)
+    return np.concatenate((w1, w2), axis=-1), np.concatenate((i1, i2), axis=-1)
+
+
+def _normalized_reference(weights: np.ndarray, normalize: int, norm_min: float) -> np.ndarray:
+    """:func:`_normalized` in NumPy."""
+    if int(normalize) == 2:
+        return weights / np.sqrt((weights**2).sum(axis=-1, keepdims=True))
+    if normalize:
+        return weights / np.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
+    return weights
+
+
 def topk_routing_reference(
     logits: np.ndarray, k: int, scoring: str = "softmax", normalize: int = 0, scale: float = 1.0,
     selection_bias: np.ndarray | None = None, n_group: int = 1, topk_group: int = 1,
-    group_scoring: str = "top2_sum", norm_min: float = 0.0,
+    group_scoring: str = "top2_sum", norm_min: float = 0.0, jitter_eps: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of the op, computed in float64 and returned as (float32, int32)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    check_routing(logits.shape[-1], k, scoring, n_group, topk_group, group_scoring, norm_min)
+    check_routing(np.shape(logits)[-1], k, scoring, n_group, topk_group, group_scoring, norm_min, jitter_eps)
     SPEC.attr("normalize").coerce(normalize, OP_NAME)
+    if scoring == "sparsemixer":
+        if selection_bias is not None:
+            raise ValueError("TopKRouting: scoring 'sparsemixer' takes no selection_bias (pass None)")
+        weights, order = sparsemixer_reference(logits, jitter_eps)
+        return (_normalized_reference(weights, normalize, norm_min) * scale).astype(np.float32), order.astype(np.int32)
+    logits = np.asarray(logits, dtype=np.float64)
     if selection_bias is not None and np.shape(selection_bias) != (logits.shape[-1],):
         raise ValueError(f"TopKRouting: selection_bias must be [E={logits.shape[-1]}], got {list(np.shape(selection_bias))}")
     if scoring == "softmax":
@@ -261,10 +361,7 @@ def topk_routing_reference(
     sel = selection_scores_reference(scores.astype(np.float32), bias, n_group, topk_group, group_scoring)
     order = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(scores, order, axis=-1)
-    if int(normalize) == 2:
-        weights = weights / np.sqrt((weights**2).sum(axis=-1, keepdims=True))
-    elif normalize:
-        weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
+    weights = _normalized_reference(weights, normalize, norm_min)
     return (weights * scale).astype(np.float32), order.astype(np.int32)
 
 
@@ -307,7 +404,10 @@ class RoutingVariant:
 
     @property
     def version(self) -> int:
-        """3 where the body reads norm_min, 2 where it reads a version-2 option (a selection bias or groups), else 1."""
+        """4 for sparsemixer, 3 where the body reads norm_min, 2 where it reads a version-2 option (a selection bias
+        or groups), else 1."""
+        if self.scoring == "sparsemixer":
+            return 4
         if self.norm_min:
             return 3
         return 2 if self.selection_bias or self.grouped else 1
@@ -315,7 +415,7 @@ class RoutingVariant:
     @property
     def name(self) -> str:
         """``""`` for the softmax version-1 body, else e.g. ``sigmoid+selection_bias+groups_top2_sum``."""
-        parts = (["sigmoid"] * (self.scoring == "sigmoid") + ["selection_bias"] * self.selection_bias
+        parts = ([self.scoring] * (self.scoring != "softmax") + ["selection_bias"] * self.selection_bias
                  + [f"groups_{self.group_scoring}"] * self.grouped + ["norm_min"] * self.norm_min
                  + ["l2"] * self.l2)
         return "+".join(parts)
@@ -353,23 +453,10 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
 
     variant = variant or RoutingVariant()
     b = Body("tkr_")
-    if variant.scoring == "softmax":
-        scores = b.op("Softmax", "logits", axis=-1)  # [T, E]
+    if variant.scoring == "sparsemixer":
+        top, top_idx = _sparsemixer_body(b)  # [T, 2] float32, [T, 2] int64 (k is 2)
     else:
-        # 1 / (1 + exp(-x)) rather than Sigmoid: ONNX Runtime's CPU Sigmoid is exact to ~1e-7 absolute but
-        # only ~2e-4 relative below x = -4, and normalizing divides those small scores by their small sum
-        one = b.const(1.0, dtype=np.float32)
-        scores = b.op("Reciprocal", b.op("Add", one, b.op("Exp", b.op("Neg", "logits"))))  # [T, E]
-    k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
-    if not (variant.selection_bias or variant.grouped):
-        # ONNX TopK: sorted descending, equal values keep the lower index first
-        top, top_idx = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
-    else:
-        sel = b.op("Add", scores, "selection_bias") if variant.selection_bias else scores  # [T, E]
-        if variant.grouped:
-            sel = _grouped_selection(b, sel, variant.group_scoring)  # [T, E], -inf outside the kept groups
-        _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
-        top = b.op("GatherElements", scores, top_idx, axis=-1)  # [T, K] the unbiased scores
+        top, top_idx = _scored_top_k(b, variant)  # [T, K] float32, [T, K] int64
     normalize = b.op("Cast", b.attr_const("normalize", "int"), to=BOOL)
     if variant.l2:  # the Euclidean norm (normalize=2)
         normed = b.op("Div", top, b.op("Sqrt", b.op("ReduceSumSquare", top, b.const([-1]), keepdims=1)))
@@ -381,13 +468,55 @@ def onnx_function(opset: int, variant: RoutingVariant | None = None, overload: s
     weights = b.op("Mul", b.op("Where", normalize, normed, top), b.attr_const("scale", "float"))
     b.rename_output(weights, "weights")
     b.rename_output(b.op("Cast", top_idx, to=INT32), "indices")
-    defaults = {a.name: a.default for a in SPEC.attrs if not a.required and a.since <= variant.version}
+    # the attributes this body reads, with their defaults (jitter_eps only in the sparsemixer body)
+    defaults = {a.name: a.default for a in SPEC.attrs if not a.required and a.since <= variant.version
+                and variant.scoring in a.only_with.get("scoring", (variant.scoring,))}
     return make_function(
         OP_NAME, b, variant.inputs, ["weights", "indices"], opset,
         attributes=[a.name for a in SPEC.attrs if a.required],
         attribute_defaults=defaults | {"scoring": variant.scoring},
         doc="moetrt::TopKRouting in standard ONNX ops", overload=overload,
     )
+
+
+def _scored_top_k(b, variant: RoutingVariant) -> tuple[str, str]:
+    """softmax / sigmoid scores, the k best (biased, grouped: version 2): (weights [T, K], indices int64 [T, K])."""
+    if variant.scoring == "softmax":
+        scores = b.op("Softmax", "logits", axis=-1)  # [T, E]
+    else:
+        # 1 / (1 + exp(-x)) rather than Sigmoid: ONNX Runtime's CPU Sigmoid is exact to ~1e-7 absolute but
+        # only ~2e-4 relative below x = -4, and normalizing divides those small scores by their small sum
+        one = b.const(1.0, dtype=np.float32)
+        scores = b.op("Reciprocal", b.op("Add", one, b.op("Exp", b.op("Neg", "logits"))))  # [T, E]
+    k = b.op("Reshape", b.attr_const("k", "int"), b.const([1]))  # [1]
+    if not (variant.selection_bias or variant.grouped):
+        # ONNX TopK: sorted descending, equal values keep the lower index first
+        return b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    sel = b.op("Add", scores, "selection_bias") if variant.selection_bias else scores  # [T, E]
+    if variant.grouped:
+        sel = _grouped_selection(b, sel, variant.group_scoring)  # [T, E], -inf outside the kept groups
+    _, top_idx = b.op("TopK", sel, k, axis=-1, largest=1, sorted=1, outputs=2)  # [T, K] x2
+    return b.op("GatherElements", scores, top_idx, axis=-1), top_idx  # [T, K] the unbiased scores
+
+
+def _sparsemixer_body(b) -> tuple[str, str]:
+    """PhiMoE's top-2 of ``logits`` [T, E] (the module docstring): (weights float32 [T, 2], indices int64 [T, 2])."""
+    threshold = b.op("Mul", b.attr_const("jitter_eps", "float"), b.const(2.0, dtype=np.float32))  # [] 2 eps
+    minus_inf = b.const(-np.inf, dtype=np.float32)
+    magnitude = b.op("Abs", "logits")  # [T, E]
+
+    def pick(candidates: str) -> tuple[str, str]:
+        index = b.op("ArgMax", candidates, axis=-1, keepdims=1, select_last_index=0)  # [T, 1] the first best
+        best = b.op("GatherElements", candidates, index, axis=-1)  # [T, 1]
+        ratio = b.op("Div", b.op("Sub", best, "logits"), b.op("Max", magnitude, best))  # [T, E]
+        masked = b.op("Where", b.op("Greater", ratio, threshold), minus_inf, candidates)  # [T, E]
+        weight = b.op("GatherElements", b.op("Softmax", masked, axis=-1), index, axis=-1)  # [T, 1]
+        return weight, index
+
+    w1, i1 = pick("logits")
+    rest = b.op("ScatterElements", "logits", i1, b.op("Expand", minus_inf, b.op("Shape", i1)), axis=-1)  # [T, E]
+    w2, i2 = pick(rest)
+    return b.op("Concat", w1, w2, axis=-1), b.op("Concat", i1, i2, axis=-1)  # [T, 2] x2
 
 
 def _grouped_selection(b, sel: str, group_scoring: str) -> str:

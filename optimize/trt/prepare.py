@@ -38,6 +38,7 @@ from moetrt.ops.plugins import BIAS_FLAGS, PLUGIN_ATTRIBUTES, PLUGIN_MODES, PLUG
 from moetrt.ops.plugins.aot import SPARSE_MOE_PLUGINS, sparse_moe_attributes, sparse_moe_plan
 from moetrt.ops.sparse_moe import SPEC as SPARSE_MOE_SPEC
 from moetrt.ops.topk_routing import SPEC as TOPK_ROUTING_SPEC
+from moetrt.ops.topk_routing import node_version as topk_routing_node_version
 
 from .._common import FLOAT_TYPES, PassResult, refusal
 
@@ -254,21 +255,23 @@ def _plugin_refusal(node: ir.Node) -> str | None:
 
 def _routing_refusal(node: ir.Node) -> str | None:
     """Why the TopKRouting plugin cannot compute this node, or None (reject by default: its kernel takes
-    the plugin attributes only, so a selection bias input or groups, version 2, and norm_min, version 3, are
-    refused)."""
+    the plugin attributes only, so a selection bias input or groups (version 2), norm_min (version 3) and
+    sparsemixer (version 4) are refused)."""
     values = {name: value for name, value in _attribute_values(node).items() if name != "aot"}
     try:
         resolved = TOPK_ROUTING_SPEC.resolve(values)
     except ValueError as exc:
         return f"{exc}; re-export the model"
     what = "the TopKRouting plugin"
-    reason = refusal(TOPK_ROUTING_SPEC, values, {n: (resolved[n],) for n in PLUGIN_ATTRIBUTES["TopKRouting"]}, what)
+    implements = {n: (resolved[n],) for n in PLUGIN_ATTRIBUTES["TopKRouting"]}
+    implements["scoring"] = _STRING_CHOICES[("TopKRouting", "scoring")]  # its kernel: softmax, sigmoid
+    reason = refusal(TOPK_ROUTING_SPEC, values, implements, what)
     bias = TOPK_ROUTING_SPEC.input_index("selection_bias")
     if reason is None and bias < len(node.inputs) and node.inputs[bias] is not None:
         reason = f"{what} does not implement the selection_bias input"
     if reason is None:
         return None
-    return f"{reason} (TopKRouting version {3 if 'norm_min' in reason else 2}); build for ONNX Runtime"
+    return f"{reason} (TopKRouting version {topk_routing_node_version(node)}); build for ONNX Runtime"
 
 
 def _decompose_sparse_moe(graph: ir.Graph, node: ir.Node, num_tokens: int) -> None:

@@ -11,7 +11,8 @@ import json
 import torch
 
 import moetrt
-from tests.hf_tiny import hf_greedy
+from tests.hf_tiny import edited_checkpoint, hf_greedy
+from tests.hf_tiny import reference_and_export as export
 
 __all__ = ["PROMPTS", "STEPS", "PAD", "export", "assert_greedy_matches_generate", "assert_streamed_export_equal",
            "edited_checkpoint", "state_dicts_equal", "optimize_ort_cpu", "assert_saved_round_trips"]
@@ -20,14 +21,6 @@ __all__ = ["PROMPTS", "STEPS", "PAD", "export", "assert_greedy_matches_generate"
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13, 40, 41, 42], [20, 21, 22, 23, 24, 25, 26]]
 STEPS = 32
 PAD = 0
-
-
-def export(hf_model, folder):
-    """(moetrt model of ``hf_model``, its canonical export in ``folder``)."""
-    from moetrt.export import onnx_from_torch
-
-    model = moetrt.from_pretrained(hf_model)
-    return model, onnx_from_torch(model, folder, progress=False)
 
 
 def assert_greedy_matches_generate(hf_model, model, folder, backend: str) -> None:
@@ -58,20 +51,6 @@ def assert_streamed_export_equal(hf_model, in_memory, tmp_path) -> None:
     assert a.keys() == b.keys()
     differ = [name for name in a if not np.array_equal(a[name], b[name])]
     assert not differ, differ[:5]
-
-
-def edited_checkpoint(hf_model, tmp_path, edit: dict):
-    """``hf_model`` saved to ``tmp_path`` with ``edit`` applied to its config.json (a dict value updates the nested
-    dict of that name); returns the folder."""
-    hf_model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    for key, value in edit.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key].update(value)
-        else:
-            config[key] = value
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
 
 
 def state_dicts_equal(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:

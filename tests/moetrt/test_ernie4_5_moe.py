@@ -20,7 +20,7 @@ import moetrt
 from moetrt.errors import UnsupportedModelError
 from tests.hf_tiny import (
     greedy_tokens_of, hf_forward, hf_greedy, hf_tiny_model, left_padded, reference_and_export, rel_err,
-    saved_with_config,
+    edited_checkpoint,
 )
 
 pytest.importorskip("transformers")
@@ -216,7 +216,7 @@ def test_genai_config_is_written(exported):
 ])
 def test_other_ernie_models_are_refused_by_name(hf_model, tmp_path, model_type, needle):
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(saved_with_config(hf_model, tmp_path, model_type=model_type))
+        moetrt.from_pretrained(edited_checkpoint(hf_model, tmp_path, {"model_type": model_type}))
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -225,4 +225,4 @@ def test_other_ernie_models_are_refused_by_name(hf_model, tmp_path, model_type, 
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(saved_with_config(hf_model, tmp_path, **edit))
+        moetrt.from_pretrained(edited_checkpoint(hf_model, tmp_path, edit))

@@ -19,8 +19,8 @@ import torch
 import moetrt
 from moetrt.errors import UnsupportedModelError
 from tests.hf_tiny import (
-    greedy_tokens_of, hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, randomize_, reference_and_export, rel_err,
-    saved_with_config,
+    edited_checkpoint, greedy_tokens_of, hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, randomize_,
+    reference_and_export, rel_err,
 )
 
 pytest.importorskip("transformers")
@@ -173,7 +173,7 @@ def test_optimize_ort_cpu_keeps_the_geglu_experts_body_with_the_reason(exported,
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(saved_with_config(hf_model, tmp_path, **edit))
+        moetrt.from_pretrained(edited_checkpoint(hf_model, tmp_path, edit))
 
 
 def test_checkpoint_folder_streams_into_the_same_export(hf_model, exported, tmp_path):

@@ -101,15 +101,19 @@ def test_onnx_schema_is_the_spec(module):
 
 def test_topk_routing_version_1_schema_has_only_version_1_members():
     schemas = topk_routing_mod.onnx_schemas()
-    assert [s.since_version for s in schemas] == [1, 2, 3]
+    assert [s.since_version for s in schemas] == [1, 2, 3, 4]
     v1 = schemas[0]
     assert [p.name for p in v1.inputs] == ["logits"]
     assert set(v1.attributes) == {"k", "scoring", "normalize", "scale", "plugin_namespace"}
     _assert_schema_is_the_spec(TKR, v1, 1)
     assert "norm_min" not in schemas[1].attributes and "norm_min" in schemas[2].attributes  # version 3 adds it
     _assert_schema_is_the_spec(TKR, schemas[1], 2)
-    with pytest.raises(ValueError, match=r"version must be in 1..3, got 4"):
-        TKR.onnx_schema(4)
+    _assert_schema_is_the_spec(TKR, schemas[2], 3)
+    # version 4 (sparsemixer) adds jitter_eps and nothing else
+    assert set(schemas[3].attributes) - set(schemas[2].attributes) == {"jitter_eps"}
+    _assert_schema_is_the_spec(TKR, schemas[3], 4)
+    with pytest.raises(ValueError, match=r"version must be in 1..4, got 5"):
+        TKR.onnx_schema(5)
 
 
 def _assert_schema_is_the_spec(spec, schema, version):
@@ -152,7 +156,10 @@ def test_function_bodies_take_their_defaults_from_the_spec(activation, gate_up_b
     assert [a.name for a in fn.attribute_proto] == [a.name for a in TKR.attrs if not a.required and a.since <= 2]
     assert list(fn.input) == TKR.input_names
     fn = topk_routing_mod.onnx_function(20, topk_routing_mod.RoutingVariant(True, 4, "max", norm_min=True))
-    assert [a.name for a in fn.attribute_proto] == list(TKR.defaults)  # version 3: norm_min too
+    assert [a.name for a in fn.attribute_proto] == [a.name for a in TKR.attrs if not a.required and a.since <= 3]
+    fn = topk_routing_mod.onnx_function(20, topk_routing_mod.RoutingVariant(scoring="sparsemixer"))  # version 4
+    assert [a.name for a in fn.attribute_proto] == list(TKR.defaults)
+    assert list(fn.input) == ["logits"]
 
 
 # --- torch op and Python signatures ---------------------------------------------------------------

@@ -235,7 +235,14 @@ def test_proportional_matches_transformers(factor, partial):
     assert ours.attention_scaling == ref_scaling == 1.0
 
 
-@pytest.mark.parametrize("rope_type", ["longrope", "mrope", "su"])
+def test_generic_longrope_without_mscales_is_refused():
+    """moetrt implements PhiMoE's longrope (both mscales); Phi-3's generic form is refused by name."""
+    hf = {"rope_scaling": {"type": "longrope", "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]}}
+    with pytest.raises(UnsupportedModelError, match="longrope without short_mscale and long_mscale"):
+        rope_scaling_from_hf(hf)
+
+
+@pytest.mark.parametrize("rope_type", ["mrope", "su"])
 def test_unsupported_type_names_it_and_the_supported_ones(rope_type):
     hf = {"rope_scaling": {"type": rope_type, "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]}}
     with pytest.raises(UnsupportedModelError, match=rope_type) as info:

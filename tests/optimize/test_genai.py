@@ -17,7 +17,7 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the dev
 
 # one variant per family whose layers cache key/value; the latent-attention ones are below
 GENAI_VARIANTS = ["mixtral", "qwen2_moe-shared", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "minimax_m2",
-                  "ernie4_5_moe", "granitemoeshared", "dbrx",
+                  "ernie4_5_moe", "granitemoeshared", "dbrx", "phimoe",
                   "llama4_text"]  # Llama 4: prompt + 12 new tokens cross its 4-token attention chunks
 LATENT_VARIANTS = ["deepseek_v3", "glm4_moe_lite"]
 PROMPTS = [[5, 9, 17, 3, 11], [7, 2, 30]]

@@ -57,17 +57,18 @@ def triton_mode() -> str | None:
 
 
 def _topk_routing_cuda(logits, k, scoring="softmax", normalize=False, scale=1.0, selection_bias=None, n_group=1,
-                       topk_group=1, group_scoring="top2_sum", norm_min=0.0):
-    # the op's arguments in schema order. The kernel implements version 1 only: a version-2 or -3 call (a selection
-    # bias, groups, norm_min) runs the op's PyTorch composite on the GPU instead (the kernel would refuse it by name)
+                       topk_group=1, group_scoring="top2_sum", norm_min=0.0, jitter_eps=0.01):
+    # the op's arguments in schema order. The kernel implements version 1 and sparsemixer: a version-2 or -3 call (a
+    # selection bias, groups, norm_min) runs the op's PyTorch composite on the GPU instead (the kernel would refuse it
+    # by name)
     if selection_bias is not None or n_group != 1 or norm_min:
         from moetrt.ops.topk_routing import _topk_routing
 
         return _topk_routing(logits, k, scoring, normalize, scale, selection_bias, n_group, topk_group, group_scoring,
-                             norm_min)
+                             norm_min, jitter_eps)
     from moetrt.ops.kernels.topk_routing_triton import topk_routing_triton
 
-    return topk_routing_triton(logits, k, scoring, normalize, scale)
+    return topk_routing_triton(logits, k, scoring, normalize, scale, jitter_eps=jitter_eps)
 
 
 def _sparse_moe_cuda(*args, **kwargs):

@@ -263,6 +263,35 @@ def test_topk_routing_cuda_wrapper_runs_version_2_on_the_composite(kwargs):
     assert torch.equal(i1, j1) and torch.equal(w1, k1)
 
 
+@in_process
+@pytest.mark.parametrize("tokens,experts,eps,spread,normalize,scale", [
+    (37, 6, 0.3, 1.0, False, 1.0), (70, 16, 0.01, 0.05, True, 2.0), (5, 130, 0.2, 0.5, False, 1.0),
+    (9, 2, 0.0, 1.0, True, 1.0), (0, 8, 0.3, 1.0, False, 1.0),
+])
+def test_sparsemixer_matches_reference_and_op(tokens, experts, eps, spread, normalize, scale):
+    """PhiMoE's routing (TopKRouting version 4): its own kernel, several programs, masks kept and dropped."""
+    logits = _distinct_logits(tokens, experts, seed=tokens + experts) * spread if tokens else torch.zeros(0, experts)
+    weights, indices = topk_routing_triton(logits, 2, "sparsemixer", normalize, scale, jitter_eps=eps)
+    ref_w, ref_i = topk_routing_reference(logits.numpy(), 2, "sparsemixer", normalize, scale, jitter_eps=eps)
+    op_w, op_i = torch.ops.moetrt.TopKRouting(logits, 2, "sparsemixer", normalize, scale, jitter_eps=eps)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    assert torch.equal(indices, op_i)
+    # NOTE: float32 exp/sum against float64 softmaxes
+    np.testing.assert_allclose(weights.numpy(), ref_w, rtol=2e-6, atol=1e-7 * scale)
+    torch.testing.assert_close(weights, op_w, rtol=2e-6, atol=1e-7 * scale)
+    wrapped = _topk_routing_cuda(logits, 2, "sparsemixer", normalize, scale, jitter_eps=eps)  # what CUDA dispatch runs
+    assert torch.equal(wrapped[0], weights) and torch.equal(wrapped[1], indices)
+
+
+@in_process
+def test_sparsemixer_ties_go_to_the_lower_index():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0]])
+    weights, indices = topk_routing_triton(logits, 2, "sparsemixer", False, 1.0, jitter_eps=0.1)
+    op_w, op_i = torch.ops.moetrt.TopKRouting(logits, 2, "sparsemixer", False, 1.0, jitter_eps=0.1)
+    assert indices.tolist() == op_i.tolist() == [[1, 2], [0, 1]]
+    torch.testing.assert_close(weights, op_w)
+
+
 # --- alignment -----------------------------------------------------------------------------------
 @in_process
 @pytest.mark.parametrize("tokens,experts,k,block_m", [(1, 4, 1, 16), (7, 5, 2, 16), (33, 3, 2, 16), (50, 40, 4, 32)])
