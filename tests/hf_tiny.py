@@ -110,9 +110,10 @@ def left_padded(lengths: list[int], seq: int, vocab: int, seed: int = 0, pad_id:
     return input_ids, mask, position_ids
 
 
-def edited_checkpoint(hf_model, folder, edit: dict[str, Any]):
-    """``hf_model.save_pretrained(folder)`` with ``edit`` applied to its config.json (a dict value updates the nested
-    dict of that name); returns ``folder`` (e.g. a checkpoint moetrt should refuse)."""
+def edited_checkpoint(hf_model, folder, edit: dict[str, Any], nested: bool = False):
+    """``hf_model.save_pretrained(folder)`` with ``edit`` written over its config.json (with ``nested``, a dict value
+    updates the nested dict of that name instead of replacing it); returns ``folder`` (e.g. a checkpoint moetrt
+    should refuse)."""
     import json
     from pathlib import Path
 
@@ -120,7 +121,7 @@ def edited_checkpoint(hf_model, folder, edit: dict[str, Any]):
     hf_model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     for key, value in edit.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
+        if nested and isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key].update(value)
         else:
             config[key] = value

@@ -66,7 +66,7 @@ SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 GROUP_SCORINGS = ("top2_sum", "max")
 
 SPEC = OpSpec(
-    name=OP_NAME, domain="moetrt", version=3, doc=__doc__,
+    name=OP_NAME, domain="moetrt", version=4, doc=__doc__,
     inputs=(
         Port("logits", "T", "router logits [T, E]"),
         Port("selection_bias", "T", "[E] added to the scores for choosing only", optional=True, since=2),
@@ -372,7 +372,7 @@ def onnx_schema(version: int | None = None):
 
 
 def onnx_schemas() -> list:
-    """Every version's ``OpSchema`` (1: logits only, version-1 attributes; 2: selection bias and groups)."""
+    """Every version's ``OpSchema`` (1: logits only, version-1 attributes; 2: selection bias and groups; 3: norm_min; 4: sparsemixer)."""
     return [SPEC.onnx_schema(v) for v in range(1, SPEC.version + 1)]
 
 

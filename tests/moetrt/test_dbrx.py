@@ -146,4 +146,4 @@ def test_rope_theta_of_attn_config_wins_with_a_warning(hf_model, tmp_path):
 ])
 def test_what_moetrt_cannot_compute_is_refused(hf_model, tmp_path, edit, needle):
     with pytest.raises(UnsupportedModelError, match=needle):
-        moetrt.from_pretrained(edited_checkpoint(hf_model, tmp_path, edit))
+        moetrt.from_pretrained(edited_checkpoint(hf_model, tmp_path, edit, nested=True))
