@@ -390,7 +390,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.k, self.scoring = cfg.num_experts_per_tok, cfg.scoring
         self.weight_input = int(cfg.expert_input_weighting)  # Llama 4: the routing weight scales the experts' input
-        self.jitter_eps = cfg.sparsemixer_jitter_eps  # sparsemixer only
+        self.expert_args = dict(weight_input=1) if self.weight_input else {}  # SparseMoE's, only where set
         self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
         if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # TopKRouting's normalize is the p of the norm (DBRX: 2)
             self.normalize = cfg.normalize_topk_p
@@ -409,6 +409,8 @@ class MoEBlock(nn.Module):
             self.route_args = dict(n_group=cfg.n_group, topk_group=cfg.topk_group, group_scoring=cfg.group_scoring)
         if cfg.norm_min and cfg.normalize_topk:  # ERNIE-4.5: the renormalisation's denominator clamped (version 3)
             self.route_args["norm_min"] = cfg.norm_min
+        if cfg.scoring == "sparsemixer":  # PhiMoE: its masks' jitter eps (version 4)
+            self.route_args["jitter_eps"] = cfg.sparsemixer_jitter_eps
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_bias)
         self.shared_expert = None
         self.shared_expert_gate = None
@@ -435,10 +437,7 @@ class MoEBlock(nn.Module):
         if self.router_norm is not None:
             routed = self.router_norm(routed) * self.router_scale * self.router_root  # [T, D]
         router_logits = kernels.router_logits(routed, self.gate.weight, self.gate.bias)  # [T, E], fp32 in every dtype
-        if self.scoring == "sparsemixer":  # PhiMoE (version 3)
-            weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale,
-                                            jitter_eps=self.jitter_eps)  # [T, 2] x2
-        elif self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
+        if self.selection_bias is None and not self.route_args:  # the version-1 call, as exported before
             weights, indices = topk_routing(router_logits, self.k, self.scoring, self.normalize, self.scale)  # [T, K] x2
         else:
             weights, indices = topk_routing(
@@ -450,15 +449,10 @@ class MoEBlock(nn.Module):
             y = experts(tokens, weights, indices, self.activation)  # [T, D]
         elif experts.gate_up_proj_bias is None and self.activation == "silu" and not self.weight_input:
             y = sparse_moe(tokens, weights, indices, experts.gate_up_proj, experts.down_proj)  # [T, D], the plain call
-        elif not self.weight_input:
-            y = sparse_moe(
-                tokens, weights, indices, experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias,
-                experts.down_proj_bias, activation=self.activation, **self.act_args,
-            )  # [T, D]
         else:
             y = sparse_moe(
                 tokens, weights, indices, experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias,
-                experts.down_proj_bias, activation=self.activation, **self.act_args, weight_input=1,
+                experts.down_proj_bias, activation=self.activation, **self.act_args, **self.expert_args,
             )  # [T, D]
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)  # [T, D]
