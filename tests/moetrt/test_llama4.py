@@ -20,7 +20,7 @@ import torch
 import moetrt
 from moetrt.errors import UnsupportedModelError
 from tests.hf_tiny import (assert_save_round_trips, hf_forward, hf_greedy, hf_tiny_config, hf_tiny_model, left_padded,
-                           randomize_, rel_err)
+                           randomize_, reference_and_export, rel_err)
 
 pytest.importorskip("transformers")
 
@@ -39,10 +39,7 @@ def hf_model():
 def exported(hf_model, tmp_path_factory):
     """(reference model, its canonical export), made once for the module's ort tests."""
     pytest.importorskip("onnxruntime")
-    from moetrt.export import onnx_from_torch
-
-    model = moetrt.from_pretrained(hf_model)
-    return model, onnx_from_torch(model, tmp_path_factory.mktemp("llama4") / "onnx", progress=False)
+    return reference_and_export(hf_model, tmp_path_factory.mktemp("llama4") / "onnx")
 
 
 def _image_text_model():
