@@ -85,16 +85,25 @@ def field(hf: dict[str, Any], *names: str) -> Any:
     )
 
 
-def rope(hf: dict[str, Any], default_theta: float, partial: bool = False) -> dict[str, Any]:
+def rope(hf: dict[str, Any], default_theta: float, partial: bool = False, longrope: bool = False) -> dict[str, Any]:
     """``rope_theta`` and ``rope_scaling`` of a config.json (v5 ``rope_parameters`` or v4 ``rope_scaling``).
 
     A scaled RoPE of a type moetrt does not implement raises ``UnsupportedModelError`` naming it
     (:func:`moetrt.rope.rope_scaling_from_hf`); it is never silently dropped. With ``partial`` (a
     family whose transformers code rotates part of each head), a ``partial_rotary_factor`` below 1
-    becomes ``rotary_dim``; other families refuse it.
+    becomes ``rotary_dim``; other families refuse it. ``longrope``: the family's transformers code
+    computes PhiMoE's longrope (``moetrt.rope``); every other family's would compute transformers'
+    generic one, which moetrt does not implement, so they refuse the type by name.
     """
-    from moetrt.rope import partial_rotary_factor, rope_scaling_from_hf
+    from moetrt.rope import ROPE_TYPES, partial_rotary_factor, rope_scaling_from_hf
 
+    raw = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not longrope and "longrope" in (raw.get("rope_type"), raw.get("type")):
+        supported = ", ".join(t for t in ROPE_TYPES if t not in ("default", "longrope"))
+        raise UnsupportedModelError(
+            f"RoPE type 'longrope' is not supported for {hf.get('model_type')} (moetrt implements PhiMoE's longrope, "
+            f"for phimoe only); supported types: {supported}"
+        )
     params = hf.get("rope_parameters") or {}
     theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
     out = dict(rope_theta=theta, rope_scaling=rope_scaling_from_hf(hf))

@@ -65,7 +65,7 @@ class Phimoe(Mixtral):
             sparsemixer_jitter_eps=float(hf.get("router_jitter_noise", _DEFAULT_JITTER)),
             layer_norm=True, layer_norm_bias=True, lm_head_bias=bool(hf.get("lm_head_bias", False)),
             attention_bias=bias, attention_out_bias=bias, sliding_window=hf.get("sliding_window"),
-            **rope(hf, 1e6),
+            **rope(hf, 1e6, longrope=True),
         )
 
     def inexpressible(self, cfg: MoEConfig) -> list[str]:
