@@ -16,7 +16,7 @@ import sys
 import pytest
 
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+    pytest.skip(reason="triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
 
 # (op, attributes): Mixtral-8x7B's experts at a decode and a prefill row of the config table,
 # fp16 at small sizes, and routers from Mixtral's to a 256-expert sigmoid router

@@ -23,7 +23,7 @@ import sys
 import pytest
 
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+    pytest.skip(reason="triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
 
 # DeepSeek-V3's routed experts (D 7168, F 2048, E 256, top-8) in its checkpoints' 128 x 128 blocks: the decode
 # and the prefill rows of the table (T*k/E = 128 rows per expert at T = 4096); Mixtral-8x7B's sizes with

@@ -26,11 +26,11 @@ from moetrt.ops.kernels import triton_mode
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
+    pytest.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
 if torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
-    pytest.skip(f"needs FP8 tensor cores (compute capability >= {FP8_MIN_CAPABILITY})", allow_module_level=True)
+    pytest.skip(reason=f"needs FP8 tensor cores (compute capability >= {FP8_MIN_CAPABILITY})", allow_module_level=True)
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+    pytest.skip(reason="triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
 IN_PROCESS = triton_mode() != "interpret"
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is in interpreter mode here: test_rerun_compiled runs it")
 

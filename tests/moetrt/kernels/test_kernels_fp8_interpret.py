@@ -38,7 +38,7 @@ from moetrt.ops.kernels import triton_mode
 from moetrt.ops.sparse_moe import sparse_moe_reference
 
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
+    pytest.skip(reason="triton is not installed (pip install moetrt[gpu])", allow_module_level=True)
 if triton_mode() is None:
     os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
 IN_PROCESS = triton_mode() != "compiled"
