@@ -25,6 +25,7 @@ from moetrt.errors import BackendMissingError, CheckpointError, MoetrtError
 from moetrt.dtypes import itemsize, onnx_elem_type
 from moetrt.runtime.backend import KV_DTYPES, Feeds, ModelSpec, numpy_empty_past, router_names
 from moetrt.runtime.model_folder import read_exported
+from moetrt.state import BATCH, PAST
 
 __all__ = ["OrtBackend", "import_onnxruntime"]
 
@@ -130,13 +131,18 @@ class OrtBackend:
         self._present_names = tuple(self.spec.state.all_present_names())
         self._host = ("logits",)
         self._host_with_router = ("logits", *(n for layer in self.spec.moe_layers for n in router_names(layer)))
+        self._host_bound: tuple[str, ...] | None = None  # the host outputs the binding holds now
         self._sizes = self.spec.state.size_map
+        # each distinct present shape with its batch and position axes left as BATCH / PAST, and per present
+        # output (name, index of its shape, element type, the two buffer addresses: _reserve_kv fills them)
+        entries = {self.spec.state.entry_of(name)[1]: None for name in self._present_names}
+        self._present_dims = [entry.symbolic_shape(self._sizes, BATCH, PAST) for entry in entries]
+        self._kv_pointers: dict[str, list[int]] = {name: [0, 0] for name in self._present_names}
         self._present_bindings = tuple(
-            (name, self.spec.state.entry_of(name)[1], onnx_elem_type(self.spec.state_element_dtype(name)))
+            (name, list(entries).index(self.spec.state.entry_of(name)[1]),
+             onnx_elem_type(self.spec.state_element_dtype(name)), self._kv_pointers[name])
             for name in self._present_names
         )
-        self._present_entries = tuple({entry: None for _, entry, _ in self._present_bindings})
-        self._kv_pointers: dict[str, list[int]] = {}
 
     def empty_past(self, batch: int) -> Feeds:
         zeros = numpy_empty_past(self.spec, batch)  # fixed-size state (a linear-attention layer's) starts at zero
@@ -156,7 +162,9 @@ class OrtBackend:
                 "torch back end"
             )
         # one binding for the life of the back end, rebound in place (a name bound again replaces the old
-        # binding), through ORT's own binding object: its Python wrapper costs ~10 us per bind on top
+        # binding), through ORT's own binding object: its Python wrapper costs ~10 us per bind on top.
+        # Everything a step does not have to work out again was worked out in __init__; on a small model
+        # this Python is a tenth of a decode step (benchmarks/bench_runtime_overhead.py).
         binding = self._binding
         held = []  # host arrays bound by address: they must outlive the run
         for name in ("input_ids", "attention_mask", "position_ids"):
@@ -165,10 +173,11 @@ class OrtBackend:
                 value = np.ascontiguousarray(value, dtype=np.int64)
             binding.bind_input(name, value)
             held.append(value)
+        ortvalue = self._ort.OrtValue
         past_ptr = None
         for name in self._past_names:
             value = feeds[name]
-            if isinstance(value, self._ort.OrtValue):
+            if isinstance(value, ortvalue):
                 binding.bind_ortvalue_input(name, value._ortvalue)  # the previous step's present, already on the device
                 if past_ptr is None:
                     past_ptr = value.data_ptr()
@@ -178,27 +187,28 @@ class OrtBackend:
                 held.append(value)
 
         host = self._host_with_router if want_router else self._host
-        binding.clear_binding_outputs()  # the last step's router outputs, when it had them
-        for name in host:
+        if host is not self._host_bound:  # a name bound again replaces its binding: clear only to drop router outputs
+            binding.clear_binding_outputs()
+            self._host_bound = host
+        for name in host:  # (again every step: a run leaves the output it allocated bound, at that step's shape)
             binding.bind_output(name, self._host_device)
-        ids = feeds["input_ids"]
-        batch = len(ids)
-        total = np.shape(feeds["attention_mask"])[1]  # P + S positions in each present
-        retired = self._reserve_kv(batch, total)  # the buffers a growth replaced stay alive for this run
-        device = self._present_names
-        slot = 1 if device and self._kv_buffers[device[0]][0].data_ptr() == past_ptr else 0  # never write over the past
-        shapes = {entry: list(entry.shape(self._sizes, batch, total)) for entry in self._present_entries}
-        for name, entry, elem_type in self._present_bindings:
+        batch, total = held[0].shape[0], held[1].shape[1]  # P + S positions in each present
+        retired = (self._reserve_kv(batch, total)  # the buffers a growth replaced stay alive for this run
+                   if batch != self._kv_batch or total > self._kv_positions else None)
+        present_names = self._present_names
+        slot = 1 if present_names and self._kv_pointers[present_names[0]][0] == past_ptr else 0  # never write over the past
+        shapes = [[batch if d is BATCH else total if d is PAST else d for d in dims] for dims in self._present_dims]
+        device = self._device
+        for name, shape, elem_type, pointers in self._present_bindings:
             # [B, G, P+S, Hd] for key/value, written into this step's buffer of the pair
-            binding.bind_output(name, self._device, elem_type, shapes[entry], self._kv_pointers[name][slot])
+            binding.bind_output(name, device, elem_type, shapes[shape], pointers[slot])
 
         self.session._sess.run_with_iobinding(binding, None)
         del retired, held
         values = binding.get_outputs()  # in binding order: host outputs, then the presents
         outputs: Feeds = {name: values[i].numpy() for i, name in enumerate(host)}
-        wrap = self._ort.OrtValue
-        for i, name in enumerate(device, len(host)):
-            outputs[name] = wrap(values[i])
+        for i, name in enumerate(present_names, len(host)):
+            outputs[name] = ortvalue(values[i])
         return outputs
 
     def _reserve_kv(self, batch: int, positions: int) -> list[Any]:
@@ -219,7 +229,8 @@ class OrtBackend:
             ]
             for name in self.spec.state.all_present_names()
         }  # fmt: skip
-        self._kv_pointers = {name: [buffer.data_ptr() for buffer in pair] for name, pair in self._kv_buffers.items()}
+        for name, pair in self._kv_buffers.items():  # in place: _present_bindings holds these lists
+            self._kv_pointers[name][:] = [buffer.data_ptr() for buffer in pair]
         self._kv_batch, self._kv_positions = batch, capacity
         return retired
 

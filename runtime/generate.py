@@ -94,7 +94,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.nd
     return input_ids, mask, position_ids
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """The tokens one step produced."""
 
@@ -182,22 +182,36 @@ class Generation:
         keep = mask.astype(bool)  # [B, S]: the real tokens of this step's input
         active = np.ones(batch, dtype=bool)  # [B]: rows still generating
         all_active = True
+        everyone = np.ones(batch, dtype=bool)  # Step.active while no row has stopped: one read-only array
+        everyone.flags.writeable = False
+        nobody = np.zeros(batch, dtype=bool)  # Step.stopped without stop tokens
+        nobody.flags.writeable = False
+        greedy, want_router, rows = options.greedy, self.stats is not None, self.tokens
+        rows_index = np.arange(batch)
         for step in range(options.max_new_tokens):
             start = time.perf_counter()
-            outputs = backend.forward(feeds, want_router=self.stats is not None)
-            if self.stats is not None:
+            outputs = backend.forward(feeds, want_router=want_router)
+            if want_router:
                 self.stats.add(outputs, keep.reshape(-1))
             logits = np.asarray(outputs["logits"])[:, -1, :]  # [B, V], a view
-            if not np.isfinite(logits if all_active else logits[active]).all():
+            if greedy:
+                # argmax picks a NaN or +inf wherever one is, so the chosen logits are finite iff the row has no NaN
+                # and no +inf: one value per row to check instead of V (-inf only ever loses, and greedy is defined)
+                next_tokens = sample_next(logits, options, None)  # [B]
+                finite = np.isfinite(logits[rows_index, next_tokens] if all_active else logits[active, next_tokens[active]])
+            else:
+                finite = np.isfinite(logits if all_active else logits[active])
+            if not finite.all():
                 raise MoetrtError(
                     f"the model produced non-finite logits at step {step} on the {backend.name} back end; the "
                     "weights hold NaN/Inf, or fp16 overflowed (try the fp32 model)"
                 )
-            uniform = None if options.greedy else rng.random(batch)  # [B]
-            next_tokens = sample_next(logits, options, uniform)  # [B]
+            if not greedy:
+                next_tokens = sample_next(logits, options, rng.random(batch))  # [B]
             if not all_active:
                 next_tokens = np.where(active, next_tokens, self.pad_token_id)
-            stopped = active & np.isin(next_tokens, stop) if len(stop) else np.zeros(batch, dtype=bool)
+            # [B]; a comparison with each stop token: np.isin costs more than the step's other NumPy together
+            stopped = active & (next_tokens[:, None] == stop).any(axis=1) if len(stop) else nobody
             elapsed = time.perf_counter() - start
             if step == 0:
                 self.prefill_seconds = elapsed
@@ -205,16 +219,21 @@ class Generation:
                 self.decode_seconds += elapsed
                 self.decode_steps += 1
 
-            for row, token in enumerate(next_tokens.tolist()):
-                if active[row]:
-                    self.tokens[row].append(token)
-            was_active = active.copy()
-            if stopped.any():
+            if all_active:
+                for row, token in zip(rows, next_tokens.tolist()):
+                    row.append(token)
+                was_active = everyone
+            else:
+                for row, token, on in zip(rows, next_tokens.tolist(), active.tolist()):
+                    if on:
+                        row.append(token)
+                was_active = active
+            if stopped is not nobody and stopped.any():
                 for row in np.flatnonzero(stopped):
                     self.finish_reasons[row] = "stop"
-                active = active & ~stopped
+                active = active & ~stopped  # a new array: was_active keeps this step's rows
                 all_active = False
-            last = not active.any() or step == options.max_new_tokens - 1
+            last = step == options.max_new_tokens - 1 or not (all_active or active.any())
             if last:
                 for row in np.flatnonzero(active):
                     self.finish_reasons[row] = "length"

@@ -190,6 +190,41 @@ def test_loop_stops_when_every_row_stopped():
     assert len(backend.calls) == 2
 
 
+class PoisonedBackend(ScriptedBackend):
+    """The scripted back end with one logit of every row replaced by ``value`` from step ``at`` on (token 0's
+    logit, never the scripted winner), and row ``row_only`` alone when it is given."""
+
+    def __init__(self, value, at=1, row_only=None):
+        super().__init__()
+        self.value, self.at, self.row_only = value, at, row_only
+
+    def forward(self, feeds, want_router=False):
+        out = super().forward(feeds, want_router)
+        if len(self.calls) > self.at:
+            out["logits"][slice(None) if self.row_only is None else self.row_only, -1, 0] = self.value
+        return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_logits_stop_the_loop_with_the_step(value, temperature):
+    # greedy checks only the chosen logits: a NaN or +inf anywhere in a row wins argmax, so it is caught all the same
+    generation = Generation(PoisonedBackend(value, at=2), [[3], [5]], SamplingOptions(max_new_tokens=6, temperature=temperature, seed=0))
+    with pytest.raises(MoetrtError, match="non-finite logits at step 2 on the scripted back end"):
+        generation.run()
+
+
+def test_greedy_goes_on_past_minus_inf_and_a_stopped_rows_logits():
+    # -inf never wins argmax: greedy is defined and the tokens are the scripted ones
+    generation = Generation(PoisonedBackend(-np.inf, at=0), [[3], [5]], SamplingOptions(max_new_tokens=4)).run()
+    assert generation.tokens == [[4, 5, 6, 7], [6, 7, 8, 9]]
+    # row 1 stops at 7 (step 1); from step 2 on only its logits hold NaN: the rows still running are checked
+    generation = Generation(PoisonedBackend(np.nan, at=2, row_only=1), [[3], [5]],
+                            SamplingOptions(max_new_tokens=4, stop_tokens=(7,))).run()
+    assert generation.tokens == [[4, 5, 6, 7], [6, 7]]
+    assert generation.finish_reasons == ["stop", "stop"]
+
+
 def test_left_pad_positions_are_cumsum_of_mask_minus_one():
     ids, mask, pos = left_pad([[7, 8, 9, 10], [5]], pad_token_id=0)
     np.testing.assert_array_equal(ids, [[7, 8, 9, 10], [0, 0, 0, 5]])
