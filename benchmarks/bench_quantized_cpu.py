@@ -60,6 +60,8 @@ VARIANTS = {
     "int8 experts + int8 weights": dict(quantize_experts="int8", quantize_weights="int8"),
     "int4 experts + int8 weights": dict(quantize_experts="int4", quantize_weights="int8"),
     "int4 experts + int4 weights": dict(quantize_experts="int4", quantize_weights="int4"),
+    "int4 experts + int8 weights, weight blocks of 32": dict(quantize_experts="int4", quantize_weights="int8",
+                                                             weight_block_size=32),  # the default before 128
     "int4 experts + int8 weights, blocks of 128": dict(quantize_experts="int4", quantize_weights="int8",
                                                        block_size=128),
     "int4 experts + int8 weights + last logits": dict(quantize_experts="int4", quantize_weights="int8",

@@ -34,8 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only block-wise quantization of the other linear layers: attention, dense MLPs, "
                         "shared experts, lm_head (com.microsoft::MatMulNBits; the router stays fp32)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
-                   help="weights per quantization scale, a power of two >= 16, for experts and weights "
+                   help="weights per quantization scale, a power of two >= 16, for the experts and int4 weights "
                         "(default: %(default)s)")
+    p.add_argument("--weight-block-size", type=int, default=None, metavar="N",
+                   help="--quantize-weights: weights per scale of the MatMulNBits weights, a power of two >= 16 "
+                        "(default: 128 for int8, --block-size for int4)")
     p.add_argument("--expert-activations", choices=tuple(EXPERT_ACTIVATIONS), default="int8",
                    help="ort-cpu, quantized experts: int8 activations inside the expert GEMMs (faster decode; "
                         "int8 experts always use them) or fp32 (default: %(default)s)")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         out = optimize(
             args.source, args.output, args.target, precision=args.precision, quantize_experts=args.quantize_experts,
             quantize_weights=args.quantize_weights, block_size=args.block_size,
-            expert_activations=args.expert_activations, weight_activations=args.weight_activations,
+            weight_block_size=args.weight_block_size, expert_activations=args.expert_activations, weight_activations=args.weight_activations,
             weight_zero_points=args.weight_zero_points, fuse_norms=args.fuse_norms, last_logits=args.last_logits,
             moe_lowering=args.moe_lowering,
             overwrite=args.overwrite, check_runtime=not args.no_check_runtime, progress=not args.quiet,
