@@ -98,6 +98,7 @@ def profile(folder: Path, prompt: list[int], threads: int, prefix: str) -> dict:
     runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
     spans = [(r["ts"], r["ts"] + r["dur"]) for r in runs]
     prefill_ops, decode_ops = collections.Counter(), collections.Counter()
+    decode_nodes = 0.0
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
@@ -106,7 +107,9 @@ def profile(folder: Path, prompt: list[int], threads: int, prefix: str) -> dict:
             prefill_ops[e["args"]["op_name"]] += e["dur"] / 1e3
         elif index is not None and index >= 2:
             decode_ops[e["args"]["op_name"]] += e["dur"] / 1e3 / PROFILE_STEPS
+            decode_nodes += 1 / PROFILE_STEPS
     return {"prefill_ms": dict(prefill_ops.most_common()), "decode_ms": dict(decode_ops.most_common()),
+            "decode_nodes": round(decode_nodes),
             "prefill_run_ms": spans[1][1] / 1e3 - spans[1][0] / 1e3 if len(spans) > 1 else None}
 
 
@@ -254,12 +257,13 @@ class KernelTimer:
     """The one-node sessions of a folder's decode-step kernels, timed one after another in graph order
     (on the process's shared thread pool: ``share_one_thread_pool`` first)."""
 
-    def __init__(self, folder: Path, threads: int, whole_step: bool = False):
+    def __init__(self, folder: Path, whole_step: bool = False):
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
         self.kernels = weight_kernels(folder)
-        options = peer_bench.ort_options(threads)
+        options = ort.SessionOptions()  # the threads are the shared pool's (share_one_thread_pool)
+        options.log_severity_level = 3
         options.use_per_session_threads = False
 
         def session(model):
@@ -273,7 +277,8 @@ class KernelTimer:
             model, renames = step_model(self.kernels)
             feeds = {renames[i][name]: value for i, kernel in enumerate(self.kernels)
                      for name, value in decode_feeds(kernel).items()}
-            self.step = self._bound(session(model), feeds, [rename[k.output] for k, rename in zip(self.kernels, renames)])
+            outputs = [rename[k.output] for k, rename in zip(self.kernels, renames)]
+            self.step = self._bound(session(model), feeds, outputs)
         identity = helper.make_model(helper.make_graph(
             [helper.make_node("Identity", ["x"], ["y"])], "one_run",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
@@ -318,7 +323,7 @@ def kernel_worker(conn, folders: dict[str, Path], threads: int) -> None:
     """A process of its own for the kernel timers (ONNX Runtime's shared pool is per process, and the
     variants' sessions keep their own pools): sends what it times, then one ``measure()`` per request."""
     share_one_thread_pool(threads)
-    timers = {name: KernelTimer(folder, threads, whole_step=name == KERNEL_VARIANT) for name, folder in folders.items()}
+    timers = {name: KernelTimer(folder, whole_step=name == KERNEL_VARIANT) for name, folder in folders.items()}
     conn.send({name: [{"name": k.name, "op_type": k.op_type, "shape": k.shape, "bytes": k.bytes} for k in timer.kernels]
                for name, timer in timers.items()})
     while conn.recv():
@@ -360,7 +365,8 @@ def measure(folders: dict[str, Path], prompt: list[int], steps: int, repeat: int
     del runs, matmul
     profiles = {name: profile(folder, prompt, threads, str(work / "profile")) for name, folder in folders.items()}
     return {"prefill_ms": prefill, "decode_tok_s": decode, "read_gb_s": read_rate, "tokens": tokens,
-            "load_after_round": loads, "profiles": profiles, "kernels": kernels, "peak_rss_gb": peer_bench.peak_rss_gb()}
+            "load_after_round": loads, "profiles": profiles, "kernels": kernels,
+            "peak_rss_gb": peer_bench.peak_rss_gb()}
 
 
 def main(argv=None) -> int:
@@ -559,11 +565,12 @@ def kernel_report(rows: list[dict]) -> list[str]:
         k = row["kernels"]
         ops = "; ".join(f"{op} x{o['count']} {o['ms']:.2f} ms, {o['gb_s']:.1f} GB/s, {o['of_read_rate']:.0%}"
                         for op, o in k["by_op"].items())
-        lines.append(f"| {row['variant']} | {k['count']} | {k['bytes'] / 1e6:.0f} ({k['bytes'] / row['decode_bytes_per_token']:.0%}) | "
+        share = k["bytes"] / row["decode_bytes_per_token"]
+        lines.append(f"| {row['variant']} | {k['count']} | {k['bytes'] / 1e6:.0f} ({share:.0%}) | "
                      f"{ops} | {k['sum_ms']:.2f} | {k['floor_ms']:.2f} | **{k['ceiling']:.0%}** | {k['step_ms']:.2f} | "
                      f"{k['remainder_ms']:.2f} ({k['remainder_ms'] / k['step_ms']:.0%}) |")
-    lines += ["", ("*ceiling*: median over rounds of the floor time (the variant's decode bytes at the round's read rate) "
-                   "over the sum of its step's kernel times: the highest share of its floor the variant could reach if "
+    lines += ["", ("*ceiling*: median over rounds of the floor time (the variant's decode bytes at the round's read "
+                   "rate) over the sum of its step's kernel times: the highest share of its floor the variant could reach if "
                    "every other node, and the runtime loop, cost nothing. *remainder*: median over rounds of the wall "
                    "time of a decode step (from the decode tok/s above) minus that sum: what the other nodes and the "
                    "loop cost.")]
@@ -573,13 +580,24 @@ def kernel_report(rows: list[dict]) -> list[str]:
                        f"{k['one_run_ms']:.2f} ms (ceiling {k['one_run_ceiling']:.0%}), against {k['sum_ms']:.2f} ms "
                        f"run one by one; one `run` of a one-node Identity costs {k['bare_run_ms'] * 1e3:.0f} us "
                        f"({k['count']} of them: {k['count'] * k['bare_run_ms']:.2f} ms).")]
+        other = {op: ms for op, ms in target["profile"]["decode_ms"].items() if op not in WEIGHT_OPS}
+        other_ms, nodes = sum(other.values()), target["profile"].get("decode_nodes", 0)
+        where = (f"the other ~{nodes - k['count']} nodes of the step: their kernel time in the profile above, "
+                 f"{other_ms:.2f} ms a step ({_top(other, 5)}), covers all of it (with their dispatch: the profile "
+                 "cannot tell them apart), leaving nothing measurable to ONNX Runtime's run entry or the runtime loop"
+                 if other_ms >= k["remainder_ms"] else
+                 f"the other ~{nodes - k['count']} nodes' kernel time in the profile above is {other_ms:.2f} ms a step "
+                 f"({_top(other, 5)}); the rest, {k['remainder_ms'] - other_ms:.2f} ms, is ONNX Runtime's dispatch "
+                 "of the nodes, its run entry and the runtime loop")
+        lines += ["", f"The remainder of {KERNEL_VARIANT} ({k['remainder_ms']:.2f} ms a step) is {where}."]
         best = max(k["ceiling"], k["one_run_ceiling"] or 0.0)
         ops = k["by_op"]
-        rates = ", ".join(f"{op} {o['gb_s']:.1f} GB/s ({o['of_read_rate']:.0%} of the read rate)" for op, o in ops.items())
+        rates = ", ".join(f"{op} {o['gb_s']:.1f} GB/s ({o['of_read_rate']:.0%} of the read rate)"
+                          for op, o in ops.items())
         if best < DECODE_FLOOR_TARGET:
-            lines += ["", (f"**What bounds the target**: the weight-reading kernels alone allow {KERNEL_VARIANT} at most "
-                           f"{best:.0%} of its bytes floor (target {DECODE_FLOOR_TARGET:.0%}), even if every other node "
-                           f"cost nothing: they read at {rates}, where the floor assumes the fp32 MatMul's rate. "
+            lines += ["", (f"**What bounds the target**: the weight-reading kernels alone allow {KERNEL_VARIANT} at "
+                           f"most {best:.0%} of its bytes floor (target {DECODE_FLOOR_TARGET:.0%}), even if every other "
+                           f"node cost nothing: they read at {rates}, where the floor assumes the fp32 MatMul's rate. "
                            f"The rest of the step ({k['remainder_ms']:.2f} ms of {k['step_ms']:.2f}) takes the "
                            f"measured share down to {target['decode_vs_floor']:.0%}.")]
         else:

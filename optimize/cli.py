@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         out = optimize(
             args.source, args.output, args.target, precision=args.precision, quantize_experts=args.quantize_experts,
             quantize_weights=args.quantize_weights, block_size=args.block_size,
-            weight_block_size=args.weight_block_size, expert_activations=args.expert_activations, weight_activations=args.weight_activations,
+            weight_block_size=args.weight_block_size, expert_activations=args.expert_activations,
+            weight_activations=args.weight_activations,
             weight_zero_points=args.weight_zero_points, fuse_norms=args.fuse_norms, last_logits=args.last_logits,
             moe_lowering=args.moe_lowering,
             overwrite=args.overwrite, check_runtime=not args.no_check_runtime, progress=not args.quiet,

@@ -282,8 +282,8 @@ def optimize(
     if weight_block_size is None:
         weight_block_size = DEFAULT_WEIGHT_BLOCK_SIZE.get(quantize_weights, block_size)
     if weight_block_size < 16 or weight_block_size & (weight_block_size - 1):
-        raise MoetrtError(f"weight_block_size must be a power of two >= 16 (MatMulNBits' rule), got {weight_block_size}",
-                          cli=f"--weight-block-size must be a power of two >= 16 (MatMulNBits' rule), "
+        raise MoetrtError(f"weight_block_size must be a power of two >= 16 (MatMulNBits' rule), got "
+                          f"{weight_block_size}", cli=f"--weight-block-size must be a power of two >= 16 (MatMulNBits' rule), "
                               f"got {weight_block_size}")
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)

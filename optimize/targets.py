@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from moetrt.dtypes import DTYPES
 
 __all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WEIGHTS",
-           "MOE_LOWERING", "EXPERT_ACTIVATIONS", "WEIGHT_ACTIVATIONS", "DEFAULT_BLOCK_SIZE", "DEFAULT_WEIGHT_BLOCK_SIZE",
-           "resolve_precision"]
+           "MOE_LOWERING", "EXPERT_ACTIVATIONS", "WEIGHT_ACTIVATIONS", "DEFAULT_BLOCK_SIZE",
+           "DEFAULT_WEIGHT_BLOCK_SIZE", "resolve_precision"]
 
 PRECISIONS = DTYPES
 QUANTIZE_EXPERTS = ("int8", "int4")

@@ -41,7 +41,8 @@ def test_one_node_models_match_the_nodes_in_the_full_graph(bench, optimized_vari
         if name not in seen:
             full.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = _session(full.SerializeToString())
-    feeds = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 1), np.int64), "position_ids": np.zeros((1, 1), np.int64)}
+    feeds = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 1), np.int64),
+             "position_ids": np.zeros((1, 1), np.int64)}
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             feeds[i.name] = np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
