@@ -64,6 +64,8 @@ VARIANTS = {
                                                              weight_block_size=32),  # the default before 128
     "int4 experts + int8 weights, blocks of 128": dict(quantize_experts="int4", quantize_weights="int8",
                                                        block_size=128),
+    "int4 experts + int8 weights + grouped attention": dict(quantize_experts="int4", quantize_weights="int8",
+                                                            group_attention=True),
     "int4 experts + int8 weights + last logits": dict(quantize_experts="int4", quantize_weights="int8",
                                                       last_logits=True),
 }
@@ -328,6 +330,7 @@ def kernel_worker(conn, folders: dict[str, Path], threads: int) -> None:
                for name, timer in timers.items()})
     while conn.recv():
         conn.send({name: timer.measure() for name, timer in timers.items()})
+    conn.send(peer_bench.peak_rss_gb())
 
 
 def measure(folders: dict[str, Path], prompt: list[int], steps: int, repeat: int, threads: int, work: Path,
@@ -361,12 +364,13 @@ def measure(folders: dict[str, Path], prompt: list[int], steps: int, repeat: int
         peer_bench.log(f"round {round_ + 1}: read {read_rate[-1]:.1f} GB/s; " + ", ".join(
             f"{name} {prefill[name][-1]:.0f} ms / {decode[name][-1]:.0f} tok/s" for name in order))
     conn.send(False)
+    kernel_rss = conn.recv()
     worker.join()
     del runs, matmul
     profiles = {name: profile(folder, prompt, threads, str(work / "profile")) for name, folder in folders.items()}
     return {"prefill_ms": prefill, "decode_tok_s": decode, "read_gb_s": read_rate, "tokens": tokens,
             "load_after_round": loads, "profiles": profiles, "kernels": kernels,
-            "peak_rss_gb": peer_bench.peak_rss_gb()}
+            "peak_rss_gb": peer_bench.peak_rss_gb(), "kernel_peak_rss_gb": kernel_rss}
 
 
 def main(argv=None) -> int:
@@ -424,7 +428,8 @@ def main(argv=None) -> int:
         "load_average": {"before": load_before, "after": os.getloadavg(),
                          "after_each_round": measured["load_after_round"]},
         "read_gb_s": measured["read_gb_s"], "wall_seconds": time.perf_counter() - started,
-        "peak_rss_gb": measured["peak_rss_gb"], "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "peak_rss_gb": measured["peak_rss_gb"], "kernel_peak_rss_gb": measured["kernel_peak_rss_gb"], "rows": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quantized_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -496,7 +501,8 @@ def write_report(path: Path, result: dict) -> None:
         (f"bench-small (random weights), batch 1: prefill of {w['prompt']} tokens, then {w['decode_tokens']} greedy "
          f"decode steps, through `Session(folder, backend=\"ort\")`; every variant loaded together, one warm-up, then "
          f"{w['repeat']} rounds in a rotating order, each followed by the read rate of an fp32 MatMul. Command: "
-         f"`{result['command']}` ({result['wall_seconds'] / 60:.1f} min, peak memory {result['peak_rss_gb']:.1f} GB). "
+         f"`{result['command']}` ({result['wall_seconds'] / 60:.1f} min, peak memory {result['peak_rss_gb']:.1f} GB, "
+         f"{result.get('kernel_peak_rss_gb', 0):.1f} GB in the kernel timers' process). "
          f"Load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in loads['before'])} before, "
          f"{' / '.join(f'{x:.2f}' for x in loads['after'])} after; 1-min after each round "
          f"{min(rounds):.2f}-{max(rounds):.2f}. Read rate over rounds: "

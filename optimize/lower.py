@@ -57,6 +57,7 @@ from .last_logits import last_logits as last_logits_pass
 from .linear_attention import lower_linear_attention
 from .transformer_fusions import fuse_norms as fuse_norms_pass
 from .weight_quantization import quantize_weights as quantize_weights_pass
+from .grouped_attention import group_attention as group_attention_pass
 from .targets import (
     DEFAULT_BLOCK_SIZE, DEFAULT_WEIGHT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision,
     PRECISIONS, QUANTIZE_EXPERTS, QUANTIZE_WEIGHTS, TARGETS, WEIGHT_ACTIVATIONS, TargetSpec,
@@ -192,6 +193,7 @@ def optimize(
     weight_activations: str = "int8",
     weight_zero_points: bool = False,
     fuse_norms: bool = False,
+    group_attention: bool = False,
     last_logits: bool = False,
     moe_lowering: str | None = None,
     overwrite: bool = False,
@@ -218,6 +220,8 @@ def optimize(
     ``weight_zero_points``: a zero point per block (asymmetric) instead of symmetric blocks.
     ``fuse_norms``: RMSNorm -> ``SimplifiedLayerNormalization`` and residual add + RMSNorm ->
     ``com.microsoft::SkipSimplifiedLayerNormalization`` (ONNX Runtime's kernels).
+    ``group_attention``: attention multiplies the queries grouped by key/value head, on the cache itself,
+    instead of on its heads repeated per query head (``grouped_attention``; ONNX Runtime targets).
     ``last_logits``: logits of the last position only (``logits`` [B, 1, V]; transformers'
     ``logits_to_keep=1``): the final norm and the lm_head run on one position instead of S in a
     prefill; for generation, not for scoring every position (perplexity).
@@ -231,6 +235,9 @@ def optimize(
         if last_logits:
             raise MoetrtError("--last-logits applies to the ONNX Runtime targets: TensorRT engines are built from the "
                               "canonical export as it is; drop --last-logits or choose --target ort-cpu / ort-cuda")
+        if group_attention:
+            raise MoetrtError("--group-attention applies to the ONNX Runtime targets: TensorRT engines are built "
+                              "from the canonical export as it is; drop --group-attention")
         if fuse_norms:
             raise MoetrtError("--fuse-norms applies to the ONNX Runtime targets (its contrib kernels); TensorRT "
                               "fuses norms itself: drop --fuse-norms")
@@ -313,6 +320,7 @@ def optimize(
 
     stages = ["load", *(["last logits"] if last_logits else []),
               *(["precision"] if precision != source_dtype else []), *(["fuse norms"] if fuse_norms else []),
+              *(["group attention"] if group_attention else []),
               *(["quantize weights"] if quantize_weights else []),
               *(["quantize experts"] if quantize_experts else []), *(["lower MoE"] if moe_lowering != "off" else []),
               *(["lower linear attention"] if target == "ort-cpu" else []), "save"]
@@ -339,6 +347,9 @@ def optimize(
     if fuse_norms:
         with steps.stage("fuse norms", "SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization"):
             results.append(fuse_norms_pass(model))
+    if group_attention:
+        with steps.stage("group attention", "MatMuls on the key/value heads, not on their repeats"):
+            results.append(group_attention_pass(model))
     if quantize_weights:
         with steps.stage("quantize weights", f"{quantize_weights}, blocks of {weight_block_size}"):
             results.append(quantize_weights_pass(
@@ -387,6 +398,7 @@ def optimize(
                 "weight_activations": weight_activations if quantize_weights and target == "ort-cpu" else None,
                 "weight_zero_points": weight_zero_points if quantize_weights else None,
                 "fuse_norms": fuse_norms,
+                "group_attention": group_attention,
                 "last_logits": last_logits,  # logits [B, 1, V]: the last position's only
                 "moe_lowering": moe_lowering,
                 "passes": [r.to_dict() for r in results],
