@@ -21,11 +21,11 @@ Where (every other Expand is left alone): an ``Expand`` by a constant ``[1, 1, n
 ``Reshape``, itself used only as input 1 of a ``MatMul`` (values) or, through a
 ``Transpose(perm=[0, 1, 3, 2])`` used only there, of a ``MatMul`` (keys).
 
-Measured on bench-small (2 key/value heads for 8 query heads; ONNX Runtime 1.32 CPU, 2 threads,
-int4 experts + int8 weights, prefill 256 then 32 decode steps through ``InferenceSession.run``):
-the profile's ``Expand`` (0.55 ms a step) is gone, the decode step's kernel time 6.9 -> 5.7 ms,
-decode 1.2x; logits of the first decode step within 2.3e-6 of the repeated form (int4 experts,
-fp32 attention).
+Measured on bench-small (2 key/value heads for 8 query heads; ONNX Runtime 1.32 CPU, int4 experts
++ int8 weights, 2 shared cores under load): the profile's ``Expand`` (0.55 ms of a 6.9 ms decode step's
+kernel time) is gone, the step's kernel time 5.7 ms; decode through ``Session`` 1.18x at 2 threads and
+1.05x at 1 (8 paired rounds); the first decode step's logits within 2.3e-6 of the repeated form (int4
+experts, fp32 attention).
 """
 
 from __future__ import annotations
