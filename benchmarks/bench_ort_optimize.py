@@ -14,7 +14,7 @@ peer is run, by the code of ``bench_runtime_cpu.py`` (``build_moetrt``, ``build_
     int8 experts           --quantize-experts int8 (com.microsoft::QMoE, blocks of 32, int8 activations)
     int4 experts           --quantize-experts int4 (int8 activations inside the expert GEMMs)
     int8 experts + int8 weights   --quantize-experts int8 --quantize-weights int8
-    int4 experts + int8 weights   --quantize-experts int4 --quantize-weights int8 (MatMulNBits, blocks of 32,
+    int4 experts + int8 weights   --quantize-experts int4 --quantize-weights int8 (MatMulNBits, blocks of 128,
                                   accuracy_level 4: the attention projections and lm_head)
     int4 experts + int4 weights   --quantize-experts int4 --quantize-weights int4
     ... + fused norms      the same with --fuse-norms (RMSNorms as ONNX Runtime's SimplifiedLayerNormalization
@@ -426,8 +426,8 @@ def write_report(path: Path, result: dict) -> None:
         lines += [
             "",
             f"## Quality (trained `tiny`, heldout.txt, {quality['windows']}, {quality['tokens']} predicted tokens, "
-            "against its fp32 export; optimize's defaults: blocks of 32, symmetric, int8 activations inside QMoE "
-            "and MatMulNBits)",
+            "against its fp32 export; optimize's defaults: blocks of 32 (int8 weights: 128), symmetric, int8 "
+            "activations inside QMoE and MatMulNBits)",
             "",
             "| quantized | perplexity | vs fp32 | logits max abs error | logits mean abs error | top-1 agreement |",
             "|---|---|---|---|---|---|",

@@ -14,11 +14,22 @@ read rate of a large fp32 MatMul ([1, 4096] x [4096, 16384], ``bench_runtime_cpu
   K/E of the experts, one embedding row, the KV cache at the middle of decode); the floor is those
   bytes at the read rate measured right after the same round. Median over rounds of tok/s over
   the floor.
+- weight-reading kernels alone: every node of a quantized variant's decode step that reads weights
+  (QMoE, MatMulNBits, and MatMul/Gemm with a constant weight) is cut out of the optimized graph
+  with its own initializers into a one-node model (``weight_kernels``) and run at decode shape
+  (batch 1, T=1; QMoE's router input fixed so that it picks its first K experts), all of a step's
+  kernels one after another in graph order, in every round right after the variants and before the
+  read rate. Per kernel: the bytes it reads over its median time, as GB/s and as a share of the
+  round's read rate. The *ceiling* is the floor time over the sum of the step's kernel times: the
+  highest share of its floor the variant could reach if every other node cost nothing; the
+  *remainder* is the measured wall time of a decode step minus that sum. For int4 experts + int8
+  weights the step's kernels also run as one model in one ``run`` (the same sum without a
+  ``run`` per kernel), and a one-node Identity gives the cost of one ``run`` of its own.
 - profiles: ONNX Runtime's own (``enable_profiling``), one session per variant after the timed
   rounds; kernel time per op type of one prefill (the second of two) and of the decode steps that
   follow it (mean per step), and the share of the largest ops.
 
-    python benchmarks/bench_quantized_cpu.py [--repeat 6] [--work DIR] [--out benchmarks/results]
+    python benchmarks/bench_quantized_cpu.py [--repeat 6] [--variants NAME ...] [--work DIR] [--out benchmarks/results]
 
 Writes ``quantized_cpu.json`` and ``quantized_cpu.md``.
 """
@@ -33,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +60,12 @@ VARIANTS = {
     "int8 experts + int8 weights": dict(quantize_experts="int8", quantize_weights="int8"),
     "int4 experts + int8 weights": dict(quantize_experts="int4", quantize_weights="int8"),
     "int4 experts + int4 weights": dict(quantize_experts="int4", quantize_weights="int4"),
+    "int4 experts + int8 weights, weight blocks of 32": dict(quantize_experts="int4", quantize_weights="int8",
+                                                             weight_block_size=32),  # the default before 128
     "int4 experts + int8 weights, blocks of 128": dict(quantize_experts="int4", quantize_weights="int8",
                                                        block_size=128),
+    "int4 experts + int8 weights + grouped attention": dict(quantize_experts="int4", quantize_weights="int8",
+                                                            group_attention=True),
     "int4 experts + int8 weights + last logits": dict(quantize_experts="int4", quantize_weights="int8",
                                                       last_logits=True),
 }
@@ -84,6 +100,7 @@ def profile(folder: Path, prompt: list[int], threads: int, prefix: str) -> dict:
     runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
     spans = [(r["ts"], r["ts"] + r["dur"]) for r in runs]
     prefill_ops, decode_ops = collections.Counter(), collections.Counter()
+    decode_nodes = 0.0
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
@@ -92,11 +109,250 @@ def profile(folder: Path, prompt: list[int], threads: int, prefix: str) -> dict:
             prefill_ops[e["args"]["op_name"]] += e["dur"] / 1e3
         elif index is not None and index >= 2:
             decode_ops[e["args"]["op_name"]] += e["dur"] / 1e3 / PROFILE_STEPS
+            decode_nodes += 1 / PROFILE_STEPS
     return {"prefill_ms": dict(prefill_ops.most_common()), "decode_ms": dict(decode_ops.most_common()),
+            "decode_nodes": round(decode_nodes),
             "prefill_run_ms": spans[1][1] / 1e3 - spans[1][0] / 1e3 if len(spans) > 1 else None}
 
 
-def measure(folders: dict[str, Path], prompt: list[int], steps: int, repeat: int, threads: int, work: Path) -> dict:
+# --- the weight-reading kernels of a decode step, alone ---------------------------------------------
+
+WEIGHT_OPS = ("QMoE", "MatMulNBits", "MatMul", "Gemm")  # nodes that read weights (with a constant input)
+KERNEL_VARIANT = "int4 experts + int8 weights"  # also timed as one model of all its step's kernels
+KERNEL_LOOPS = 10  # passes over a step's kernels per round
+
+
+@dataclass
+class Kernel:
+    """One weight-reading node of an optimized graph as a one-node ONNX model of its own."""
+
+    name: str  # the node's name in the full graph
+    op_type: str
+    shape: str  # what distinguishes kernels of one op type: its weights' shapes and attributes
+    model: object  # onnx.ModelProto: the node, its initializers, its other inputs as graph inputs (KernelTimer drops it)
+    inputs: dict[str, tuple[list[int], np.dtype]]  # graph input -> (decode shape, dtype)
+    output: str
+    bytes: int  # what it reads at batch 1: its initializers, K/E of the experts'
+
+
+def weight_kernels(folder: Path) -> list[Kernel]:
+    """Every node of ``folder``'s graph (top level, in graph order) that reads a weight: QMoE, MatMulNBits,
+    and MatMul/Gemm with a constant initializer, each as a one-node model with its own initializers.
+
+    Inputs that are not initializers become graph inputs of their decode shape (batch 1, T=1): A
+    [1, 1, K] of MatMulNBits and MatMul, [1, K] of Gemm; QMoE's x [1, D] and its router inputs [1, E].
+    The bytes follow ``bench_ort_optimize.decode_bytes_per_token``: every initializer of the node, and
+    K/E of QMoE's expert inputs.
+    """
+    import onnx
+    from onnx import external_data_helper, helper
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)  # each kernel's weights read below
+    initializers = {t.name: t for t in model.graph.initializer}
+    kernels = []
+    for node in model.graph.node:
+        constants = [name for name in node.input if name in initializers]
+        if node.op_type not in WEIGHT_OPS or not constants:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        dims = {name: list(initializers[name].dims) for name in constants}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype
+        share = 1.0
+        if node.op_type == "QMoE":  # x [T, D], router_probs [T, E], fc1 [E, 2F, D*bits/8], ..., fc2 [E, D, ...]
+            experts, hidden = dims[node.input[2]][0], dims[node.input[5]][1]
+            share = attributes["k"] / experts
+            act = dtype(initializers[node.input[3]].data_type)  # the scales: in the activation dtype
+            inputs = {name: ([1, experts] if i in (1, 14) else [1, hidden], act)
+                      for i, name in enumerate(node.input) if name and name not in initializers}
+            ffn = dims[node.input[2]][1] // (2 if attributes.get("swiglu_fusion", 0) else 1)
+            shape = (f"top-{attributes['k']} of {experts} experts: {hidden} x {dims[node.input[2]][1]}, {ffn} x "
+                     f"{hidden}, {attributes['expert_weight_bits']} bits, blocks of {attributes.get('block_size', 0)}, "
+                     f"accuracy_level {attributes.get('accuracy_level', 0)}")
+        elif node.op_type == "MatMulNBits":
+            k, n = attributes["K"], attributes["N"]
+            act = dtype(initializers[node.input[2]].data_type)
+            inputs = {node.input[0]: ([1, 1, k], act)}
+            shape = (f"{k} x {n}, {attributes['bits']} bits, blocks of {attributes['block_size']}, "
+                     f"accuracy_level {attributes.get('accuracy_level', 0)}")
+        else:  # MatMul / Gemm: the weight is input 1
+            if node.input[1] not in initializers or node.input[0] in initializers:
+                continue
+            w = dims[node.input[1]]
+            k, n = (w[1], w[0]) if attributes.get("transB", 0) else (w[0], w[1])
+            act = dtype(initializers[node.input[1]].data_type)
+            inputs = {node.input[0]: ([1, k] if node.op_type == "Gemm" else [1, 1, k], act)}
+            shape = f"{k} x {n}, {act.name}"
+        nbytes = 0.0
+        for i, name in enumerate(node.input):
+            if name in initializers:
+                size = int(np.prod(dims[name], dtype=np.int64)) * dtype(initializers[name].data_type).itemsize
+                nbytes += size * (share if node.op_type == "QMoE" and i >= 2 else 1.0)
+        weights = []
+        for name in dict.fromkeys(constants):  # read from the weights file kernel by kernel: one copy in memory
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(initializers[name])
+            if external_data_helper.uses_external_data(tensor):
+                external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            weights.append(tensor)
+        graph = helper.make_graph(
+            [node], f"kernel_{node.name}",
+            [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dt), shape_)
+             for name, (shape_, dt) in inputs.items()],
+            [helper.make_tensor_value_info(node.output[0], helper.np_dtype_to_tensor_dtype(act), None)],
+            weights,
+        )
+        one = helper.make_model(graph, opset_imports=list(model.opset_import))
+        one.ir_version = model.ir_version
+        kernels.append(Kernel(node.name, node.op_type, shape, one, inputs, node.output[0], int(nbytes)))
+    return kernels
+
+
+def decode_feeds(kernel: Kernel, seed: int = 0) -> dict[str, np.ndarray]:
+    """Decode-shaped inputs of ``kernel``: random activations; QMoE's router inputs pick its first K experts."""
+    rng = np.random.default_rng(seed)
+    node = kernel.model.graph.node[0]
+    feeds = {name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in kernel.inputs.items()}
+    if kernel.op_type == "QMoE":
+        k = next(a.i for a in node.attribute if a.name == "k")
+        for index, value in ((1, 1.0), (14, 1.0 / k)):  # router_probs: logits 1 vs 0; router_weights: 1/k
+            if len(node.input) > index and node.input[index] in feeds:
+                route = np.zeros_like(feeds[node.input[index]])  # [1, E]
+                route[0, :k] = value
+                feeds[node.input[index]] = route
+    return feeds
+
+
+def step_model(kernels: list[Kernel]) -> tuple[object, list[dict[str, str]]]:
+    """All of ``kernels`` in one graph, one after another, for one ``run``: (model, per kernel the name of
+    each of its inputs and of its output in that graph, prefixed ``k{i}.`` to keep them apart)."""
+    import onnx
+    from onnx import helper
+
+    nodes, inputs, outputs, initializers, renames = [], [], [], {}, []
+    for i, kernel in enumerate(kernels):
+        graph = kernel.model.graph
+        rename = {name: f"k{i}.{name}" for name in [*kernel.inputs, kernel.output]}
+        node = onnx.NodeProto()
+        node.CopyFrom(graph.node[0])
+        node.name = f"k{i}.{node.name}"
+        node.input[:] = [rename.get(name, name) for name in node.input]
+        node.output[:] = [rename[node.output[0]]]
+        nodes.append(node)
+        for value in [*graph.input, *graph.output]:
+            renamed = onnx.ValueInfoProto()
+            renamed.CopyFrom(value)
+            renamed.name = rename[value.name]
+            (outputs if value.name == kernel.output else inputs).append(renamed)
+        initializers.update({t.name: t for t in graph.initializer})
+        renames.append(rename)
+    first = kernels[0].model
+    model = helper.make_model(helper.make_graph(nodes, "decode_step_kernels", inputs, outputs,
+                                                list(initializers.values())),
+                              opset_imports=list(first.opset_import))
+    model.ir_version = first.ir_version
+    return model, renames
+
+
+def share_one_thread_pool(threads: int) -> None:
+    """One intra-op pool of ``threads`` for every session of this process (``KernelTimer``'s): call before the
+    first session. One pool per session would leave the threads of the kernel just run spinning on the
+    cores while the next kernel's session runs, which slowed sub-millisecond kernels several times."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    ort_state.set_global_thread_pool_sizes(threads, 1)
+
+
+class KernelTimer:
+    """The one-node sessions of a folder's decode-step kernels, timed one after another in graph order
+    (on the process's shared thread pool: ``share_one_thread_pool`` first)."""
+
+    def __init__(self, folder: Path, whole_step: bool = False):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        self.kernels = weight_kernels(folder)
+        options = ort.SessionOptions()  # the threads are the shared pool's (share_one_thread_pool)
+        options.log_severity_level = 3
+        options.use_per_session_threads = False
+
+        def session(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+        self.runs = []
+        for kernel in self.kernels:
+            self.runs.append(self._bound(session(kernel.model), decode_feeds(kernel), [kernel.output]))
+        self.step = None
+        if whole_step:
+            model, renames = step_model(self.kernels)
+            feeds = {renames[i][name]: value for i, kernel in enumerate(self.kernels)
+                     for name, value in decode_feeds(kernel).items()}
+            outputs = [rename[k.output] for k, rename in zip(self.kernels, renames)]
+            self.step = self._bound(session(model), feeds, outputs)
+        for kernel in self.kernels:  # the sessions hold the weights now: keep the descriptions only
+            kernel.model = None
+        identity = helper.make_model(helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "one_run",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])]),
+            opset_imports=[helper.make_opsetid("", 17)])
+        identity.ir_version = 8
+        self.identity = self._bound(session(identity), {"x": np.zeros((1, 1024), np.float32)}, ["y"])
+        for _ in range(3):  # warm-up
+            self.measure(loops=1)
+
+    @staticmethod
+    def _bound(session, feeds: dict, outputs: list[str]):
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in outputs:
+            binding.bind_output(name)
+
+        def run():
+            start = time.perf_counter()
+            session.run_with_iobinding(binding)
+            return time.perf_counter() - start
+
+        return run
+
+    def measure(self, loops: int = KERNEL_LOOPS) -> dict:
+        """Median ms per kernel (over ``loops`` passes over the step), of the one-run step and of a bare run."""
+        times = [[] for _ in self.kernels]
+        step, bare = [], []
+        for _ in range(loops):
+            for i, run in enumerate(self.runs):
+                times[i].append(run())
+            bare.append(self.identity())
+            if self.step is not None:
+                step.append(self.step())
+        return {"kernel_ms": [statistics.median(t) * 1e3 for t in times],
+                "step_ms": statistics.median(step) * 1e3 if step else None,
+                "run_ms": statistics.median(bare) * 1e3}
+
+
+def kernel_worker(conn, folders: dict[str, Path], threads: int) -> None:
+    """A process of its own for the kernel timers (ONNX Runtime's shared pool is per process, and the
+    variants' sessions keep their own pools): sends what it times, then one ``measure()`` per request."""
+    share_one_thread_pool(threads)
+    timers = {name: KernelTimer(folder, whole_step=name == KERNEL_VARIANT) for name, folder in folders.items()}
+    conn.send({name: [{"name": k.name, "op_type": k.op_type, "shape": k.shape, "bytes": k.bytes} for k in timer.kernels]
+               for name, timer in timers.items()})
+    while conn.recv():
+        conn.send({name: timer.measure() for name, timer in timers.items()})
+    conn.send(peer_bench.peak_rss_gb())
+
+
+def measure(folders: dict[str, Path], prompt: list[int], steps: int, repeat: int, threads: int, work: Path,
+            kernel_variants: list[str]) -> dict:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    conn, child = context.Pipe()
+    worker = context.Process(target=kernel_worker, args=(child, {n: folders[n] for n in kernel_variants}, threads))
+    worker.start()
+    kernels = {name: {"kernels": described, "rounds": []} for name, described in conn.recv().items()}
     runs = {name: peer_bench.moetrt_run(folder, prompt, steps, backend="ort",
                                         session_options=peer_bench.ort_options(threads))
             for name, folder in folders.items()}
@@ -111,14 +367,21 @@ def measure(folders: dict[str, Path], prompt: list[int], steps: int, repeat: int
             seconds, decode_seconds, steps_run, _ = runs[name]()
             prefill[name].append(seconds * 1e3)
             decode[name].append(steps_run / decode_seconds)
+        conn.send(True)
+        for name, measured in conn.recv().items():
+            kernels[name]["rounds"].append(measured)
         read_rate.append(matmul.measure()["gb_per_s"])
         loads.append(os.getloadavg()[0])
         peer_bench.log(f"round {round_ + 1}: read {read_rate[-1]:.1f} GB/s; " + ", ".join(
             f"{name} {prefill[name][-1]:.0f} ms / {decode[name][-1]:.0f} tok/s" for name in order))
+    conn.send(False)
+    kernel_rss = conn.recv()
+    worker.join()
     del runs, matmul
     profiles = {name: profile(folder, prompt, threads, str(work / "profile")) for name, folder in folders.items()}
     return {"prefill_ms": prefill, "decode_tok_s": decode, "read_gb_s": read_rate, "tokens": tokens,
-            "load_after_round": loads, "profiles": profiles, "peak_rss_gb": peer_bench.peak_rss_gb()}
+            "load_after_round": loads, "profiles": profiles, "kernels": kernels,
+            "peak_rss_gb": peer_bench.peak_rss_gb(), "kernel_peak_rss_gb": kernel_rss}
 
 
 def main(argv=None) -> int:
@@ -127,6 +390,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=256, help="prefill tokens (batch 1)")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="a subset to run (canonical always runs: prefill is compared with it)")
     parser.add_argument("--work", type=Path, default=None, help="keep the exported/optimized folders here (reused)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -142,10 +407,12 @@ def main(argv=None) -> int:
     cfg = moetrt.MoEConfig.from_name(peer_bench.PRESET)
     peer_bench.in_subprocess(peer_bench.build_moetrt, args.work, args.threads)
     src = args.work / "canonical"
-    folders = {name: ort_bench.optimized(src, args.work, name, options) for name, options in VARIANTS.items()}
+    names = [name for name in VARIANTS if name == "canonical" or name in args.variants]
+    folders = {name: ort_bench.optimized(src, args.work, name, VARIANTS[name]) for name in names}
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt).tolist()
+    quantized = [name for name in names if VARIANTS[name] is not None]  # their graphs hold every weight kernel
     measured = peer_bench.in_subprocess(measure, folders, prompt, args.decode_tokens, args.repeat, args.threads,
-                                        args.work)
+                                        args.work, quantized)
     context = args.prompt + args.decode_tokens // 2
     canonical = measured["prefill_ms"]["canonical"]
     rows = []
@@ -159,6 +426,8 @@ def main(argv=None) -> int:
             "decode_bytes_per_token": nbytes, "floor_tok_s": statistics.median(floor),
             "decode_vs_floor": statistics.median(d / f for d, f in zip(decode, floor)),
             "prefill_ms_runs": prefill, "decode_tok_s_runs": decode, "profile": measured["profiles"][name],
+            "kernels": (kernel_summary(measured["kernels"][name], nbytes, measured["read_gb_s"], decode)
+                        if name in measured["kernels"] else None),
         })
     result = {
         "benchmark": "bench-small quantized on ONNX Runtime CPU: prefill vs the fp32 canonical, decode vs its bytes floor",
@@ -170,7 +439,8 @@ def main(argv=None) -> int:
         "load_average": {"before": load_before, "after": os.getloadavg(),
                          "after_each_round": measured["load_after_round"]},
         "read_gb_s": measured["read_gb_s"], "wall_seconds": time.perf_counter() - started,
-        "peak_rss_gb": measured["peak_rss_gb"], "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "peak_rss_gb": measured["peak_rss_gb"], "kernel_peak_rss_gb": measured["kernel_peak_rss_gb"], "rows": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quantized_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -179,6 +449,50 @@ def main(argv=None) -> int:
         tmp.cleanup()
     print((args.out / "quantized_cpu.md").read_text())
     return 0
+
+
+def kernel_summary(measured: dict, floor_bytes: int, read_gb_s: list[float], decode_tok_s: list[float]) -> dict:
+    """A variant's isolated kernels against its floor, round by round then the median over rounds.
+
+    Per kernel shape: its count in the step, bytes, ms (the mean of its kernels in a round), GB/s and
+    share of the round's read rate. The step: the sum of its kernels' times, the floor time (its bytes at
+    the round's read rate), the ceiling (floor / sum), the wall step time (1 / decode tok/s) and the
+    remainder (wall step - sum).
+    """
+    kernels, rounds = measured["kernels"], measured["rounds"]
+    groups: dict[str, list[int]] = {}
+    for i, kernel in enumerate(kernels):
+        groups.setdefault(f"{kernel['op_type']}: {kernel['shape']}", []).append(i)
+    shapes = []
+    for label, members in groups.items():
+        nbytes = kernels[members[0]]["bytes"]
+        ms = [statistics.fmean(r["kernel_ms"][i] for i in members) for r in rounds]
+        shapes.append({"kernel": label, "op_type": kernels[members[0]]["op_type"], "count": len(members),
+                       "bytes": nbytes, "ms": statistics.median(ms),
+                       "gb_s": statistics.median(nbytes / m / 1e6 for m in ms),
+                       "of_read_rate": statistics.median(nbytes / m / 1e6 / rate for m, rate in zip(ms, read_gb_s))})
+    ops = {}
+    for op in dict.fromkeys(k["op_type"] for k in kernels):
+        members = [i for i, k in enumerate(kernels) if k["op_type"] == op]
+        nbytes = sum(kernels[i]["bytes"] for i in members)
+        ms = [sum(r["kernel_ms"][i] for i in members) for r in rounds]
+        ops[op] = {"count": len(members), "bytes": nbytes, "ms": statistics.median(ms),
+                   "gb_s": statistics.median(nbytes / m / 1e6 for m in ms),
+                   "of_read_rate": statistics.median(nbytes / m / 1e6 / rate for m, rate in zip(ms, read_gb_s))}
+    sums = [sum(r["kernel_ms"]) for r in rounds]
+    floors = [floor_bytes / rate / 1e6 for rate in read_gb_s]  # ms
+    steps = [1e3 / tok_s for tok_s in decode_tok_s]
+    one_run = [r["step_ms"] for r in rounds if r["step_ms"] is not None]
+    return {
+        "shapes": shapes, "by_op": ops, "count": len(kernels), "bytes": sum(k["bytes"] for k in kernels),
+        "sum_ms": statistics.median(sums), "floor_ms": statistics.median(floors),
+        "ceiling": statistics.median(f / s for f, s in zip(floors, sums)),
+        "step_ms": statistics.median(steps), "remainder_ms": statistics.median(t - s for t, s in zip(steps, sums)),
+        "one_run_ms": statistics.median(one_run) if one_run else None,
+        "one_run_ceiling": statistics.median(f / s for f, s in zip(floors, one_run)) if one_run else None,
+        "bare_run_ms": statistics.median(r["run_ms"] for r in rounds),
+        "sum_ms_runs": sums, "floor_ms_runs": floors,
+    }
 
 
 def _top(ops: dict[str, float], count: int = 4) -> str:
@@ -198,7 +512,8 @@ def write_report(path: Path, result: dict) -> None:
         (f"bench-small (random weights), batch 1: prefill of {w['prompt']} tokens, then {w['decode_tokens']} greedy "
          f"decode steps, through `Session(folder, backend=\"ort\")`; every variant loaded together, one warm-up, then "
          f"{w['repeat']} rounds in a rotating order, each followed by the read rate of an fp32 MatMul. Command: "
-         f"`{result['command']}` ({result['wall_seconds'] / 60:.1f} min, peak memory {result['peak_rss_gb']:.1f} GB). "
+         f"`{result['command']}` ({result['wall_seconds'] / 60:.1f} min, peak memory {result['peak_rss_gb']:.1f} GB, "
+         f"{result.get('kernel_peak_rss_gb', 0):.1f} GB in the kernel timers' process). "
          f"Load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in loads['before'])} before, "
          f"{' / '.join(f'{x:.2f}' for x in loads['after'])} after; 1-min after each round "
          f"{min(rounds):.2f}-{max(rounds):.2f}. Read rate over rounds: "
@@ -234,7 +549,80 @@ def write_report(path: Path, result: dict) -> None:
         p = row["profile"]
         lines.append(f"| {row['variant']} | {sum(p['prefill_ms'].values()):.0f} | {_top(p['prefill_ms'])} | "
                      f"{sum(p['decode_ms'].values()):.1f} | {_top(p['decode_ms'])} |")
+    lines += kernel_report(result["rows"])
     path.write_text("\n".join(lines) + "\n")
+
+
+def kernel_report(rows: list[dict]) -> list[str]:
+    """The report's section on the weight-reading kernels alone, with what they bound (computed)."""
+    rows = [row for row in rows if row.get("kernels")]
+    if not rows:
+        return []
+    lines = ["", "## Weight-reading kernels alone at decode shape (batch 1, T=1)", "",
+             ("Every node of a decode step that reads weights (QMoE, MatMulNBits, MatMul/Gemm with a constant weight) "
+              "cut out of the optimized graph with its own initializers into a one-node model, QMoE's router input "
+              f"fixed to pick K experts; a step's kernels run one after another in graph order, {KERNEL_LOOPS} passes "
+              "per round, in every round between the variants and the read rate, on one intra-op pool of the same "
+              "threads. Medians over rounds of each round's median; *GB/s*: the bytes the kernel reads (its "
+              "initializers, K/E of the experts') over its time; *of read rate*: over the fp32 MatMul read rate of "
+              "the same round."), ""]
+    target = next((row for row in rows if row["variant"] == KERNEL_VARIANT), None)
+    if target is not None:
+        k = target["kernels"]
+        lines += [f"**{KERNEL_VARIANT}**, per kernel:", "",
+                  "| kernel | per step | MB each | ms each | GB/s | of read rate |", "|---|---|---|---|---|---|"]
+        for shape in k["shapes"]:
+            lines.append(f"| {shape['kernel']} | {shape['count']} | {shape['bytes'] / 1e6:.2f} | {shape['ms']:.3f} | "
+                         f"{shape['gb_s']:.1f} | {shape['of_read_rate']:.0%} |")
+        lines.append("")
+    lines += [("| variant | kernels per step | MB they read (of the floor's) | by op: ms per step, GB/s, of read rate "
+               "| sum of kernel ms | floor ms | **ceiling** | decode step ms (wall) | remainder ms (of the step) |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        k = row["kernels"]
+        ops = "; ".join(f"{op} x{o['count']} {o['ms']:.2f} ms, {o['gb_s']:.1f} GB/s, {o['of_read_rate']:.0%}"
+                        for op, o in k["by_op"].items())
+        share = k["bytes"] / row["decode_bytes_per_token"]
+        lines.append(f"| {row['variant']} | {k['count']} | {k['bytes'] / 1e6:.0f} ({share:.0%}) | "
+                     f"{ops} | {k['sum_ms']:.2f} | {k['floor_ms']:.2f} | **{k['ceiling']:.0%}** | {k['step_ms']:.2f} | "
+                     f"{k['remainder_ms']:.2f} ({k['remainder_ms'] / k['step_ms']:.0%}) |")
+    lines += ["", ("*ceiling*: median over rounds of the floor time (the variant's decode bytes at the round's read "
+                   "rate) over the sum of its step's kernel times: the highest share of its floor the variant could reach if "
+                   "every other node, and the runtime loop, cost nothing. *remainder*: median over rounds of the wall "
+                   "time of a decode step (from the decode tok/s above) minus that sum: what the other nodes and the "
+                   "loop cost.")]
+    if target is not None:
+        k = target["kernels"]
+        lines += ["", (f"Checks on {KERNEL_VARIANT}: its step's kernels as one model in one `run` take "
+                       f"{k['one_run_ms']:.2f} ms (ceiling {k['one_run_ceiling']:.0%}), against {k['sum_ms']:.2f} ms "
+                       f"run one by one; one `run` of a one-node Identity costs {k['bare_run_ms'] * 1e3:.0f} us "
+                       f"({k['count']} of them: {k['count'] * k['bare_run_ms']:.2f} ms).")]
+        other = {op: ms for op, ms in target["profile"]["decode_ms"].items() if op not in WEIGHT_OPS}
+        other_ms, nodes = sum(other.values()), target["profile"].get("decode_nodes", 0)
+        where = (f"the other ~{nodes - k['count']} nodes of the step: their kernel time in the profile above, "
+                 f"{other_ms:.2f} ms a step ({_top(other, 5)}), covers all of it (with their dispatch: the profile "
+                 "cannot tell them apart), leaving nothing measurable to ONNX Runtime's run entry or the runtime loop"
+                 if other_ms >= k["remainder_ms"] else
+                 f"mostly the other ~{nodes - k['count']} nodes of the step: their kernel time in the profile above is "
+                 f"{other_ms:.2f} ms a step ({_top(other, 5)}); the rest, {k['remainder_ms'] - other_ms:.2f} ms, is "
+                 "ONNX Runtime's dispatch of the nodes, its run entry and the runtime loop")
+        lines += ["", f"The remainder of {KERNEL_VARIANT} ({k['remainder_ms']:.2f} ms a step) is {where}."]
+        best = k["ceiling"]
+        ops = k["by_op"]
+        rates = ", ".join(f"{op} {o['gb_s']:.1f} GB/s ({o['of_read_rate']:.0%} of the read rate)"
+                          for op, o in ops.items())
+        if best < DECODE_FLOOR_TARGET:
+            lines += ["", (f"**What bounds the target**: the weight-reading kernels alone allow {KERNEL_VARIANT} at "
+                           f"most {best:.0%} of its bytes floor (target {DECODE_FLOOR_TARGET:.0%}), even if every other "
+                           f"node cost nothing: they read at {rates}, where the floor assumes the fp32 MatMul's rate. "
+                           f"The rest of the step ({k['remainder_ms']:.2f} ms of {k['step_ms']:.2f}) takes the "
+                           f"measured share down to {target['decode_vs_floor']:.0%}.")]
+        else:
+            lines += ["", (f"**What bounds the target**: not the kernels: alone they allow {KERNEL_VARIANT} "
+                           f"{best:.0%} of its bytes floor (target {DECODE_FLOOR_TARGET:.0%}; they read at {rates}); "
+                           f"the rest of the step, {k['remainder_ms']:.2f} ms of {k['step_ms']:.2f}, takes the "
+                           f"measured share down to {target['decode_vs_floor']:.0%}.")]
+    return lines
 
 
 if __name__ == "__main__":

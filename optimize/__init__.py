@@ -29,6 +29,7 @@ __all__ = [
     "quantize_weights",
     "convert_precision",
     "fuse_norms",
+    "group_attention",
 ]
 
 _LAZY = {
@@ -40,6 +41,7 @@ _LAZY = {
     "convert_precision": ".precision",
     "quantize_weights": ".weight_quantization",
     "fuse_norms": ".transformer_fusions",
+    "group_attention": ".grouped_attention",
 }
 
 

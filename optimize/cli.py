@@ -34,8 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only block-wise quantization of the other linear layers: attention, dense MLPs, "
                         "shared experts, lm_head (com.microsoft::MatMulNBits; the router stays fp32)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
-                   help="weights per quantization scale, a power of two >= 16, for experts and weights "
+                   help="weights per quantization scale, a power of two >= 16, for the experts and int4 weights "
                         "(default: %(default)s)")
+    p.add_argument("--weight-block-size", type=int, default=None, metavar="N",
+                   help="--quantize-weights: weights per scale of the MatMulNBits weights, a power of two >= 16 "
+                        "(default: 128 for int8, --block-size for int4)")
     p.add_argument("--expert-activations", choices=tuple(EXPERT_ACTIVATIONS), default="int8",
                    help="ort-cpu, quantized experts: int8 activations inside the expert GEMMs (faster decode; "
                         "int8 experts always use them) or fp32 (default: %(default)s)")
@@ -47,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-norms", action="store_true",
                    help="RMSNorms (with the residual add before them) as ONNX Runtime's SimplifiedLayerNormalization "
                         "and SkipSimplifiedLayerNormalization kernels")
+    p.add_argument("--group-attention", action="store_true",
+                   help="attention on the cached key/value heads themselves, the queries grouped by head, instead "
+                        "of on the heads repeated per query head (no copy of the cache per step)")
     p.add_argument("--last-logits", action="store_true",
                    help="logits of the last position only ([B, 1, V], transformers' logits_to_keep=1): the final norm "
                         "and lm_head skip the other prompt positions in a prefill (for generation, not for scoring "
@@ -98,15 +104,18 @@ def run(args: argparse.Namespace) -> int:
         rtx = {"compute_capabilities": args.compute_capabilities} if args.compute_capabilities else {}
         out = optimize(args.source, args.output, args.target, precision=args.precision,
                        quantize_experts=args.quantize_experts, quantize_weights=args.quantize_weights,
-                       fuse_norms=args.fuse_norms, last_logits=args.last_logits, overwrite=args.overwrite,
+                       fuse_norms=args.fuse_norms, group_attention=args.group_attention, last_logits=args.last_logits,
+                       overwrite=args.overwrite,
                        progress=not args.quiet, profile=args.profile, timing_cache=timing_cache, plugins=args.plugins,
                        **rtx)
     else:
         out = optimize(
             args.source, args.output, args.target, precision=args.precision, quantize_experts=args.quantize_experts,
             quantize_weights=args.quantize_weights, block_size=args.block_size,
-            expert_activations=args.expert_activations, weight_activations=args.weight_activations,
-            weight_zero_points=args.weight_zero_points, fuse_norms=args.fuse_norms, last_logits=args.last_logits,
+            weight_block_size=args.weight_block_size, expert_activations=args.expert_activations,
+            weight_activations=args.weight_activations,
+            weight_zero_points=args.weight_zero_points, fuse_norms=args.fuse_norms,
+            group_attention=args.group_attention, last_logits=args.last_logits,
             moe_lowering=args.moe_lowering,
             overwrite=args.overwrite, check_runtime=not args.no_check_runtime, progress=not args.quiet,
         )

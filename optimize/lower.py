@@ -57,9 +57,10 @@ from .last_logits import last_logits as last_logits_pass
 from .linear_attention import lower_linear_attention
 from .transformer_fusions import fuse_norms as fuse_norms_pass
 from .weight_quantization import quantize_weights as quantize_weights_pass
+from .grouped_attention import group_attention as group_attention_pass
 from .targets import (
-    DEFAULT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision, PRECISIONS, QUANTIZE_EXPERTS,
-    QUANTIZE_WEIGHTS, TARGETS, WEIGHT_ACTIVATIONS, TargetSpec,
+    DEFAULT_BLOCK_SIZE, DEFAULT_WEIGHT_BLOCK_SIZE, ENGINE_TARGETS, EXPERT_ACTIVATIONS, MOE_LOWERING, resolve_precision,
+    PRECISIONS, QUANTIZE_EXPERTS, QUANTIZE_WEIGHTS, TARGETS, WEIGHT_ACTIVATIONS, TargetSpec,
 )
 
 __all__ = ["optimize", "TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WEIGHTS", "TargetSpec",
@@ -187,10 +188,12 @@ def optimize(
     quantize_experts: str | None = None,
     quantize_weights: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    weight_block_size: int | None = None,
     expert_activations: str = "int8",
     weight_activations: str = "int8",
     weight_zero_points: bool = False,
     fuse_norms: bool = False,
+    group_attention: bool = False,
     last_logits: bool = False,
     moe_lowering: str | None = None,
     overwrite: bool = False,
@@ -208,7 +211,8 @@ def optimize(
     experts lowered to ``com.microsoft::QMoE``; ``expert_activations`` (ort-cpu): int8 (the
     kernel rounds activations to int8 per block: faster decode; int8 experts always do) | fp32
     (int4 experts on fp32 activations, exactly the dequantized weights' math).
-    ``quantize_weights``: None | int8 | int4, weight-only block-wise (``block_size``) attention
+    ``quantize_weights``: None | int8 | int4, weight-only block-wise (``weight_block_size``; default
+    128 for int8, ``block_size`` for int4: ``targets.DEFAULT_WEIGHT_BLOCK_SIZE``) attention
     projections, dense MLPs / shared experts and lm_head as ``com.microsoft::MatMulNBits`` (the
     router stays fp32); ``weight_activations`` (ort-cpu): int8 (``accuracy_level=4``: activations
     rounded to int8 per block, the fast CPU kernels) | fp32 (int4 only: ONNX Runtime's CPU kernel
@@ -216,6 +220,8 @@ def optimize(
     ``weight_zero_points``: a zero point per block (asymmetric) instead of symmetric blocks.
     ``fuse_norms``: RMSNorm -> ``SimplifiedLayerNormalization`` and residual add + RMSNorm ->
     ``com.microsoft::SkipSimplifiedLayerNormalization`` (ONNX Runtime's kernels).
+    ``group_attention``: attention multiplies the queries grouped by key/value head, on the cache itself,
+    instead of on its heads repeated per query head (``grouped_attention``; ONNX Runtime targets).
     ``last_logits``: logits of the last position only (``logits`` [B, 1, V]; transformers'
     ``logits_to_keep=1``): the final norm and the lm_head run on one position instead of S in a
     prefill; for generation, not for scoring every position (perplexity).
@@ -229,6 +235,9 @@ def optimize(
         if last_logits:
             raise MoetrtError("--last-logits applies to the ONNX Runtime targets: TensorRT engines are built from the "
                               "canonical export as it is; drop --last-logits or choose --target ort-cpu / ort-cuda")
+        if group_attention:
+            raise MoetrtError("--group-attention applies to the ONNX Runtime targets: TensorRT engines are built "
+                              "from the canonical export as it is; drop --group-attention")
         if fuse_norms:
             raise MoetrtError("--fuse-norms applies to the ONNX Runtime targets (its contrib kernels); TensorRT "
                               "fuses norms itself: drop --fuse-norms")
@@ -277,6 +286,12 @@ def optimize(
                           f"{', '.join(EXPERT_ACTIVATIONS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise MoetrtError(f"block_size must be a power of two >= 16 (QMoE's rule), got {block_size}")
+    if weight_block_size is None:
+        weight_block_size = DEFAULT_WEIGHT_BLOCK_SIZE.get(quantize_weights, block_size)
+    if weight_block_size < 16 or weight_block_size & (weight_block_size - 1):
+        raise MoetrtError(f"weight_block_size must be a power of two >= 16 (MatMulNBits' rule), got "
+                          f"{weight_block_size}", cli=f"--weight-block-size must be a power of two >= 16 (MatMulNBits' rule), "
+                              f"got {weight_block_size}")
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     meta = read_metadata(src_dir)
@@ -305,6 +320,7 @@ def optimize(
 
     stages = ["load", *(["last logits"] if last_logits else []),
               *(["precision"] if precision != source_dtype else []), *(["fuse norms"] if fuse_norms else []),
+              *(["group attention"] if group_attention else []),
               *(["quantize weights"] if quantize_weights else []),
               *(["quantize experts"] if quantize_experts else []), *(["lower MoE"] if moe_lowering != "off" else []),
               *(["lower linear attention"] if target == "ort-cpu" else []), "save"]
@@ -331,10 +347,13 @@ def optimize(
     if fuse_norms:
         with steps.stage("fuse norms", "SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization"):
             results.append(fuse_norms_pass(model))
+    if group_attention:
+        with steps.stage("group attention", "MatMuls on the key/value heads, not on their repeats"):
+            results.append(group_attention_pass(model))
     if quantize_weights:
-        with steps.stage("quantize weights", f"{quantize_weights}, blocks of {block_size}"):
+        with steps.stage("quantize weights", f"{quantize_weights}, blocks of {weight_block_size}"):
             results.append(quantize_weights_pass(
-                model, quantize_weights, block_size, symmetric=not weight_zero_points,
+                model, quantize_weights, weight_block_size, symmetric=not weight_zero_points,
                 accuracy_level=WEIGHT_ACTIVATIONS[weight_activations] if target == "ort-cpu" else 0,
                 dtypes=nbits_dtypes,
             ))
@@ -374,10 +393,12 @@ def optimize(
                 "quantize_experts": quantize_experts,
                 "quantize_weights": quantize_weights,
                 "block_size": block_size if quantize_experts or quantize_weights else None,
+                "weight_block_size": weight_block_size if quantize_weights else None,
                 "expert_activations": expert_activations if quantize_experts and target == "ort-cpu" else None,
                 "weight_activations": weight_activations if quantize_weights and target == "ort-cpu" else None,
                 "weight_zero_points": weight_zero_points if quantize_weights else None,
                 "fuse_norms": fuse_norms,
+                "group_attention": group_attention,
                 "last_logits": last_logits,  # logits [B, 1, V]: the last position's only
                 "moe_lowering": moe_lowering,
                 "passes": [r.to_dict() for r in results],

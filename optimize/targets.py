@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from moetrt.dtypes import DTYPES
 
 __all__ = ["TargetSpec", "TARGETS", "ENGINE_TARGETS", "PRECISIONS", "QUANTIZE_EXPERTS", "QUANTIZE_WEIGHTS",
-           "MOE_LOWERING", "EXPERT_ACTIVATIONS", "WEIGHT_ACTIVATIONS", "DEFAULT_BLOCK_SIZE", "resolve_precision"]
+           "MOE_LOWERING", "EXPERT_ACTIVATIONS", "WEIGHT_ACTIVATIONS", "DEFAULT_BLOCK_SIZE",
+           "DEFAULT_WEIGHT_BLOCK_SIZE", "resolve_precision"]
 
 PRECISIONS = DTYPES
 QUANTIZE_EXPERTS = ("int8", "int4")
@@ -17,6 +18,11 @@ QUANTIZE_WEIGHTS = ("int8", "int4")  # the non-expert weights, as com.microsoft:
 EXPERT_ACTIVATIONS = {"int8": 4, "fp32": 0}  # -> QMoE accuracy_level (MatMulNBits' meaning)
 WEIGHT_ACTIVATIONS = {"int8": 4, "fp32": 0}  # -> MatMulNBits accuracy_level on ort-cpu
 DEFAULT_BLOCK_SIZE = 32
+# MatMulNBits blocks by weight scheme where they differ from the experts' (int4: DEFAULT_BLOCK_SIZE's). int8 weights
+# in blocks of 128: tiny's held-out perplexity +0.007% (blocks of 32: -0.006%; with int4 experts +0.69% either way),
+# and on bench-small (ONNX Runtime 1.32 CPU, 1 thread) decode of int4 experts + int8 weights 1.26x, the step's
+# MatMulNBits kernels alone 1.4-1.5x (benchmarks/bench_quantized_cpu.py). int4 weights keep 32: +1.8% at 128 vs +0.33%.
+DEFAULT_WEIGHT_BLOCK_SIZE = {"int8": 128}
 
 
 @dataclass(frozen=True)

@@ -307,10 +307,10 @@ def test_bad_arguments():
 def test_optimize_records_the_pass_and_runs(canonical, tmp_path):
     model, src = canonical("tiny")
     out = optimize(src, tmp_path / "q", quantize_experts="int4", quantize_weights="int8", block_size=64,
-                   weight_zero_points=True, progress=False)
+                   weight_block_size=64, weight_zero_points=True, progress=False)
     meta = json.loads((out / "moetrt.json").read_text())["optimize"]
-    assert (meta["quantize_weights"], meta["block_size"], meta["weight_activations"], meta["weight_zero_points"]) == (
-        "int8", 64, "int8", True)
+    assert (meta["quantize_weights"], meta["block_size"], meta["weight_block_size"], meta["weight_activations"],
+            meta["weight_zero_points"]) == ("int8", 64, 64, "int8", True)
     passes = {p["name"]: p for p in meta["passes"]}
     assert list(passes) == ["quantize_weights_int8", "quantize_experts_int4", "lower_moe"]
     assert passes["quantize_weights_int8"]["count"] == 17 and len(passes["quantize_weights_int8"]["skipped"]) == 4
@@ -324,8 +324,21 @@ def test_optimize_records_the_pass_and_runs(canonical, tmp_path):
     assert len(result.tokens[0]) == 3
 
 
+@pytest.mark.parametrize("scheme,weight_blocks", [("int8", 128), ("int4", 32)])
+def test_default_blocks(canonical, tmp_path, scheme, weight_blocks):
+    """int8 weights in blocks of 128 (targets.DEFAULT_WEIGHT_BLOCK_SIZE), int4 weights and the experts in 32."""
+    _, src = canonical("tiny")
+    out = optimize(src, tmp_path / "q", quantize_experts="int4", quantize_weights=scheme, progress=False)
+    graph = ir.load(out / "model.onnx")
+    assert {n.attributes["block_size"].value for n in graph.graph if n.op_type == "MatMulNBits"} == {weight_blocks}
+    assert {n.attributes["block_size"].value for n in graph.graph if n.op_type == "QMoE"} == {32}
+    meta = json.loads((out / "moetrt.json").read_text())["optimize"]
+    assert (meta["block_size"], meta["weight_block_size"]) == (32, weight_blocks)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(target="trt", quantize_weights="int8"), "--quantize-weights applies to the ONNX Runtime targets"),
+    (dict(quantize_weights="int8", weight_block_size=48), "weight_block_size must be a power of two >= 16"),
     (dict(quantize_weights="int2"), "unknown weight quantization 'int2'; choose one of int8, int4"),
     (dict(quantize_weights="int8", weight_activations="fp32"), "no 8-bit kernel on fp32 activations"),
     (dict(quantize_weights="int4", weight_activations="int16"), "unknown weight_activations"),
