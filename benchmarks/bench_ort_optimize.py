@@ -345,7 +345,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "bench-small on ONNX Runtime CPU: moetrt optimize variants vs the transformers-exporter peer",
-        "command": " ".join(["python benchmarks/bench_ort_optimize.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench_ort_optimize.py", *peer_bench.named_work(sys.argv[1:] if argv is None else argv)]),
         "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok",
                                                 "intermediate_size", "vocab_size")},
         "workload": {"batch": 1, "prompt": args.prompt, "decode_tokens": args.decode_tokens, "repeat": args.repeat,

@@ -648,7 +648,7 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "runtime on the CPU: bench-small, prefill 1xL and greedy decode, fp32",
-        "command": " ".join(["python benchmarks/bench_runtime_cpu.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench_runtime_cpu.py", *named_work(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "preset": PRESET,
         "config": cfg.to_dict(),

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime_cpu import PRESET, build_moetrt, log, machine_info, versions  # noqa: E402  (one bench-small build)
+from bench_runtime_cpu import PRESET, build_moetrt, log, machine_info, named_work, versions  # noqa: E402  (one bench-small build)
 
 HERE = Path(__file__).resolve().parent
 MODES = {"one at a time": 1, "batching": 16}  # name -> --max-batch
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         results[str(clients)] = row
     report = {
         "benchmark": "serving: one request at a time vs continuous batching, bench-small, ONNX Runtime CPU",
-        "command": " ".join(["python benchmarks/bench_serve.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench_serve.py", *named_work(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "preset": PRESET,
         "machine": machine_info(args.threads),
