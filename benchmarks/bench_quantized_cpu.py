@@ -64,8 +64,8 @@ VARIANTS = {
                                                              weight_block_size=32),  # the default before 128
     "int4 experts + int8 weights, blocks of 128": dict(quantize_experts="int4", quantize_weights="int8",
                                                        block_size=128),
-    "int4 experts + int8 weights + grouped attention": dict(quantize_experts="int4", quantize_weights="int8",
-                                                            group_attention=True),
+    "int4 experts + int8 weights, repeated KV heads": dict(quantize_experts="int4", quantize_weights="int8",
+                                                           group_attention=False),  # the default before grouping
     "int4 experts + int8 weights + last logits": dict(quantize_experts="int4", quantize_weights="int8",
                                                       last_logits=True),
 }

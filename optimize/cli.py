@@ -50,9 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-norms", action="store_true",
                    help="RMSNorms (with the residual add before them) as ONNX Runtime's SimplifiedLayerNormalization "
                         "and SkipSimplifiedLayerNormalization kernels")
-    p.add_argument("--group-attention", action="store_true",
+    p.add_argument("--group-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="attention on the cached key/value heads themselves, the queries grouped by head, instead "
-                        "of on the heads repeated per query head (no copy of the cache per step)")
+                        "of on the heads repeated per query head (no copy of the cache per step; default: on for "
+                        "ort-cpu, off for ort-cuda)")
     p.add_argument("--last-logits", action="store_true",
                    help="logits of the last position only ([B, 1, V], transformers' logits_to_keep=1): the final norm "
                         "and lm_head skip the other prompt positions in a prefill (for generation, not for scoring "

@@ -101,8 +101,8 @@ def test_composes_with_quantized_weights_and_experts(canonical, tmp_path):
     opt = meta["optimize"]
     assert opt["last_logits"] is True
     assert json.loads((full / "moetrt.json").read_text())["optimize"]["last_logits"] is False
-    assert [p["name"] for p in opt["passes"]] == ["last_logits", "quantize_weights_int8", "quantize_experts_int4",
-                                                  "lower_moe"]
+    assert [p["name"] for p in opt["passes"]] == ["last_logits", "group_attention", "quantize_weights_int8",
+                                                  "quantize_experts_int4", "lower_moe"]
     assert opt["passes"][0]["count"] == 1
     logits_io = next(o for o in meta["io"]["outputs"] if o["name"] == "logits")
     assert logits_io["shape"] == ["batch_size", 1, model.config.vocab_size]

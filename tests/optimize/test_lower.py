@@ -18,15 +18,17 @@ from tests.optimize.helpers import compare, node_counts, session
 
 ort = pytest.importorskip("onnxruntime")
 
-# (options, the passes expected in moetrt.json, node counts in the optimized graph; tiny has 4 MoE layers)
+# (options, the passes expected in moetrt.json, node counts in the optimized graph; tiny has 4 MoE layers;
+# group_attention is ort-cpu's default)
 VARIANTS = [
-    (dict(), ["lower_moe"], {"com.microsoft::MoE": 4, "If": 4}),
-    (dict(moe_lowering="always"), ["lower_moe"], {"com.microsoft::MoE": 4, "moetrt::SparseMoE": 0}),
-    (dict(quantize_experts="int4"), ["quantize_experts_int4", "lower_moe"], {"com.microsoft::QMoE": 4}),
-    (dict(quantize_experts="int8"), ["quantize_experts_int8", "lower_moe"], {"com.microsoft::QMoE": 4}),
-    (dict(precision="fp16"), ["convert_precision_fp16", "lower_moe"],
+    (dict(), ["group_attention", "lower_moe"], {"com.microsoft::MoE": 4, "If": 4}),
+    (dict(moe_lowering="always"), ["group_attention", "lower_moe"], {"com.microsoft::MoE": 4, "moetrt::SparseMoE": 0}),
+    (dict(quantize_experts="int4"), ["group_attention", "quantize_experts_int4", "lower_moe"], {"com.microsoft::QMoE": 4}),
+    (dict(quantize_experts="int8"), ["group_attention", "quantize_experts_int8", "lower_moe"], {"com.microsoft::QMoE": 4}),
+    (dict(precision="fp16"), ["convert_precision_fp16", "group_attention", "lower_moe"],
      {"moetrt::SparseMoE": 4, "com.microsoft::MoE": 0}),
-    (dict(moe_lowering="off"), [], {"moetrt::SparseMoE": 4, "com.microsoft::MoE": 0}),
+    (dict(moe_lowering="off"), ["group_attention"], {"moetrt::SparseMoE": 4, "com.microsoft::MoE": 0}),
+    (dict(group_attention=False), ["lower_moe"], {"com.microsoft::MoE": 4, "If": 4}),
 ]
 
 
@@ -60,7 +62,8 @@ def test_folder_metadata_and_contract(optimized, options, passes, nodes):
     assert [p["name"] for p in opt["passes"]] == passes
     assert opt["target"] == "ort-cpu" and opt["quantize_experts"] == options.get("quantize_experts")
     if "quantize_experts" in options:  # int8 activations by default on ort-cpu
-        assert opt["expert_activations"] == "int8" and opt["passes"][0]["details"]["accuracy_level"] == 4
+        (quantized,) = [p for p in opt["passes"] if p["name"].startswith("quantize_experts")]
+        assert opt["expert_activations"] == "int8" and quantized["details"]["accuracy_level"] == 4
     assert opt["runtime_checked"]["onnxruntime"] == ort.__version__
     for name, digest in meta["files"].items():
         assert sha256_file(out / name) == digest, name
@@ -236,6 +239,9 @@ def test_cli_options():
                    "--no-check-runtime", "--block-size", "64", "--expert-activations", "fp32"])
     assert (args.target, args.precision, args.moe_lowering, args.overwrite, args.no_check_runtime, args.block_size,
             args.expert_activations) == ("ort-cuda", "bf16", "off", True, True, 64, "fp32")
+    # --group-attention: None lets optimize() choose per target (on for ort-cpu), --no-group-attention turns it off
+    assert [_parse(["d", "-t", "ort-cpu", "-o", "o", *flag]).group_attention
+            for flag in ([], ["--group-attention"], ["--no-group-attention"])] == [None, True, False]
     with pytest.raises(SystemExit):
         _parse(["d", "-o", "o"])  # --target is required
 

@@ -51,8 +51,8 @@ def test_optimize_option(canonical, tmp_path):
                    progress=False)
     meta = json.loads((out / "moetrt.json").read_text())["optimize"]
     assert meta["fuse_norms"] is True
-    assert [p["name"] for p in meta["passes"]] == ["fuse_norms", "quantize_weights_int8", "quantize_experts_int4",
-                                                   "lower_moe"]
+    assert [p["name"] for p in meta["passes"]] == ["fuse_norms", "group_attention", "quantize_weights_int8",
+                                                   "quantize_experts_int4", "lower_moe"]
     counts = node_counts(ir.load(out / "model.onnx"))
     assert counts["com.microsoft::SkipSimplifiedLayerNormalization"] == 8
     assert counts["com.microsoft::MatMulNBits"] == 17 and counts["com.microsoft::QMoE"] == 4

@@ -312,7 +312,7 @@ def test_optimize_records_the_pass_and_runs(canonical, tmp_path):
     assert (meta["quantize_weights"], meta["block_size"], meta["weight_block_size"], meta["weight_activations"],
             meta["weight_zero_points"]) == ("int8", 64, 64, "int8", True)
     passes = {p["name"]: p for p in meta["passes"]}
-    assert list(passes) == ["quantize_weights_int8", "quantize_experts_int4", "lower_moe"]
+    assert list(passes) == ["group_attention", "quantize_weights_int8", "quantize_experts_int4", "lower_moe"]
     assert passes["quantize_weights_int8"]["count"] == 17 and len(passes["quantize_weights_int8"]["skipped"]) == 4
     counts = node_counts(ir.load(out / "model.onnx"))
     assert counts["com.microsoft::MatMulNBits"] == 17 and counts["com.microsoft::QMoE"] == 4
