@@ -39,14 +39,9 @@ __all__ = ["group_attention"]
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    return None
+    """An initializer's or a Constant node's value (onnx_ir's own lookup), or None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else tensor.numpy()
 
 
 def _only_use(value: ir.Value) -> tuple[ir.Node, int] | None:

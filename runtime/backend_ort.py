@@ -135,11 +135,11 @@ class OrtBackend:
         self._sizes = self.spec.state.size_map
         # each distinct present shape with its batch and position axes left as BATCH / PAST, and per present
         # output (name, index of its shape, element type, the two buffer addresses: _reserve_kv fills them)
-        entries = {self.spec.state.entry_of(name)[1]: None for name in self._present_names}
+        entries = list(dict.fromkeys(self.spec.state.entry_of(name)[1] for name in self._present_names))
         self._present_dims = [entry.symbolic_shape(self._sizes, BATCH, PAST) for entry in entries]
         self._kv_pointers: dict[str, list[int]] = {name: [0, 0] for name in self._present_names}
         self._present_bindings = tuple(
-            (name, list(entries).index(self.spec.state.entry_of(name)[1]),
+            (name, entries.index(self.spec.state.entry_of(name)[1]),
              onnx_elem_type(self.spec.state_element_dtype(name)), self._kv_pointers[name])
             for name in self._present_names
         )

@@ -198,10 +198,10 @@ class Generation:
                 # argmax picks a NaN or +inf wherever one is, so the chosen logits are finite iff the row has no NaN
                 # and no +inf: one value per row to check instead of V (-inf only ever loses, and greedy is defined)
                 next_tokens = sample_next(logits, options, None)  # [B]
-                finite = np.isfinite(logits[rows_index, next_tokens] if all_active else logits[active, next_tokens[active]])
+                checked = logits[rows_index, next_tokens]  # [B]
             else:
-                finite = np.isfinite(logits if all_active else logits[active])
-            if not finite.all():
+                checked = logits  # [B, V]
+            if not np.isfinite(checked if all_active else checked[active]).all():
                 raise MoetrtError(
                     f"the model produced non-finite logits at step {step} on the {backend.name} back end; the "
                     "weights hold NaN/Inf, or fp16 overflowed (try the fp32 model)"
@@ -228,7 +228,7 @@ class Generation:
                     if on:
                         row.append(token)
                 was_active = active
-            if stopped is not nobody and stopped.any():
+            if stopped.any():
                 for row in np.flatnonzero(stopped):
                     self.finish_reasons[row] = "stop"
                 active = active & ~stopped  # a new array: was_active keeps this step's rows
